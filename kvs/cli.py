@@ -1,0 +1,135 @@
+"""Command line: `kvs serve`, `kvs local up`, and a small client (`put`, `get`, `delete`, `status`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+
+HTTP_THREADS = 48
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Wire one node: settings -> Node -> Router -> Flask app -> waitress."""
+    import waitress
+
+    from .api import create_app
+    from .errors import KvsError
+    from .forwarding import Forwarder
+    from .node import Node
+    from .settings import NodeSettings
+    from .shard.router import Router
+
+    try:
+        settings = NodeSettings.load(args)
+    except KvsError as exc:
+        print(f"kvs serve: {exc.message}", file=sys.stderr)
+        return 2
+    node = Node(settings)
+    node.start()
+    app = create_app(node, Router(node, Forwarder(settings.secret)))
+    logging.getLogger(__name__).info("serving %s on %s:%d", settings.address, settings.bind_host,
+                                     settings.http_port)
+    waitress.serve(app, host=settings.bind_host, port=settings.http_port, threads=HTTP_THREADS,
+                   connection_limit=1000, ident="kvs", _quiet=True)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def local_up(args: argparse.Namespace) -> int:
+    from .local import LocalCluster
+
+    data_root = args.data_dir or tempfile.mkdtemp(prefix="kvs-local-")
+    secret = args.secret or os.environ.get("KVS_SECRET") or secrets.token_hex(16)
+    cluster = LocalCluster(args.shards, args.replicas, data_root, base_port=args.base_port, secret=secret)
+    signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops the nodes too, like Ctrl-C
+    cluster.start()
+    try:
+        cluster.wait_healthy(timeout=60)
+        print(f"kvs: {args.shards} shard(s) x {args.replicas} replica(s) up; data and logs in {data_root}")
+        for shard in range(1, args.shards + 1):
+            print(f"  shard {shard}: " + "  ".join(f"http://{a}" for a in cluster.replicas_of(str(shard))))
+        print(f"  try: python -m kvs put hello world --node {cluster.view[0]}")
+        print("Ctrl-C stops every node.", flush=True)
+        for node in cluster.nodes.values():
+            node.process.wait()
+    except KeyboardInterrupt:
+        pass
+    except TimeoutError as exc:
+        print(f"kvs: cluster did not become healthy: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+    return 0
+
+
+def client_command(args: argparse.Namespace) -> int:
+    import requests
+
+    from .client import KvsClient
+
+    client = KvsClient(args.node)
+    try:
+        if args.command == "put":
+            status, body = client.put(args.key, args.value)
+        elif args.command == "get":
+            status, body = client.get(args.key)
+        elif args.command == "delete":
+            status, body = client.delete(args.key)
+        else:
+            status, body = client.status()
+    except requests.RequestException as exc:
+        print(f"kvs: cannot reach {args.node}: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(body, indent=2))
+    return 0 if status < 400 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvs", description="A sharded, replicated key-value store.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run one node (settings from flags or ADDRESS, VIEW, REPL_FACTOR, ...)")
+    p.add_argument("--address", help="host:port of this node's HTTP API (ADDRESS)")
+    p.add_argument("--view", help="comma-separated addresses of every node (VIEW)")
+    p.add_argument("--repl-factor", type=int, help="replicas per shard (REPL_FACTOR)")
+    p.add_argument("--data-dir", help="Raft journals and snapshots (DATA_DIR)")
+    p.add_argument("--secret", help="cluster secret (KVS_SECRET); prefer the environment variable")
+    p.add_argument("--raft-port-offset", type=int, help="Raft port = HTTP port + offset x (slot+1)")
+    p.add_argument("--listen", help="interface the HTTP server binds (KVS_LISTEN)")
+    p.set_defaults(run=serve)
+
+    local = sub.add_parser("local", help="run a cluster of local processes")
+    local_sub = local.add_subparsers(dest="local_command", required=True)
+    up = local_sub.add_parser("up", help="start a cluster on 127.0.0.1 until Ctrl-C")
+    up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--replicas", type=int, default=3)
+    up.add_argument("--base-port", type=int, default=13800)
+    up.add_argument("--data-dir", help="where nodes keep data and logs (default: a new temp dir)")
+    up.add_argument("--secret", help="cluster secret (default: KVS_SECRET or a random one)")
+    up.set_defaults(run=local_up)
+
+    default_node = os.environ.get("KVS_NODE", "127.0.0.1:13800")
+    for name, extra in (("put", ("key", "value")), ("get", ("key",)), ("delete", ("key",)), ("status", ())):
+        c = sub.add_parser(name, help=f"{name} through a running node")
+        for arg in extra:
+            c.add_argument(arg)
+        c.add_argument("--node", default=default_node, help="host:port of any node (KVS_NODE)")
+        c.set_defaults(run=client_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("KVS_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.run(args)

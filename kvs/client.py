@@ -1,0 +1,56 @@
+"""KvsClient: a small blocking client of the REST API, for the CLI, tests and tools.
+
+Every call has a timeout and returns `(status, body)`; connection failures
+raise `requests.RequestException`, which callers treat as "outcome unknown".
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import requests
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class KvsClient:
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT, session: requests.Session | None = None):
+        self.address = address
+        self.timeout = timeout
+        self._session = session or requests.Session()
+
+    def _call(self, method: str, path: str, body: dict | None = None,
+              headers: dict | None = None) -> tuple[int, dict]:
+        resp = self._session.request(method, f"http://{self.address}{path}", json=body, headers=headers,
+                                     timeout=self.timeout)
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"raw": resp.text}
+        return resp.status_code, data
+
+    def put(self, key: str, value: str, request_id: str | None = None) -> tuple[int, dict]:
+        headers = {"Idempotency-Key": request_id} if request_id else None
+        return self._call("PUT", f"/kvs/keys/{quote(key, safe='')}", {"value": value, "causal-context": {}}, headers)
+
+    def get(self, key: str) -> tuple[int, dict]:
+        return self._call("GET", f"/kvs/keys/{quote(key, safe='')}", {"causal-context": {}})
+
+    def delete(self, key: str, request_id: str | None = None) -> tuple[int, dict]:
+        headers = {"Idempotency-Key": request_id} if request_id else None
+        return self._call("DELETE", f"/kvs/keys/{quote(key, safe='')}", {"causal-context": {}}, headers)
+
+    def key_count(self) -> tuple[int, dict]:
+        return self._call("GET", "/kvs/key-count")
+
+    def shards(self) -> tuple[int, dict]:
+        return self._call("GET", "/kvs/shards")
+
+    def shard(self, shard_id: str) -> tuple[int, dict]:
+        return self._call("GET", f"/kvs/shards/{quote(shard_id, safe='')}")
+
+    def status(self) -> tuple[int, dict]:
+        return self._call("GET", "/kvs/status")
+
+    def health(self) -> tuple[int, dict]:
+        return self._call("GET", "/health")

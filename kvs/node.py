@@ -1,0 +1,173 @@
+"""Node: the groups this process hosts and the configuration it routes by.
+
+A node that is in its VIEW joins the metadata group (Raft slot 0, every node of
+the initial view is a member), proposes the initial configuration until an
+epoch is committed, and then runs a replica of each shard group the newest
+epoch gives it. A node whose ADDRESS is not in its VIEW stays idle: it creates
+no group, contacts nobody, and answers only status requests until a view
+change names it.
+
+One supervisor thread creates every replica. PySyncObj stops a replica's tick
+thread when the thread that created it ends, so replicas are never created from
+request threads. The supervisor wakes when the metadata state machine applies
+an entry (or every `_SUPERVISE_PERIOD` to retry a proposal) and adopts the
+newest epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from .raft.group import RaftGroup, RaftTiming
+from .raft.meta_state import MetadataState
+from .raft.shard_state import ShardState
+from .settings import METADATA_SLOT, NodeSettings
+from .shard.layout import ConfigEpoch
+
+log = logging.getLogger(__name__)
+
+_SUPERVISE_PERIOD = 0.5
+
+
+class Node:
+    def __init__(self, settings: NodeSettings, timing: RaftTiming = RaftTiming()):
+        self.settings = settings
+        self._timing = timing
+        self._lock = threading.Lock()
+        self._groups: dict[str, RaftGroup] = {}      # shard id -> this node's replica
+        self._meta: RaftGroup | None = None
+        self._epoch: ConfigEpoch | None = None
+        self._meta_changed = threading.Event()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.settings.is_member:
+            log.warning("%s is not in VIEW: idle until a view change adds it", self.settings.address)
+            return
+        if not self.settings.secured:
+            log.warning("KVS_SECRET is not set: Raft ports accept unauthenticated pickles and "
+                        "node-to-node HTTP is not authenticated")
+        self._supervisor = threading.Thread(target=self._supervise, name="kvs-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._meta_changed.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+
+    def _supervise(self) -> None:
+        self._meta = self._open_metadata_group()
+        initial = ConfigEpoch.initial(self.settings.view, self.settings.repl_factor).to_dict()
+        proposal_pending = False
+        try:
+            while not self._stopping.is_set():
+                state: MetadataState = self._meta.state
+                if state.active_number == 0 and not proposal_pending:
+                    proposal_pending = True
+
+                    def proposed(result: object, error: int) -> None:
+                        nonlocal proposal_pending
+                        proposal_pending = False
+                        self._meta_changed.set()
+
+                    self._meta.propose(("init", initial), proposed)
+                epoch = state.active_epoch()
+                if epoch is not None and (self._epoch is None or epoch["number"] > self._epoch.number):
+                    self._adopt(ConfigEpoch.from_dict(epoch))
+                self._meta_changed.wait(_SUPERVISE_PERIOD)
+                self._meta_changed.clear()
+        finally:
+            for group in self._all_groups():
+                group.close()
+
+    def _open_metadata_group(self) -> RaftGroup:
+        s = self.settings
+        members = [s.raft_address(a, METADATA_SLOT) for a in s.view]
+        return RaftGroup("meta", s.raft_address(s.address, METADATA_SLOT), members, MetadataState(),
+                         os.path.join(s.data_dir, "meta"), s.secret, self._timing,
+                         on_applied=self._meta_changed.set)
+
+    def _adopt(self, epoch: ConfigEpoch) -> None:
+        s = self.settings
+        for shard_id, replicas in epoch.shards.items():
+            if s.address not in replicas or shard_id in self._groups:
+                continue
+            slot = epoch.slot(shard_id, s.address)
+            peers = [s.raft_address(a, epoch.slot(shard_id, a)) for a in replicas]
+            group = RaftGroup(f"shard-{shard_id}", s.raft_address(s.address, slot), peers, ShardState(),
+                              os.path.join(s.data_dir, f"shard-{shard_id}"), s.secret, self._timing)
+            with self._lock:
+                self._groups[shard_id] = group
+        with self._lock:
+            self._epoch = epoch
+        log.info("%s adopted epoch %d", s.address, epoch.number)
+
+    # -- what routing reads --------------------------------------------------------------
+
+    @property
+    def epoch(self) -> ConfigEpoch | None:
+        return self._epoch
+
+    def group(self, shard_id: str) -> RaftGroup | None:
+        with self._lock:
+            return self._groups.get(shard_id)
+
+    def own_shard(self) -> str | None:
+        epoch = self._epoch
+        return epoch.shard_of_node(self.settings.address) if epoch is not None else None
+
+    def leader_address(self, shard_id: str) -> str | None:
+        """HTTP address of the shard's leader as this node's replica sees it (a hint)."""
+        group, epoch = self.group(shard_id), self._epoch
+        if group is None or epoch is None:
+            return None
+        leader = group.leader()
+        for address in epoch.replicas(shard_id):
+            if self.settings.raft_address(address, epoch.slot(shard_id, address)) == leader:
+                return address
+        return None
+
+    def _all_groups(self) -> list[RaftGroup]:
+        with self._lock:
+            groups = list(self._groups.values())
+        return groups + ([self._meta] if self._meta is not None else [])
+
+    # -- status and health -----------------------------------------------------------------
+
+    def status(self) -> dict:
+        epoch = self._epoch
+        groups = {}
+        if self._meta is not None:
+            groups["meta"] = self._meta.status()
+        with self._lock:
+            shard_groups = dict(self._groups)
+        for shard_id, group in sorted(shard_groups.items()):
+            groups[f"shard-{shard_id}"] = group.status()
+        return {
+            "address": self.settings.address,
+            "member": self.settings.is_member,
+            "epoch": epoch.number if epoch is not None else None,
+            "shard-id": self.own_shard(),
+            "secured": self.settings.secured,
+            "groups": groups,
+        }
+
+    def health(self) -> tuple[bool, str]:
+        """(ready, reason): ready once the configuration is known and every hosted group has a leader."""
+        if not self.settings.is_member:
+            return False, "idle: this node is not in any configuration"
+        if self._epoch is None:
+            return False, "the cluster configuration is not known yet"
+        for group in self._all_groups():
+            if group.leader() is None:
+                return False, f"group {group.name} has no leader"
+        own = self.own_shard()
+        if own is not None and self.group(own) is None:
+            return False, f"the replica of shard {own} is not running yet"
+        return True, "ok"

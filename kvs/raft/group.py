@@ -1,0 +1,206 @@
+"""RaftGroup: this node's replica of one group, as the rest of kvs sees it.
+
+It turns PySyncObj's callbacks and failure codes into two blocking calls with a
+deadline, `execute(command)` and `read(fn)`, and the kvs exception tree:
+
+* Failure codes are translated here and nowhere else. QUEUE_FULL,
+  MISSING_LEADER, NOT_LEADER and DISCARDED mean "not applied"; LEADER_CHANGED,
+  UNKNOWN_OUTCOME and a timeout mean "maybe applied". Both are retried with
+  the *same* command until the deadline: every write carries its request id,
+  so the state machine's deduplication makes a retry of an applied write
+  return the first outcome. When the deadline passes, `Unavailable`.
+* PySyncObj has no linearizable local read (a deposed leader serves stale data
+  for `leaderFallbackTimeout`). `read` orders reads through the log instead:
+  reads that arrive while no barrier is being proposed share the next one; once
+  that barrier is applied on this replica, every write acknowledged before the
+  reads arrived is applied here too, and `fn` runs on the local state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pysyncobj import SyncObjConf
+from pysyncobj.config import FAIL_REASON
+
+from ..errors import Unavailable
+from . import storage
+from .replica import Replica
+
+log = logging.getLogger(__name__)
+
+storage.install()
+
+_ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+_RETRY_BACKOFF = (0.005, 0.2)    # first and largest pause between retries, seconds
+_BARRIER_STALL = 1.0             # a barrier unanswered this long no longer holds back new ones
+
+
+@dataclass(frozen=True)
+class RaftTiming:
+    """Raft timers (seconds). Commits do not wait for them (see `Replica`)."""
+
+    tick: float = 0.02                 # longest poll; bounds timer accuracy
+    heartbeat: float = 0.05
+    election_min: float = 0.5
+    election_max: float = 1.0
+    leader_fallback: float = 1.5       # a leader cut off from a majority steps down after this
+    connection_retry: float = 0.25
+    connection_timeout: float = 3.5
+    compaction_entries: int = 20_000
+    compaction_seconds: float = 300.0
+
+
+class _Pending:
+    """The outcome of one proposal, filled in by the tick thread."""
+
+    __slots__ = ("event", "result", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.result: Any = None
+        self.error: int | None = None
+
+    def resolve(self, result: Any, error: int) -> None:
+        self.result, self.error = result, error
+        self.event.set()
+
+
+class ReadBarrier:
+    """Shares one replicated no-op among every read that arrived before it was proposed."""
+
+    def __init__(self, replica: Replica):
+        self._replica = replica
+        self._lock = threading.Lock()
+        self._collecting: _Pending | None = None
+        self._in_flight_since: float | None = None
+
+    def wait(self, deadline: float) -> bool:
+        """Block until a barrier proposed after this call is applied here; False on failure."""
+        with self._lock:
+            if self._collecting is None:
+                self._collecting = _Pending()
+            batch = self._collecting
+            since = self._in_flight_since
+            if since is None or time.monotonic() - since > _BARRIER_STALL:
+                self._launch_locked()
+        if not batch.event.wait(max(0.0, deadline - time.monotonic())):
+            return False
+        return batch.error == FAIL_REASON.SUCCESS
+
+    def _launch_locked(self) -> None:
+        batch, self._collecting = self._collecting, None
+        self._in_flight_since = time.monotonic()
+        self._replica.submit(("barrier",), lambda result, error: self._finished(batch, result, error))
+
+    def _finished(self, batch: _Pending, result: Any, error: int) -> None:
+        batch.resolve(result, error)
+        with self._lock:
+            self._in_flight_since = None
+            if self._collecting is not None:
+                self._launch_locked()
+
+
+class RaftGroup:
+    """This node's replica of one Raft group (a shard group or the metadata group)."""
+
+    def __init__(self, name: str, self_address: str, peers: list[str], state: Any, directory: str,
+                 secret: str | None, timing: RaftTiming = RaftTiming(),
+                 on_applied: Callable[[], None] | None = None):
+        self.name = name
+        self.self_address = self_address
+        self.state = state
+        os.makedirs(directory, exist_ok=True)
+        journal_path, snapshot_path = storage.group_files(directory)
+        codec = storage.SnapshotCodec(state)
+        conf = SyncObjConf(
+            password=secret,
+            autoTickPeriod=timing.tick,
+            appendEntriesPeriod=timing.heartbeat,
+            raftMinTimeout=timing.election_min,
+            raftMaxTimeout=timing.election_max,
+            leaderFallbackTimeout=timing.leader_fallback,
+            connectionRetryTime=timing.connection_retry,
+            connectionTimeout=timing.connection_timeout,
+            dnsCacheTime=2.0,
+            dnsFailCacheTime=1.0,
+            journalFile=journal_path,
+            fullDumpFile=snapshot_path,
+            serializer=codec.serialize,
+            deserializer=codec.deserialize,
+            useFork=False,
+            logCompactionMinEntries=timing.compaction_entries,
+            logCompactionMinTime=timing.compaction_seconds,
+            commandsWaitLeader=True,
+            dynamicMembershipChange=True,
+        )
+        peers = [p for p in peers if p != self_address]
+        self._replica = Replica(self_address, peers, state, conf, on_applied)
+        self._barrier = ReadBarrier(self._replica)
+
+    # -- commands and reads ------------------------------------------------------
+
+    def execute(self, command: tuple, deadline: float) -> Any:
+        """Apply `command` through the log and return the state machine's result.
+
+        Raises Unavailable at the deadline; the command may still be applied later.
+        """
+        backoff = _RETRY_BACKOFF[0]
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"group {self.name}: no commit before the deadline")
+            pending = _Pending()
+            self._replica.submit(command, pending.resolve)
+            if not pending.event.wait(remaining):
+                raise Unavailable(f"group {self.name}: no commit before the deadline")
+            if pending.error == FAIL_REASON.SUCCESS:
+                return pending.result
+            log.debug("group %s: %r failed with code %s, retrying", self.name, command[0], pending.error)
+            # A pause between retries, not a synchronisation: the next try re-checks everything.
+            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(backoff * 2, _RETRY_BACKOFF[1])
+
+    def propose(self, command: tuple, callback: Callable[[Any, int], None]) -> None:
+        """Propose without waiting; `callback(result, error)` runs on the tick thread and must not block."""
+        self._replica.submit(command, callback)
+
+    def read(self, fn: Callable[[Any], Any], deadline: float) -> Any:
+        """Run `fn(state)` after a barrier that orders it after every earlier write."""
+        backoff = _RETRY_BACKOFF[0]
+        while not self._barrier.wait(deadline):
+            if deadline - time.monotonic() <= 0:
+                raise Unavailable(f"group {self.name}: no read barrier before the deadline")
+            time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+            backoff = min(backoff * 2, _RETRY_BACKOFF[1])
+        return fn(self.state)
+
+    # -- hints (may be stale; never used for correctness) --------------------------
+
+    def leader(self) -> str | None:
+        node = self._replica._getLeader()
+        return node.id if node is not None else None
+
+    def is_leader(self) -> bool:
+        return self._replica._isLeader()
+
+    def status(self) -> dict:
+        s = self._replica.getStatus()
+        return {
+            "role": _ROLES.get(s["state"], str(s["state"])),
+            "leader": s["leader"].id if s["leader"] is not None else None,
+            "term": s["raft_term"],
+            "commit-index": s["commit_idx"],
+            "last-applied": s["last_applied"],
+            "log-length": s["log_len"],
+            "raft-address": self.self_address,
+            "members": sorted([self.self_address] + [n.id for n in self._replica.otherNodes]),
+        }
+
+    def close(self) -> None:
+        self._replica.destroy_synchronous()

@@ -1,0 +1,138 @@
+"""Node settings, read once at start from the environment and the command line.
+
+The seeds' container contract is kept: ADDRESS (host:port of this node's HTTP
+API, port 13800 by default), VIEW (comma-separated addresses of all nodes) and
+REPL_FACTOR. kvs adds DATA_DIR (Raft journals and snapshots) and KVS_SECRET
+(cluster secret). A command-line flag wins over the environment variable.
+
+Raft ports are derived from the HTTP port: the replica a node runs in its
+k-th group slot listens on ``http_port + raft_port_offset * (k + 1)``; slot 0
+is the metadata group. With the default offset of 1000, nodes that share an IP
+and whose HTTP ports lie within a window narrower than 1000 (13800, 13801,
+...) can never collide, whatever groups they host. The offset is a cluster-wide
+setting (KVS_RAFT_PORT_OFFSET): every node must use the same value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import BadRequest
+
+DEFAULT_PORT = 13800
+DEFAULT_RAFT_PORT_OFFSET = 1000
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+REQUEST_TIMEOUT_SECONDS = 5.0
+METADATA_SLOT = 0
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Split 'host:port' (port defaults to 13800); raise BadRequest if malformed."""
+    text = text.strip()
+    if not text:
+        raise BadRequest("empty address")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, DEFAULT_PORT
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"malformed address {text!r}: expected host:port")
+    return host, int(port)
+
+
+def normalize_address(text: str) -> str:
+    host, port = parse_address(text)
+    return f"{host}:{port}"
+
+
+def parse_view(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated VIEW, keeping order and dropping duplicates."""
+    seen: dict[str, None] = {}
+    for part in text.split(","):
+        if part.strip():
+            seen[normalize_address(part)] = None
+    return tuple(seen)
+
+
+def raft_address(http_address: str, slot: int, offset: int) -> str:
+    """The Raft address of the replica in `slot` of the node at `http_address`."""
+    host, port = parse_address(http_address)
+    raft_port = port + offset * (slot + 1)
+    if raft_port > 65535:
+        raise BadRequest(f"raft port {raft_port} for {http_address} slot {slot} is out of range")
+    return f"{host}:{raft_port}"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    address: str
+    view: tuple[str, ...]
+    repl_factor: int
+    data_dir: str
+    secret: str | None = None
+    raft_port_offset: int = DEFAULT_RAFT_PORT_OFFSET
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout: float = REQUEST_TIMEOUT_SECONDS
+    listen_host: str = field(default="")
+
+    @property
+    def http_port(self) -> int:
+        return parse_address(self.address)[1]
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.address)[0]
+
+    @property
+    def bind_host(self) -> str:
+        """Where the HTTP server listens: loopback addresses stay on loopback."""
+        if self.listen_host:
+            return self.listen_host
+        return self.host if self.host.startswith("127.") or self.host == "localhost" else "0.0.0.0"
+
+    @property
+    def is_member(self) -> bool:
+        return self.address in self.view
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.secret)
+
+    def raft_address(self, http_address: str, slot: int) -> str:
+        return raft_address(http_address, slot, self.raft_port_offset)
+
+    @classmethod
+    def load(cls, args: object | None = None, environ: dict | None = None) -> "NodeSettings":
+        """Build settings from argparse results (attributes may be None) over the environment."""
+        env = os.environ if environ is None else environ
+
+        def pick(attr: str, var: str, default: object = None) -> object:
+            value = getattr(args, attr, None) if args is not None else None
+            if value is None or value == "":
+                value = env.get(var)
+            return default if value is None or value == "" else value
+
+        address = normalize_address(str(pick("address", "ADDRESS", f"127.0.0.1:{DEFAULT_PORT}")))
+        view = parse_view(str(pick("view", "VIEW", "")))
+        try:
+            repl_factor = int(pick("repl_factor", "REPL_FACTOR", 1))
+            offset = int(pick("raft_port_offset", "KVS_RAFT_PORT_OFFSET", DEFAULT_RAFT_PORT_OFFSET))
+            max_body = int(pick("max_body_bytes", "KVS_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+        except ValueError as exc:
+            raise BadRequest(f"invalid numeric setting: {exc}") from None
+        if repl_factor < 1:
+            raise BadRequest("REPL_FACTOR must be at least 1")
+        if view and len(view) % repl_factor:
+            raise BadRequest(f"VIEW has {len(view)} nodes, not a multiple of REPL_FACTOR={repl_factor}")
+        data_dir = str(pick("data_dir", "DATA_DIR", os.path.join("data", address.replace(":", "_"))))
+        secret = pick("secret", "KVS_SECRET", None)
+        return cls(
+            address=address,
+            view=view,
+            repl_factor=repl_factor,
+            data_dir=data_dir,
+            secret=str(secret) if secret else None,
+            raft_port_offset=offset,
+            max_body_bytes=max_body,
+            listen_host=str(pick("listen", "KVS_LISTEN", "")),
+        )

@@ -1,0 +1,106 @@
+"""ConfigEpoch: one numbered cluster configuration, the shared vocabulary of kvs.
+
+An epoch says which nodes are in the view, the replication factor, which
+replicas (HTTP addresses) form each shard group, in which Raft slot each
+replica of a group runs on its node (so Raft ports are known to everyone, see
+`kvs.settings`), the hash ring that maps keys to shard ids, and the members of
+the metadata group. Epochs are committed only through the metadata group
+(`kvs.raft.meta_state`) and stored there as plain dicts, so that what goes into
+the Raft log is plain data, not pickled classes.
+
+The initial layout is a pure function of VIEW and REPL_FACTOR, so every node
+computes the same one: VIEW order is kept and cut into consecutive blocks of
+REPL_FACTOR nodes, shard "1" first. Every node of the initial view is a member
+of the metadata group: a Raft group of all N nodes survives the loss of any
+minority of the nodes, which no smaller subset does for every N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import BadRequest
+from .ring import DEFAULT_VNODES, HashRing
+
+FIRST_SHARD_SLOT = 1
+
+
+@dataclass(frozen=True)
+class ConfigEpoch:
+    number: int
+    view: tuple[str, ...]
+    repl_factor: int
+    shards: dict[str, tuple[str, ...]]          # shard id -> replica HTTP addresses
+    slots: dict[str, dict[str, int]]            # shard id -> {replica address: Raft slot}
+    ring: HashRing
+    metadata_members: tuple[str, ...]
+    status: str = "active"
+    _shard_by_node: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for shard_id, replicas in self.shards.items():
+            for address in replicas:
+                self._shard_by_node.setdefault(address, shard_id)
+
+    # -- construction --------------------------------------------------------
+
+    @classmethod
+    def initial(cls, view: tuple[str, ...], repl_factor: int, vnodes: int = DEFAULT_VNODES) -> "ConfigEpoch":
+        if not view:
+            raise BadRequest("the view is empty")
+        if repl_factor < 1 or len(view) % repl_factor:
+            raise BadRequest(f"{len(view)} nodes is not a multiple of repl-factor {repl_factor}")
+        count = len(view) // repl_factor
+        shards = {str(i + 1): tuple(view[i * repl_factor:(i + 1) * repl_factor]) for i in range(count)}
+        slots = {sid: {address: FIRST_SHARD_SLOT for address in replicas} for sid, replicas in shards.items()}
+        return cls(
+            number=1,
+            view=tuple(view),
+            repl_factor=repl_factor,
+            shards=shards,
+            slots=slots,
+            ring=HashRing(shards.keys(), vnodes),
+            metadata_members=tuple(view),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "number": self.number,
+            "view": list(self.view),
+            "repl_factor": self.repl_factor,
+            "shards": {sid: list(replicas) for sid, replicas in self.shards.items()},
+            "slots": {sid: dict(s) for sid, s in self.slots.items()},
+            "ring": self.ring.to_dict(),
+            "metadata_members": list(self.metadata_members),
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConfigEpoch":
+        return cls(
+            number=int(d["number"]),
+            view=tuple(d["view"]),
+            repl_factor=int(d["repl_factor"]),
+            shards={sid: tuple(replicas) for sid, replicas in d["shards"].items()},
+            slots={sid: dict(s) for sid, s in d["slots"].items()},
+            ring=HashRing.from_dict(d["ring"]),
+            metadata_members=tuple(d["metadata_members"]),
+            status=d.get("status", "active"),
+        )
+
+    # -- queries -------------------------------------------------------------
+
+    def shard_ids(self) -> list[str]:
+        return sorted(self.shards, key=lambda s: (len(s), s))
+
+    def shard_for_key(self, key: str) -> str:
+        return self.ring.group_for(key)
+
+    def shard_of_node(self, address: str) -> str | None:
+        return self._shard_by_node.get(address)
+
+    def replicas(self, shard_id: str) -> tuple[str, ...]:
+        return self.shards[shard_id]
+
+    def slot(self, shard_id: str, address: str) -> int:
+        return self.slots[shard_id][address]

@@ -1,0 +1,136 @@
+"""Router: key -> shard group (by the newest epoch this node knows) -> a node that serves it.
+
+If this node is a replica of the key's shard, the request runs on its own
+replica (a follower hands the command to its leader inside Raft). Otherwise
+the request is forwarded to the shard's replicas, the last known leader first,
+until one answers or the 5 s deadline passes; the reply then names the replica
+that served it in "address". Every retry and hop carries the same request id,
+so a write is applied at most once however often it is retried.
+
+A forwarded request is never forwarded again: a receiver that does not own the
+key answers 421 (wrong group) and the sender tries elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import quote
+
+from .. import messages
+from ..errors import BadRequest, NotFound, NotMember, Unavailable, WrongGroup
+from ..forwarding import LEADER_HINT, Forwarder, PeerUnreachable
+from ..messages import Reply
+from ..node import Node
+from ..raft.shard_state import Invalid, ShardState
+
+_FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
+_ROUND_PAUSE = 0.05        # pause after every replica of a shard failed once
+
+
+class Router:
+    def __init__(self, node: Node, forwarder: Forwarder):
+        self._node = node
+        self._forwarder = forwarder
+        self._hint_lock = threading.Lock()
+        self._leader_hints: dict[str, str] = {}     # shard id -> HTTP address that answered last
+
+    # -- data requests ------------------------------------------------------------------
+
+    def key_request(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
+                    forwarded: bool) -> Reply:
+        epoch = self._node.epoch
+        if epoch is None:
+            raise NotMember("this node does not know the cluster configuration")
+        shard_id = epoch.shard_for_key(key)
+        group = self._node.group(shard_id)
+        if group is not None:
+            reply = self._execute_locally(group, method, key, value, request_id, deadline)
+            if forwarded:
+                leader = self._node.leader_address(shard_id)
+                if leader:
+                    reply.headers[LEADER_HINT] = leader
+            return reply
+        if forwarded:
+            raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
+        payload = None if value is None else {"value": value}
+        return self._forward(shard_id, list(epoch.replicas(shard_id)), method,
+                             f"/kvs/keys/{quote(key, safe='')}", payload, request_id, deadline)
+
+    def _execute_locally(self, group, method: str, key: str, value: str | None, request_id: str,
+                         deadline: float) -> Reply:
+        if method == "GET":
+            return messages.get_reply(group.read(lambda state: state.get(key), deadline))
+        if method == "PUT":
+            result = group.execute(("put", request_id, key, value), deadline)
+            if isinstance(result, Invalid):
+                raise BadRequest(result.reason)
+            return messages.put_reply(result)
+        if method == "DELETE":
+            result = group.execute(("delete", request_id, key), deadline)
+            if isinstance(result, Invalid):
+                raise BadRequest(result.reason)
+            return messages.delete_reply(result)
+        raise BadRequest(f"method {method} is not supported")
+
+    def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,
+                 request_id: str, deadline: float) -> Reply:
+        with self._hint_lock:
+            hint = self._leader_hints.get(shard_id)
+        if hint in replicas:
+            replicas.remove(hint)
+            replicas.insert(0, hint)
+        last_unavailable: Reply | None = None
+        while time.monotonic() < deadline - _FORWARD_MARGIN:
+            for address in replicas:
+                try:
+                    resp = self._forwarder.send(address, method, path, payload, request_id,
+                                                deadline - _FORWARD_MARGIN)
+                except PeerUnreachable:
+                    continue
+                if resp.leader_hint in replicas:
+                    with self._hint_lock:
+                        self._leader_hints[shard_id] = resp.leader_hint
+                if resp.status in (503, 421):
+                    last_unavailable = Reply(resp.status, resp.body)
+                    continue
+                resp.body["address"] = address
+                return Reply(resp.status, resp.body)
+            time.sleep(min(_ROUND_PAUSE, max(0.0, deadline - time.monotonic())))
+        if last_unavailable is not None and last_unavailable.status == 503:
+            return last_unavailable
+        raise Unavailable(f"no replica of shard {shard_id} answered in time")
+
+    # -- shard administration ---------------------------------------------------------------
+
+    def key_count(self, deadline: float) -> tuple[str, int]:
+        shard_id = self._node.own_shard()
+        group = self._node.group(shard_id) if shard_id is not None else None
+        if group is None:
+            raise NotMember("this node is not a replica of any shard")
+        return shard_id, group.read(ShardState.key_count, deadline)
+
+    def shard_ids(self) -> list[str]:
+        epoch = self._node.epoch
+        if epoch is None:
+            raise NotMember("this node does not know the cluster configuration")
+        return epoch.shard_ids()
+
+    def shard_info(self, shard_id: str, request_id: str, deadline: float, forwarded: bool) -> Reply:
+        epoch = self._node.epoch
+        if epoch is None:
+            raise NotMember("this node does not know the cluster configuration")
+        if shard_id not in epoch.shards:
+            raise NotFound(f"shard {shard_id} does not exist")
+        group = self._node.group(shard_id)
+        if group is not None:
+            count = group.read(ShardState.key_count, deadline)
+            return Reply(200, {"message": "Shard information retrieved successfully", "shard-id": shard_id,
+                               "key-count": count, "replicas": list(epoch.replicas(shard_id))})
+        if forwarded:
+            raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
+        reply = self._forward(shard_id, list(epoch.replicas(shard_id)), "GET", f"/kvs/shards/{quote(shard_id)}",
+                              None, request_id, deadline)
+        reply.body.pop("address", None)
+        return reply
+

@@ -31,12 +31,18 @@ def serve(args: argparse.Namespace) -> int:
         print(f"kvs serve: {exc.message}", file=sys.stderr)
         return 2
     node = Node(settings)
-    node.start()
     app = create_app(node, Router(node, Forwarder(settings.secret)))
+    try:
+        # Bind before any Raft replica starts, so a port clash fails fast and touches no data.
+        server = waitress.create_server(app, host=settings.bind_host, port=settings.http_port,
+                                        threads=HTTP_THREADS, connection_limit=1000, ident="kvs")
+    except OSError as exc:
+        print(f"kvs serve: cannot listen on {settings.bind_host}:{settings.http_port}: {exc}", file=sys.stderr)
+        return 1
+    node.start()
     logging.getLogger(__name__).info("serving %s on %s:%d", settings.address, settings.bind_host,
                                      settings.http_port)
-    waitress.serve(app, host=settings.bind_host, port=settings.http_port, threads=HTTP_THREADS,
-                   connection_limit=1000, ident="kvs", _quiet=True)
+    server.run()
     return 0
 
 

@@ -1,40 +1,41 @@
-"""Linearizability checker for key-value store histories (WGL with per-key decomposition).
+"""Linearizability checker for key-value store histories (WGL, one key at a time).
 
 A history is linearizable when every operation can be given a single instant
 between its invocation and its response such that, replayed in that order
 against a sequential register, every operation returns what the client really
 saw. Deciding this is NP-complete in general, so we use the Wing & Gong search
-as refined by Lowe: walk the time-ordered list of call/return events, try to
-"linearize" any operation whose call is reachable before the first pending
-return (i.e. an operation that is minimal in the real-time order), and back
-off when we reach a return event whose operation has not been placed yet. The
-events live in a doubly linked list so that placing an operation (lift) and
-undoing it (unlift) are O(1); the search is iterative so long histories never
-hit Python's recursion limit.
+as refined by Lowe: walk the time-ordered list of call/return events, place
+("linearize") any operation whose call comes before the first pending return
+(one that is minimal in real-time order), and back off on reaching the return
+of an operation not yet placed. Events live in a doubly linked list so placing
+an operation (lift) and undoing it (unlift) are O(1); the search is iterative
+so long histories never hit Python's recursion limit.
 
-Two things keep the search cheap. First, P-compositionality (Horn & Kroening):
-linearizability is local, so a multi-key history is linearizable iff each
-per-key sub-history is; checking keys separately turns one huge search into
-many small ones. Second, Lowe's cache: the future of the search depends only on
-*which* operations are already placed (a bitset, stored as a Python int) and
-the register value, so each (bitset, value) pair is explored at most once.
-With unique put values the reads pin the order down and the search is close to
-linear in the common case.
+What keeps it cheap: P-compositionality (Horn & Kroening) -- linearizability is
+local, so a multi-key history is linearizable iff each per-key sub-history is,
+and many small searches replace one huge one. Lowe's cache -- the rest of the
+search depends only on *which* operations are placed (a bitset, a Python int)
+and the register value, so each (bitset, value) pair is explored once. Values
+that no get returned are interchangeable, so they share one model state and
+the cache merges orderings of unobserved puts. And a few exact prunings that
+exploit register semantics (see _Search), which matter once ~16+ clients hit
+the same key.
 
 Operations whose outcome is unknown (client timeout) may have taken effect at
-any instant after their call, or never. We model them as having no return
-event (return time +infinity): they are candidates whenever they are minimal,
-may be placed with any result (nobody observed it), and the history is
-accepted once every *ok* operation is placed, so unknown ones may stay out.
-An unknown get has no effect and is dropped; failed operations are dropped.
-Events at equal times are ordered return-before-call: an operation that
-returned at t precedes one invoked at t.
+any instant after their call, or never. They get no return event (return time
++infinity): they are candidates whenever minimal, may be placed with any result
+(nobody observed it), and a history is accepted once every *ok* operation is
+placed, so unknown ones may stay out. Unknown gets have no effect and failed
+operations did not happen: both are dropped. At equal times a return precedes
+a call: an operation that returned at t happened before one invoked at t.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -42,10 +43,8 @@ OK = "ok"
 FAIL = "fail"
 UNKNOWN = "unknown"
 
-_KINDS = ("put", "get", "delete")
-_OUTCOMES = (OK, FAIL, UNKNOWN)
-_ANY = object()  # sentinel: result not observed, any result is acceptable
-_UNREAD = object()  # stands for every put value that no completed get ever returned
+_ANY = object()  # expected result of an op nobody observed: anything goes
+_UNREAD = object()  # model state standing for every put value no get returned
 _GET, _PUT, _DELETE = 0, 1, 2
 _KIND_CODES = {"get": _GET, "put": _PUT, "delete": _DELETE}
 
@@ -57,9 +56,9 @@ class Operation:
     key: str
     value: str | None  # put: the value written; get/delete: None
     call: float  # invocation time (seconds, monotonic)
-    ret: float | None  # response time; None when the outcome is unknown
+    ret: float | None  # response time; None when the outcome is unknown (timeout)
     outcome: str  # "ok" | "fail" | "unknown"
-    result: object = None  # get: value read or None; put/delete: whether a value existed
+    result: object = None  # ok get: value read (None: absent); ok put/delete: key existed
 
 
 @dataclass
@@ -90,31 +89,19 @@ class CheckResult:
 
 def describe(op: Operation) -> str:
     """Short human-readable form of one operation."""
-    arg = repr(op.value) if op.kind == "put" else ""
-    ret = "?" if op.outcome != OK or op.ret is None else f"{op.ret:.6f}"
-    res = f" -> {op.result!r}" if op.outcome == OK else f" ({op.outcome})"
-    return f"{op.client}: {op.kind}({op.key!r}{', ' + arg if arg else ''}){res} [{op.call:.6f}, {ret}]"
+    args = f"{op.key!r}, {op.value!r}" if op.kind == "put" else repr(op.key)
+    outcome = f"-> {op.result!r}" if op.outcome == OK else f"({op.outcome})"
+    ret = f"{op.ret:.6f}" if op.outcome == OK and op.ret is not None else "?"
+    return f"{op.client}: {op.kind}({args}) {outcome} [{op.call:.6f}, {ret}]"
 
 
 def _validate(op: Operation) -> None:
-    if op.kind not in _KINDS:
-        raise ValueError(f"unknown operation kind {op.kind!r}: {op}")
-    if op.outcome not in _OUTCOMES:
-        raise ValueError(f"unknown outcome {op.outcome!r}: {op}")
+    if op.kind not in _KIND_CODES or op.outcome not in (OK, FAIL, UNKNOWN):
+        raise ValueError(f"unknown operation kind or outcome: {op}")
     if op.kind == "put" and op.value is None:
         raise ValueError(f"put without a value: {op}")
-    if op.outcome == OK:
-        if op.ret is None:
-            raise ValueError(f"ok operation without a return time: {op}")
-        if op.ret < op.call:
-            raise ValueError(f"operation returns before it is called: {op}")
-
-
-def _relevant(op: Operation) -> bool:
-    """Failed ops never took effect; an unknown get has no effect either."""
-    if op.outcome == FAIL:
-        return False
-    return not (op.outcome == UNKNOWN and op.kind == "get")
+    if op.outcome == OK and (op.ret is None or op.ret < op.call):
+        raise ValueError(f"ok operation without a return time at or after its call: {op}")
 
 
 def _expected_result(op: Operation) -> object:
@@ -122,21 +109,81 @@ def _expected_result(op: Operation) -> object:
         return _ANY
     if op.kind == "get":
         return op.result
-    if op.result is None:
-        return _ANY  # put/delete whose "existed" flag was not recorded
-    return bool(op.result)
+    return _ANY if op.result is None else bool(op.result)  # None: flag not recorded
 
 
-@dataclass
+class _OpTable:
+    """What the search consults about each relevant operation, as parallel lists."""
+
+    def __init__(self, ops: list[Operation]) -> None:
+        read_values = {op.result for op in ops if op.kind == "get" and op.outcome == OK}
+        self.kind = [_KIND_CODES[op.kind] for op in ops]
+        # put: the value written, or _UNREAD if no get returned it; delete/get: None
+        self.writes = [(op.value if op.value in read_values else _UNREAD)
+                       if op.kind == "put" else None for op in ops]
+        self.expected = [_expected_result(op) for op in ops]
+        self.completed = [op.outcome == OK for op in ops]  # ok ops must be placed
+        self.bit = [1 << i for i in range(len(ops))]
+        # ok get that returned a value: that value; else None
+        self.reads = [op.result if k == _GET and c else None
+                      for op, k, c in zip(ops, self.kind, self.completed)]
+        # ops that change nothing wherever they are legal: a get, a delete of nothing
+        self.never_changes = [k == _GET or (k == _DELETE and e is False)
+                              for k, e in zip(self.kind, self.expected)]
+        # puts that leave the model state _UNREAD if it already is
+        self.overwrites_unread = [w is _UNREAD and e is True
+                                  for w, e in zip(self.writes, self.expected)]
+        # unknown op: the previous unknown op (by call) with the same effect, or -1
+        self.predecessor, last_of_class = [-1] * len(ops), {}
+        for i in sorted(range(len(ops)), key=lambda i: ops[i].call):
+            if not self.completed[i]:
+                effect = (self.kind[i], self.writes[i])
+                self.predecessor[i] = last_of_class.get(effect, -1)
+                last_of_class[effect] = i
+
+    def transition(self, i: int, state: object, linearized: int) -> tuple[bool, object]:
+        """Whether op i may be placed now, and the model state after it."""
+        want = self.expected[i]
+        if self.kind[i] == _GET:
+            return want is _ANY or want == state, state
+        new_state = self.writes[i]
+        if self.completed[i]:
+            return want is _ANY or want == (state is not None), new_state
+        # Unknown op: a no-op now can just as well wait, and unknown ops with the
+        # same effect are interchangeable once called, so they go in call order.
+        before = self.predecessor[i]
+        return new_state != state and (before < 0 or bool(linearized & self.bit[before])), new_state
+
+
 class _Entries:
     """Call/return events in time order, as arrays forming a doubly linked list."""
-    op_of: list[int]  # entry -> operation index
-    is_call: list[bool]
-    return_of: list[int]  # call entry -> its return entry, or -1 (unknown op)
-    nxt: list[int]
-    prev: list[int]
-    head: int
-    tail: int
+
+    def __init__(self, ops: list[Operation]) -> None:
+        # At equal times returns sort before calls, except that an instantaneous
+        # op's call must precede its own return: such ops sit between the two
+        # groups, so instantaneous ops sharing a timestamp overlap each other.
+        events: list[tuple[float, int, int]] = []  # (time, rank: odd = call, op index)
+        for i, op in enumerate(ops):
+            instant = op.outcome == OK and op.ret == op.call
+            events.append((op.call, 1 if instant else 3, i))
+            if op.outcome == OK:
+                events.append((op.ret, 2 if instant else 0, i))  # type: ignore[arg-type]
+        events.sort()
+        n = len(events)
+        self.head, self.tail = n, n + 1
+        self.op_of = [i for _, _, i in events] + [-1, -1]
+        self.is_call = [rank % 2 == 1 for _, rank, _ in events] + [False, False]
+        self.return_of = [-1] * (n + 2)  # call entry -> its return entry; -1: unknown op
+        call_entry: dict[int, int] = {}
+        for e, (_, rank, i) in enumerate(events):
+            if rank % 2:
+                call_entry[i] = e
+            else:
+                self.return_of[call_entry[i]] = e
+        self.nxt, self.prev = [-1] * (n + 2), [-1] * (n + 2)
+        order = [self.head, *range(n), self.tail]
+        for before, after in zip(order, order[1:]):
+            self.nxt[before], self.prev[after] = after, before
 
     def lift(self, call_entry: int) -> None:
         """Unlink a call entry and its return entry (the op is now placed)."""
@@ -153,162 +200,212 @@ class _Entries:
                 nxt[prev[e]] = prev[nxt[e]] = e
 
 
-def _build_entries(ops: list[Operation]) -> _Entries:
-    # At equal times returns sort before calls (ret == call means happened-before),
-    # except that an instantaneous op's call must precede its own return; such
-    # ops sit between the two groups, so those sharing a timestamp overlap.
-    events: list[tuple[float, int, int]] = []  # (time, rank, op index)
-    for i, op in enumerate(ops):
-        instantaneous = op.outcome == OK and op.ret == op.call
-        events.append((op.call, 1 if instantaneous else 3, i))
-        if op.outcome == OK:
-            events.append((op.ret, 2 if instantaneous else 0, i))  # type: ignore[arg-type]
-    events.sort()
-    n = len(events)
-    head, tail = n, n + 1
-    op_of = [e[2] for e in events] + [-1, -1]
-    is_call = [e[1] in (1, 3) for e in events] + [False, False]
-    return_of = [-1] * (n + 2)
-    call_entry = {}
-    for idx, (_, _, i) in enumerate(events):
-        if is_call[idx]:
-            call_entry[i] = idx
-        else:
-            return_of[call_entry[i]] = idx
-    nxt, prev = [-1] * (n + 2), [-1] * (n + 2)
-    order = [head, *range(n), tail]
-    for before, after in zip(order, order[1:]):
-        nxt[before], prev[after] = after, before
-    return _Entries(op_of, is_call, return_of, nxt, prev, head, tail)
+class _Search:
+    """WGL depth-first search over one key's events, with exact prunings:
 
-
-def _explain_failure(key: str, ops: list[Operation], prefix: list[int],
-                     blocked: int, state: object, ok_total: int) -> str:
-    placed = [ops[i] for i in prefix]
-    placed_ok = sum(1 for op in placed if op.outcome == OK)
-    shown = "a value no get returned" if state is _UNREAD else repr(state)
-    tail = "; ".join(describe(op) for op in placed[-3:]) or "nothing"
-    return (f"key {key!r} is not linearizable: longest linearizable prefix places "
-            f"{len(placed)} ops ({placed_ok} of {ok_total} completed ops), ending with "
-            f"[{tail}]; register then holds {shown} and "
-            f"{describe(ops[blocked])} cannot be placed")
-
-
-def _search(key: str, ops: list[Operation], deadline: float) -> tuple[bool, bool, str]:
-    """WGL search on one key. Returns (linearizable, timed_out, explanation).
-
-    Pruning beyond the cache: some completed ops can never change the register
-    (a get, a delete that reported the key absent). When such an op is minimal and
-    legal now, it can be placed first: any linearization of the rest can be
-    rearranged to start with it. So these are placed eagerly, without trying
-    alternatives ("forced" frames), and if that successor state is already known to
-    fail, the current state fails too. (An unknown delete or a put of the current
-    value is effect-free *here* but not everywhere, so it stays a choice point.)
+    * Free moves. An op that changes nothing wherever it is legal (a get, a
+      delete that found nothing), or a put of an unread value while the model
+      state is already _UNREAD, may be placed first whenever it is minimal and
+      legal: any linearization of the rest can be rearranged to start with it.
+      So it is placed without trying alternatives ("forced"), and if the state
+      it leads to is a known dead end, the current state is one too.
+    * Locked values. If the register holds v, every writer of v is placed and a
+      completed get of v is not, then v must not be overwritten yet.
+    * Unknown ops are placed only when that changes the value, and
+      interchangeable ones only in call order (_OpTable.transition).
     """
-    entries = _build_entries(ops)
-    op_of, is_call, nxt, head = entries.op_of, entries.is_call, entries.nxt, entries.head
-    kinds = [_KIND_CODES[op.kind] for op in ops]
-    # Values nobody read are interchangeable (no get can match them), so they share
-    # one model state; this lets the cache merge orderings of unobserved puts.
-    read_values = {op.result for op in ops if op.kind == "get" and op.outcome == OK}
-    values = [op.value if op.value in read_values else _UNREAD for op in ops]
-    expected = [_expected_result(op) for op in ops]
-    completed = [op.outcome == OK for op in ops]
-    # Unknown ops with the same effect are interchangeable once called: only place
-    # them in call order (each may follow only its predecessor in its class).
-    predecessor, last_of_class = [-1] * len(ops), {}
-    for i in sorted(range(len(ops)), key=lambda i: ops[i].call):
-        if not completed[i]:
-            effect_class = (kinds[i], values[i])
-            predecessor[i] = last_of_class.get(effect_class, -1)
-            last_of_class[effect_class] = i
-    read_only = [k == _GET or (k == _DELETE and want is False) for k, want in zip(kinds, expected)]
-    bits = [1 << i for i in range(len(ops))]
-    ok_total = ok_remaining = sum(completed)
 
-    linearized = 0  # bitset of placed operations
-    state: object = None  # register value: None = absent, str, or _UNREAD
-    stack: list[tuple[int, object, bool]] = []  # (call entry, state before, forced)
-    cache: set[tuple[int, object]] = set()  # visited (placed set, state): all dead ends
-    best_depth, best_prefix, best_blocked, best_state = -1, [], -1, None
-    entry, candidate, candidate_state = nxt[head], -1, None
-    steps = 0
-    while ok_remaining:
-        steps += 1
-        if not steps & 1023 and time.monotonic() > deadline:
-            return False, True, (f"key {key!r}: search budget exhausted after {steps} steps "
-                                 f"(deepest prefix {max(best_depth, len(stack))} ops)")
-        dead = False
-        if is_call[entry]:  # still inside the window of minimal ops
-            i = op_of[entry]
-            kind, want = kinds[i], expected[i]
-            if kind == _GET:
-                legal, new_state = want is _ANY or want == state, state
-            else:
-                legal = want is _ANY or want == (state is not None)
-                new_state = values[i] if kind == _PUT else None
-                if not completed[i]:  # skip a no-op now (it can wait) or an out-of-turn one
-                    before = predecessor[i]
-                    legal = new_state != state and (before < 0 or linearized & bits[before])
-            if not legal:
-                entry = nxt[entry]
-                continue
-            if not read_only[i]:  # may change the register: remember as a choice point
-                if candidate < 0 and (linearized | bits[i], new_state) not in cache:
-                    candidate, candidate_state = entry, new_state
-                entry = nxt[entry]
-                continue
-            if (linearized | bits[i], state) in cache:
-                dead = True
-            else:
-                candidate, candidate_state, forced = entry, state, True
-        else:
+    def __init__(self, ops: list[Operation], deadline: float) -> None:
+        self.ops, self.deadline = ops, deadline
+        self.table, self.entries = _OpTable(ops), _Entries(ops)
+        self.linearized = 0  # bitset of placed ops
+        self.state: object = None  # model state: None (absent), a value, or _UNREAD
+        # (call entry, state before, forced, phase); phase 1 = trying unknown ops
+        self.stack: list[tuple[int, object, bool, int]] = []
+        # explored dead ends: (placed ok ops, state) -> sets of placed unknown ops
+        self.cache: dict[tuple[int, object], list[int]] = {}
+        self.ok_mask = sum(b for b, c in zip(self.table.bit, self.table.completed) if c)
+        self.ok_remaining = sum(self.table.completed)
+        self.unplaced_readers = Counter(v for v in self.table.reads if v is not None)
+        self.unplaced_writers = Counter(w for w in self.table.writes if w in self.unplaced_readers)
+        # deepest dead end: (placed op indices in order, op that could not be placed, bitset)
+        self.deepest: tuple[list[int], int, int] | None = None
+        self.steps = 0
+
+    def run(self) -> bool | None:
+        """True if linearizable, False if not, None if the budget ran out.
+
+        Each window of minimal ops is scanned twice: phase 0 tries completed ops,
+        phase 1 unknown ones, so configurations with fewer unknown ops placed are
+        explored first and subsume the others (see _explored).
+        """
+        t, op_of, is_call, nxt = self.table, self.entries.op_of, self.entries.is_call, self.entries.nxt
+        entry, candidate, locked, phase = nxt[self.entries.head], None, False, 0
+        while self.ok_remaining:
+            self.steps += 1
+            if not self.steps & 1023 and time.monotonic() > self.deadline:
+                return None
             forced = False
-        if not dead and candidate >= 0:  # place the chosen op
-            i = op_of[candidate]
-            linearized |= bits[i]
-            cache.add((linearized, candidate_state))
-            stack.append((candidate, state, forced))
-            state = candidate_state
-            ok_remaining -= completed[i]
-            entries.lift(candidate)
-            entry, candidate = nxt[head], -1
+            if is_call[entry]:  # still inside the window of minimal ops
+                i = op_of[entry]
+                legal, new_state = t.transition(i, self.state, self.linearized)
+                free = t.never_changes[i] or (t.overwrites_unread[i] and self.state is _UNREAD)
+                if (legal and not free and candidate is None and not locked
+                        and t.completed[i] != phase
+                        and not self._explored(self.linearized | t.bit[i], new_state)):
+                    candidate = (entry, new_state)  # first untried choice; keep looking
+                if not (legal and free):  # for a free move, which comes first
+                    entry = nxt[entry]
+                    continue
+                forced = True
+                dead = self._explored(self.linearized | t.bit[i], new_state)
+                candidate = None if dead else (entry, new_state)
+            elif candidate is None and phase == 0:
+                entry, phase = nxt[self.entries.head], 1
+                continue
+            elif candidate is None:
+                self._note_dead_end(entry)
+            if candidate is not None:
+                self._place(*candidate, forced, phase)
+                entry, candidate, locked, phase = nxt[self.entries.head], None, self._locked(), 0
+                continue
+            entry, phase = self._backtrack()
+            if entry < 0:
+                return False
+            candidate, locked = None, self._locked()
+        return True
+
+    def _explored(self, linearized: int, state: object) -> bool:
+        """Whether a configuration is known dead: one with the same ok ops placed and
+        the same state but only a subset of its unknown ops placed failed, and that
+        one could do anything this one can (unknown ops are optional)."""
+        unknown = linearized & ~self.ok_mask
+        return any(u & ~unknown == 0 for u in self.cache.get((linearized & self.ok_mask, state), ()))
+
+    def _locked(self) -> bool:
+        v = self.state
+        return (v is not None and v is not _UNREAD and self.unplaced_readers[v] > 0
+                and not self.unplaced_writers[v])
+
+    def _place(self, entry: int, new_state: object, forced: bool, phase: int) -> None:
+        i = self.entries.op_of[entry]
+        self.linearized |= self.table.bit[i]
+        key = (self.linearized & self.ok_mask, new_state)
+        self.cache.setdefault(key, []).append(self.linearized & ~self.ok_mask)
+        self.stack.append((entry, self.state, forced, phase))
+        self.state = new_state
+        self._count(i, -1)
+        self.entries.lift(entry)
+
+    def _backtrack(self) -> tuple[int, int]:
+        """Undo placements down to the last real choice; where and in which phase to
+        resume scanning, or (-1, 0) when there is nothing left to try."""
+        while self.stack:
+            entry, self.state, forced, phase = self.stack.pop()
+            i = self.entries.op_of[entry]
+            self.linearized ^= self.table.bit[i]
+            self._count(i, +1)
+            self.entries.unlift(entry)
+            if not forced:
+                return self.entries.nxt[entry], phase
+        return -1, 0
+
+    def _count(self, i: int, delta: int) -> None:
+        t = self.table
+        self.ok_remaining += delta * t.completed[i]
+        if t.reads[i] is not None:
+            self.unplaced_readers[t.reads[i]] += delta
+        elif t.writes[i] in self.unplaced_writers:
+            self.unplaced_writers[t.writes[i]] += delta
+
+    def _note_dead_end(self, entry: int) -> None:
+        if self.entries.op_of[entry] >= 0 and (
+                self.deepest is None or len(self.stack) > len(self.deepest[0])):
+            prefix = [self.entries.op_of[e] for e, *_ in self.stack]
+            self.deepest = (prefix, self.entries.op_of[entry], self.linearized)
+
+    def explain(self, key: str) -> str:
+        prefix, blocked, linearized = self.deepest or ([], -1, 0)
+        t, placed = self.table, [self.ops[i] for i in prefix]
+        writers = [op for op in placed if op.kind != "get"]
+        value = writers[-1].value if writers else None
+        waiting = [op for i, op in enumerate(self.ops)
+                   if value is not None and t.reads[i] == value and not linearized & t.bit[i]]
+        return (f"key {key!r} is not linearizable: the longest linearizable prefix places "
+                f"{len(placed)} ops ({sum(op.outcome == OK for op in placed)} of "
+                f"{sum(t.completed)} completed), ending with "
+                f"[{'; '.join(describe(op) for op in placed[-3:]) or 'nothing'}]; "
+                f"the register then holds {value!r}"
+                + (f", yet {describe(waiting[0])} still has to read it" if waiting else "")
+                + (f", and {describe(self.ops[blocked])} cannot be placed" if blocked >= 0 else ""))
+
+
+def _precedes(a: Operation, b: Operation) -> bool:
+    """Whether a returned before b was invoked, so a must be linearized first."""
+    if a.outcome != OK or a.ret is None:
+        return False
+    both_instant = a.ret == a.call and b.outcome == OK and b.ret == b.call
+    return a.ret < b.call or (a.ret == b.call and not both_instant)
+
+
+def _obvious_violation(ops: list[Operation]) -> str | None:
+    """A cheap necessary condition checked before the search, which would need to
+    exhaust every ordering of the prefix to refute these: if v has one writer w,
+    no read of v may precede w, and only reads of v may be forced between w and
+    a read of v (v can never come back once overwritten)."""
+    readers: dict[object, list[Operation]] = {}
+    writers: dict[object, list[Operation]] = {}
+    for op in ops:
+        if op.kind == "get" and op.outcome == OK and op.result is not None:
+            readers.setdefault(op.result, []).append(op)
+        elif op.kind == "put":
+            writers.setdefault(op.value, []).append(op)
+    by_call = sorted(ops, key=lambda op: op.call)
+    calls = [op.call for op in by_call]
+    for value, reads in readers.items():
+        if not writers.get(value):
+            return f"{describe(reads[0])} reads a value that was never written"
+        if len(writers[value]) > 1:
             continue
-        # Dead end: the return of an unplaced op was reached, or a known-dead state.
-        if not dead and len(stack) > best_depth and op_of[entry] >= 0:
-            best_depth, best_blocked, best_state = len(stack), op_of[entry], state
-            best_prefix = [op_of[e] for e, _, _ in stack]
-        forced = True
-        while forced and stack:
-            placed, state, forced = stack.pop()
-            linearized ^= bits[op_of[placed]]
-            ok_remaining += completed[op_of[placed]]
-            entries.unlift(placed)
-        if forced:  # popped everything: no linearization exists
-            break
-        entry, candidate = nxt[placed], -1  # try the next alternative after it
-    if ok_remaining == 0:
-        return True, False, f"key {key!r}: {len(ops)} relevant ops linearizable"
-    return False, False, _explain_failure(key, ops, best_prefix, best_blocked, best_state, ok_total)
+        w, last = writers[value][0], max(reads, key=lambda r: r.call)
+        early = [r for r in reads if _precedes(r, w)]
+        if early:
+            return f"{describe(early[0])} returns before {describe(w)} was invoked"
+        if w.outcome != OK:
+            continue
+        for o in by_call[bisect_left(calls, w.ret):bisect_right(calls, last.call)]:
+            if _precedes(w, o) and _precedes(o, last) and not (o.kind == "get" and o.result == value):
+                return (f"{describe(o)} happens after {describe(w)} and before "
+                        f"{describe(last)}, which still reads {value!r}")
+    return None
 
 
 def check_key(ops: list[Operation], key: str | None = None,
               budget_seconds: float = 10.0) -> KeyResult:
-    """Check the sub-history of one key. With key=None all ops must share one key."""
+    """Check the ops on one key (key=None: all ops must be on the same key)."""
     if key is None:
         keys = {op.key for op in ops}
         if len(keys) > 1:
-            raise ValueError(f"check_key got ops for several keys {sorted(keys)!r}; "
-                             "pass key= or use check_history")
+            raise ValueError(f"ops on several keys {sorted(keys)!r}: pass key= or use check_history")
         key = next(iter(keys), "")
     mine = [op for op in ops if op.key == key]
     for op in mine:
         _validate(op)
-    relevant = [op for op in mine if _relevant(op)]
-    deadline = time.monotonic() + budget_seconds
-    linearizable, timed_out, explanation = _search(key, relevant, deadline)
-    return KeyResult(key=key, ok=linearizable, operations=len(mine),
-                     explanation=explanation, timed_out=timed_out)
+    relevant = [op for op in mine if op.outcome == OK or (op.outcome == UNKNOWN and op.kind != "get")]
+    obvious = _obvious_violation(relevant)
+    search = _Search(relevant, time.monotonic() + budget_seconds)
+    verdict = False if obvious else search.run()
+    if obvious:
+        explanation = f"key {key!r} is not linearizable: {obvious}"
+    elif verdict is None:
+        explanation = (f"key {key!r}: search budget of {budget_seconds}s exhausted after "
+                       f"{search.steps} steps; undecided")
+    elif verdict:
+        explanation = f"key {key!r}: linearizable ({len(relevant)} ops that may have taken effect)"
+    else:
+        explanation = search.explain(key)
+    return KeyResult(key=key, ok=bool(verdict), operations=len(mine),
+                     explanation=explanation, timed_out=verdict is None)
 
 
 def check_history(ops: Iterable[Operation], budget_seconds_per_key: float = 10.0) -> CheckResult:
@@ -320,18 +417,10 @@ def check_history(ops: Iterable[Operation], budget_seconds_per_key: float = 10.0
     return CheckResult(ok=all(r.ok for r in results), keys=results)
 
 
-def _json_time(t: float | None) -> float | None:
-    return None if t is None or math.isinf(t) else t
-
-
 def history_to_json(ops: Iterable[Operation]) -> list[dict]:
-    """JSON-safe rows (infinite times become None) that history_from_json replays."""
-    rows = []
-    for op in ops:
-        row = asdict(op)
-        row["ret"] = _json_time(op.ret)
-        rows.append(row)
-    return rows
+    """JSON-safe rows (an infinite ret becomes None) that history_from_json replays."""
+    return [{**asdict(op), "ret": None if op.ret is None or math.isinf(op.ret) else op.ret}
+            for op in ops]
 
 
 def history_from_json(rows: Iterable[dict]) -> list[Operation]:

@@ -8,6 +8,7 @@ stop, continue and restart any of them, always by the pid it started.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,8 +53,12 @@ def _port_free(port: int) -> bool:
 
 def find_free_base_port(count: int, start: int = 20000, stop: int = 30000, step: int = 37,
                         offset: int = DEFAULT_RAFT_PORT_OFFSET) -> int:
-    """A base port such that `count` consecutive HTTP ports and their Raft ports are free."""
-    for base in range(start, stop, step):
+    """A base port such that `count` consecutive HTTP ports and their Raft ports are free.
+
+    The search starts at a random point so that concurrent test runs rarely pick the same window.
+    """
+    first = random.randrange(start, stop)
+    for base in list(range(first, stop, step)) + list(range(start, first, step)):
         ports = [base + i + offset * slot for i in range(count) for slot in range(MAX_SLOTS_PROBED)]
         if all(_port_free(p) for p in ports):
             return base
@@ -168,6 +173,9 @@ class LocalCluster:
         return resp.status_code, resp.json()
 
     def healthy(self, address: str) -> bool:
+        """Our own process for `address` is running and answers /health with 200."""
+        if not self.alive(address):
+            return False
         try:
             return self.http(address, "/health")[0] == 200
         except requests.RequestException:

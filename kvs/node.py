@@ -32,9 +32,9 @@ _SUPERVISE_PERIOD = 0.5
 
 
 class Node:
-    def __init__(self, settings: NodeSettings, timing: RaftTiming = RaftTiming()):
+    def __init__(self, settings: NodeSettings, timing: RaftTiming | None = None):
         self.settings = settings
-        self._timing = timing
+        self._timing = timing or RaftTiming(compaction_entries=settings.compaction_entries)
         self._lock = threading.Lock()
         self._groups: dict[str, RaftGroup] = {}      # shard id -> this node's replica
         self._meta: RaftGroup | None = None

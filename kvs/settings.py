@@ -23,6 +23,7 @@ from .errors import BadRequest
 DEFAULT_PORT = 13800
 DEFAULT_RAFT_PORT_OFFSET = 1000
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_COMPACTION_ENTRIES = 20_000     # Raft log entries between snapshots (KVS_COMPACTION_ENTRIES)
 REQUEST_TIMEOUT_SECONDS = 5.0
 METADATA_SLOT = 0
 
@@ -73,6 +74,7 @@ class NodeSettings:
     raft_port_offset: int = DEFAULT_RAFT_PORT_OFFSET
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout: float = REQUEST_TIMEOUT_SECONDS
+    compaction_entries: int = DEFAULT_COMPACTION_ENTRIES
     listen_host: str = field(default="")
 
     @property
@@ -118,8 +120,11 @@ class NodeSettings:
             repl_factor = int(pick("repl_factor", "REPL_FACTOR", 1))
             offset = int(pick("raft_port_offset", "KVS_RAFT_PORT_OFFSET", DEFAULT_RAFT_PORT_OFFSET))
             max_body = int(pick("max_body_bytes", "KVS_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+            compaction = int(pick("compaction_entries", "KVS_COMPACTION_ENTRIES", DEFAULT_COMPACTION_ENTRIES))
         except ValueError as exc:
             raise BadRequest(f"invalid numeric setting: {exc}") from None
+        if compaction < 2:
+            raise BadRequest("KVS_COMPACTION_ENTRIES must be at least 2")
         if repl_factor < 1:
             raise BadRequest("REPL_FACTOR must be at least 1")
         if view and len(view) % repl_factor:
@@ -134,5 +139,6 @@ class NodeSettings:
             secret=str(secret) if secret else None,
             raft_port_offset=offset,
             max_body_bytes=max_body,
+            compaction_entries=compaction,
             listen_host=str(pick("listen", "KVS_LISTEN", "")),
         )

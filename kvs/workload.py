@@ -1,0 +1,102 @@
+"""Workload: concurrent clients that record a history for the linearizability checker.
+
+Each client thread issues GET, PUT (with a value no other operation writes)
+and DELETE requests on a small set of keys, through nodes chosen at random,
+and records invocation and response times and the outcome:
+
+* ok       the store answered with a definite result (200, 201, 404);
+* fail     the store answered that it did not do it (400) or a read failed (no effect);
+* unknown  a write timed out or got 503: it may still take effect later.
+
+Runs are bounded in time and seeded, so a schedule can be replayed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import requests
+
+from .linearizability import FAIL, OK, UNKNOWN, Operation
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    addresses: tuple[str, ...]
+    keys: tuple[str, ...]
+    clients: int = 8
+    duration: float = 10.0
+    seed: int = 1
+    timeout: float = 7.0          # client-side; longer than the store's 5 s so 503s arrive first
+    put_share: float = 0.5
+    delete_share: float = 0.1
+
+
+def _interpret(kind: str, status: int, body: dict) -> tuple[str, object]:
+    if kind == "get":
+        if status == 200:
+            return OK, body.get("value")
+        if status == 404:
+            return OK, None
+        return FAIL, None
+    if kind == "put":
+        if status in (200, 201):
+            return OK, status == 200
+    elif kind == "delete":
+        if status in (200, 404):
+            return OK, status == 200
+    if status in (400, 404, 405, 413):
+        return FAIL, None
+    return UNKNOWN, None
+
+
+def _client(spec: WorkloadSpec, name: str, seed: int, stop_at: float, out: list[Operation]) -> None:
+    rng = random.Random(seed)
+    session = requests.Session()
+    n = 0
+    while time.monotonic() < stop_at:
+        n += 1
+        key = rng.choice(spec.keys)
+        address = rng.choice(spec.addresses)
+        roll = rng.random()
+        kind = "put" if roll < spec.put_share else "delete" if roll < spec.put_share + spec.delete_share else "get"
+        value = f"{name}-{n}" if kind == "put" else None
+        body = {"causal-context": {}} if value is None else {"value": value, "causal-context": {}}
+        method = {"get": "GET", "put": "PUT", "delete": "DELETE"}[kind]
+        call = time.monotonic()
+        try:
+            resp = session.request(method, f"http://{address}/kvs/keys/{quote(key, safe='')}", json=body,
+                                   timeout=spec.timeout)
+            status, data = resp.status_code, resp.json()
+        except (requests.RequestException, ValueError):
+            status, data = 0, {}
+        ret = time.monotonic()
+        outcome, result = _interpret(kind, status, data)
+        out.append(Operation(client=name, kind=kind, key=key, value=value, call=call,
+                             ret=None if outcome == UNKNOWN else ret, outcome=outcome, result=result))
+        if outcome == UNKNOWN:
+            time.sleep(rng.uniform(0.01, 0.05))    # back off: the store is failing over
+
+
+def run_workload(spec: WorkloadSpec) -> list[Operation]:
+    """Run every client until `spec.duration` has passed; return the whole history."""
+    stop_at = time.monotonic() + spec.duration
+    histories: list[list[Operation]] = [[] for _ in range(spec.clients)]
+    threads = [threading.Thread(target=_client, args=(spec, f"c{i}", spec.seed * 1000 + i, stop_at, histories[i]),
+                                daemon=True) for i in range(spec.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(spec.duration + spec.timeout + 5)
+    return [op for history in histories for op in history]
+
+
+def summarize(history: list[Operation]) -> dict[str, int]:
+    counts = {OK: 0, FAIL: 0, UNKNOWN: 0}
+    for op in history:
+        counts[op.outcome] += 1
+    return counts

@@ -220,11 +220,8 @@ class _Search:
         self.table, self.entries = _OpTable(ops), _Entries(ops)
         self.linearized = 0  # bitset of placed ops
         self.state: object = None  # model state: None (absent), a value, or _UNREAD
-        # (call entry, state before, forced, phase); phase 1 = trying unknown ops
-        self.stack: list[tuple[int, object, bool, int]] = []
-        # explored dead ends: (placed ok ops, state) -> sets of placed unknown ops
-        self.cache: dict[tuple[int, object], list[int]] = {}
-        self.ok_mask = sum(b for b, c in zip(self.table.bit, self.table.completed) if c)
+        self.stack: list[tuple[int, object, bool]] = []  # (call entry, state before, forced)
+        self.cache: set[tuple[int, object]] = set()  # (bitset, state) already explored
         self.ok_remaining = sum(self.table.completed)
         self.unplaced_readers = Counter(v for v in self.table.reads if v is not None)
         self.unplaced_writers = Counter(w for w in self.table.writes if w in self.unplaced_readers)
@@ -233,14 +230,9 @@ class _Search:
         self.steps = 0
 
     def run(self) -> bool | None:
-        """True if linearizable, False if not, None if the budget ran out.
-
-        Each window of minimal ops is scanned twice: phase 0 tries completed ops,
-        phase 1 unknown ones, so configurations with fewer unknown ops placed are
-        explored first and subsume the others (see _explored).
-        """
+        """True if linearizable, False if not, None if the budget ran out."""
         t, op_of, is_call, nxt = self.table, self.entries.op_of, self.entries.is_call, self.entries.nxt
-        entry, candidate, locked, phase = nxt[self.entries.head], None, False, 0
+        entry, candidate, locked = nxt[self.entries.head], None, False
         while self.ok_remaining:
             self.steps += 1
             if not self.steps & 1023 and time.monotonic() > self.deadline:
@@ -250,65 +242,52 @@ class _Search:
                 i = op_of[entry]
                 legal, new_state = t.transition(i, self.state, self.linearized)
                 free = t.never_changes[i] or (t.overwrites_unread[i] and self.state is _UNREAD)
-                if (legal and not free and candidate is None and not locked
-                        and t.completed[i] != phase
-                        and not self._explored(self.linearized | t.bit[i], new_state)):
+                if legal and not free and candidate is None and not locked and (
+                        self.linearized | t.bit[i], new_state) not in self.cache:
                     candidate = (entry, new_state)  # first untried choice; keep looking
                 if not (legal and free):  # for a free move, which comes first
                     entry = nxt[entry]
                     continue
                 forced = True
-                dead = self._explored(self.linearized | t.bit[i], new_state)
+                dead = (self.linearized | t.bit[i], new_state) in self.cache
                 candidate = None if dead else (entry, new_state)
-            elif candidate is None and phase == 0:
-                entry, phase = nxt[self.entries.head], 1
-                continue
-            elif candidate is None:
+            elif candidate is None:  # reached the return of an op that cannot be placed
                 self._note_dead_end(entry)
             if candidate is not None:
-                self._place(*candidate, forced, phase)
-                entry, candidate, locked, phase = nxt[self.entries.head], None, self._locked(), 0
+                self._place(*candidate, forced)
+                entry, candidate, locked = nxt[self.entries.head], None, self._locked()
                 continue
-            entry, phase = self._backtrack()
+            entry = self._backtrack()
             if entry < 0:
                 return False
             candidate, locked = None, self._locked()
         return True
-
-    def _explored(self, linearized: int, state: object) -> bool:
-        """Whether a configuration is known dead: one with the same ok ops placed and
-        the same state but only a subset of its unknown ops placed failed, and that
-        one could do anything this one can (unknown ops are optional)."""
-        unknown = linearized & ~self.ok_mask
-        return any(u & ~unknown == 0 for u in self.cache.get((linearized & self.ok_mask, state), ()))
 
     def _locked(self) -> bool:
         v = self.state
         return (v is not None and v is not _UNREAD and self.unplaced_readers[v] > 0
                 and not self.unplaced_writers[v])
 
-    def _place(self, entry: int, new_state: object, forced: bool, phase: int) -> None:
+    def _place(self, entry: int, new_state: object, forced: bool) -> None:
         i = self.entries.op_of[entry]
         self.linearized |= self.table.bit[i]
-        key = (self.linearized & self.ok_mask, new_state)
-        self.cache.setdefault(key, []).append(self.linearized & ~self.ok_mask)
-        self.stack.append((entry, self.state, forced, phase))
+        self.cache.add((self.linearized, new_state))
+        self.stack.append((entry, self.state, forced))
         self.state = new_state
         self._count(i, -1)
         self.entries.lift(entry)
 
-    def _backtrack(self) -> tuple[int, int]:
-        """Undo placements down to the last real choice; where and in which phase to
-        resume scanning, or (-1, 0) when there is nothing left to try."""
+    def _backtrack(self) -> int:
+        """Undo placements down to the last real choice; the entry to resume at, or -1."""
         while self.stack:
-            entry, self.state, forced, phase = self.stack.pop()
+            entry, self.state, forced = self.stack.pop()
             i = self.entries.op_of[entry]
             self.linearized ^= self.table.bit[i]
             self._count(i, +1)
             self.entries.unlift(entry)
             if not forced:
-                return self.entries.nxt[entry], phase
-        return -1, 0
+                return self.entries.nxt[entry]
+        return -1
 
     def _count(self, i: int, delta: int) -> None:
         t = self.table

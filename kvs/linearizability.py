@@ -1,40 +1,37 @@
 """Linearizability checker for key-value store histories (WGL, one key at a time).
 
-A history is linearizable when every operation can be given a single instant
-between its invocation and its response such that, replayed in that order
-against a sequential register, every operation returns what the client really
-saw. Deciding this is NP-complete in general, so we use the Wing & Gong search
-as refined by Lowe: walk the time-ordered list of call/return events, place
-("linearize") any operation whose call comes before the first pending return
-(one that is minimal in real-time order), and back off on reaching the return
-of an operation not yet placed. Events live in a doubly linked list so placing
-an operation (lift) and undoing it (unlift) are O(1); the search is iterative
-so long histories never hit Python's recursion limit.
+A history is linearizable if each operation can be given one instant between
+its call and its return such that, replayed in that order on a sequential
+register, every operation returns what its client saw. That is NP-complete in
+general, so we run the Wing & Gong search as refined by Lowe: walk the time-
+ordered call/return events, place any operation whose call precedes the first
+pending return (it is minimal in real-time order), and back off on reaching
+the return of an unplaced one. Events sit in a doubly linked list so placing
+(lift) and undoing (unlift) are O(1); the search is iterative, so long
+histories never hit the recursion limit.
 
-What keeps it cheap: P-compositionality (Horn & Kroening) -- linearizability is
-local, so a multi-key history is linearizable iff each per-key sub-history is,
-and many small searches replace one huge one. Lowe's cache -- the rest of the
-search depends only on *which* operations are placed (a bitset, a Python int)
-and the register value, so each (bitset, value) pair is explored once. Values
-that no get returned are interchangeable, so they share one model state and
-the cache merges orderings of unobserved puts. And a few exact prunings that
-exploit register semantics (see _Search), which matter once ~16+ clients hit
-the same key.
+The search is affordable because linearizability is local (Horn & Kroening's
+P-compositionality): a history is linearizable iff each key's sub-history is,
+so many small searches replace one huge one. Lowe's cache explores each
+(placed set as an int bitset, register value) pair once; values nobody read
+share one model state so orderings of unobserved puts merge; register-specific
+prunings (see _Search) tame ~16+ clients on one key; and a cheap pre-check
+catches reads of long-overwritten values, which the search could only refute
+by exhausting every ordering of everything before them.
 
-Operations whose outcome is unknown (client timeout) may have taken effect at
-any instant after their call, or never. They get no return event (return time
-+infinity): they are candidates whenever minimal, may be placed with any result
-(nobody observed it), and a history is accepted once every *ok* operation is
-placed, so unknown ones may stay out. Unknown gets have no effect and failed
-operations did not happen: both are dropped. At equal times a return precedes
-a call: an operation that returned at t happened before one invoked at t.
+An operation with an unknown outcome (timeout) may take effect at any instant
+after its call, or never: it gets no return event (ret = +infinity), may be
+placed with any result whenever it is minimal, and a history is accepted once
+every *ok* operation is placed. Unknown gets (no effect) and failed operations
+(no effect) are dropped. At equal times a return precedes a call: an operation
+that returned at t happened before one invoked at t.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
 import time
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -203,13 +200,12 @@ class _Entries:
 class _Search:
     """WGL depth-first search over one key's events, with exact prunings:
 
-    * Free moves. An op that changes nothing wherever it is legal (a get, a
-      delete that found nothing), or a put of an unread value while the model
-      state is already _UNREAD, may be placed first whenever it is minimal and
-      legal: any linearization of the rest can be rearranged to start with it.
-      So it is placed without trying alternatives ("forced"), and if the state
-      it leads to is a known dead end, the current state is one too.
-    * Locked values. If the register holds v, every writer of v is placed and a
+    * Free moves: an op that changes nothing wherever it is legal (a get, a delete
+      that found nothing), or a put of an unread value while the state is already
+      _UNREAD, can go first whenever it is minimal and legal -- any linearization
+      of the rest can be rearranged to start with it. So no alternative is tried
+      ("forced"), and if it leads to a known dead end, so does the current state.
+    * Locked values: if the register holds v, every writer of v is placed and a
       completed get of v is not, then v must not be overwritten yet.
     * Unknown ops are placed only when that changes the value, and
       interchangeable ones only in call order (_OpTable.transition).
@@ -328,10 +324,8 @@ def _precedes(a: Operation, b: Operation) -> bool:
 
 
 def _obvious_violation(ops: list[Operation]) -> str | None:
-    """A cheap necessary condition checked before the search, which would need to
-    exhaust every ordering of the prefix to refute these: if v has one writer w,
-    no read of v may precede w, and only reads of v may be forced between w and
-    a read of v (v can never come back once overwritten)."""
+    """Cheap necessary condition: if v has a single writer w, no read of v may
+    precede w, and only reads of v may be forced between w and a read of v."""
     readers: dict[object, list[Operation]] = {}
     writers: dict[object, list[Operation]] = {}
     for op in ops:
@@ -371,14 +365,13 @@ def check_key(ops: list[Operation], key: str | None = None,
     for op in mine:
         _validate(op)
     relevant = [op for op in mine if op.outcome == OK or (op.outcome == UNKNOWN and op.kind != "get")]
-    obvious = _obvious_violation(relevant)
     search = _Search(relevant, time.monotonic() + budget_seconds)
+    obvious = _obvious_violation(relevant)
     verdict = False if obvious else search.run()
     if obvious:
         explanation = f"key {key!r} is not linearizable: {obvious}"
     elif verdict is None:
-        explanation = (f"key {key!r}: search budget of {budget_seconds}s exhausted after "
-                       f"{search.steps} steps; undecided")
+        explanation = f"key {key!r}: undecided, search budget of {budget_seconds}s exhausted"
     elif verdict:
         explanation = f"key {key!r}: linearizable ({len(relevant)} ops that may have taken effect)"
     else:

@@ -264,6 +264,28 @@ def stale_read_corruption(ops):
     raise AssertionError("no corruptible triple in the generated history")
 
 
+def created_flag_corruption(ops):
+    """A put that reported "replaced" although no delete can fall between it and an
+    earlier completed put; claiming "created" instead needs an absent key there."""
+    done_puts = [op for op in ops if op.outcome == OK and op.kind == "put"]
+    deletes = [op for op in ops if op.kind == "delete" and op.outcome != FAIL]
+    for p in sorted(done_puts, key=lambda op: op.call):
+        for q in done_puts:
+            if p.result is True and q.key == p.key and q.ret < p.call and not any(
+                    d.key == p.key and d.call < p.ret and (d.outcome == UNKNOWN or d.ret > q.call)
+                    for d in deletes):
+                return p
+    raise AssertionError("no corruptible put in the generated history")
+
+
+def assert_single_violation(ops, key):
+    result = check_history(ops)
+    assert not result.ok
+    assert [k.key for k in result.failures()] == [key]
+    assert not result.failures()[0].timed_out
+    assert repr(key) in result.failures()[0].explanation
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_randomized_history_accepted_then_corruption_rejected(seed):
     ops = simulate(seed, clients=8, ops_per_client=40, keys=["a", "b", "c"])
@@ -272,19 +294,35 @@ def test_randomized_history_accepted_then_corruption_rejected(seed):
     assert result.ok, [k.explanation for k in result.failures()]
 
     older, newer, victim = stale_read_corruption(ops)
-    corrupted = [replace(op, result=older.value) if op is victim else op for op in ops]
-    result = check_history(corrupted)
-    assert not result.ok
-    assert [k.key for k in result.failures()] == [victim.key]
-    assert not result.failures()[0].timed_out
+    assert_single_violation(
+        [replace(op, result=older.value) if op is victim else op for op in ops], victim.key)
+
+    # a corrupted flag is invisible to the read/write pre-check: only the search sees it
+    victim = created_flag_corruption(ops)
+    assert_single_violation(
+        [replace(op, result=False) if op is victim else op for op in ops], victim.key)
 
 
-def test_performance_sanity_single_key_16_clients():
-    ops = simulate(99, clients=16, ops_per_client=94, keys=["hot"], unknown_rate=0.002)
+@pytest.mark.parametrize("unknown_rate", [0.002, 0.05])
+def test_performance_sanity_single_key_16_clients(unknown_rate):
+    ops = simulate(99, clients=16, ops_per_client=94, keys=["hot"], unknown_rate=unknown_rate)
     assert len(ops) >= 1400
     res = check_key(ops)
     assert not res.timed_out, res.explanation
     assert res.ok, res.explanation
+
+
+def test_gross_violation_among_many_unknown_ops_is_decided():
+    # the search alone would have to exhaust every way the ~70 unknown ops before
+    # the bad read could have taken effect; the pre-check proves it at once
+    ops = simulate(1, clients=16, ops_per_client=94, keys=["hot"], unknown_rate=0.05)
+    by_call = sorted(ops, key=lambda op: op.call)
+    writer = next(op for op in by_call[len(by_call) * 2 // 3:] if op.kind == "put" and op.outcome == OK)
+    reader = next(op for op in reversed(by_call) if op.kind == "get" and op.outcome == OK)
+    res = check_key([replace(op, result=writer.value) if op is reader else op for op in ops],
+                    budget_seconds=2.0)
+    assert not res.ok and not res.timed_out, res.explanation
+    assert repr(writer.value) in res.explanation
 
 
 def test_budget_exhaustion_reports_timeout():

@@ -133,36 +133,38 @@ def stop_processes(processes: list[subprocess.Popen]) -> None:
 
 # -- hey ----------------------------------------------------------------------------------------------
 
-def cpu_seconds(pids: list[int]) -> tuple[float, float, float]:
-    """(machine busy, machine total) CPU seconds from /proc/stat, and the given processes' CPU seconds."""
+def cpu_seconds(pids: list[int]) -> dict:
+    """Machine CPU seconds from /proc/stat by kind, and the CPU seconds of the given processes."""
     tick = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    ours = 0
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    ours = {}
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        ours += int(fields[11]) + int(fields[12])           # utime + stime, all threads
-    return (sum(values) - values[3] - values[4]) / tick, sum(values) / tick, ours / tick
+        ours[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime, all threads
+    return {"tasks": (user + nice + system) / tick, "irq": (irq + softirq) / tick, "steal": steal / tick,
+            "total": (user + nice + system + idle + iowait + irq + softirq + steal) / tick,
+            "ours": sum(ours.values()), **ours}
 
 
 def run_hey(url: str, method: str, body: str, clients: int, seconds: float, server_pids: list[int],
             record: bool = True) -> tuple[str, dict]:
-    """Run hey for `seconds`; returns its text output and where the CPU went during the run."""
+    """Run hey for `seconds`; returns its text output and where the machine's CPU went meanwhile."""
     cmd = ["hey", "-z", f"{seconds:g}s", "-c", str(clients), "-m", method,
            "-T", "application/json", "-d", body, url]
-    hey0, (busy0, total0, srv0) = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(server_pids)
-    wall0 = time.monotonic()
+    hey0, c0, wall0 = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(server_pids), time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
-    wall = time.monotonic() - wall0
-    hey1, (busy1, total1, srv1) = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(server_pids)
+    hey1, c1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_seconds(server_pids), time.monotonic() - wall0
     if record:                                    # measured runs only, not warm-ups
         COMMANDS.append(shlex.join(cmd))
+    d = {k: c1[k] - c0[k] for k in c0}
     hey_s = hey1.ru_utime + hey1.ru_stime - hey0.ru_utime - hey0.ru_stime
-    cpu = {"machine_busy_pct": round(100 * (busy1 - busy0) / max(total1 - total0, 1e-9), 1),
-           "server_cores": round((srv1 - srv0) / wall, 2), "hey_cores": round(hey_s / wall, 2),
-           "other_cores": round(max(0.0, busy1 - busy0 - (srv1 - srv0) - hey_s) / wall, 2)}
-    return out, cpu
+    cores = lambda x: round(x / wall, 2)          # noqa: E731
+    return out, {"machine_busy_pct": round(100 * (d["tasks"] + d["irq"]) / d["total"], 1),
+                 "server_cores": cores(d["ours"]), "hey_cores": cores(hey_s), "irq_cores": cores(d["irq"]),
+                 "steal_cores": cores(d["steal"]), "other_cores": cores(max(0.0, d["tasks"] - d["ours"] - hey_s)),
+                 "cores_by_server_pid": {pid: cores(d[pid]) for pid in server_pids}}
 
 
 def parse_hey(output: str) -> dict:
@@ -197,7 +199,8 @@ def measure(system: str, requests_: dict, clients: list[int], seconds: float, pi
             progress(f"  {fmt(result['ok_rps'], 0)} ok req/s, p50 {fmt(result['p50_ms'])} ms, "
                      f"non-2xx {result['non_2xx']}, transport errors {result['transport_errors']}, "
                      f"CPU: machine {cpu['machine_busy_pct']:.0f}% busy, {system} {cpu['server_cores']} "
-                     f"cores, hey {cpu['hey_cores']}, other processes {cpu['other_cores']}")
+                     f"cores, hey {cpu['hey_cores']}, irq {cpu['irq_cores']}, steal {cpu['steal_cores']}, "
+                     f"other processes {cpu['other_cores']}")
     return results
 
 
@@ -225,7 +228,8 @@ def bench_kvs(root: str, value: str, clients: list[int], seconds: float) -> dict
         still = cluster.leader_of("1")
         if still != leader:
             progress(f"kvs: WARNING leader changed during the run: {leader} -> {still}")
-        return {"leader": leader, "leader_after": still, "results": results}
+        return {"leader": leader, "leader_after": still, "results": results,
+                "pids": {a: n.process.pid for a, n in cluster.nodes.items()}}
     except Exception:
         for address in cluster.view:
             progress(f"kvs: log tail of {address}:\n{cluster.log_tail(address, 15)}")
@@ -250,7 +254,8 @@ def bench_etcd(root: str, value: str, clients: list[int], seconds: float) -> dic
                                    "read": (f"{leader}/v3/kv/range", "POST", get)},
                           clients, seconds, [p.pid for p in processes])
         version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        return {"leader": leader, "version": version, "results": results}
+        return {"leader": leader, "version": version, "results": results,
+                "pids": {u: p.pid for u, p in zip(urls, processes)}}
     finally:
         progress("etcd: stopping the members")
         shielded(lambda: stop_processes(processes))
@@ -313,10 +318,6 @@ def report(kvs: dict, etcd: dict | None, clients: list[int]) -> list[dict]:
     return verdicts
 
 
-def interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each measurement")
@@ -327,7 +328,7 @@ def main() -> int:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     value = "".join(random.choices(string.ascii_letters + string.digits, k=args.value_size))
-    signal.signal(signal.SIGTERM, interrupt)      # `kill <pid>` cleans up like Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)      # `kill <pid>` cleans up like Ctrl-C
     root = tempfile.mkdtemp(prefix="kvs-bench-")
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     host = machine()                              # before the run: the kvs tree may change meanwhile

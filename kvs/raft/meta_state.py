@@ -14,28 +14,16 @@ Commands:
 
 from __future__ import annotations
 
-from typing import Any
+from .state_machine import Invalid, StateMachine
 
-from .shard_state import Invalid
 
-class MetadataState:
+class MetadataState(StateMachine):
     def __init__(self) -> None:
         self._epochs: dict[int, dict] = {}
         self._active: int = 0
         self._handlers = {"init": self._init}
 
     # -- the FSM contract -------------------------------------------------
-
-    def apply(self, command: Any) -> Any:
-        if not isinstance(command, tuple) or not command:
-            return Invalid("command is not a non-empty tuple")
-        handler = self._handlers.get(command[0])
-        if handler is None:
-            return Invalid(f"unknown command {command[0]!r}")
-        try:
-            return handler(*command[1:])
-        except (TypeError, KeyError, ValueError):
-            return Invalid(f"malformed {command[0]!r} command")
 
     def snapshot(self) -> dict:
         return {"epochs": dict(self._epochs), "active": self._active}

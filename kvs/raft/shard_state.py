@@ -30,6 +30,8 @@ import hashlib
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+from .state_machine import Invalid, StateMachine
+
 DEDUP_CAPACITY = 100_000
 
 
@@ -41,11 +43,7 @@ class Deleted(NamedTuple):
     existed: bool
 
 
-class Invalid(NamedTuple):
-    reason: str
-
-
-class ShardState:
+class ShardState(StateMachine):
     """Keys and values of one shard, plus the outcomes of recent writes."""
 
     def __init__(self, dedup_capacity: int = DEDUP_CAPACITY):
@@ -60,17 +58,6 @@ class ShardState:
         }
 
     # -- the FSM contract -------------------------------------------------
-
-    def apply(self, command: Any) -> Any:
-        if not isinstance(command, tuple) or not command:
-            return Invalid("command is not a non-empty tuple")
-        handler = self._handlers.get(command[0])
-        if handler is None:
-            return Invalid(f"unknown command {command[0]!r}")
-        try:
-            return handler(*command[1:])
-        except TypeError:
-            return Invalid(f"malformed {command[0]!r} command")
 
     def snapshot(self) -> dict:
         """Capture the state (shallow copies; the caller serialises them)."""

@@ -22,7 +22,8 @@ from ..errors import BadRequest, NotFound, NotMember, Unavailable, WrongGroup
 from ..forwarding import LEADER_HINT, Forwarder, PeerUnreachable
 from ..messages import Reply
 from ..node import Node
-from ..raft.shard_state import Invalid, ShardState
+from ..raft.shard_state import ShardState
+from ..raft.state_machine import Invalid
 
 _FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
 _ROUND_PAUSE = 0.05        # pause after every replica of a shard failed once

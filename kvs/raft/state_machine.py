@@ -1,0 +1,39 @@
+"""The contract every replicated state machine of kvs follows, and its command dispatch.
+
+`apply(command) -> result` is a pure function of the state and the command:
+no clock, no randomness, no I/O, and it never raises (PySyncObj re-applies a
+raising entry on every tick and the whole group stops). A command is a tuple
+whose first element names the operation; an unknown or malformed command
+yields an `Invalid` result, identically on every replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+
+class Invalid(NamedTuple):
+    reason: str
+
+
+class StateMachine:
+    """Dispatches command tuples to the handlers a subclass registers in `_handlers`."""
+
+    _handlers: dict[str, Callable[..., Any]]
+
+    def apply(self, command: Any) -> Any:
+        if not isinstance(command, tuple) or not command:
+            return Invalid("command is not a non-empty tuple")
+        handler = self._handlers.get(command[0])
+        if handler is None:
+            return Invalid(f"unknown command {command[0]!r}")
+        try:
+            return handler(*command[1:])
+        except (TypeError, KeyError, ValueError):
+            return Invalid(f"malformed {command[0]!r} command")
+
+    def snapshot(self) -> Any:
+        raise NotImplementedError
+
+    def restore(self, snapshot: Any) -> None:
+        raise NotImplementedError

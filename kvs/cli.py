@@ -99,6 +99,22 @@ def client_command(args: argparse.Namespace) -> int:
     return 0 if status < 400 else 1
 
 
+def health(args: argparse.Namespace) -> int:
+    """Exit 0 if this container's node answers /health with 200 (the Docker HEALTHCHECK)."""
+    import requests
+
+    from .settings import parse_address
+
+    port = parse_address(os.environ.get("ADDRESS", "127.0.0.1:13800"))[1]
+    try:
+        resp = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    except requests.RequestException as exc:
+        print(f"unreachable: {exc}", file=sys.stderr)
+        return 1
+    print(resp.text)
+    return 0 if resp.status_code == 200 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvs", description="A sharded, replicated key-value store.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raft-port-offset", type=int, help="Raft port = HTTP port + offset x (slot+1)")
     p.add_argument("--listen", help="interface the HTTP server binds (KVS_LISTEN)")
     p.set_defaults(run=serve)
+
+    h = sub.add_parser("health", help="check this node's /health (port from ADDRESS); for HEALTHCHECK")
+    h.set_defaults(run=health)
 
     local = sub.add_parser("local", help="run a cluster of local processes")
     local_sub = local.add_subparsers(dest="local_command", required=True)

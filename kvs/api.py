@@ -234,7 +234,7 @@ def shard_info(shard_id: str) -> Response:
 
 @ops.route("/kvs/status", methods=["GET"])
 def status() -> Response:
-    return _json(200, _node().status())
+    return _json(200, _node().status(digest=request.args.get("digest") == "1"))
 
 
 @ops.route("/health", methods=["GET"])

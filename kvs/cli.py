@@ -31,7 +31,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"kvs serve: {exc.message}", file=sys.stderr)
         return 2
     node = Node(settings)
-    app = create_app(node, Router(node, Forwarder(settings.secret)))
+    app = create_app(node, Router(node, Forwarder(settings.secret, settings.bind_host)))
     try:
         # Bind before any Raft replica starts, so a port clash fails fast and touches no data.
         server = waitress.create_server(app, host=settings.bind_host, port=settings.http_port,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from .errors import Unauthorized
 
@@ -73,17 +74,32 @@ def verify(secret: str, header: str | None, method: str, path: str, request_id: 
         raise Unauthorized("bad signature")
 
 
+class _SourceAddressAdapter(HTTPAdapter):
+    """Connections leave from the node's own IP, as its Raft connections do (see kvs.raft.replica)."""
+
+    def __init__(self, source_ip: str):
+        self._source_ip = source_ip
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self._source_ip, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
 class Forwarder:
     """Sends requests to peer nodes, one pooled HTTP session per thread."""
 
-    def __init__(self, secret: str | None):
+    def __init__(self, secret: str | None, source_ip: str | None = None):
         self._secret = secret
+        self._source_ip = source_ip if source_ip not in (None, "", "0.0.0.0", "::") else None
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            if self._source_ip:
+                session.mount("http://", _SourceAddressAdapter(self._source_ip))
         return session
 
     def send(self, address: str, method: str, path: str, payload: dict | None, request_id: str,

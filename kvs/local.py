@@ -82,10 +82,17 @@ class LocalCluster:
     base_port: int = 13800
     secret: str | None = None
     env: dict = field(default_factory=dict)
+    # One loopback IP per node (127.0.0.10, .11, ...) on the same port, instead of consecutive ports
+    # on 127.0.0.1: lets a test cut one node off with packet filters on its IP.
+    distinct_hosts: bool = False
     nodes: dict[str, LocalProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.view = [f"127.0.0.1:{self.base_port + i}" for i in range(self.shards * self.replicas)]
+        count = self.shards * self.replicas
+        if self.distinct_hosts:
+            self.view = [f"127.0.0.{10 + i}:{self.base_port}" for i in range(count)]
+        else:
+            self.view = [f"127.0.0.1:{self.base_port + i}" for i in range(count)]
         for address in self.view:
             self._define(address, ",".join(self.view))
 

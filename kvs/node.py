@@ -91,7 +91,7 @@ class Node:
         members = [s.raft_address(a, METADATA_SLOT) for a in s.view]
         return RaftGroup("meta", s.raft_address(s.address, METADATA_SLOT), members, MetadataState(),
                          os.path.join(s.data_dir, "meta"), s.secret, self._timing,
-                         on_applied=self._meta_changed.set)
+                         on_applied=self._meta_changed.set, bind_host=s.bind_host)
 
     def _adopt(self, epoch: ConfigEpoch) -> None:
         s = self.settings
@@ -101,7 +101,8 @@ class Node:
             slot = epoch.slot(shard_id, s.address)
             peers = [s.raft_address(a, epoch.slot(shard_id, a)) for a in replicas]
             group = RaftGroup(f"shard-{shard_id}", s.raft_address(s.address, slot), peers, ShardState(),
-                              os.path.join(s.data_dir, f"shard-{shard_id}"), s.secret, self._timing)
+                              os.path.join(s.data_dir, f"shard-{shard_id}"), s.secret, self._timing,
+                              bind_host=s.bind_host)
             with self._lock:
                 self._groups[shard_id] = group
         with self._lock:
@@ -140,7 +141,8 @@ class Node:
 
     # -- status and health -----------------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self, digest: bool = False) -> dict:
+        """This node's view; with `digest`, each shard replica's key count and data digest (costly)."""
         epoch = self._epoch
         groups = {}
         if self._meta is not None:
@@ -149,6 +151,9 @@ class Node:
             shard_groups = dict(self._groups)
         for shard_id, group in sorted(shard_groups.items()):
             groups[f"shard-{shard_id}"] = group.status()
+            if digest:
+                groups[f"shard-{shard_id}"].update({"key-count": group.state.key_count(),
+                                                    "digest": group.state.digest()})
         return {
             "address": self.settings.address,
             "member": self.settings.is_member,

@@ -54,7 +54,7 @@ def _interpret(kind: str, status: int, body: dict) -> tuple[str, object]:
     return UNKNOWN, None
 
 
-def _client(spec: WorkloadSpec, name: str, seed: int, stop_at: float, out: list[Operation]) -> None:
+def _client(spec: WorkloadSpec, name: str, seed: int, stop_at: float, out: list[tuple[Operation, str]]) -> None:
     rng = random.Random(seed)
     session = requests.Session()
     n = 0
@@ -76,23 +76,28 @@ def _client(spec: WorkloadSpec, name: str, seed: int, stop_at: float, out: list[
             status, data = 0, {}
         ret = time.monotonic()
         outcome, result = _interpret(kind, status, data)
-        out.append(Operation(client=name, kind=kind, key=key, value=value, call=call,
-                             ret=None if outcome == UNKNOWN else ret, outcome=outcome, result=result))
+        out.append((Operation(client=name, kind=kind, key=key, value=value, call=call,
+                              ret=None if outcome == UNKNOWN else ret, outcome=outcome, result=result), address))
         if outcome == UNKNOWN:
             time.sleep(rng.uniform(0.01, 0.05))    # back off: the store is failing over
 
 
 def run_workload(spec: WorkloadSpec) -> list[Operation]:
     """Run every client until `spec.duration` has passed; return the whole history."""
+    return [op for op, _ in run_recorded_workload(spec)]
+
+
+def run_recorded_workload(spec: WorkloadSpec) -> list[tuple[Operation, str]]:
+    """Like `run_workload`, with the address each operation was sent to."""
     stop_at = time.monotonic() + spec.duration
-    histories: list[list[Operation]] = [[] for _ in range(spec.clients)]
+    histories: list[list[tuple[Operation, str]]] = [[] for _ in range(spec.clients)]
     threads = [threading.Thread(target=_client, args=(spec, f"c{i}", spec.seed * 1000 + i, stop_at, histories[i]),
                                 daemon=True) for i in range(spec.clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(spec.duration + spec.timeout + 5)
-    return [op for history in histories for op in history]
+    return [record for history in histories for record in history]
 
 
 def summarize(history: list[Operation]) -> dict[str, int]:

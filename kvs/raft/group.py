@@ -111,14 +111,17 @@ class RaftGroup:
 
     def __init__(self, name: str, self_address: str, peers: list[str], state: Any, directory: str,
                  secret: str | None, timing: RaftTiming = RaftTiming(),
-                 on_applied: Callable[[], None] | None = None):
+                 on_applied: Callable[[], None] | None = None, bind_host: str | None = None):
         self.name = name
         self.self_address = self_address
         self.state = state
         os.makedirs(directory, exist_ok=True)
         journal_path, snapshot_path = storage.group_files(directory)
         codec = storage.SnapshotCodec(state)
+        port = self_address.rsplit(":", 1)[1]
         conf = SyncObjConf(
+            # PySyncObj binds 0.0.0.0 by default; bind where the node's HTTP server listens instead.
+            bindAddress=f"{bind_host}:{port}" if bind_host else None,
             password=secret,
             autoTickPeriod=timing.tick,
             appendEntriesPeriod=timing.heartbeat,

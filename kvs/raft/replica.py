@@ -23,6 +23,11 @@ waiting instead, with three documented changes that touch PySyncObj internals
 
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
+
+Outgoing Raft connections leave from the node's own IP when it binds one
+(`SourceBoundTransport`): the kernel would otherwise pick the route's source
+address (127.0.0.1 for every 127.0.0.x peer, the primary address on a
+multi-homed host), and per-node packet filters could not tell nodes apart.
 """
 
 from __future__ import annotations
@@ -31,6 +36,32 @@ from typing import Any, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.transport import TCPTransport
+
+
+class _SourceBoundConnection(TcpConnection):
+    source_ip: str | None = None
+
+    def setSockoptKeepalive(self) -> None:
+        # TcpConnection.connect calls this between creating its socket and connecting it.
+        super().setSockoptKeepalive()
+        sock = self._TcpConnection__socket
+        if self.source_ip and sock is not None and sock.getsockname()[1] == 0:
+            sock.bind((self.source_ip, 0))
+
+
+class SourceBoundTransport(TCPTransport):
+    """TCPTransport whose outgoing connections bind to the configured bind address's IP."""
+
+    def addNode(self, node: Any) -> None:
+        super().addNode(node)
+        conn = self._connections.get(node)
+        bind = self._syncObj.conf.bindAddress
+        host = bind.rsplit(":", 1)[0] if bind else None
+        if conn is not None and host and host not in ("0.0.0.0", "::"):
+            conn.__class__ = _SourceBoundConnection
+            conn.source_ip = host
 
 
 class Replica(SyncObj):
@@ -41,7 +72,7 @@ class Replica(SyncObj):
         self._sent_log_index = 0
         self._sent_commit_index = 0
         self._wakeup: PipeNotifier | None = None
-        super().__init__(self_address, peers, conf)
+        super().__init__(self_address, peers, conf, transportClass=SourceBoundTransport)
         self._wakeup = PipeNotifier(self._poller)
         self.addOnTickCallback(self._replicate_now)
 

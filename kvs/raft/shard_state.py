@@ -78,11 +78,12 @@ class ShardState(StateMachine):
 
     def digest(self) -> str:
         """A fingerprint of the data, equal on replicas that hold the same keys and values."""
+        data = dict(self._data)     # one C-level copy: the tick thread may be applying meanwhile
         h = hashlib.sha256()
-        for key in sorted(self._data):
+        for key in sorted(data):
             h.update(key.encode())
             h.update(b"\0")
-            h.update(self._data[key].encode())
+            h.update(data[key].encode())
             h.update(b"\1")
         return h.hexdigest()
 

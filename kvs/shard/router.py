@@ -26,6 +26,7 @@ from ..raft.shard_state import ShardState
 from ..raft.state_machine import Invalid
 
 _FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
+_ATTEMPT_SECONDS = 2.0     # one replica may take this long before the next is tried (a paused peer)
 _ROUND_PAUSE = 0.05        # pause after every replica of a shard failed once
 
 
@@ -84,10 +85,13 @@ class Router:
         last_unavailable: Reply | None = None
         while time.monotonic() < deadline - _FORWARD_MARGIN:
             for address in replicas:
+                attempt_deadline = min(deadline - _FORWARD_MARGIN, time.monotonic() + _ATTEMPT_SECONDS)
                 try:
-                    resp = self._forwarder.send(address, method, path, payload, request_id,
-                                                deadline - _FORWARD_MARGIN)
+                    resp = self._forwarder.send(address, method, path, payload, request_id, attempt_deadline)
                 except PeerUnreachable:
+                    with self._hint_lock:
+                        if self._leader_hints.get(shard_id) == address:
+                            del self._leader_hints[shard_id]
                     continue
                 if resp.leader_hint in replicas:
                     with self._hint_lock:

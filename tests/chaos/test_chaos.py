@@ -1,0 +1,42 @@
+"""Chaos runs: faults injected into a live cluster while clients record a history.
+
+The process backend is the fast loop for developers; the Docker backend
+(marker `docker`) is what CI runs. Length and seed come from the environment
+so that the same test is the short CI run and the long soak:
+
+    KVS_CHAOS_RUNS=100 KVS_CHAOS_SECONDS=60 python -m pytest -q -m chaos tests/chaos -k process
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .driver import ProcessDriver, iptables_usable
+from .runner import ChaosRun
+
+pytestmark = pytest.mark.chaos
+
+RUNS = int(os.environ.get("KVS_CHAOS_RUNS", "1"))
+SECONDS = float(os.environ.get("KVS_CHAOS_SECONDS", "40"))
+FIRST_SEED = int(os.environ.get("KVS_CHAOS_SEED", "1"))
+
+
+def run_and_check(driver, backend: str, seed: int, tmp_path) -> None:
+    driver.start()
+    try:
+        driver.wait_healthy(timeout=90)
+        report = ChaosRun(driver, backend, seed, duration=SECONDS, artifacts_dir=str(tmp_path)).run()
+    finally:
+        driver.stop()
+    print(report.summary())
+    assert report.faults, "no fault was injected"
+    assert report.ops_ok > 100, report.summary()
+    assert not report.violations, report.summary() + "\n" + "\n".join(report.violations[:20])
+
+
+@pytest.mark.skipif(not iptables_usable(), reason="iptables is not usable here (needed to isolate nodes)")
+@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + RUNS))
+def test_chaos_process_backend(seed, tmp_path):
+    run_and_check(ProcessDriver(2, 3, str(tmp_path / "cluster")), "process", seed, tmp_path)

@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import quote
 
 import requests
@@ -26,7 +27,7 @@ from .linearizability import FAIL, OK, UNKNOWN, Operation
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]    # nodes to send to (HTTP addresses, or names `resolve` maps to them)
     keys: tuple[str, ...]
     clients: int = 8
     duration: float = 10.0
@@ -34,6 +35,8 @@ class WorkloadSpec:
     timeout: float = 7.0          # client-side; longer than the store's 5 s so 503s arrive first
     put_share: float = 0.5
     delete_share: float = 0.1
+    # Where to reach a node right now (containers may move to a new host port when restarted).
+    resolve: Callable[[str], str] | None = None
 
 
 def _interpret(kind: str, status: int, body: dict) -> tuple[str, object]:
@@ -69,10 +72,11 @@ def _client(spec: WorkloadSpec, name: str, seed: int, stop_at: float, out: list[
         method = {"get": "GET", "put": "PUT", "delete": "DELETE"}[kind]
         call = time.monotonic()
         try:
-            resp = session.request(method, f"http://{address}/kvs/keys/{quote(key, safe='')}", json=body,
+            target = spec.resolve(address) if spec.resolve else address
+            resp = session.request(method, f"http://{target}/kvs/keys/{quote(key, safe='')}", json=body,
                                    timeout=spec.timeout)
             status, data = resp.status_code, resp.json()
-        except (requests.RequestException, ValueError):
+        except Exception:       # unreachable, bad JSON, or a node that cannot be resolved right now
             status, data = 0, {}
         ret = time.monotonic()
         outcome, result = _interpret(kind, status, data)

@@ -115,13 +115,12 @@ class ChaosRun:
 
     def run(self) -> ChaosReport:
         nodes = self.driver.nodes()
-        addresses = {self.driver.client_address(n): n for n in nodes}
-        spec = WorkloadSpec(addresses=tuple(addresses), keys=tuple(self.keys), clients=self.clients,
-                            duration=self.duration, seed=self.report.seed)
+        spec = WorkloadSpec(addresses=tuple(nodes), keys=tuple(self.keys), clients=self.clients,
+                            duration=self.duration, seed=self.report.seed, resolve=self.driver.client_address)
         self.start = time.monotonic()
         stop = threading.Event()
         injector = threading.Thread(target=self._inject_schedule, args=(stop,), daemon=True)
-        once_writer = threading.Thread(target=self._write_once_keys, args=(list(addresses), stop), daemon=True)
+        once_writer = threading.Thread(target=self._write_once_keys, args=(nodes, stop), daemon=True)
         injector.start()
         once_writer.start()
         records = run_recorded_workload(spec)
@@ -130,13 +129,13 @@ class ChaosRun:
         once_writer.join(30)
         self._heal_everything()
         self.driver.wait_healthy(timeout=90)
-        records += self._final_reads(list(addresses))
+        records += self._final_reads(nodes)
         history = [op for op, _ in records]
         self._count(history)
         self._check_linearizable(history)
-        self._check_write_once_keys(list(addresses)[0])
+        self._check_write_once_keys(nodes[0])
         self._check_replicas_agree()
-        self._check_availability([(op, addresses.get(a, a)) for op, a in records])
+        self._check_availability(records)
         self.report.faults = [asdict(e) | {"injected": round(e.injected - self.start, 2),
                                            "healed": round((e.healed or 0) - self.start, 2)} for e in self.events]
         if self.report.violations:
@@ -182,7 +181,10 @@ class ChaosRun:
             if event.healed is None:
                 self._heal(event)
 
-    def _write_once_keys(self, addresses: list[str], stop: threading.Event) -> None:
+    def _client(self, node: str, timeout: float, session: requests.Session | None = None) -> KvsClient:
+        return KvsClient(self.driver.client_address(node), timeout=timeout, session=session)
+
+    def _write_once_keys(self, nodes: list[str], stop: threading.Event) -> None:
         rng = random.Random(self.report.seed)
         session = requests.Session()
         n = 0
@@ -190,18 +192,19 @@ class ChaosRun:
             n += 1
             key, value = f"once-{self.report.seed}-{n}", f"v{n}"
             try:
-                status, _ = KvsClient(rng.choice(addresses), timeout=7, session=session).put(key, value)
-            except requests.RequestException:
+                status, _ = self._client(rng.choice(nodes), 7, session).put(key, value)
+            except Exception:       # unreachable or not resolvable right now: not acknowledged
+                stop.wait(0.05)
                 continue
             if status in (200, 201):
                 self.once_acked[key] = value
 
-    def _final_reads(self, addresses: list[str]) -> list[tuple[Operation, str]]:
+    def _final_reads(self, nodes: list[str]) -> list[tuple[Operation, str]]:
         records = []
         for key in self.keys:
-            address = addresses[len(records) % len(addresses)]
+            address = nodes[len(records) % len(nodes)]
             call = time.monotonic()
-            status, body = KvsClient(address, timeout=10).get(key)
+            status, body = self._client(address, 10).get(key)
             ret = time.monotonic()
             if status in (200, 404):
                 op = Operation("final", "get", key, None, call, ret, OK, body.get("value") if status == 200 else None)
@@ -223,8 +226,8 @@ class ChaosRun:
         for failure in result.failures():
             self.report.violations.append(f"not linearizable: {failure.key}: {failure.explanation}")
 
-    def _check_write_once_keys(self, address: str) -> None:
-        client = KvsClient(address, timeout=10)
+    def _check_write_once_keys(self, node: str) -> None:
+        client = self._client(node, 10)
         missing = [k for k, v in self.once_acked.items() if client.get(k)[1].get("value") != v]
         if missing:
             self.report.violations.append(f"{len(missing)} of {len(self.once_acked)} acknowledged write-once "

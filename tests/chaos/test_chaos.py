@@ -1,10 +1,10 @@
 """Chaos runs: faults injected into a live cluster while clients record a history.
 
 The process backend is the fast loop for developers; the Docker backend
-(marker `docker`) is what CI runs. Length and seed come from the environment
+(marker `docker`, skipped where Docker is unavailable) is what CI runs. Length and seed come from the environment
 so that the same test is the short CI run and the long soak:
 
-    KVS_CHAOS_RUNS=100 KVS_CHAOS_SECONDS=60 python -m pytest -q -m chaos tests/chaos -k process
+    KVS_CHAOS_RUNS=100 KVS_CHAOS_SECONDS=60 python -m pytest -q -m chaos tests/chaos -k docker
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+from .docker_driver import DockerDriver, docker_available, ensure_image
 from .driver import ProcessDriver, iptables_usable
 from .runner import ChaosRun
 
@@ -40,3 +41,11 @@ def run_and_check(driver, backend: str, seed: int, tmp_path) -> None:
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + RUNS))
 def test_chaos_process_backend(seed, tmp_path):
     run_and_check(ProcessDriver(2, 3, str(tmp_path / "cluster")), "process", seed, tmp_path)
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(not docker_available(), reason="no usable Docker engine")
+@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + RUNS))
+def test_chaos_docker_backend(seed, tmp_path):
+    ensure_image("kvs:test")
+    run_and_check(DockerDriver(2, 3, image="kvs:test"), "docker", seed, tmp_path)

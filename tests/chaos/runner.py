@@ -10,8 +10,11 @@ Checks after every run:
 * after healing, every replica of a group holds the same data (digests at the
   same applied index);
 * availability: an operation may fail only if the node it was sent to was
-  faulty, or the key's group was under a fault (or healed less than 3 s before).
-  Anything else is an unavailability outside the fault windows.
+  faulty, or the key's group had lost its majority (every replica killed), or
+  had lost its leader less than 3 s before (an election), or a fault of the
+  group was healed less than 3 s before (a rejoining replica may force an
+  election: PySyncObj has no pre-vote). A fault on a follower alone excuses
+  nothing: the group keeps its leader and majority.
 A violation saves the history and the schedule as JSON for replay.
 """
 
@@ -65,13 +68,15 @@ class ChaosReport:
     ops_unknown: int = 0
     faults: list[dict] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    # per shard: when clients that reached a healthy node saw failures (seconds into the run)
     unavailability: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     artifacts: str | None = None
 
     def summary(self) -> str:
         windows = {g: [f"{a:.1f}-{b:.1f}s" for a, b in w] for g, w in self.unavailability.items()}
+        faults = [f"{f['kind']}(shard {f['shard']}) {f['injected']}-{f['healed']}s" for f in self.faults]
         return (f"chaos[{self.backend} seed={self.seed}]: ok={self.ops_ok} failed={self.ops_failed} "
-                f"unknown={self.ops_unknown} faults={len(self.faults)} violations={len(self.violations)} "
+                f"unknown={self.ops_unknown} faults={len(self.faults)} {faults} violations={len(self.violations)} "
                 f"unavailable={windows}" + (f" artifacts={self.artifacts}" if self.artifacts else ""))
 
 
@@ -254,19 +259,34 @@ class ChaosRun:
                 continue
             shard_id = self.epoch.shard_for_key(op.key)
             end = op.ret if op.ret is not None else op.call + 7.0
+            if self._sent_to_faulty_node(op, node, end):
+                continue
+            # the group failed a client that reached a healthy node
             windows.setdefault(shard_id, []).append((op.call - self.start, end - self.start))
-            if not self._excused(op, node, shard_id, end):
+            if not self._excused(op, shard_id, end):
                 self.report.violations.append(
                     f"{op.kind} {op.key} via {node} {op.outcome} at {op.call - self.start:.1f}s "
                     f"outside any fault window of shard {shard_id} or of {node}")
         self.report.unavailability = {g: _merge(w) for g, w in windows.items()}
 
-    def _excused(self, op: Operation, node: str, shard_id: str, end: float) -> bool:
+    def _sent_to_faulty_node(self, op: Operation, node: str, end: float) -> bool:
+        return any(node in e.nodes and op.call < (e.healed or time.monotonic()) + GRACE and end > e.injected
+                   for e in self.events)
+
+    def _excused(self, op: Operation, shard_id: str, end: float) -> bool:
+        def overlaps(start: float, stop: float) -> bool:
+            return op.call < stop and end > start
+
         for event in self.events:
-            healed = (event.healed or time.monotonic()) + GRACE
-            overlaps = op.call < healed and end > event.injected
-            if overlaps and (node in event.nodes or event.shard == shard_id):
-                return True
+            healed = event.healed or time.monotonic()
+            if event.shard != shard_id:
+                continue
+            if event.kind == "kill_group" and overlaps(event.injected, healed + GRACE):
+                return True                         # no majority
+            if event.kind.endswith("_leader") and overlaps(event.injected, event.injected + GRACE):
+                return True                         # electing a new leader
+            if overlaps(healed, healed + GRACE):
+                return True                         # a replica rejoining
         return False
 
     def _save(self, history: list[Operation]) -> None:

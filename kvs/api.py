@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import forwarding
 from .errors import BadRequest, KvsError, NotMember, PayloadTooLarge, Unavailable
-from .messages import ERROR_IN, Reply
+from .messages import Reply
 from .node import Node
 from .settings import NodeSettings
 from .shard.router import Router
@@ -105,7 +105,7 @@ def error_reply(exc: Exception, method: str, path: str, causal_context: dict | N
     else:
         log.error("unexpected error serving %s %s", method, path, exc_info=exc)
         status, error = 500, "Internal error"
-    body: dict[str, Any] = {"error": error, "message": ERROR_IN.get(method, f"Error in {method}")}
+    body: dict[str, Any] = {"error": error, "message": f"Error in {method}"}
     if causal_context is not None:
         body["causal-context"] = causal_context
     return Reply(status, body)
@@ -133,7 +133,7 @@ class KeyRequests:
         try:
             if method not in KEY_METHODS:
                 reply = Reply(405, {"error": f"Method {method} is not allowed here",
-                                    "message": ERROR_IN.get(method, f"Error in {method}")})
+                                    "message": f"Error in {method}"})
             else:
                 headers = EnvironHeaders(environ)
                 raw = self._read_body(environ)

@@ -11,9 +11,6 @@ from typing import Any
 
 from .raft.shard_state import Deleted, Written
 
-ERROR_IN = {"GET": "Error in GET", "PUT": "Error in PUT", "DELETE": "Error in DELETE"}
-
-
 @dataclass
 class Reply:
     status: int
@@ -37,11 +34,3 @@ def delete_reply(result: Deleted) -> Reply:
     if result.existed:
         return Reply(200, {"doesExist": True, "message": "Deleted successfully"})
     return Reply(404, {"doesExist": False, "error": "Key does not exist", "message": "Error in DELETE"})
-
-
-def error_reply(status: int, method: str, error: str) -> Reply:
-    return Reply(status, {"error": error, "message": ERROR_IN.get(method, f"Error in {method}")})
-
-
-def unavailable_reply(method: str) -> Reply:
-    return error_reply(503, method, "Unable to satisfy request")

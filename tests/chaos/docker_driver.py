@@ -150,28 +150,20 @@ class DockerDriver(ClusterDriver):
         import docker
 
         selector = {"label": f"{LABEL}={self.name}"}
-        errors = []
-        for container in self._docker.containers.list(all=True, filters=selector):
-            try:
-                container.remove(force=True, v=True)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                errors.append(exc)
-        for volume in self._docker.volumes.list(filters=selector):
-            try:
-                volume.remove(force=True)
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                errors.append(exc)
-        for network in self._docker.networks.list(filters=selector):
-            try:
-                network.remove()
-            except docker.errors.NotFound:
-                pass
-            except docker.errors.APIError as exc:
-                errors.append(exc)
+        errors: list[Exception] = []
+
+        def remove_all(objects, remove) -> None:
+            for obj in objects:
+                try:
+                    remove(obj)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as exc:
+                    errors.append(exc)
+
+        remove_all(self._docker.containers.list(all=True, filters=selector), lambda c: c.remove(force=True, v=True))
+        remove_all(self._docker.volumes.list(filters=selector), lambda v: v.remove(force=True))
+        remove_all(self._docker.networks.list(filters=selector), lambda n: n.remove())
         self._containers.clear()
         self._ports.clear()
         if errors:

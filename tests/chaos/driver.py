@@ -98,7 +98,6 @@ class ProcessDriver(ClusterDriver):
         self._cluster = LocalCluster(shards, replicas, self._root, base_port=find_free_base_port(1),
                                      secret=SECRET, env=env, distinct_hosts=True)
         self._chain = f"KVSCHAOS{os.getpid()}"
-        self._isolated: set[str] = set()
 
     def start(self) -> None:
         _iptables("-N", self._chain)
@@ -131,22 +130,18 @@ class ProcessDriver(ClusterDriver):
 
     def isolate(self, node: str) -> None:
         """Drop every packet between this node's IP and the other nodes' IPs (clients on 127.0.0.1 still reach it)."""
-        ip = node.split(":")[0]
-        for other in self.nodes():
-            other_ip = other.split(":")[0]
-            if other_ip != ip:
-                _iptables("-A", self._chain, "-s", ip, "-d", other_ip, "-j", "DROP")
-                _iptables("-A", self._chain, "-s", other_ip, "-d", ip, "-j", "DROP")
-        self._isolated.add(node)
+        for rule in self._isolation_rules(node):
+            _iptables("-A", self._chain, *rule)
 
     def heal(self, node: str) -> None:
+        for rule in self._isolation_rules(node):
+            _iptables("-D", self._chain, *rule, check=False)
+
+    def _isolation_rules(self, node: str) -> list[tuple[str, ...]]:
         ip = node.split(":")[0]
-        for other in self.nodes():
-            other_ip = other.split(":")[0]
-            if other_ip != ip:
-                _iptables("-D", self._chain, "-s", ip, "-d", other_ip, "-j", "DROP", check=False)
-                _iptables("-D", self._chain, "-s", other_ip, "-d", ip, "-j", "DROP", check=False)
-        self._isolated.discard(node)
+        others = {other.split(":")[0] for other in self.nodes()} - {ip}
+        return [rule for other in sorted(others)
+                for rule in (("-s", ip, "-d", other, "-j", "DROP"), ("-s", other, "-d", ip, "-j", "DROP"))]
 
     def logs(self, node: str) -> str:
         return self._cluster.log_tail(node, 200)

@@ -8,29 +8,50 @@ every node of the initial view proposes `("init", epoch_dict)` until it sees
 an epoch, and only the first `init` that reaches an empty state takes effect,
 so the proposals are idempotent.
 
-Commands:
-    ("init", epoch_dict)  -> the number of the active epoch after the command
+A view change is recorded here phase by phase, so that any node can tell how
+far it got and finish it (or roll it back before commit) if its coordinator
+dies. Phases, in order:
+
+    prepared   the plan (epoch N+1, pending) is committed; new groups may start
+    copying    moving ranges are being copied while their sources serve
+    frozen     sources refuse the moving keys; the final catch-up runs
+    caught-up  destinations hold everything the sources held at freeze time
+    committed  epoch N+1 is active: ownership switched (cleanup follows)
+
+Commands (results are values; an impossible step returns Invalid):
+    ("init", epoch_dict)                      -> active epoch number
+    ("prepare", plan_dict, coordinator)       -> N+1
+    ("advance", number, phase, coordinator)   -> phase now recorded
+    ("commit", number)                        -> active epoch number
+    ("abort", number)                         -> True (before commit only)
+    ("finish", number)                        -> True (after commit: the change is over)
 """
 
 from __future__ import annotations
 
 from .state_machine import Invalid, StateMachine
 
+PHASES = ("prepared", "copying", "frozen", "caught-up", "committed")
+EPOCHS_KEPT = 8
+
 
 class MetadataState(StateMachine):
     def __init__(self) -> None:
         self._epochs: dict[int, dict] = {}
         self._active: int = 0
-        self._handlers = {"init": self._init}
+        self._change: dict | None = None       # {"plan", "number", "phase", "coordinator", "steps"}
+        self._handlers = {"init": self._init, "prepare": self._prepare, "advance": self._advance,
+                          "commit": self._commit, "abort": self._abort, "finish": self._finish}
 
     # -- the FSM contract -------------------------------------------------
 
     def snapshot(self) -> dict:
-        return {"epochs": dict(self._epochs), "active": self._active}
+        return {"epochs": dict(self._epochs), "active": self._active, "change": self._change}
 
     def restore(self, snapshot: dict) -> None:
         self._epochs = dict(snapshot["epochs"])
         self._active = int(snapshot["active"])
+        self._change = snapshot.get("change")
 
     # -- reads -------------------------------------------------------------
 
@@ -40,6 +61,10 @@ class MetadataState(StateMachine):
 
     def active_epoch(self) -> dict | None:
         return self._epochs.get(self._active)
+
+    def change(self) -> dict | None:
+        """The view change in progress (plan, phase, coordinator, steps), if any."""
+        return None if self._change is None else dict(self._change)
 
     # -- commands ----------------------------------------------------------
 
@@ -51,3 +76,56 @@ class MetadataState(StateMachine):
         self._epochs[1] = epoch
         self._active = 1
         return self._active
+
+    def _prepare(self, plan: dict, coordinator: str) -> int | Invalid:
+        number = int(plan["epoch"]["number"])
+        if self._change is not None:
+            if self._change["number"] == number and self._change["plan"] == plan:
+                return number                   # the same prepare, retried
+            return Invalid(f"view change to epoch {self._change['number']} is in progress")
+        if number != self._active + 1:
+            return Invalid(f"stale plan: epoch {number} does not follow the active epoch {self._active}")
+        self._change = {"plan": plan, "number": number, "phase": "prepared", "coordinator": coordinator,
+                        "steps": 0}
+        return number
+
+    def _advance(self, number: int, phase: str, coordinator: str) -> str | Invalid:
+        change = self._change
+        if change is None or change["number"] != number:
+            return Invalid(f"no view change to epoch {number} in progress")
+        if phase not in PHASES[1:-1] or PHASES.index(phase) < PHASES.index(change["phase"]):
+            return Invalid(f"cannot go from {change['phase']} to {phase}")
+        change.update(phase=phase, coordinator=coordinator, steps=change["steps"] + 1)
+        return phase
+
+    def _commit(self, number: int) -> int | Invalid:
+        change = self._change
+        if change is None or change["number"] != number:
+            return self._active if self._active >= number else Invalid(f"no view change to epoch {number}")
+        if change["phase"] == "committed":
+            return self._active
+        if change["phase"] != "caught-up":
+            return Invalid(f"cannot commit from phase {change['phase']}")
+        epoch = dict(change["plan"]["epoch"], status="active")
+        self._epochs[number] = epoch
+        self._active = number
+        for old in sorted(self._epochs)[:-EPOCHS_KEPT]:
+            del self._epochs[old]
+        change.update(phase="committed", steps=change["steps"] + 1)
+        return number
+
+    def _abort(self, number: int) -> bool | Invalid:
+        change = self._change
+        if change is None or change["number"] != number:
+            return False
+        if change["phase"] == "committed":
+            return Invalid("a committed view change cannot be rolled back")
+        self._change = None
+        return True
+
+    def _finish(self, number: int) -> bool:
+        change = self._change
+        if change is None or change["number"] != number or change["phase"] != "committed":
+            return False
+        self._change = None
+        return True

@@ -18,10 +18,25 @@ snapshots), so a retry that reaches a new leader after a failover is still
 recognised. Each entry remembers its key, so a range of keys can later be
 handed over with its slice of the table.
 
+Fencing: a group knows which keys it owns, as (epoch, its shard id, the ring
+of that epoch). A data command or read for a key it does not own, or for a key
+frozen because it is moving away, gets `NotOwned(epoch)`: retryable, naming the
+epoch the caller must reach before routing again. Ownership changes only
+through this group's own log, so it is ordered with every read and write.
+
 Commands are tuples, first element the operation:
-    ("put", request_id, key, value)   -> Written(replaced: bool)
-    ("delete", request_id, key)       -> Deleted(existed: bool)
+    ("put", request_id, key, value)   -> Written(replaced) | NotOwned
+    ("delete", request_id, key)       -> Deleted(existed) | NotOwned
     ("barrier",)                      -> None   (orders linearizable reads)
+  view changes (kvs.shard.reconfig), all idempotent:
+    ("freeze", epoch, new_ring)       stop serving keys that move away under `new_ring`
+    ("thaw", epoch)                   undo a freeze (the change was rolled back)
+    ("install", epoch, source, old_ring, new_ring, items, dedup, clear)
+                                      receive keys moving here from `source` (with their slice
+                                      of the deduplication table); `clear` first empties that set
+    ("own", epoch, shard_id, ring)    take the ownership of `epoch`
+    ("drop", epoch)                   forget keys (and dedup entries) no longer owned
+Rings travel as `HashRing.to_dict()`.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import hashlib
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+from ..shard.ring import HashRing
 from .state_machine import Invalid, StateMachine
 
 DEDUP_CAPACITY = 100_000
@@ -43,35 +59,68 @@ class Deleted(NamedTuple):
     existed: bool
 
 
+class NotOwned(NamedTuple):
+    epoch: int
+
+
 class ShardState(StateMachine):
     """Keys and values of one shard, plus the outcomes of recent writes."""
 
-    def __init__(self, dedup_capacity: int = DEDUP_CAPACITY):
+    def __init__(self, ownership: tuple[int, str, dict] | None = None, dedup_capacity: int = DEDUP_CAPACITY):
+        """`ownership` = (epoch, shard id, ring dict) the group was created for; None owns every key."""
         self._data: dict[str, str] = {}
         # request id -> (operation fingerprint, key, result)
         self._dedup: OrderedDict[str, tuple[tuple, str, Any]] = OrderedDict()
         self._dedup_capacity = dedup_capacity
+        self._ownership = ownership
+        self._frozen: tuple[int, dict] | None = None       # (epoch, ring the moving keys go by)
+        self._rings: dict[tuple, HashRing] = {}             # derived cache, never snapshotted
         self._handlers = {
             "put": self._put,
             "delete": self._delete,
             "barrier": self._barrier,
+            "freeze": self._freeze,
+            "thaw": self._thaw,
+            "install": self._install,
+            "own": self._own,
+            "drop": self._drop,
         }
 
     # -- the FSM contract -------------------------------------------------
 
     def snapshot(self) -> dict:
         """Capture the state (shallow copies; the caller serialises them)."""
-        return {"data": dict(self._data), "dedup": list(self._dedup.items())}
+        return {"data": dict(self._data), "dedup": list(self._dedup.items()),
+                "ownership": self._ownership, "frozen": self._frozen}
 
     def restore(self, snapshot: dict) -> None:
         """Discard everything, then take the snapshot's state."""
         self._data = dict(snapshot["data"])
         self._dedup = OrderedDict(snapshot["dedup"])
+        self._ownership = snapshot.get("ownership")
+        self._frozen = snapshot.get("frozen")
 
     # -- reads (never replicated; callers order them with a barrier) -------
 
     def get(self, key: str) -> str | None:
         return self._data.get(key)
+
+    def read(self, key: str) -> str | None | NotOwned:
+        """The value of a key this group serves, or NotOwned."""
+        refused = self._refuse(key)
+        return refused if refused is not None else self._data.get(key)
+
+    @property
+    def epoch(self) -> int:
+        return self._ownership[0] if self._ownership else 0
+
+    def export(self, source: str, old_ring: dict, new_ring: dict, destination: str) -> tuple[list, list]:
+        """(items, dedup entries) of the keys moving from `source` to `destination`."""
+        moving = self._mover(source, old_ring, new_ring, destination)
+        data = dict(self._data)
+        items = sorted((k, v) for k, v in data.items() if moving(k))
+        dedup = [(rid, entry) for rid, entry in list(self._dedup.items()) if moving(entry[1])]
+        return items, dedup
 
     def key_count(self) -> int:
         return len(self._data)
@@ -90,6 +139,9 @@ class ShardState(StateMachine):
     # -- commands ----------------------------------------------------------
 
     def _put(self, request_id: str, key: str, value: str) -> Any:
+        refused = self._refuse(key)
+        if refused is not None:
+            return refused
         fingerprint = ("put", key, value)
         seen = self._seen(request_id, fingerprint)
         if seen is not None:
@@ -100,6 +152,9 @@ class ShardState(StateMachine):
         return result
 
     def _delete(self, request_id: str, key: str) -> Any:
+        refused = self._refuse(key)
+        if refused is not None:
+            return refused
         fingerprint = ("delete", key)
         seen = self._seen(request_id, fingerprint)
         if seen is not None:
@@ -110,6 +165,76 @@ class ShardState(StateMachine):
 
     def _barrier(self) -> None:
         return None
+
+    # -- fencing and view changes ---------------------------------------------
+
+    def _ring(self, ring: dict) -> HashRing:
+        key = (tuple(ring["groups"]), ring["vnodes"])
+        cached = self._rings.get(key)
+        if cached is None:
+            cached = self._rings[key] = HashRing.from_dict(ring)
+        return cached
+
+    def _refuse(self, key: str) -> NotOwned | None:
+        if self._ownership is None:
+            return None
+        epoch, shard_id, ring = self._ownership
+        if self._ring(ring).group_for(key) != shard_id:
+            return NotOwned(epoch)
+        if self._frozen is not None and self._ring(self._frozen[1]).group_for(key) != shard_id:
+            return NotOwned(self._frozen[0])
+        return None
+
+    def _mover(self, source: str, old_ring: dict, new_ring: dict, destination: str):
+        old, new = self._ring(old_ring), self._ring(new_ring)
+        return lambda key: old.group_for(key) == source and new.group_for(key) == destination
+
+    def _freeze(self, epoch: int, new_ring: dict) -> bool:
+        if epoch <= self.epoch:
+            return False
+        self._frozen = (epoch, new_ring)
+        return True
+
+    def _thaw(self, epoch: int) -> bool:
+        if self._frozen is None or self._frozen[0] != epoch:
+            return False
+        self._frozen = None
+        return True
+
+    def _install(self, epoch: int, source: str, old_ring: dict, new_ring: dict, items: list, dedup: list,
+                 clear: bool) -> int:
+        if epoch < self.epoch:
+            return 0
+        destination = self._ownership[1] if self._ownership else None
+        if clear:
+            moving = self._mover(source, old_ring, new_ring, destination)
+            for key in [k for k in self._data if moving(k)]:
+                del self._data[key]
+        for key, value in items:
+            self._data[key] = value
+        for request_id, entry in dedup:
+            self._dedup.setdefault(request_id, tuple(entry))
+        while len(self._dedup) > self._dedup_capacity:
+            self._dedup.popitem(last=False)
+        return len(items)
+
+    def _own(self, epoch: int, shard_id: str, ring: dict) -> bool:
+        if epoch <= self.epoch:
+            return False
+        self._ownership = (epoch, shard_id, ring)
+        if self._frozen is not None and self._frozen[0] <= epoch:
+            self._frozen = None
+        return True
+
+    def _drop(self, epoch: int) -> int:
+        if self._ownership is None or epoch != self.epoch:
+            return 0
+        gone = [k for k in self._data if self._refuse(k) is not None]
+        for key in gone:
+            del self._data[key]
+        for request_id in [rid for rid, entry in self._dedup.items() if self._refuse(entry[1]) is not None]:
+            del self._dedup[request_id]
+        return len(gone)
 
     # -- deduplication -----------------------------------------------------
 

@@ -40,6 +40,7 @@ from .driver import ClusterDriver
 FAULT_KINDS = ("kill_leader", "kill_follower", "pause_leader", "pause_follower", "isolate_leader",
                "isolate_follower", "kill_group")
 GRACE = 3.0              # seconds after a heal within which a group must serve again
+RESTART_LIMIT = 30.0     # a restarted node must serve again within this
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,12 @@ class ChaosRun:
         action = event.kind.split("_")[0]
         for node in event.nodes:
             {"kill": self.driver.start_node, "pause": self.driver.resume, "isolate": self.driver.heal}[action](node)
+        if action == "kill":
+            # A restarted node has returned once it serves again; the 3 s grace runs from then.
+            try:
+                self.driver.wait_healthy(event.nodes, timeout=RESTART_LIMIT)
+            except TimeoutError:
+                self.report.violations.append(f"{event.nodes} not healthy {RESTART_LIMIT}s after restart")
         event.healed = time.monotonic()
 
     def _heal_everything(self) -> None:

@@ -1,0 +1,55 @@
+"""The metadata state machine: initial epoch, and a view change phase by phase."""
+
+from kvs.raft.meta_state import MetadataState
+from kvs.raft.state_machine import Invalid
+
+
+def plan(number: int) -> dict:
+    return {"epoch": {"number": number, "status": "pending", "view": ["a", "b"]}, "moves": []}
+
+
+def started() -> MetadataState:
+    m = MetadataState()
+    assert m.apply(("init", {"number": 1, "status": "active"})) == 1
+    return m
+
+
+def test_the_first_init_wins_and_later_ones_change_nothing():
+    m = started()
+    assert m.apply(("init", {"number": 1, "status": "active", "other": True})) == 1
+    assert "other" not in m.active_epoch()
+    assert isinstance(MetadataState().apply(("init", {"number": 7})), Invalid)
+
+
+def test_a_view_change_goes_through_its_phases_in_order():
+    m = started()
+    assert m.apply(("prepare", plan(2), "a")) == 2
+    assert m.apply(("prepare", plan(2), "a")) == 2                      # retried: same answer
+    assert isinstance(m.apply(("prepare", plan(3), "b")), Invalid)      # one change at a time
+    assert isinstance(m.apply(("commit", 2)), Invalid)                  # not caught up yet
+    assert m.apply(("advance", 2, "copying", "a")) == "copying"
+    assert m.apply(("advance", 2, "frozen", "b")) == "frozen"           # taken over by b
+    assert isinstance(m.apply(("advance", 2, "copying", "b")), Invalid)  # never backwards
+    assert m.apply(("advance", 2, "caught-up", "b")) == "caught-up"
+    assert m.change()["coordinator"] == "b" and m.change()["steps"] == 3
+    assert m.apply(("commit", 2)) == 2 and m.apply(("commit", 2)) == 2
+    assert m.active_number == 2 and m.active_epoch()["status"] == "active"
+    assert isinstance(m.apply(("abort", 2)), Invalid)                   # too late to roll back
+    assert m.apply(("finish", 2)) is True and m.change() is None
+    assert m.apply(("prepare", plan(3), "a")) == 3
+
+
+def test_abort_before_commit_leaves_the_active_epoch():
+    m = started()
+    m.apply(("prepare", plan(2), "a"))
+    m.apply(("advance", 2, "frozen", "a"))
+    assert m.apply(("abort", 2)) is True and m.change() is None and m.active_number == 1
+    assert isinstance(m.apply(("prepare", plan(5), "a")), Invalid)      # stale numbering
+
+
+def test_snapshot_restore_keeps_the_change():
+    m = started()
+    m.apply(("prepare", plan(2), "a"))
+    copy = MetadataState()
+    copy.restore(m.snapshot())
+    assert copy.change()["phase"] == "prepared" and copy.active_number == 1

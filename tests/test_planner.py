@@ -1,0 +1,299 @@
+import json
+from bisect import bisect_left
+
+import pytest
+
+from kvs.errors import BadRequest
+from kvs.shard.layout import ConfigEpoch
+from kvs.shard.planner import Move, Plan, plan_view_change
+from kvs.shard.ring import RING_SIZE, HashRing, key_hash
+
+A, B, C, D, E, F = (f"10.0.0.{i}:13800" for i in range(1, 7))
+KEYS = ["key-%d" % i for i in range(10_000)]
+
+
+def move_index(plan: Plan) -> tuple[list[int], list[tuple[int, int, Move]]]:
+    """Every move's arcs cut at the top of the ring, sorted; fails if any two overlap."""
+    pieces = []
+    for move in plan.moves:
+        for r in move.ranges:
+            if r.start < r.end:
+                pieces.append((r.start, r.end, move))
+            else:  # wraps around 0 (or is the whole ring if start == end)
+                pieces.append((r.start, RING_SIZE - 1, move))
+                pieces.append((-1, r.end, move))
+    pieces.sort(key=lambda p: p[1])
+    for before, after in zip(pieces, pieces[1:]):
+        assert after[0] >= before[1], "two moved ranges overlap"
+    return [p[1] for p in pieces], pieces
+
+
+def check_moves(current: ConfigEpoch, plan: Plan) -> int:
+    """Every key whose owner changes is in exactly one move's ranges, with the right
+    source and destination; a key that keeps its owner is in none. Returns #moved."""
+    ends, pieces = move_index(plan)
+    moved = 0
+    for key in KEYS:
+        h = key_hash(key)
+        old, new = current.shard_for_key(key), plan.epoch.shard_for_key(key)
+        i = bisect_left(ends, h)
+        hit = pieces[i][2] if i < len(pieces) and pieces[i][0] < h <= pieces[i][1] else None
+        assert (hit is None) == (old == new), key
+        if hit is not None:
+            moved += 1
+            assert (hit.source, hit.destination) == (old, new), key
+    for key in KEYS[:200]:  # cross-check the index against HashRange.contains
+        h = key_hash(key)
+        hits = [(m.source, m.destination) for m in plan.moves for r in m.ranges if r.contains(h)]
+        old, new = current.shard_for_key(key), plan.epoch.shard_for_key(key)
+        assert hits == ([] if old == new else [(old, new)]), key
+    for move in plan.moves:
+        assert move.ranges and all(r.group == move.destination for r in move.ranges)
+    return moved
+
+
+def check_invariants(current: ConfigEpoch, plan: Plan) -> None:
+    epoch = plan.epoch
+    assert epoch.number == current.number + 1
+    assert epoch.status == "pending"
+    assert epoch.metadata_members == current.metadata_members
+    assert epoch.ring == HashRing(epoch.shards, current.ring.vnodes)
+    assert set(epoch.slots) == set(epoch.shards)
+    for sid, replicas in epoch.shards.items():
+        assert set(epoch.slots[sid]) == set(replicas)
+    assert [(m.source, m.destination) for m in plan.moves] == sorted((m.source, m.destination) for m in plan.moves)
+    assert set(plan.new_groups) == set(epoch.shards) - set(current.shards)
+    assert set(plan.retired_groups) == set(current.shards) - set(epoch.shards)
+    # A new group never shares a slot (a Raft port) with any current group on a node.
+    for sid in plan.new_groups:
+        for address, slot in epoch.slots[sid].items():
+            assert slot >= 1
+            assert all(s.get(address) != slot for s in current.slots.values()), (sid, address)
+    # Retired groups lose all their keys.
+    for sid in plan.retired_groups:
+        assert not any(current.shard_for_key(k) == sid and epoch.shard_for_key(k) == sid for k in KEYS)
+
+
+def sources_destinations(plan: Plan) -> list[tuple[str, str]]:
+    return [(m.source, m.destination) for m in plan.moves]
+
+
+# -- shapes -------------------------------------------------------------------
+
+
+def test_one_node_to_four_with_repl_two():
+    current = ConfigEpoch.initial((A,), 1)
+    plan = plan_view_change(current, [A, B, C, D], 2)
+    epoch = plan.epoch
+    assert epoch.view == (A, B, C, D) and epoch.repl_factor == 2
+    assert epoch.shards == {"2": (A, B), "3": (C, D)}
+    assert epoch.slots == {"2": {A: 2, B: 1}, "3": {C: 1, D: 1}}
+    assert epoch.ring.groups == ("2", "3")
+    assert plan.new_groups == ("2", "3")
+    assert plan.retired_groups == ("1",)
+    assert sources_destinations(plan) == [("1", "2"), ("1", "3")]
+    check_invariants(current, plan)
+    assert check_moves(current, plan) == len(KEYS)
+
+
+def test_two_to_four_nodes_keeps_old_shards():
+    current = ConfigEpoch.initial((A, B), 1)
+    plan = plan_view_change(current, [A, B, C, D])
+    epoch = plan.epoch
+    assert epoch.repl_factor == 1
+    assert epoch.shards == {"1": (A,), "2": (B,), "3": (C,), "4": (D,)}
+    assert epoch.slots == {"1": {A: 1}, "2": {B: 1}, "3": {C: 1}, "4": {D: 1}}
+    assert epoch.ring.groups == ("1", "2", "3", "4")
+    assert plan.new_groups == ("3", "4")
+    assert plan.retired_groups == ()
+    assert {m.source for m in plan.moves} == {"1", "2"}
+    assert {m.destination for m in plan.moves} == {"3", "4"}
+    assert sources_destinations(plan) == [("1", "3"), ("1", "4"), ("2", "3"), ("2", "4")]
+    check_invariants(current, plan)
+    moved = check_moves(current, plan)
+    assert 0.35 <= moved / len(KEYS) <= 0.65, moved
+    for key in KEYS:  # a key that stays, stays with the same shard id
+        if epoch.shard_for_key(key) in ("1", "2"):
+            assert current.shard_for_key(key) == epoch.shard_for_key(key)
+
+
+def test_four_to_two_nodes_retires_shards_three_and_four():
+    current = ConfigEpoch.initial((A, B, C, D), 1)
+    plan = plan_view_change(current, [A, B])
+    epoch = plan.epoch
+    assert epoch.shards == {"1": (A,), "2": (B,)}
+    assert epoch.slots == {"1": {A: 1}, "2": {B: 1}}
+    assert epoch.ring.groups == ("1", "2")
+    assert plan.new_groups == ()
+    assert plan.retired_groups == ("3", "4")
+    assert {m.source for m in plan.moves} == {"3", "4"}
+    assert {m.destination for m in plan.moves} == {"1", "2"}
+    check_invariants(current, plan)
+    check_moves(current, plan)
+    for key in KEYS:
+        if current.shard_for_key(key) in ("1", "2"):
+            assert epoch.shard_for_key(key) == current.shard_for_key(key)
+
+
+def test_repl_factor_two_to_three_on_the_same_nodes():
+    current = ConfigEpoch.initial((A, B, C, D, E, F), 2)
+    plan = plan_view_change(current, [A, B, C, D, E, F], 3)
+    epoch = plan.epoch
+    assert epoch.repl_factor == 3
+    assert epoch.shards == {"4": (A, B, C), "5": (D, E, F)}
+    assert epoch.slots == {"4": {A: 2, B: 2, C: 2}, "5": {D: 2, E: 2, F: 2}}
+    assert epoch.ring.groups == ("4", "5")
+    assert plan.new_groups == ("4", "5")
+    assert plan.retired_groups == ("1", "2", "3")
+    assert {m.source for m in plan.moves} == {"1", "2", "3"}
+    assert {m.destination for m in plan.moves} == {"4", "5"}
+    check_invariants(current, plan)
+    assert check_moves(current, plan) == len(KEYS)
+
+
+def test_every_node_replaced():
+    current = ConfigEpoch.initial((A, B), 1)
+    plan = plan_view_change(current, [C, D])
+    epoch = plan.epoch
+    assert epoch.shards == {"3": (C,), "4": (D,)}
+    assert epoch.slots == {"3": {C: 1}, "4": {D: 1}}
+    assert epoch.ring.groups == ("3", "4")
+    assert plan.new_groups == ("3", "4")
+    assert plan.retired_groups == ("1", "2")
+    assert sources_destinations(plan) == [("1", "3"), ("1", "4"), ("2", "3"), ("2", "4")]
+    assert epoch.metadata_members == (A, B)  # membership changes after commit
+    check_invariants(current, plan)
+    assert check_moves(current, plan) == len(KEYS)
+
+
+def test_down_to_a_single_node():
+    current = ConfigEpoch.initial((A, B, C, D, E, F), 3)
+    plan = plan_view_change(current, [D], 1)
+    epoch = plan.epoch
+    assert epoch.view == (D,) and epoch.repl_factor == 1
+    assert epoch.shards == {"3": (D,)}
+    assert epoch.slots == {"3": {D: 2}}
+    assert epoch.ring.groups == ("3",)
+    assert plan.new_groups == ("3",)
+    assert plan.retired_groups == ("1", "2")
+    assert sources_destinations(plan) == [("1", "3"), ("2", "3")]
+    check_invariants(current, plan)
+    assert check_moves(current, plan) == len(KEYS)
+
+
+@pytest.mark.parametrize("view, repl", [((A,), 1), ((A, B, C, D), 1), ((A, B, C, D, E, F), 3)])
+def test_same_view_same_repl_moves_nothing(view, repl):
+    current = ConfigEpoch.initial(view, repl)
+    plan = plan_view_change(current, list(view))
+    assert plan.moves == ()
+    assert plan.new_groups == () and plan.retired_groups == ()
+    assert plan.epoch.number == 2 and plan.epoch.status == "pending"
+    assert plan.epoch.shards == current.shards
+    assert plan.epoch.slots == current.slots
+    assert plan.epoch.ring == current.ring
+    check_invariants(current, plan)
+
+
+def test_kept_group_matches_on_the_replica_set_not_the_order():
+    current = ConfigEpoch.initial((A, B, C, D), 2)
+    plan = plan_view_change(current, [D, C, B, A])
+    assert plan.epoch.shards == {"2": (D, C), "1": (B, A)}
+    assert plan.epoch.slots == current.slots
+    assert plan.moves == () and plan.new_groups == () and plan.retired_groups == ()
+
+
+def test_slot_is_the_lowest_free_one_not_max_plus_one():
+    # After 1 -> {a,b},{c,d}, node a runs group 2 in slot 2 and slot 1 is free again.
+    first = plan_view_change(ConfigEpoch.initial((A,), 1), [A, B, C, D], 2)
+    committed = ConfigEpoch.from_dict({**first.epoch.to_dict(), "status": "active"})
+    plan = plan_view_change(committed, [A, B, C, D], 1)
+    assert plan.epoch.shards == {"4": (A,), "5": (B,), "6": (C,), "7": (D,)}
+    assert plan.epoch.slots == {"4": {A: 1}, "5": {B: 2}, "6": {C: 2}, "7": {D: 2}}
+    assert plan.retired_groups == ("2", "3")
+    check_invariants(committed, plan)
+    check_moves(committed, plan)
+    # A kept group keeps its slots, even ones other than 1.
+    keep = plan_view_change(committed, [B, A, E, F])
+    assert keep.epoch.shards == {"2": (B, A), "4": (E, F)}
+    assert keep.epoch.slots == {"2": {A: 2, B: 1}, "4": {E: 1, F: 1}}
+    assert keep.new_groups == ("4",) and keep.retired_groups == ("3",)
+    assert sources_destinations(keep) == [("2", "4"), ("3", "2"), ("3", "4")]
+    check_invariants(committed, keep)
+    check_moves(committed, keep)
+
+
+def test_addresses_are_normalized_and_ids_follow_the_largest_ever_used():
+    current = plan_view_change(ConfigEpoch.initial((A, B), 1), [B]).epoch  # shards {"2": (B,)}
+    plan = plan_view_change(current, ["10.0.0.2", " 10.0.0.5:13800"])
+    assert plan.epoch.view == (B, E)
+    assert plan.epoch.shards == {"2": (B,), "3": (E,)}
+    assert plan.new_groups == ("3",)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("view, repl, words", [
+    ([], None, "empty"),
+    ([A, B, A], None, "duplicate"),
+    ([A, "10.0.0.1"], None, "duplicate"),
+    ([A, B, C], 2, "multiple"),
+    ([A, B], 0, "at least 1"),
+    ([A, B], -1, "at least 1"),
+    ([A, "10.0.0.2:port"], None, "malformed"),
+    ([A, "10.0.0.2:70000"], None, "malformed"),
+    ([A, ""], None, "empty address"),
+    (A, None, "list"),
+])
+def test_bad_requests(view, repl, words):
+    current = ConfigEpoch.initial((A, B), 1)
+    with pytest.raises(BadRequest) as info:
+        plan_view_change(current, view, repl)
+    assert words in info.value.message
+
+
+# -- data and determinism -----------------------------------------------------
+
+
+def test_plan_round_trips_through_json():
+    current = ConfigEpoch.initial((A, B), 1)
+    plan = plan_view_change(current, [A, B, C, D])
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["moves"][0]["ranges"][0] == [plan.moves[0].ranges[0].start, plan.moves[0].ranges[0].end,
+                                             plan.moves[0].destination]
+    back = Plan.from_dict(data)
+    assert back == plan
+    assert back.to_dict() == plan.to_dict()
+    assert back.epoch.status == "pending"
+    assert all(isinstance(m, Move) for m in back.moves)
+
+
+def test_same_inputs_give_equal_plans_and_current_is_untouched():
+    current = ConfigEpoch.initial((A, B, C, D), 2)
+    before = current.to_dict()
+    one = plan_view_change(current, [A, B, E, F], 2)
+    two = plan_view_change(ConfigEpoch.from_dict(before), [A, B, E, F], 2)
+    assert one == two
+    assert json.dumps(one.to_dict()) == json.dumps(two.to_dict())
+    assert current.to_dict() == before
+
+
+def test_current_dict_order_does_not_matter():
+    d = ConfigEpoch.initial((A, B, C, D, E, F), 2).to_dict()
+    shuffled = {**d, "shards": dict(reversed(d["shards"].items())),
+                "slots": {sid: dict(reversed(s.items())) for sid, s in reversed(d["slots"].items())}}
+    one = plan_view_change(ConfigEpoch.from_dict(d), [C, D, A, E])
+    two = plan_view_change(ConfigEpoch.from_dict(shuffled), [C, D, A, E])
+    assert one.epoch.shards == {"2": (C, D), "4": (A, E)} and one.retired_groups == ("1", "3")
+    assert list(ConfigEpoch.from_dict(shuffled).shards) != list(ConfigEpoch.from_dict(d).shards)
+    assert json.dumps(one.to_dict()) == json.dumps(two.to_dict())
+
+
+def test_view_order_matters():
+    current = ConfigEpoch.initial((A,), 1)
+    one = plan_view_change(current, [A, B, C, D], 2)
+    two = plan_view_change(current, [C, D, A, B], 2)
+    assert one != two
+    assert one.epoch.shards == {"2": (A, B), "3": (C, D)}
+    assert two.epoch.shards == {"2": (C, D), "3": (A, B)}
+    assert two.epoch.slots == {"2": {C: 1, D: 1}, "3": {A: 2, B: 1}}

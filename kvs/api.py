@@ -29,10 +29,12 @@ from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import forwarding
-from .errors import BadRequest, KvsError, NotMember, PayloadTooLarge, Unavailable
+from .errors import BadRequest, KvsError, NotMember, PayloadTooLarge, Unavailable, WrongGroup
 from .messages import Reply
 from .node import Node
 from .settings import NodeSettings
+from .internal import internal
+from .shard.reconfig import ViewChange
 from .shard.router import Router
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,13 @@ shards = Blueprint("shards", __name__)
 ops = Blueprint("ops", __name__)
 
 
-def create_app(node: Node, router: Router) -> Flask:
+def create_app(node: Node, router: Router, view_change: ViewChange) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = node.settings.max_body_bytes
-    app.extensions["kvs"] = (node, router)
+    app.extensions["kvs"] = (node, router, view_change)
     app.register_blueprint(shards)
     app.register_blueprint(ops)
+    app.register_blueprint(internal)
     app.register_error_handler(Exception, _flask_error)
     app.wsgi_app = KeyRequests(app.wsgi_app, node.settings, router)
     return app
@@ -106,6 +109,8 @@ def error_reply(exc: Exception, method: str, path: str, causal_context: dict | N
         log.error("unexpected error serving %s %s", method, path, exc_info=exc)
         status, error = 500, "Internal error"
     body: dict[str, Any] = {"error": error, "message": f"Error in {method}"}
+    if isinstance(exc, WrongGroup):
+        body["epoch"] = exc.epoch           # only forwarded requests see 421: the sender routes again
     if causal_context is not None:
         body["causal-context"] = causal_context
     return Reply(status, body)
@@ -231,6 +236,25 @@ def shard_info(shard_id: str) -> Response:
 
 
 # -- operations ---------------------------------------------------------------------------------------------
+
+@shards.route("/kvs/view-change", methods=["PUT"])
+def view_change() -> Response:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("Malformed JSON body")
+    shard_list = current_app.extensions["kvs"][2].run(body.get("view"), body.get("repl-factor"))
+    return _json(200, {"message": "View change successful", "shards": shard_list})
+
+
+@shards.route("/kvs/view-change", methods=["GET"])
+def view_change_status() -> Response:
+    node = _node()
+    change = node.change()
+    epoch = node.epoch
+    return _json(200, {"epoch": epoch.number if epoch else None,
+                       "phase": change["phase"] if change else None,
+                       "progress": current_app.extensions["kvs"][2].progress.to_dict()})
+
 
 @ops.route("/kvs/status", methods=["GET"])
 def status() -> Response:

@@ -23,6 +23,7 @@ def serve(args: argparse.Namespace) -> int:
     from .forwarding import Forwarder
     from .node import Node
     from .settings import NodeSettings
+    from .shard.reconfig import ViewChange
     from .shard.router import Router
 
     try:
@@ -31,7 +32,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"kvs serve: {exc.message}", file=sys.stderr)
         return 2
     node = Node(settings)
-    app = create_app(node, Router(node, Forwarder(settings.secret, settings.bind_host)))
+    forwarder = Forwarder(settings.secret, settings.bind_host)
+    app = create_app(node, Router(node, forwarder), ViewChange(node, forwarder))
     try:
         # Bind before any Raft replica starts, so a port clash fails fast and touches no data.
         server = waitress.create_server(app, host=settings.bind_host, port=settings.http_port,

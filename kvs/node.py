@@ -16,10 +16,13 @@ newest epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
 
+from .errors import NotMember
 from .raft.group import RaftGroup, RaftTiming
 from .raft.meta_state import MetadataState
 from .raft.shard_state import ShardState
@@ -29,6 +32,7 @@ from .shard.layout import ConfigEpoch
 log = logging.getLogger(__name__)
 
 _SUPERVISE_PERIOD = 0.5
+_PUSHED_FILE = "epochs.json"
 
 
 class Node:
@@ -40,18 +44,20 @@ class Node:
         self._meta: RaftGroup | None = None
         self._epoch: ConfigEpoch | None = None
         self._meta_changed = threading.Event()
+        self._epoch_changed = threading.Condition()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._pushed: dict = {}          # {"active", "pending"} epochs a coordinator pushed here
 
     # -- life cycle ------------------------------------------------------------------
 
     def start(self) -> None:
         if not self.settings.is_member:
             log.warning("%s is not in VIEW: idle until a view change adds it", self.settings.address)
-            return
         if not self.settings.secured:
             log.warning("KVS_SECRET is not set: Raft ports accept unauthenticated pickles and "
                         "node-to-node HTTP is not authenticated")
+        self._pushed = self._load_pushed()
         self._supervisor = threading.Thread(target=self._supervise, name="kvs-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -62,24 +68,32 @@ class Node:
             self._supervisor.join(timeout=10)
 
     def _supervise(self) -> None:
-        self._meta = self._open_metadata_group()
-        initial = ConfigEpoch.initial(self.settings.view, self.settings.repl_factor).to_dict()
+        if self.settings.is_member:
+            self._meta = self._open_metadata_group()
+            initial = ConfigEpoch.initial(self.settings.view, self.settings.repl_factor).to_dict()
         proposal_pending = False
         try:
             while not self._stopping.is_set():
-                state: MetadataState = self._meta.state
-                if state.active_number == 0 and not proposal_pending:
-                    proposal_pending = True
+                active, pending = self._pushed.get("active"), self._pushed.get("pending")
+                if self._meta is not None:
+                    state: MetadataState = self._meta.state
+                    if state.active_number == 0 and not proposal_pending:
+                        proposal_pending = True
 
-                    def proposed(result: object, error: int) -> None:
-                        nonlocal proposal_pending
-                        proposal_pending = False
-                        self._meta_changed.set()
+                        def proposed(result: object, error: int) -> None:
+                            nonlocal proposal_pending
+                            proposal_pending = False
+                            self._meta_changed.set()
 
-                    self._meta.propose(("init", initial), proposed)
-                epoch = state.active_epoch()
-                if epoch is not None and (self._epoch is None or epoch["number"] > self._epoch.number):
-                    self._adopt(ConfigEpoch.from_dict(epoch))
+                        self._meta.propose(("init", initial), proposed)
+                    if state.active_epoch() and (not active or state.active_number >= active["number"]):
+                        active = state.active_epoch()
+                    change = state.change()
+                    if change is not None and change["phase"] != "committed":
+                        pending = change["plan"]["epoch"]
+                    elif change is None and pending and active and pending["number"] <= active["number"]:
+                        pending = None
+                self._reconcile(active, pending)
                 self._meta_changed.wait(_SUPERVISE_PERIOD)
                 self._meta_changed.clear()
         finally:
@@ -93,27 +107,85 @@ class Node:
                          os.path.join(s.data_dir, "meta"), s.secret, self._timing,
                          on_applied=self._meta_changed.set, bind_host=s.bind_host)
 
-    def _adopt(self, epoch: ConfigEpoch) -> None:
+    def _reconcile(self, active: dict | None, pending: dict | None) -> None:
+        """Run the groups of the active and pending epochs; retire the rest once no change is pending."""
+        if active is not None and (self._epoch is None or active["number"] > self._epoch.number):
+            epoch = ConfigEpoch.from_dict(active)
+            self._start_groups(epoch)
+            with self._epoch_changed:
+                self._epoch = epoch
+                self._epoch_changed.notify_all()
+            log.info("%s adopted epoch %d", self.settings.address, epoch.number)
+        if pending is not None:
+            self._start_groups(ConfigEpoch.from_dict(pending))
+        elif self._epoch is not None:
+            keep = {sid for sid, replicas in self._epoch.shards.items() if self.settings.address in replicas}
+            with self._lock:
+                retired = {sid: g for sid, g in self._groups.items() if sid not in keep}
+                for sid in retired:
+                    del self._groups[sid]
+            for sid, group in retired.items():
+                log.info("%s retires its replica of shard %s", self.settings.address, sid)
+                group.close()
+
+    def _start_groups(self, epoch: ConfigEpoch) -> None:
         s = self.settings
         for shard_id, replicas in epoch.shards.items():
-            if s.address not in replicas or shard_id in self._groups:
+            if s.address not in replicas or self.group(shard_id) is not None:
                 continue
             slot = epoch.slot(shard_id, s.address)
             peers = [s.raft_address(a, epoch.slot(shard_id, a)) for a in replicas]
-            group = RaftGroup(f"shard-{shard_id}", s.raft_address(s.address, slot), peers, ShardState(),
+            ownership = (epoch.number, shard_id, epoch.ring.to_dict())
+            group = RaftGroup(f"shard-{shard_id}", s.raft_address(s.address, slot), peers, ShardState(ownership),
                               os.path.join(s.data_dir, f"shard-{shard_id}"), s.secret, self._timing,
                               bind_host=s.bind_host)
             with self._lock:
                 self._groups[shard_id] = group
+
+    # -- epochs pushed by a view change coordinator ---------------------------------------
+
+    def learn(self, active: dict, pending: dict | None) -> None:
+        """Take epochs from a coordinator (for nodes outside the metadata group); kept on disk."""
         with self._lock:
-            self._epoch = epoch
-        log.info("%s adopted epoch %d", s.address, epoch.number)
+            known = self._pushed.get("active")
+            if known is not None and active["number"] < known["number"]:
+                return
+            self._pushed = {"active": active, "pending": pending}
+            os.makedirs(self.settings.data_dir, exist_ok=True)
+            path = os.path.join(self.settings.data_dir, _PUSHED_FILE)
+            with open(path + ".tmp", "w") as f:
+                json.dump(self._pushed, f)
+            os.replace(path + ".tmp", path)
+        self._meta_changed.set()
+
+    def _load_pushed(self) -> dict:
+        try:
+            with open(os.path.join(self.settings.data_dir, _PUSHED_FILE)) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+
+    def change(self) -> dict | None:
+        """The view change in progress as the metadata group records it (members only)."""
+        return self._meta.state.change() if self._meta is not None else None
+
+    def propose_meta(self, command: tuple, deadline: float) -> object:
+        if self._meta is None:
+            raise NotMember("this node is not a member of the metadata group")
+        return self._meta.execute(command, deadline)
 
     # -- what routing reads --------------------------------------------------------------
 
     @property
     def epoch(self) -> ConfigEpoch | None:
         return self._epoch
+
+    def wait_for_epoch(self, number: int, deadline: float) -> bool:
+        """Block until this node knows epoch `number` (or newer); False at the deadline."""
+        with self._epoch_changed:
+            return self._epoch_changed.wait_for(
+                lambda: self._epoch is not None and self._epoch.number >= number,
+                timeout=max(0.0, deadline - time.monotonic()))
 
     def group(self, shard_id: str) -> RaftGroup | None:
         with self._lock:
@@ -156,7 +228,7 @@ class Node:
                                                     "digest": group.state.digest()})
         return {
             "address": self.settings.address,
-            "member": self.settings.is_member,
+            "member": self.settings.is_member or (epoch is not None and self.settings.address in epoch.view),
             "epoch": epoch.number if epoch is not None else None,
             "shard-id": self.own_shard(),
             "secured": self.settings.secured,
@@ -165,9 +237,9 @@ class Node:
 
     def health(self) -> tuple[bool, str]:
         """(ready, reason): ready once the configuration is known and every hosted group has a leader."""
-        if not self.settings.is_member:
-            return False, "idle: this node is not in any configuration"
         if self._epoch is None:
+            if not self.settings.is_member:
+                return False, "idle: this node is not in any configuration"
             return False, "the cluster configuration is not known yet"
         for group in self._all_groups():
             if group.leader() is None:

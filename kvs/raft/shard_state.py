@@ -97,7 +97,8 @@ class ShardState(StateMachine):
         """Discard everything, then take the snapshot's state."""
         self._data = dict(snapshot["data"])
         self._dedup = OrderedDict(snapshot["dedup"])
-        self._ownership = snapshot.get("ownership")
+        if "ownership" in snapshot:         # snapshots older than fencing keep the constructor's
+            self._ownership = snapshot["ownership"]
         self._frozen = snapshot.get("frozen")
 
     # -- reads (never replicated; callers order them with a barrier) -------
@@ -250,3 +251,22 @@ class ShardState(StateMachine):
         self._dedup[request_id] = (fingerprint, key, result)
         while len(self._dedup) > self._dedup_capacity:
             self._dedup.popitem(last=False)
+
+
+# -- the deduplication table on the wire (view changes move slices of it between groups) ---------
+
+_RESULT_TYPES = {"Written": Written, "Deleted": Deleted}
+
+
+def dedup_to_json(entries: list) -> list:
+    return [[rid, list(fingerprint), key, [type(result).__name__, *result]]
+            for rid, (fingerprint, key, result) in entries if type(result).__name__ in _RESULT_TYPES]
+
+
+def dedup_from_json(rows: list) -> list:
+    """Inverse of dedup_to_json; rows of unknown result types are dropped."""
+    entries = []
+    for rid, fingerprint, key, (kind, *fields) in rows:
+        if kind in _RESULT_TYPES:
+            entries.append((rid, (tuple(fingerprint), key, _RESULT_TYPES[kind](*fields))))
+    return entries

@@ -7,8 +7,11 @@ until one answers or the 5 s deadline passes; the reply then names the replica
 that served it in "address". Every retry and hop carries the same request id,
 so a write is applied at most once however often it is retried.
 
-A forwarded request is never forwarded again: a receiver that does not own the
-key answers 421 (wrong group) and the sender tries elsewhere.
+Fencing: a group refuses a key it does not own (or that is moving away during
+a view change) with NotOwned(epoch). A forwarded request is never forwarded
+again: its receiver answers 421 naming that epoch. The node that took the
+client's request then waits until it knows that epoch and routes again, until
+the deadline.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from ..errors import BadRequest, NotFound, NotMember, Unavailable, WrongGroup
 from ..forwarding import LEADER_HINT, Forwarder, PeerUnreachable
 from ..messages import Reply
 from ..node import Node
-from ..raft.shard_state import ShardState
+from ..raft.shard_state import NotOwned, ShardState
 from ..raft.state_machine import Invalid
 
 _FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
 _ATTEMPT_SECONDS = 2.0     # one replica may take this long before the next is tried (a paused peer)
 _ROUND_PAUSE = 0.05        # pause after every replica of a shard failed once
+_EPOCH_WAIT = 0.2          # wait this long for a newer epoch before routing a refused key again
 
 
 class Router:
@@ -41,6 +45,20 @@ class Router:
 
     def key_request(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
                     forwarded: bool) -> Reply:
+        while True:
+            try:
+                return self._route(method, key, value, request_id, deadline, forwarded)
+            except WrongGroup as exc:
+                if forwarded:
+                    raise
+                known = self._node.epoch.number if self._node.epoch is not None else 0
+                wanted = exc.epoch if exc.epoch > known else known + 1
+                self._node.wait_for_epoch(wanted, min(deadline, time.monotonic() + _EPOCH_WAIT))
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"key {key!r} is moving and epoch {wanted} did not arrive in time")
+
+    def _route(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
+               forwarded: bool) -> Reply:
         epoch = self._node.epoch
         if epoch is None:
             raise NotMember("this node does not know the cluster configuration")
@@ -62,17 +80,11 @@ class Router:
     def _execute_locally(self, group, method: str, key: str, value: str | None, request_id: str,
                          deadline: float) -> Reply:
         if method == "GET":
-            return messages.get_reply(group.read(lambda state: state.get(key), deadline))
+            return messages.get_reply(_checked(group.read(lambda state: state.read(key), deadline)))
         if method == "PUT":
-            result = group.execute(("put", request_id, key, value), deadline)
-            if isinstance(result, Invalid):
-                raise BadRequest(result.reason)
-            return messages.put_reply(result)
+            return messages.put_reply(_checked(group.execute(("put", request_id, key, value), deadline)))
         if method == "DELETE":
-            result = group.execute(("delete", request_id, key), deadline)
-            if isinstance(result, Invalid):
-                raise BadRequest(result.reason)
-            return messages.delete_reply(result)
+            return messages.delete_reply(_checked(group.execute(("delete", request_id, key), deadline)))
         raise BadRequest(f"method {method} is not supported")
 
     def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,
@@ -96,13 +108,15 @@ class Router:
                 if resp.leader_hint in replicas:
                     with self._hint_lock:
                         self._leader_hints[shard_id] = resp.leader_hint
-                if resp.status in (503, 421):
+                if resp.status == 421:
+                    raise WrongGroup(f"{address} does not serve shard {shard_id}", int(resp.body.get("epoch", 0)))
+                if resp.status == 503:
                     last_unavailable = Reply(resp.status, resp.body)
                     continue
                 resp.body["address"] = address
                 return Reply(resp.status, resp.body)
             time.sleep(min(_ROUND_PAUSE, max(0.0, deadline - time.monotonic())))
-        if last_unavailable is not None and last_unavailable.status == 503:
+        if last_unavailable is not None:
             return last_unavailable
         raise Unavailable(f"no replica of shard {shard_id} answered in time")
 
@@ -139,3 +153,12 @@ class Router:
         reply.body.pop("address", None)
         return reply
 
+
+
+def _checked(result: object) -> object:
+    """The state machine's result, or the kvs error it stands for."""
+    if isinstance(result, NotOwned):
+        raise WrongGroup("this group does not serve the key at its epoch", result.epoch)
+    if isinstance(result, Invalid):
+        raise BadRequest(result.reason)
+    return result

@@ -1,0 +1,85 @@
+"""Node-to-node endpoints that drive a view change (a Flask blueprint).
+
+Every request must carry a valid signature of the cluster secret (see
+`kvs.forwarding`); without a secret the cluster is unauthenticated anyway.
+
+    POST /internal/epochs                 {"active": epoch, "pending": epoch|null}: learn epochs
+    POST /internal/groups/<id>/commands   {"command": [...]}: a view-change command through the group's log
+    POST /internal/groups/<id>/export     {"source", "old_ring", "new_ring", "destination"}: the moving keys,
+                                          read after a barrier, with their slice of the deduplication table
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, request
+
+from . import forwarding
+from .errors import BadRequest, NotFound, Unauthorized
+from .raft.shard_state import dedup_from_json, dedup_to_json
+
+internal = Blueprint("internal", __name__, url_prefix="/internal")
+
+ADMIN_COMMANDS = {"freeze", "thaw", "install", "own", "drop"}
+
+
+@internal.before_request
+def _authenticate() -> None:
+    node = current_app.extensions["kvs"][0]
+    secret = node.settings.secret
+    if secret:
+        forwarding.verify(secret, request.headers.get(forwarding.SIGNATURE), request.method, request.path,
+                          request.headers.get(forwarding.REQUEST_ID, ""), request.get_data(cache=True))
+    elif request.headers.get(forwarding.FORWARDED) != "1":
+        raise Unauthorized("internal endpoints are for nodes only")
+
+
+def _body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("a JSON object is required")
+    return body
+
+
+def _group(shard_id: str):
+    group = current_app.extensions["kvs"][0].group(shard_id)
+    if group is None:
+        raise NotFound(f"this node runs no replica of shard {shard_id}")
+    return group
+
+
+def _deadline() -> float:
+    given = request.headers.get(forwarding.DEADLINE, "")
+    return time.monotonic() + (int(given) / 1000.0 if given.isdigit() else 30.0)
+
+
+def _json(body: dict) -> Response:
+    return current_app.response_class(current_app.json.dumps(body), mimetype="application/json")
+
+
+@internal.route("/epochs", methods=["POST"])
+def learn_epochs() -> Response:
+    body = _body()
+    node = current_app.extensions["kvs"][0]
+    node.learn(body["active"], body.get("pending"))
+    return _json({"epoch": body["active"]["number"]})
+
+
+@internal.route("/groups/<shard_id>/commands", methods=["POST"])
+def group_command(shard_id: str) -> Response:
+    command = _body().get("command")
+    if not isinstance(command, list) or not command or command[0] not in ADMIN_COMMANDS:
+        raise BadRequest(f"not a view-change command: {command!r}")
+    if command[0] == "install":
+        command[6] = dedup_from_json(command[6])
+    result = _group(shard_id).execute(tuple(command), _deadline())
+    return _json({"result": result if isinstance(result, (bool, int)) else repr(result)})
+
+
+@internal.route("/groups/<shard_id>/export", methods=["POST"])
+def export(shard_id: str) -> Response:
+    b = _body()
+    items, dedup = _group(shard_id).read(
+        lambda state: state.export(b["source"], b["old_ring"], b["new_ring"], b["destination"]), _deadline())
+    return _json({"items": items, "dedup": dedup_to_json(dedup)})

@@ -1,0 +1,291 @@
+"""ViewChange: the coordinator of a two-phase configuration change.
+
+The node that receives `PUT /kvs/view-change` plans epoch N+1
+(`kvs.shard.planner`) and drives it, recording each phase in the metadata
+group (`kvs.raft.meta_state`):
+
+1. prepare: commit the plan as pending; every node of both views learns it and
+   starts the replicas of the new groups it belongs to.
+2. copy: every moving range is exported from its source group (after a read
+   barrier) and installed into its destination through the destination's own
+   log, with its slice of the deduplication table, while the source serves.
+3. freeze and catch up: sources stop serving only the moving keys
+   (`NotOwned`), and the ranges are copied again, so destinations hold exactly
+   what the sources held at freeze time. Clients of moving keys wait here.
+4. commit: epoch N+1 becomes active; every node learns it; routers that still
+   route by N meet a frozen source, wait for N+1 and route again.
+5. clean up: kept groups take the new ownership, sources drop the keys they
+   gave away, retired groups stop, and the change is finished.
+
+A failure before commit rolls back: sources thaw, the pending epoch is
+aborted, nodes forget it. Every step is idempotent (commands are keyed by the
+epoch number), so steps may be retried.
+
+Not yet here (see the project's notes): a second node taking over from a
+coordinator that died mid-change, and moving the metadata group's membership
+to follow the view.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..errors import BadRequest, KvsError, Unavailable
+from ..forwarding import Forwarder, PeerUnreachable
+from ..node import Node
+from ..raft.state_machine import Invalid
+from ..settings import parse_view
+from .layout import ConfigEpoch
+from .planner import Move, Plan, plan_view_change
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1000              # keys per install command
+STEP_SECONDS = 30.0       # each remote step must succeed within this
+SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
+
+
+class ChangeInProgress(KvsError):
+    status = 409
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    phase: str = "idle"
+    moves_total: int = 0
+    moves_done: int = 0
+    keys_moved: int = 0
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "phase": self.phase, "moves-total": self.moves_total,
+                "moves-done": self.moves_done, "keys-moved": self.keys_moved, "error": self.error}
+
+
+class ViewChange:
+    def __init__(self, node: Node, forwarder: Forwarder):
+        self._node = node
+        self._forwarder = forwarder
+        self._busy = threading.Lock()
+        self.progress = Progress()
+
+    # -- the request ---------------------------------------------------------------------
+
+    def run(self, view_text: object, repl_factor: object) -> list[dict]:
+        """Change the view; returns the new shards with key counts. Blocks until done."""
+        if not isinstance(view_text, str) or not parse_view(view_text):
+            raise BadRequest("view must be a non-empty comma-separated list of addresses")
+        if repl_factor is not None and (not isinstance(repl_factor, int) or isinstance(repl_factor, bool)):
+            raise BadRequest("repl-factor must be an integer")
+        current = self._node.epoch
+        if current is None or self._node.change() is not None:
+            raise ChangeInProgress("a view change is in progress" if current else "no configuration yet")
+        plan = plan_view_change(current, parse_view(view_text), repl_factor)
+        self._check_reachable(plan.epoch, current)
+        if not self._busy.acquire(blocking=False):
+            raise ChangeInProgress("a view change is in progress on this node")
+        try:
+            self.progress = Progress(epoch=plan.epoch.number, phase="preparing", moves_total=len(plan.moves))
+            result = self._meta(("prepare", plan.to_dict(), self._node.settings.address))
+            if isinstance(result, Invalid):
+                raise ChangeInProgress(result.reason)
+            try:
+                self._prepare_and_copy(plan, current)
+            except Exception as exc:
+                self.progress.error = str(exc)
+                self._roll_back(plan, current)
+                raise
+            self._commit_and_clean_up(plan, current)
+            self.progress.phase = "done"
+            return self._shard_report(plan.epoch)
+        finally:
+            self._busy.release()
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def _prepare_and_copy(self, plan: Plan, current: ConfigEpoch) -> None:
+        n = plan.epoch.number
+        self._push_epochs(current, plan.epoch, _all_nodes(current, plan.epoch))
+        for shard_id in plan.new_groups:
+            self._wait_for_leader(plan.epoch, shard_id)
+        self._advance(n, "copying")
+        for move in plan.moves:
+            self._copy(move, plan, current, clear=True)
+        self._advance(n, "frozen")
+        new_ring = plan.epoch.ring.to_dict()
+        for source in sorted({m.source for m in plan.moves}):
+            self._group_command(current, source, ["freeze", n, new_ring])
+        self.progress.moves_done = 0
+        for move in plan.moves:
+            self._copy(move, plan, current, clear=True)
+            self.progress.moves_done += 1
+        self._advance(n, "caught-up")
+
+    def _commit_and_clean_up(self, plan: Plan, current: ConfigEpoch) -> None:
+        n = plan.epoch.number
+        self.progress.phase = "committing"
+        result = self._meta(("commit", n))
+        if isinstance(result, Invalid):
+            raise Unavailable(f"commit of epoch {n} refused: {result.reason}")
+        self.progress.phase = "cleaning up"
+        everyone = _all_nodes(current, plan.epoch)
+        self._push_epochs(plan.epoch, None, everyone)
+        new_ring = plan.epoch.ring.to_dict()
+        kept = [sid for sid in plan.epoch.shards if sid in current.shards]
+        for shard_id in kept:
+            self._group_command(plan.epoch, shard_id, ["own", n, shard_id, new_ring])
+        for shard_id in sorted({m.source for m in plan.moves} & set(kept)):
+            self._group_command(plan.epoch, shard_id, ["drop", n])
+        self._meta(("finish", n))
+        self._wait_for_epoch(plan.epoch, everyone)
+
+    def _roll_back(self, plan: Plan, current: ConfigEpoch) -> None:
+        n = plan.epoch.number
+        log.warning("view change to epoch %d failed; rolling back: %s", n, self.progress.error)
+        self.progress.phase = "rolling back"
+        for source in sorted({m.source for m in plan.moves}):
+            try:
+                self._group_command(current, source, ["thaw", n])
+            except KvsError as exc:
+                log.error("could not thaw shard %s: %s", source, exc.message)
+        self._meta(("abort", n))
+        self._push_epochs(current, None, _all_nodes(current, plan.epoch))
+        self.progress.phase = "rolled back"
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _copy(self, move: Move, plan: Plan, current: ConfigEpoch, clear: bool) -> None:
+        request = {"source": move.source, "old_ring": current.ring.to_dict(),
+                   "new_ring": plan.epoch.ring.to_dict(), "destination": move.destination}
+        exported = self._call_group(current, move.source, "export", request)
+        items, dedup = exported["items"], exported["dedup"]
+        n = plan.epoch.number
+        chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)] or [[]]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            self._group_command(plan.epoch, move.destination,
+                                ["install", n, move.source, request["old_ring"], request["new_ring"], chunk,
+                                 dedup if last else [], clear and i == 0])
+            self.progress.keys_moved += len(chunk)
+
+    def _advance(self, number: int, phase: str) -> None:
+        self.progress.phase = phase
+        result = self._meta(("advance", number, phase, self._node.settings.address))
+        if isinstance(result, Invalid):
+            raise Unavailable(f"cannot record phase {phase}: {result.reason}")
+
+    def _meta(self, command: tuple) -> object:
+        return self._node.propose_meta(command, time.monotonic() + STEP_SECONDS)
+
+    def _group_command(self, epoch: ConfigEpoch, shard_id: str, command: list) -> object:
+        return self._call_group(epoch, shard_id, "commands", {"command": command})["result"]
+
+    def _call_group(self, epoch: ConfigEpoch, shard_id: str, what: str, payload: dict) -> dict:
+        """POST to any replica of the group until one answers 200 (the step is idempotent)."""
+        deadline = time.monotonic() + STEP_SECONDS
+        last = "no replica tried"
+        while time.monotonic() < deadline:
+            for address in epoch.replicas(shard_id):
+                try:
+                    resp = self._forwarder.send(address, "POST", f"/internal/groups/{shard_id}/{what}", payload,
+                                                uuid.uuid4().hex, min(deadline, time.monotonic() + 10))
+                except PeerUnreachable as exc:
+                    last = str(exc)
+                    continue
+                if resp.status == 200:
+                    return resp.body
+                last = f"{address}: {resp.status} {resp.body.get('error')}"
+            time.sleep(0.1)
+        raise Unavailable(f"shard {shard_id} did not take {what}: {last}")
+
+    def _push_epochs(self, active: ConfigEpoch, pending: ConfigEpoch | None, nodes: list[str]) -> None:
+        payload = {"active": active.to_dict(), "pending": pending.to_dict() if pending else None}
+        for address in nodes:
+            deadline = time.monotonic() + SETTLE_SECONDS
+            while True:
+                try:
+                    resp = self._forwarder.send(address, "POST", "/internal/epochs", payload, uuid.uuid4().hex,
+                                                min(deadline, time.monotonic() + 5))
+                    if resp.status == 200:
+                        break
+                except PeerUnreachable:
+                    pass
+                if time.monotonic() >= deadline:
+                    if pending is not None and address in pending.view:
+                        raise Unavailable(f"{address} did not learn epoch {pending.number}")
+                    log.warning("%s did not learn epoch %d", address, active.number)
+                    break
+                time.sleep(0.1)
+
+    def _wait_for_leader(self, epoch: ConfigEpoch, shard_id: str) -> None:
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            for address in epoch.replicas(shard_id):
+                try:
+                    status = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
+                                                  min(deadline, time.monotonic() + 2)).body
+                except PeerUnreachable:
+                    continue
+                if (status.get("groups", {}).get(f"shard-{shard_id}") or {}).get("leader"):
+                    return
+            time.sleep(0.1)
+        raise Unavailable(f"new shard {shard_id} elected no leader within {SETTLE_SECONDS}s")
+
+    def _wait_for_epoch(self, epoch: ConfigEpoch, nodes: list[str]) -> None:
+        """Until every node of the new view routes by the new epoch (bounded; stragglers are logged)."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        for address in epoch.view:
+            while time.monotonic() < deadline:
+                try:
+                    body = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
+                                                min(deadline, time.monotonic() + 2)).body
+                    if (body.get("epoch") or 0) >= epoch.number:
+                        break
+                except PeerUnreachable:
+                    pass
+                time.sleep(0.05)
+
+    def _check_reachable(self, new: ConfigEpoch, current: ConfigEpoch) -> None:
+        for address in new.view:
+            if address in current.view:
+                continue
+            try:
+                self._forwarder.send(address, "GET", "/health", None, uuid.uuid4().hex, time.monotonic() + 3)
+            except PeerUnreachable:
+                raise BadRequest(f"new node {address} is unreachable") from None
+
+    def _shard_report(self, epoch: ConfigEpoch) -> list[dict]:
+        shards = []
+        for shard_id in epoch.shard_ids():
+            body = self._call_group_read(epoch, shard_id)
+            entry = {"shard-id": shard_id, "key-count": body.get("key-count", 0),
+                     "replicas": list(epoch.replicas(shard_id))}
+            if epoch.repl_factor == 1:
+                entry["address"] = epoch.replicas(shard_id)[0]
+            shards.append(entry)
+        return shards
+
+    def _call_group_read(self, epoch: ConfigEpoch, shard_id: str) -> dict:
+        for address in epoch.replicas(shard_id):
+            try:
+                resp = self._forwarder.send(address, "GET", f"/kvs/shards/{shard_id}", None, uuid.uuid4().hex,
+                                            time.monotonic() + 10)
+            except PeerUnreachable:
+                continue
+            if resp.status == 200:
+                return resp.body
+        return {}
+
+
+def _all_nodes(*epochs: ConfigEpoch) -> list[str]:
+    seen: dict[str, None] = {}
+    for epoch in epochs:
+        for address in epoch.view:
+            seen[address] = None
+    return list(seen)

@@ -101,6 +101,41 @@ def client_command(args: argparse.Namespace) -> int:
     return 0 if status < 400 else 1
 
 
+def view_change(args: argparse.Namespace) -> int:
+    """PUT /kvs/view-change, showing the coordinator's progress until it answers."""
+    import threading
+
+    import requests
+
+    body = {"view": args.view}
+    if args.repl_factor is not None:
+        body["repl-factor"] = args.repl_factor
+    outcome: dict = {}
+
+    def change() -> None:
+        try:
+            resp = requests.put(f"http://{args.node}/kvs/view-change", json=body, timeout=600)
+            outcome["status"], outcome["body"] = resp.status_code, resp.json()
+        except (requests.RequestException, ValueError) as exc:
+            outcome["status"], outcome["body"] = 0, {"error": str(exc)}
+
+    worker = threading.Thread(target=change, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:
+            p = requests.get(f"http://{args.node}/kvs/view-change", timeout=2).json()["progress"]
+            done = p["moves-done"] / p["moves-total"] if p["moves-total"] else 0.0
+            bar = "#" * int(30 * done)
+            print(f"\r[{bar:<30}] {p['phase']:<12} ranges {p['moves-done']}/{p['moves-total']} "
+                  f"keys moved {p['keys-moved']}", end="", file=sys.stderr, flush=True)
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+        worker.join(0.2)
+    print(file=sys.stderr)
+    print(json.dumps(outcome["body"], indent=2))
+    return 0 if outcome["status"] == 200 else 1
+
+
 def health(args: argparse.Namespace) -> int:
     """Exit 0 if this container's node answers /health with 200 (the Docker HEALTHCHECK)."""
     import requests
@@ -121,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvs", description="A sharded, replicated key-value store.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    default_node = os.environ.get("KVS_NODE", "127.0.0.1:13800")
     p = sub.add_parser("serve", help="run one node (settings from flags or ADDRESS, VIEW, REPL_FACTOR, ...)")
     p.add_argument("--address", help="host:port of this node's HTTP API (ADDRESS)")
     p.add_argument("--view", help="comma-separated addresses of every node (VIEW)")
@@ -130,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raft-port-offset", type=int, help="Raft port = HTTP port + offset x (slot+1)")
     p.add_argument("--listen", help="interface the HTTP server binds (KVS_LISTEN)")
     p.set_defaults(run=serve)
+
+    vc = sub.add_parser("view-change", help="change the view of a running cluster, with a progress bar")
+    vc.add_argument("view", help="comma-separated addresses of the new view")
+    vc.add_argument("--repl-factor", type=int, help="replicas per shard (default: keep)")
+    vc.add_argument("--node", default=default_node, help="host:port of any node of the current view")
+    vc.set_defaults(run=view_change)
 
     h = sub.add_parser("health", help="check this node's /health (port from ADDRESS); for HEALTHCHECK")
     h.set_defaults(run=health)
@@ -144,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--secret", help="cluster secret (default: KVS_SECRET or a random one)")
     up.set_defaults(run=local_up)
 
-    default_node = os.environ.get("KVS_NODE", "127.0.0.1:13800")
     for name, extra in (("put", ("key", "value")), ("get", ("key",)), ("delete", ("key",)), ("status", ())):
         c = sub.add_parser(name, help=f"{name} through a running node")
         for arg in extra:

@@ -163,3 +163,20 @@ def test_keys_that_do_not_move_are_served_without_errors(make_cluster):
     t.join(30)
     assert status == 200, body
     assert count[0] > 100 and errors == []
+
+
+def test_the_cli_shows_progress_until_the_change_is_done(make_cluster):
+    import subprocess
+    import sys
+
+    cluster = make_cluster(2, 1)
+    extra = grown(cluster, 1)
+    client = KvsClient(cluster.view[0])
+    for i in range(300):
+        client.put(f"cli-{i}", "v")
+    done = subprocess.run([sys.executable, "-m", "kvs", "view-change", ",".join(cluster.view + extra),
+                           "--node", cluster.view[0]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '"View change successful"' in done.stdout
+    assert "ranges" in done.stderr and "keys moved" in done.stderr
+    assert KvsClient(extra[0]).key_count()[1]["key-count"] > 0

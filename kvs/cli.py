@@ -33,7 +33,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     node = Node(settings)
     forwarder = Forwarder(settings.secret, settings.bind_host)
-    app = create_app(node, Router(node, forwarder), ViewChange(node, forwarder))
+    view_change = ViewChange(node, forwarder)
+    app = create_app(node, Router(node, forwarder), view_change)
     try:
         # Bind before any Raft replica starts, so a port clash fails fast and touches no data.
         server = waitress.create_server(app, host=settings.bind_host, port=settings.http_port,
@@ -42,6 +43,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"kvs serve: cannot listen on {settings.bind_host}:{settings.http_port}: {exc}", file=sys.stderr)
         return 1
     node.start()
+    view_change.watch()
     logging.getLogger(__name__).info("serving %s on %s:%d", settings.address, settings.bind_host,
                                      settings.http_port)
     server.run()

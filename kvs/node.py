@@ -169,6 +169,10 @@ class Node:
         """The view change in progress as the metadata group records it (members only)."""
         return self._meta.state.change() if self._meta is not None else None
 
+    def meta_epoch(self, number: int) -> ConfigEpoch | None:
+        epoch = self._meta.state.epoch(number) if self._meta is not None else None
+        return ConfigEpoch.from_dict(epoch) if epoch is not None else None
+
     def propose_meta(self, command: tuple, deadline: float) -> object:
         if self._meta is None:
             raise NotMember("this node is not a member of the metadata group")

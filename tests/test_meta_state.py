@@ -53,3 +53,13 @@ def test_snapshot_restore_keeps_the_change():
     copy = MetadataState()
     copy.restore(m.snapshot())
     assert copy.change()["phase"] == "prepared" and copy.active_number == 1
+
+
+def test_only_one_node_can_claim_a_stalled_change():
+    m = started()
+    m.apply(("prepare", plan(2), "a"))
+    steps = m.change()["steps"]
+    assert m.apply(("claim", 2, "a", steps, "b")) is True
+    assert m.apply(("claim", 2, "a", steps, "c")) is False          # b got there first
+    assert m.change()["coordinator"] == "b"
+    assert m.apply(("claim", 3, "b", steps + 1, "c")) is False

@@ -25,6 +25,8 @@ Commands (results are values; an impossible step returns Invalid):
     ("commit", number)                        -> active epoch number
     ("abort", number)                         -> True (before commit only)
     ("finish", number)                        -> True (after commit: the change is over)
+    ("claim", number, coordinator, steps, me) -> True if the change was still at (coordinator, steps):
+                                                 a node taking over from a dead coordinator
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class MetadataState(StateMachine):
         self._active: int = 0
         self._change: dict | None = None       # {"plan", "number", "phase", "coordinator", "steps"}
         self._handlers = {"init": self._init, "prepare": self._prepare, "advance": self._advance,
-                          "commit": self._commit, "abort": self._abort, "finish": self._finish}
+                          "commit": self._commit, "abort": self._abort, "finish": self._finish,
+                          "claim": self._claim}
 
     # -- the FSM contract -------------------------------------------------
 
@@ -61,6 +64,10 @@ class MetadataState(StateMachine):
 
     def active_epoch(self) -> dict | None:
         return self._epochs.get(self._active)
+
+    def epoch(self, number: int) -> dict | None:
+        """A recent epoch by number (the last few are kept)."""
+        return self._epochs.get(number)
 
     def change(self) -> dict | None:
         """The view change in progress (plan, phase, coordinator, steps), if any."""
@@ -128,4 +135,13 @@ class MetadataState(StateMachine):
         if change is None or change["number"] != number or change["phase"] != "committed":
             return False
         self._change = None
+        return True
+
+    def _claim(self, number: int, coordinator: str, steps: int, me: str) -> bool:
+        change = self._change
+        if change is None or change["number"] != number:
+            return False
+        if change["coordinator"] != coordinator or change["steps"] != steps:
+            return False                        # someone else moved it on in the meantime
+        change.update(coordinator=me, steps=steps + 1)
         return True

@@ -21,9 +21,14 @@ A failure before commit rolls back: sources thaw, the pending epoch is
 aborted, nodes forget it. Every step is idempotent (commands are keyed by the
 epoch number), so steps may be retried.
 
-Not yet here (see the project's notes): a second node taking over from a
-coordinator that died mid-change, and moving the metadata group's membership
-to follow the view.
+Crash safety: every metadata member watches the recorded change. If it makes
+no progress for `TAKEOVER_SECONDS` and its coordinator is gone (or is this
+node, restarted), the watcher claims the change through the metadata log (one
+claimant wins) and rolls it back if it was not committed, or finishes the
+clean-up if it was. There is never a half-state that needs a tool.
+
+Not yet here (see the project's notes): moving the metadata group's
+membership to follow the view.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ log = logging.getLogger(__name__)
 CHUNK = 1000              # keys per install command
 STEP_SECONDS = 30.0       # each remote step must succeed within this
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
+TAKEOVER_SECONDS = 5.0    # a change without progress this long, whose coordinator is gone, is taken over
+WATCH_PERIOD = 1.0
 
 
 class ChangeInProgress(KvsError):
@@ -133,6 +140,10 @@ class ViewChange:
         result = self._meta(("commit", n))
         if isinstance(result, Invalid):
             raise Unavailable(f"commit of epoch {n} refused: {result.reason}")
+        self._clean_up(plan, current)
+
+    def _clean_up(self, plan: Plan, current: ConfigEpoch) -> None:
+        n = plan.epoch.number
         self.progress.phase = "cleaning up"
         everyone = _all_nodes(current, plan.epoch)
         self._push_epochs(plan.epoch, None, everyone)
@@ -154,9 +165,66 @@ class ViewChange:
                 self._group_command(current, source, ["thaw", n])
             except KvsError as exc:
                 log.error("could not thaw shard %s: %s", source, exc.message)
+        # kept destinations may hold part of a copy: keys they do not own at the current epoch
+        for destination in sorted({m.destination for m in plan.moves} & set(current.shards)):
+            try:
+                self._group_command(current, destination, ["drop", current.number])
+            except KvsError as exc:
+                log.error("could not clean shard %s: %s", destination, exc.message)
         self._meta(("abort", n))
         self._push_epochs(current, None, _all_nodes(current, plan.epoch))
         self.progress.phase = "rolled back"
+
+    # -- taking over from a dead coordinator -------------------------------------------------
+
+    def watch(self) -> None:
+        """Watch the metadata group for a stalled change (a thread for the node's lifetime)."""
+        threading.Thread(target=self._watch, name="kvs-view-change-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        me = self._node.settings.address
+        seen, since = None, time.monotonic()
+        stopped = threading.Event()
+        while not stopped.wait(WATCH_PERIOD):
+            change = self._node.change()
+            mark = None if change is None else (change["number"], change["coordinator"], change["steps"])
+            if mark != seen:
+                seen, since = mark, time.monotonic()
+                continue
+            if change is None or time.monotonic() - since < TAKEOVER_SECONDS or self._busy.locked():
+                continue
+            if change["coordinator"] != me and self._alive(change["coordinator"]):
+                continue                        # alive and stuck on a slow step: its own deadlines end it
+            try:
+                self._take_over(change)
+            except KvsError as exc:
+                log.error("taking over the view change to epoch %d failed: %s", change["number"], exc.message)
+
+    def _take_over(self, change: dict) -> None:
+        if not self._busy.acquire(blocking=False):
+            return
+        try:
+            n, me = change["number"], self._node.settings.address
+            if self._meta(("claim", n, change["coordinator"], change["steps"], me)) is not True:
+                return
+            log.warning("%s takes over the view change to epoch %d (phase %s) from %s",
+                        me, n, change["phase"], change["coordinator"])
+            plan = Plan.from_dict(change["plan"])
+            self.progress = Progress(epoch=n, phase=change["phase"], moves_total=len(plan.moves))
+            if change["phase"] == "committed":
+                self._clean_up(plan, self._node.meta_epoch(n - 1) or plan.epoch)
+                self.progress.phase = "done"
+            else:
+                self._roll_back(plan, self._node.epoch)
+        finally:
+            self._busy.release()
+
+    def _alive(self, address: str) -> bool:
+        try:
+            self._forwarder.send(address, "GET", "/health", None, uuid.uuid4().hex, time.monotonic() + 2)
+            return True
+        except PeerUnreachable:
+            return False
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -207,7 +275,9 @@ class ViewChange:
     def _push_epochs(self, active: ConfigEpoch, pending: ConfigEpoch | None, nodes: list[str]) -> None:
         payload = {"active": active.to_dict(), "pending": pending.to_dict() if pending else None}
         for address in nodes:
-            deadline = time.monotonic() + SETTLE_SECONDS
+            must_learn = pending is not None and address in pending.view
+            # others learn from the metadata group or from the next push when they come back
+            deadline = time.monotonic() + (SETTLE_SECONDS if must_learn else 5.0)
             while True:
                 try:
                     resp = self._forwarder.send(address, "POST", "/internal/epochs", payload, uuid.uuid4().hex,
@@ -217,7 +287,7 @@ class ViewChange:
                 except PeerUnreachable:
                     pass
                 if time.monotonic() >= deadline:
-                    if pending is not None and address in pending.view:
+                    if must_learn:
                         raise Unavailable(f"{address} did not learn epoch {pending.number}")
                     log.warning("%s did not learn epoch %d", address, active.number)
                     break
@@ -245,10 +315,10 @@ class ViewChange:
                 try:
                     body = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
                                                 min(deadline, time.monotonic() + 2)).body
-                    if (body.get("epoch") or 0) >= epoch.number:
-                        break
                 except PeerUnreachable:
-                    pass
+                    break                       # down: it learns the epoch when it comes back
+                if (body.get("epoch") or 0) >= epoch.number:
+                    break
                 time.sleep(0.05)
 
     def _check_reachable(self, new: ConfigEpoch, current: ConfigEpoch) -> None:

@@ -1,0 +1,79 @@
+"""The coordinator of a view change is SIGKILLed: another node rolls the change back or finishes it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+
+from kvs.client import KvsClient
+from kvs.local import wait_until
+
+from .test_view_change import change_view, grown
+
+pytestmark = pytest.mark.cluster
+
+KEYS = 1500
+
+
+def phase(node: str) -> dict:
+    return requests.get(f"http://{node}/kvs/view-change", timeout=5).json()
+
+
+def start_change_and_kill_coordinator(cluster, extra, when: tuple[str, ...]) -> str:
+    client = KvsClient(cluster.view[3])
+    for i in range(KEYS):
+        assert client.put(f"crash-{i}", f"v{i}")[0] == 201
+    coordinator, observer = cluster.view[0], cluster.view[4]
+
+    def change() -> None:
+        try:
+            change_view(coordinator, cluster.view + extra)
+        except requests.RequestException:
+            pass                                    # its coordinator dies: no answer
+
+    threading.Thread(target=change, daemon=True).start()
+    wait_until(lambda: phase(observer)["phase"] in when, 60, interval=0.002, message=f"phase in {when}")
+    cluster.kill(coordinator)
+    return coordinator
+
+
+def assert_every_key_readable(node: str) -> None:
+    reader = KvsClient(node)
+    missing = [i for i in range(KEYS) if reader.get(f"crash-{i}")[1].get("value") != f"v{i}"]
+    assert not missing, f"{len(missing)} keys lost, e.g. {missing[:5]}"
+
+
+def shard_counts(node: str) -> dict[str, int]:
+    client = KvsClient(node)
+    return {sid: client.shard(sid)[1]["key-count"] for sid in client.shards()[1]["shards"]}
+
+
+def test_a_coordinator_killed_before_commit_is_rolled_back(make_cluster):
+    cluster = make_cluster(2, 3)
+    extra = grown(cluster, 3)
+    coordinator = start_change_and_kill_coordinator(cluster, extra, ("prepared", "copying", "frozen"))
+    observer = cluster.view[4]
+    wait_until(lambda: phase(observer)["phase"] is None, 90, interval=0.2, message="change rolled back")
+    assert phase(observer)["epoch"] == 1
+    assert_every_key_readable(cluster.view[5])
+    assert sum(shard_counts(cluster.view[5]).values()) == KEYS      # no copy left behind
+    cluster.start_node(coordinator)
+    cluster.wait_healthy([coordinator], timeout=60)
+    status, body = change_view(cluster.view[1], cluster.view + extra)
+    assert status == 200, body
+    assert_every_key_readable(extra[0])
+    assert sum(s["key-count"] for s in body["shards"]) == KEYS
+
+
+def test_a_coordinator_killed_after_commit_is_finished_by_another_node(make_cluster):
+    cluster = make_cluster(2, 3)
+    extra = grown(cluster, 3)
+    start_change_and_kill_coordinator(cluster, extra, ("committed",))
+    observer = cluster.view[4]
+    wait_until(lambda: phase(observer)["phase"] is None, 90, interval=0.2, message="change finished")
+    assert phase(observer)["epoch"] == 2
+    assert_every_key_readable(extra[1])
+    counts = shard_counts(extra[1])
+    assert len(counts) == 3 and sum(counts.values()) == KEYS        # moved keys dropped at their sources

@@ -77,3 +77,23 @@ def test_a_coordinator_killed_after_commit_is_finished_by_another_node(make_clus
     assert_every_key_readable(extra[1])
     counts = shard_counts(extra[1])
     assert len(counts) == 3 and sum(counts.values()) == KEYS        # moved keys dropped at their sources
+
+
+def test_a_change_completes_when_a_source_replica_dies_during_the_copy(make_cluster):
+    cluster = make_cluster(2, 3)
+    extra = grown(cluster, 3)
+    client = KvsClient(cluster.view[3])
+    for i in range(KEYS):
+        assert client.put(f"crash-{i}", f"v{i}")[0] == 201
+    result = {}
+    changer = threading.Thread(target=lambda: result.update(answer=change_view(cluster.view[0],
+                                                                              cluster.view + extra)))
+    changer.start()
+    wait_until(lambda: phase(cluster.view[4])["phase"] in ("prepared", "copying", "frozen"), 60,
+               interval=0.002, message="copy under way")
+    cluster.kill(cluster.view[1])                   # a replica of source shard 1, not the coordinator
+    changer.join(120)
+    status, body = result["answer"]
+    assert status == 200, body
+    assert_every_key_readable(extra[2])
+    assert sum(s["key-count"] for s in body["shards"]) == KEYS

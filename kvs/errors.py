@@ -36,6 +36,12 @@ class NotFound(KvsError):
     status = 404
 
 
+class Conflict(KvsError):
+    """Another operation that excludes this one is running (a view change)."""
+
+    status = 409
+
+
 class PayloadTooLarge(KvsError):
     """The request body exceeds the documented limit."""
 

@@ -39,7 +39,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..errors import BadRequest, KvsError, Unavailable
+from ..errors import BadRequest, Conflict, KvsError, Unavailable
 from ..forwarding import Forwarder, PeerUnreachable
 from ..node import Node
 from ..raft.state_machine import Invalid
@@ -54,10 +54,6 @@ STEP_SECONDS = 30.0       # each remote step must succeed within this
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
 TAKEOVER_SECONDS = 5.0    # a change without progress this long, whose coordinator is gone, is taken over
 WATCH_PERIOD = 1.0
-
-
-class ChangeInProgress(KvsError):
-    status = 409
 
 
 @dataclass
@@ -92,16 +88,16 @@ class ViewChange:
             raise BadRequest("repl-factor must be an integer")
         current = self._node.epoch
         if current is None or self._node.change() is not None:
-            raise ChangeInProgress("a view change is in progress" if current else "no configuration yet")
+            raise Conflict("a view change is in progress" if current else "no configuration yet")
         plan = plan_view_change(current, parse_view(view_text), repl_factor)
         self._check_reachable(plan.epoch, current)
         if not self._busy.acquire(blocking=False):
-            raise ChangeInProgress("a view change is in progress on this node")
+            raise Conflict("a view change is in progress on this node")
         try:
             self.progress = Progress(epoch=plan.epoch.number, phase="preparing", moves_total=len(plan.moves))
             result = self._meta(("prepare", plan.to_dict(), self._node.settings.address))
             if isinstance(result, Invalid):
-                raise ChangeInProgress(result.reason)
+                raise Conflict(result.reason)
             try:
                 self._prepare_and_copy(plan, current)
             except Exception as exc:

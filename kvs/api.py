@@ -246,6 +246,15 @@ def view_change() -> Response:
     return _json(200, {"message": "View change successful", "shards": shard_list})
 
 
+@shards.route("/kvs/reshard", methods=["PUT"])
+def reshard() -> Response:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("Malformed JSON body")
+    shard_list = current_app.extensions["kvs"][2].reshard(body.get("shard-count"))
+    return _json(200, {"message": "Resharding done successfully", "shards": shard_list})
+
+
 @shards.route("/kvs/view-change", methods=["GET"])
 def view_change_status() -> Response:
     node = _node()

@@ -180,3 +180,18 @@ def test_the_cli_shows_progress_until_the_change_is_done(make_cluster):
     assert '"View change successful"' in done.stdout
     assert "ranges" in done.stderr and "keys moved" in done.stderr
     assert KvsClient(extra[0]).key_count()[1]["key-count"] > 0
+
+
+def test_reshard_to_a_given_shard_count(make_cluster):
+    cluster = make_cluster(4, 1)
+    client = KvsClient(cluster.view[0])
+    for i in range(100):
+        client.put(f"re-{i}", f"v{i}")
+    resp = requests.put(f"http://{cluster.view[2]}/kvs/reshard", json={"shard-count": 3}, timeout=30)
+    assert resp.status_code == 400 and "equal size" in resp.json()["error"]
+    resp = requests.put(f"http://{cluster.view[2]}/kvs/reshard", json={"shard-count": 2}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    shards = resp.json()["shards"]
+    assert [len(s["replicas"]) for s in shards] == [2, 2]
+    assert sum(s["key-count"] for s in shards) == 100
+    assert all(KvsClient(cluster.view[3]).get(f"re-{i}")[1].get("value") == f"v{i}" for i in range(100))

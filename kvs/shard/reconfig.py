@@ -110,6 +110,17 @@ class ViewChange:
         finally:
             self._busy.release()
 
+    def reshard(self, shard_count: object) -> list[dict]:
+        """The seeds' reshard: the same nodes in `shard_count` shards (the replication factor follows)."""
+        current = self._node.epoch
+        if current is None:
+            raise Conflict("no configuration yet")
+        if not isinstance(shard_count, int) or isinstance(shard_count, bool) or shard_count < 1:
+            raise BadRequest("shard-count must be a positive integer")
+        if len(current.view) % shard_count:
+            raise BadRequest(f"{len(current.view)} nodes cannot form {shard_count} shards of equal size")
+        return self.run(",".join(current.view), len(current.view) // shard_count)
+
     # -- phases ----------------------------------------------------------------------------
 
     def _prepare_and_copy(self, plan: Plan, current: ConfigEpoch) -> None:

@@ -49,7 +49,7 @@ from .planner import Move, Plan, plan_view_change
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1000              # keys per install command
+CHUNK_BYTES = 256 * 1024  # one install command carries about this much (requests are capped at 1 MiB)
 STEP_SECONDS = 30.0       # each remote step must succeed within this
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
 TAKEOVER_SECONDS = 5.0    # a change without progress this long, whose coordinator is gone, is taken over
@@ -239,15 +239,13 @@ class ViewChange:
         request = {"source": move.source, "old_ring": current.ring.to_dict(),
                    "new_ring": plan.epoch.ring.to_dict(), "destination": move.destination}
         exported = self._call_group(current, move.source, "export", request)
-        items, dedup = exported["items"], exported["dedup"]
         n = plan.epoch.number
-        chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)] or [[]]
-        for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
+        batches = _batches(exported["items"], exported["dedup"])
+        for i, (items, dedup) in enumerate(batches):
             self._group_command(plan.epoch, move.destination,
-                                ["install", n, move.source, request["old_ring"], request["new_ring"], chunk,
-                                 dedup if last else [], clear and i == 0])
-            self.progress.keys_moved += len(chunk)
+                                ["install", n, move.source, request["old_ring"], request["new_ring"], items,
+                                 dedup, clear and i == 0])
+            self.progress.keys_moved += len(items)
 
     def _advance(self, number: int, phase: str) -> None:
         self.progress.phase = phase
@@ -365,3 +363,18 @@ def _all_nodes(*epochs: ConfigEpoch) -> list[str]:
         for address in epoch.view:
             seen[address] = None
     return list(seen)
+
+
+def _batches(items: list, dedup: list) -> list[tuple[list, list]]:
+    """Cut a range's keys and dedup entries into install commands of about CHUNK_BYTES each."""
+    batches: list[tuple[list, list]] = [([], [])]
+    size = 0
+    for kind, rows in ((0, items), (1, dedup)):
+        for row in rows:
+            row_size = len(str(row)) + 8
+            if size + row_size > CHUNK_BYTES and (batches[-1][0] or batches[-1][1]):
+                batches.append(([], []))
+                size = 0
+            batches[-1][kind].append(row)
+            size += row_size
+    return batches

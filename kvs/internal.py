@@ -4,6 +4,7 @@ Every request must carry a valid signature of the cluster secret (see
 `kvs.forwarding`); without a secret the cluster is unauthenticated anyway.
 
     POST /internal/epochs                 {"active": epoch, "pending": epoch|null}: learn epochs
+    GET  /internal/epochs                 the epochs this node's metadata replica knows
     POST /internal/groups/<id>/commands   {"command": [...]}: a view-change command through the group's log
     POST /internal/groups/<id>/export     {"source", "old_ring", "new_ring", "destination"}: the moving keys,
                                           read after a barrier, with their slice of the deduplication table
@@ -64,6 +65,16 @@ def learn_epochs() -> Response:
     node = current_app.extensions["kvs"][0]
     node.learn(body["active"], body.get("pending"))
     return _json({"epoch": body["active"]["number"]})
+
+
+@internal.route("/epochs", methods=["GET"])
+def known_epochs() -> Response:
+    """The active epoch and any pending one, as this node's metadata replica knows them."""
+    node = current_app.extensions["kvs"][0]
+    epoch, change = node.epoch, node.change()
+    pending = change["plan"]["epoch"] if change is not None and change["phase"] != "committed" else None
+    return _json({"active": epoch.to_dict() if epoch is not None else None, "pending": pending,
+                  "metadata-member": node.has_metadata_replica})
 
 
 @internal.route("/groups/<shard_id>/commands", methods=["POST"])

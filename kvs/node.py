@@ -165,6 +165,14 @@ class Node:
         except FileNotFoundError:
             return {}
 
+    @property
+    def pushed_pending(self) -> dict | None:
+        return self._pushed.get("pending")
+
+    @property
+    def has_metadata_replica(self) -> bool:
+        return self._meta is not None
+
     def change(self) -> dict | None:
         """The view change in progress as the metadata group records it (members only)."""
         return self._meta.state.change() if self._meta is not None else None

@@ -97,3 +97,26 @@ def test_a_change_completes_when_a_source_replica_dies_during_the_copy(make_clus
     assert status == 200, body
     assert_every_key_readable(extra[2])
     assert sum(s["key-count"] for s in body["shards"]) == KEYS
+
+
+def test_a_new_node_that_was_down_at_commit_catches_up_when_it_returns(make_cluster):
+    cluster = make_cluster(2, 3)
+    extra = grown(cluster, 3)
+    client = KvsClient(cluster.view[3])
+    for i in range(300):
+        assert client.put(f"late-{i}", f"v{i}")[0] == 201
+    result = {}
+    changer = threading.Thread(target=lambda: result.update(answer=change_view(cluster.view[0],
+                                                                              cluster.view + extra)))
+    changer.start()
+    wait_until(lambda: phase(cluster.view[4])["phase"] in ("copying", "frozen", "caught-up"), 60,
+               interval=0.002, message="copy under way")
+    late = extra[2]                                 # a replica of the new shard; the other two keep it going
+    cluster.kill(late)
+    changer.join(120)
+    assert result["answer"][0] == 200, result["answer"]
+    cluster.start_node(late)                        # it missed the commit: it must catch up by itself
+    wait_until(lambda: requests.get(f"http://{late}/kvs/status", timeout=2).json()["epoch"] == 2, 30,
+               interval=0.2, message="the returning node knows epoch 2")
+    reader = KvsClient(late)
+    assert all(reader.get(f"late-{i}")[1].get("value") == f"v{i}" for i in range(300))

@@ -193,6 +193,9 @@ class ViewChange:
         seen, since = None, time.monotonic()
         stopped = threading.Event()
         while not stopped.wait(WATCH_PERIOD):
+            if not self._node.has_metadata_replica:
+                self._pull_epochs()
+                continue
             change = self._node.change()
             mark = None if change is None else (change["number"], change["coordinator"], change["steps"])
             if mark != seen:
@@ -225,6 +228,26 @@ class ViewChange:
                 self._roll_back(plan, self._node.epoch)
         finally:
             self._busy.release()
+
+    def _pull_epochs(self) -> None:
+        """A node outside the metadata group catches up with epochs it missed while it was down."""
+        epoch = self._node.epoch
+        if epoch is None:
+            return                              # idle: it joins when a coordinator pushes to it
+        for address in epoch.metadata_members:
+            try:
+                body = self._forwarder.send(address, "GET", "/internal/epochs", None, uuid.uuid4().hex,
+                                            time.monotonic() + 2).body
+            except PeerUnreachable:
+                continue
+            if body.get("metadata-member") and body.get("active"):
+                # Only ever move forward: a newer active epoch, or a pending one this node lacks. A pending
+                # epoch is never dropped by a pull (a member that lags could report none mid-change).
+                newer = body["active"]["number"] > epoch.number
+                pending = body.get("pending")
+                if newer or (pending is not None and pending != self._node.pushed_pending):
+                    self._node.learn(body["active"], pending)
+                return
 
     def _alive(self, address: str) -> bool:
         try:

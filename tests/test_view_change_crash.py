@@ -21,22 +21,30 @@ def phase(node: str) -> dict:
     return requests.get(f"http://{node}/kvs/view-change", timeout=5).json()
 
 
-def start_change_and_kill_coordinator(cluster, extra, when: tuple[str, ...]) -> str:
+def load_and_start_change(cluster, extra, keys: int, prefix: str,
+                          when: tuple[str, ...]) -> tuple[threading.Thread, dict]:
+    """Load keys, start growing the view from cluster.view[0] in a thread, return once a phase in `when` shows."""
     client = KvsClient(cluster.view[3])
-    for i in range(KEYS):
-        assert client.put(f"crash-{i}", f"v{i}")[0] == 201
-    coordinator, observer = cluster.view[0], cluster.view[4]
+    for i in range(keys):
+        assert client.put(f"{prefix}-{i}", f"v{i}")[0] == 201
+    result: dict = {}
 
     def change() -> None:
         try:
-            change_view(coordinator, cluster.view + extra)
+            result["answer"] = change_view(cluster.view[0], cluster.view + extra)
         except requests.RequestException:
-            pass                                    # its coordinator dies: no answer
+            pass                                    # its coordinator died: no answer
 
-    threading.Thread(target=change, daemon=True).start()
-    wait_until(lambda: phase(observer)["phase"] in when, 60, interval=0.002, message=f"phase in {when}")
-    cluster.kill(coordinator)
-    return coordinator
+    changer = threading.Thread(target=change, daemon=True)
+    changer.start()
+    wait_until(lambda: phase(cluster.view[4])["phase"] in when, 60, interval=0.002, message=f"phase in {when}")
+    return changer, result
+
+
+def start_change_and_kill_coordinator(cluster, extra, when: tuple[str, ...]) -> str:
+    load_and_start_change(cluster, extra, KEYS, "crash", when)
+    cluster.kill(cluster.view[0])
+    return cluster.view[0]
 
 
 def assert_every_key_readable(node: str) -> None:
@@ -82,15 +90,7 @@ def test_a_coordinator_killed_after_commit_is_finished_by_another_node(make_clus
 def test_a_change_completes_when_a_source_replica_dies_during_the_copy(make_cluster):
     cluster = make_cluster(2, 3)
     extra = grown(cluster, 3)
-    client = KvsClient(cluster.view[3])
-    for i in range(KEYS):
-        assert client.put(f"crash-{i}", f"v{i}")[0] == 201
-    result = {}
-    changer = threading.Thread(target=lambda: result.update(answer=change_view(cluster.view[0],
-                                                                              cluster.view + extra)))
-    changer.start()
-    wait_until(lambda: phase(cluster.view[4])["phase"] in ("prepared", "copying", "frozen"), 60,
-               interval=0.002, message="copy under way")
+    changer, result = load_and_start_change(cluster, extra, KEYS, "crash", ("prepared", "copying", "frozen"))
     cluster.kill(cluster.view[1])                   # a replica of source shard 1, not the coordinator
     changer.join(120)
     status, body = result["answer"]
@@ -102,15 +102,7 @@ def test_a_change_completes_when_a_source_replica_dies_during_the_copy(make_clus
 def test_a_new_node_that_was_down_at_commit_catches_up_when_it_returns(make_cluster):
     cluster = make_cluster(2, 3)
     extra = grown(cluster, 3)
-    client = KvsClient(cluster.view[3])
-    for i in range(300):
-        assert client.put(f"late-{i}", f"v{i}")[0] == 201
-    result = {}
-    changer = threading.Thread(target=lambda: result.update(answer=change_view(cluster.view[0],
-                                                                              cluster.view + extra)))
-    changer.start()
-    wait_until(lambda: phase(cluster.view[4])["phase"] in ("copying", "frozen", "caught-up"), 60,
-               interval=0.002, message="copy under way")
+    changer, result = load_and_start_change(cluster, extra, 300, "late", ("copying", "frozen", "caught-up"))
     late = extra[2]                                 # a replica of the new shard; the other two keep it going
     cluster.kill(late)
     changer.join(120)

@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import BadRequest, Conflict, KvsError, Unavailable
 from ..forwarding import Forwarder, PeerUnreachable
@@ -64,7 +64,6 @@ class Progress:
     moves_done: int = 0
     keys_moved: int = 0
     error: str | None = None
-    started: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "phase": self.phase, "moves-total": self.moves_total,
@@ -161,7 +160,7 @@ class ViewChange:
         for shard_id in sorted({m.source for m in plan.moves} & set(kept)):
             self._group_command(plan.epoch, shard_id, ["drop", n])
         self._meta(("finish", n))
-        self._wait_for_epoch(plan.epoch, everyone)
+        self._wait_for_epoch(plan.epoch)
 
     def _roll_back(self, plan: Plan, current: ConfigEpoch) -> None:
         n = plan.epoch.number
@@ -334,7 +333,7 @@ class ViewChange:
             time.sleep(0.1)
         raise Unavailable(f"new shard {shard_id} elected no leader within {SETTLE_SECONDS}s")
 
-    def _wait_for_epoch(self, epoch: ConfigEpoch, nodes: list[str]) -> None:
+    def _wait_for_epoch(self, epoch: ConfigEpoch) -> None:
         """Until every node of the new view routes by the new epoch (bounded; stragglers are logged)."""
         deadline = time.monotonic() + SETTLE_SECONDS
         for address in epoch.view:

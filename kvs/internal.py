@@ -8,6 +8,9 @@ Every request must carry a valid signature of the cluster secret (see
     POST /internal/groups/<id>/commands   {"command": [...]}: a view-change command through the group's log
     POST /internal/groups/<id>/export     {"source", "old_ring", "new_ring", "destination"}: the moving keys,
                                           read after a barrier, with their slice of the deduplication table
+                                          and the change number they were read at
+    POST /internal/groups/<id>/changes    the same and {"since": n}: only the moving keys written (or
+                                          deleted) after change number n, read after a barrier
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from .raft.shard_state import dedup_from_json, dedup_to_json
 
 internal = Blueprint("internal", __name__, url_prefix="/internal")
 
-ADMIN_COMMANDS = {"freeze", "thaw", "install", "own", "drop"}
+ADMIN_COMMANDS = {"track", "freeze", "thaw", "install", "own", "drop"}
 
 
 @internal.before_request
@@ -91,6 +94,17 @@ def group_command(shard_id: str) -> Response:
 @internal.route("/groups/<shard_id>/export", methods=["POST"])
 def export(shard_id: str) -> Response:
     b = _body()
-    items, dedup = _group(shard_id).read(
+    items, dedup, number = _group(shard_id).read(
         lambda state: state.export(b["source"], b["old_ring"], b["new_ring"], b["destination"]), _deadline())
-    return _json({"items": items, "dedup": dedup_to_json(dedup)})
+    return _json({"items": items, "deleted": [], "dedup": dedup_to_json(dedup), "number": number})
+
+
+@internal.route("/groups/<shard_id>/changes", methods=["POST"])
+def export_changes(shard_id: str) -> Response:
+    b = _body()
+    if not isinstance(b.get("since"), int):
+        raise BadRequest("since must be an integer")
+    items, deleted, dedup, number = _group(shard_id).read(
+        lambda state: state.export_changes(b["source"], b["old_ring"], b["new_ring"], b["destination"],
+                                           b["since"]), _deadline())
+    return _json({"items": items, "deleted": deleted, "dedup": dedup_to_json(dedup), "number": number})

@@ -116,14 +116,14 @@ def test_a_move_from_freeze_to_drop():
     for i, k in enumerate(moving + staying):
         source.apply(("put", f"id-{i}", k, f"v-{k}"))
     # bulk copy while the source serves, then a write the final catch-up must carry
-    items, dedup = source.export("1", OLD, NEW, "3")
+    items, dedup, _ = source.export("1", OLD, NEW, "3")
     destination.apply(("install", 2, "1", OLD, NEW, items, dedup, True))
     source.apply(("put", "late", moving[0], "late-value"))
     source.apply(("delete", "gone", moving[1]))
     assert source.apply(("freeze", 2, NEW)) is True
     assert source.apply(("put", "refused", moving[2], "x")) == NotOwned(2)      # moving: frozen
     assert source.apply(("put", "fine", staying[0], "y")) == Written(True)     # not moving: served
-    items, dedup = source.export("1", OLD, NEW, "3")
+    items, dedup, _ = source.export("1", OLD, NEW, "3")
     destination.apply(("install", 2, "1", OLD, NEW, items, dedup, True))
     assert destination.read(moving[0]) == "late-value"
     assert destination.read(moving[1]) is None                                 # the delete carried over
@@ -156,3 +156,52 @@ def test_ownership_survives_snapshot_and_restore():
     restored.restore(s.snapshot())
     k = keys_moving("1", "3", 1)[0]
     assert restored.apply(("put", "a", k, "v")) == NotOwned(2)
+
+
+def test_a_tracked_move_catches_up_with_only_the_changes():
+    source, destination = ShardState(ownership=(1, "1", OLD)), ShardState(ownership=(2, "3", NEW))
+    moving = keys_moving("1", "3", 6)
+    staying = keys_moving("1", "1", 3)
+    for i, k in enumerate(moving + staying):
+        source.apply(("put", f"id-{i}", k, f"v-{k}"))
+    assert source.apply(("track", 2, NEW)) is True and source.apply(("track", 2, NEW)) is False
+    source.apply(("put", "before-copy", moving[0], "seen-by-the-copy"))
+    items, dedup, number = source.export("1", OLD, NEW, "3")
+    assert number == 1                                  # only the write of a moving key is numbered
+    destination.apply(("install", 2, "1", OLD, NEW, items, dedup, True))
+    source.apply(("put", "after-copy", moving[1], "new"))
+    source.apply(("delete", "deleted", moving[2]))
+    source.apply(("put", "stays", staying[0], "not tracked"))
+    items, deleted, dedup, number2 = source.export_changes("1", OLD, NEW, "3", since=number)
+    assert items == [(moving[1], "new")] and deleted == [moving[2]] and number2 == 3
+    assert sorted(rid for rid, _ in dedup) == ["after-copy", "deleted"]
+    destination.apply(("install", 2, "1", OLD, NEW, items, dedup, False, deleted))
+    assert source.export_changes("1", OLD, NEW, "3", since=number2)[:3] == ([], [], [])
+    # the destination now holds exactly the source's moving keys, and their request ids
+    expected, _, _ = source.export("1", OLD, NEW, "3")
+    assert sorted(destination.snapshot()["data"].items()) == expected
+    assert destination.apply(("put", "after-copy", moving[1], "new")) == Written(True)   # a retry, not re-applied
+
+
+def test_tracking_survives_a_snapshot_and_ends_with_thaw_or_own():
+    s = ShardState(ownership=(1, "1", OLD))
+    k = keys_moving("1", "3", 1)[0]
+    s.apply(("track", 2, NEW))
+    s.apply(("put", "a", k, "v"))
+    restored = ShardState()
+    restored.restore(s.snapshot())
+    assert restored.export_changes("1", OLD, NEW, "3", since=0)[0] == [(k, "v")]
+    assert restored.apply(("thaw", 2)) is False         # nothing was frozen, but tracking stops
+    restored.apply(("put", "b", k, "w"))
+    assert restored.export_changes("1", OLD, NEW, "3", since=0)[0] == []
+    s.apply(("own", 2, "1", NEW))
+    assert s.export_changes("1", OLD, NEW, "3", since=0)[0] == []
+
+
+def test_tracking_for_a_different_ring_under_the_same_number_restarts():
+    s = ShardState(ownership=(1, "1", OLD))
+    s.apply(("track", 2, OLD))                          # a rolled-back change whose thaw was lost
+    assert s.apply(("track", 2, NEW)) is True
+    k = keys_moving("1", "3", 1)[0]
+    s.apply(("put", "a", k, "v"))
+    assert s.export_changes("1", OLD, NEW, "3", since=0)[0] == [(k, "v")]

@@ -29,14 +29,24 @@ Commands are tuples, first element the operation:
     ("delete", request_id, key)       -> Deleted(existed) | NotOwned
     ("barrier",)                      -> None   (orders linearizable reads)
   view changes (kvs.shard.reconfig), all idempotent:
+    ("track", epoch, new_ring)        number every later write of a key that moves away under
+                                      `new_ring`, so a copy can be caught up with only the changes
     ("freeze", epoch, new_ring)       stop serving keys that move away under `new_ring`
-    ("thaw", epoch)                   undo a freeze (the change was rolled back)
-    ("install", epoch, source, old_ring, new_ring, items, dedup, clear)
+    ("thaw", epoch)                   undo a freeze and tracking (the change was rolled back)
+    ("install", epoch, source, old_ring, new_ring, items, dedup, clear[, deleted])
                                       receive keys moving here from `source` (with their slice
-                                      of the deduplication table); `clear` first empties that set
+                                      of the deduplication table); `clear` first empties that set;
+                                      `deleted` keys were deleted at the source since the last copy
     ("own", epoch, shard_id, ring)    take the ownership of `epoch`
     ("drop", epoch)                   forget keys (and dedup entries) no longer owned
 Rings travel as `HashRing.to_dict()`.
+
+Change tracking: between "track" and the end of the change, every applied
+write of a moving key gets the next number of a counter that is part of the
+replicated state, as does its deduplication entry. A copy reads the counter
+before the keys, so "everything numbered above what the last copy saw" is a
+superset of what changed since: the final catch-up after the freeze moves
+only those keys, and the write pause no longer grows with the range.
 """
 
 from __future__ import annotations
@@ -74,11 +84,16 @@ class ShardState(StateMachine):
         self._dedup_capacity = dedup_capacity
         self._ownership = ownership
         self._frozen: tuple[int, dict] | None = None       # (epoch, ring the moving keys go by)
+        self._tracking: tuple[int, dict] | None = None     # (epoch, ring) whose moving keys are tracked
+        self._change_number = 0                             # numbers tracked writes; never goes back
+        self._changed_keys: dict[str, int] = {}            # key -> number of its last tracked write
+        self._changed_requests: dict[str, int] = {}        # request id -> number of its tracked write
         self._rings: dict[tuple, HashRing] = {}             # derived cache, never snapshotted
         self._handlers = {
             "put": self._put,
             "delete": self._delete,
             "barrier": self._barrier,
+            "track": self._track,
             "freeze": self._freeze,
             "thaw": self._thaw,
             "install": self._install,
@@ -91,7 +106,9 @@ class ShardState(StateMachine):
     def snapshot(self) -> dict:
         """Capture the state (shallow copies; the caller serialises them)."""
         return {"data": dict(self._data), "dedup": list(self._dedup.items()),
-                "ownership": self._ownership, "frozen": self._frozen}
+                "ownership": self._ownership, "frozen": self._frozen,
+                "tracking": (self._tracking, self._change_number, dict(self._changed_keys),
+                             dict(self._changed_requests))}
 
     def restore(self, snapshot: dict) -> None:
         """Discard everything, then take the snapshot's state."""
@@ -100,6 +117,9 @@ class ShardState(StateMachine):
         if "ownership" in snapshot:         # snapshots older than fencing keep the constructor's
             self._ownership = snapshot["ownership"]
         self._frozen = snapshot.get("frozen")
+        tracking, number, keys, requests = snapshot.get("tracking") or (None, 0, {}, {})
+        self._tracking, self._change_number = tracking, number
+        self._changed_keys, self._changed_requests = dict(keys), dict(requests)
 
     # -- reads (never replicated; callers order them with a barrier) -------
 
@@ -115,13 +135,43 @@ class ShardState(StateMachine):
     def epoch(self) -> int:
         return self._ownership[0] if self._ownership else 0
 
-    def export(self, source: str, old_ring: dict, new_ring: dict, destination: str) -> tuple[list, list]:
-        """(items, dedup entries) of the keys moving from `source` to `destination`."""
+    def export(self, source: str, old_ring: dict, new_ring: dict, destination: str) -> tuple[list, list, int]:
+        """(items, dedup entries, change number) of the keys moving from `source` to `destination`.
+
+        The change number is read first: a write applied while the copy is taken (reads run beside
+        the tick thread) is numbered above it, so `export_changes(since=it)` catches it up."""
+        number = self._change_number
         moving = self._mover(source, old_ring, new_ring, destination)
         data = dict(self._data)
         items = sorted((k, v) for k, v in data.items() if moving(k))
         dedup = [(rid, entry) for rid, entry in list(self._dedup.items()) if moving(entry[1])]
-        return items, dedup
+        return items, dedup, number
+
+    def export_changes(self, source: str, old_ring: dict, new_ring: dict, destination: str,
+                       since: int) -> tuple[list, list, list, int]:
+        """(items, deleted keys, dedup entries, change number): the tracked writes numbered above
+        `since` of keys moving from `source` to `destination`, with their current values."""
+        number = self._change_number
+        moving = self._mover(source, old_ring, new_ring, destination)
+        keys = [k for k, n in list(self._changed_keys.items()) if n > since and moving(k)]
+        data = self._data
+        items, deleted = [], []
+        for key in sorted(keys):
+            value = data.get(key)
+            if value is None:
+                deleted.append(key)
+            else:
+                items.append((key, value))
+        dedup = []
+        for rid, n in list(self._changed_requests.items()):
+            entry = self._dedup.get(rid)
+            if n > since and entry is not None and moving(entry[1]):
+                dedup.append((rid, entry))
+        return items, deleted, dedup, number
+
+    @property
+    def change_number(self) -> int:
+        return self._change_number
 
     def key_count(self) -> int:
         return len(self._data)
@@ -150,6 +200,7 @@ class ShardState(StateMachine):
         result = Written(replaced=key in self._data)
         self._data[key] = value
         self._remember(request_id, fingerprint, key, result)
+        self._track_write(request_id, key)
         return result
 
     def _delete(self, request_id: str, key: str) -> Any:
@@ -162,6 +213,7 @@ class ShardState(StateMachine):
             return seen
         result = Deleted(existed=self._data.pop(key, None) is not None)
         self._remember(request_id, fingerprint, key, result)
+        self._track_write(request_id, key)
         return result
 
     def _barrier(self) -> None:
@@ -190,6 +242,30 @@ class ShardState(StateMachine):
         old, new = self._ring(old_ring), self._ring(new_ring)
         return lambda key: old.group_for(key) == source and new.group_for(key) == destination
 
+    def _track(self, epoch: int, new_ring: dict) -> bool:
+        # Equal rings, not just equal epochs: a rolled-back change whose thaw never arrived may have
+        # left tracking for another ring under the same number, and that would miss keys.
+        if epoch <= self.epoch or self._tracking == (epoch, new_ring):
+            return False
+        self._tracking = (epoch, new_ring)
+        self._changed_keys.clear()
+        self._changed_requests.clear()
+        return True
+
+    def _track_write(self, request_id: str, key: str) -> None:
+        if self._tracking is None or self._ownership is None:
+            return
+        if self._ring(self._tracking[1]).group_for(key) == self._ownership[1]:
+            return                                  # stays here: no copy needs it
+        self._change_number += 1
+        self._changed_keys[key] = self._change_number
+        self._changed_requests[request_id] = self._change_number
+
+    def _stop_tracking(self) -> None:
+        self._tracking = None
+        self._changed_keys.clear()
+        self._changed_requests.clear()
+
     def _freeze(self, epoch: int, new_ring: dict) -> bool:
         if epoch <= self.epoch:
             return False
@@ -197,13 +273,15 @@ class ShardState(StateMachine):
         return True
 
     def _thaw(self, epoch: int) -> bool:
+        if self._tracking is not None and self._tracking[0] == epoch:
+            self._stop_tracking()
         if self._frozen is None or self._frozen[0] != epoch:
             return False
         self._frozen = None
         return True
 
     def _install(self, epoch: int, source: str, old_ring: dict, new_ring: dict, items: list, dedup: list,
-                 clear: bool) -> int:
+                 clear: bool, deleted: list = ()) -> int:
         if epoch < self.epoch:
             return 0
         destination = self._ownership[1] if self._ownership else None
@@ -213,6 +291,8 @@ class ShardState(StateMachine):
                 del self._data[key]
         for key, value in items:
             self._data[key] = value
+        for key in deleted:
+            self._data.pop(key, None)
         for request_id, entry in dedup:
             self._dedup.setdefault(request_id, tuple(entry))
         while len(self._dedup) > self._dedup_capacity:
@@ -225,6 +305,8 @@ class ShardState(StateMachine):
         self._ownership = (epoch, shard_id, ring)
         if self._frozen is not None and self._frozen[0] <= epoch:
             self._frozen = None
+        if self._tracking is not None and self._tracking[0] <= epoch:
+            self._stop_tracking()
         return True
 
     def _drop(self, epoch: int) -> int:
@@ -250,7 +332,8 @@ class ShardState(StateMachine):
     def _remember(self, request_id: str, fingerprint: tuple, key: str, result: Any) -> None:
         self._dedup[request_id] = (fingerprint, key, result)
         while len(self._dedup) > self._dedup_capacity:
-            self._dedup.popitem(last=False)
+            forgotten, _ = self._dedup.popitem(last=False)
+            self._changed_requests.pop(forgotten, None)
 
 
 # -- the deduplication table on the wire (view changes move slices of it between groups) ---------

@@ -9,9 +9,12 @@ group (`kvs.raft.meta_state`):
 2. copy: every moving range is exported from its source group (after a read
    barrier) and installed into its destination through the destination's own
    log, with its slice of the deduplication table, while the source serves.
-3. freeze and catch up: sources stop serving only the moving keys
-   (`NotOwned`), and the ranges are copied again, so destinations hold exactly
-   what the sources held at freeze time. Clients of moving keys wait here.
+3. catch up, freeze, catch up: sources number every write of a moving key
+   from the start of the copy ("track"); a few rounds copy only the keys
+   written since the previous copy while the sources serve; then sources stop
+   serving only the moving keys (`NotOwned`) and one last round copies what
+   was written since, so destinations hold exactly what the sources held at
+   freeze time. Clients of moving keys wait only for this last, small round.
 4. commit: epoch N+1 becomes active; every node learns it; routers that still
    route by N meet a frozen source, wait for N+1 and route again.
 5. clean up: kept groups take the new ownership, sources drop the keys they
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 1024  # one install command carries about this much (requests are capped at 1 MiB)
 STEP_SECONDS = 30.0       # each remote step must succeed within this
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
+CATCH_UP_ROUNDS = 3       # at most this many catch-up copies while the sources still serve
+FREEZE_BELOW_KEYS = 500   # freeze once a catch-up round moved fewer keys than this
 TAKEOVER_SECONDS = 5.0    # a change without progress this long, whose coordinator is gone, is taken over
 WATCH_PERIOD = 1.0
 
@@ -128,16 +133,26 @@ class ViewChange:
         for shard_id in plan.new_groups:
             self._wait_for_leader(plan.epoch, shard_id)
         self._advance(n, "copying")
-        for move in plan.moves:
-            self._copy(move, plan, current, clear=True)
-        self._advance(n, "frozen")
         new_ring = plan.epoch.ring.to_dict()
-        for source in sorted({m.source for m in plan.moves}):
-            self._group_command(current, source, ["freeze", n, new_ring])
-        self.progress.moves_done = 0
+        sources = sorted({m.source for m in plan.moves})
+        for source in sources:
+            self._group_command(current, source, ["track", n, new_ring])
+        copied = []                             # per move: the change number its copy was read at
         for move in plan.moves:
-            self._copy(move, plan, current, clear=True)
+            copied.append(self._copy(move, plan, current, since=None))
             self.progress.moves_done += 1
+        # Catch up while the sources still serve, so the final catch-up (the write pause of the
+        # moving keys) has only the writes of one short round to move.
+        for _ in range(CATCH_UP_ROUNDS):
+            before = self.progress.keys_moved
+            copied = [self._copy(move, plan, current, since) for move, since in zip(plan.moves, copied)]
+            if self.progress.keys_moved - before < FREEZE_BELOW_KEYS:
+                break
+        self._advance(n, "frozen")
+        for source in sources:
+            self._group_command(current, source, ["freeze", n, new_ring])
+        for move, since in zip(plan.moves, copied):
+            self._copy(move, plan, current, since)
         self._advance(n, "caught-up")
 
     def _commit_and_clean_up(self, plan: Plan, current: ConfigEpoch) -> None:
@@ -257,17 +272,24 @@ class ViewChange:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _copy(self, move: Move, plan: Plan, current: ConfigEpoch, clear: bool) -> None:
+    def _copy(self, move: Move, plan: Plan, current: ConfigEpoch, since: int | None) -> int:
+        """Copy a move's keys into its destination: all of them (since=None, replacing any earlier
+        partial copy), or only those written after change number `since`. Returns the change number
+        the copy was read at."""
         request = {"source": move.source, "old_ring": current.ring.to_dict(),
                    "new_ring": plan.epoch.ring.to_dict(), "destination": move.destination}
-        exported = self._call_group(current, move.source, "export", request)
+        if since is None:
+            exported = self._call_group(current, move.source, "export", request)
+        else:
+            exported = self._call_group(current, move.source, "changes", {**request, "since": since})
         n = plan.epoch.number
-        batches = _batches(exported["items"], exported["dedup"])
-        for i, (items, dedup) in enumerate(batches):
+        for i, (items, dedup, deleted) in enumerate(_batches(exported["items"], exported["dedup"],
+                                                              exported["deleted"])):
             self._group_command(plan.epoch, move.destination,
                                 ["install", n, move.source, request["old_ring"], request["new_ring"], items,
-                                 dedup, clear and i == 0])
-            self.progress.keys_moved += len(items)
+                                 dedup, since is None and i == 0, deleted])
+            self.progress.keys_moved += len(items) + len(deleted)
+        return exported["number"]
 
     def _advance(self, number: int, phase: str) -> None:
         self.progress.phase = phase
@@ -387,15 +409,15 @@ def _all_nodes(*epochs: ConfigEpoch) -> list[str]:
     return list(seen)
 
 
-def _batches(items: list, dedup: list) -> list[tuple[list, list]]:
-    """Cut a range's keys and dedup entries into install commands of about CHUNK_BYTES each."""
-    batches: list[tuple[list, list]] = [([], [])]
+def _batches(items: list, dedup: list, deleted: list) -> list[tuple[list, list, list]]:
+    """Cut a range's keys, dedup entries and deletions into install commands of about CHUNK_BYTES each."""
+    batches: list[tuple[list, list, list]] = [([], [], [])]
     size = 0
-    for kind, rows in ((0, items), (1, dedup)):
+    for kind, rows in ((0, items), (1, dedup), (2, deleted)):
         for row in rows:
             row_size = len(str(row)) + 8
-            if size + row_size > CHUNK_BYTES and (batches[-1][0] or batches[-1][1]):
-                batches.append(([], []))
+            if size + row_size > CHUNK_BYTES and any(batches[-1]):
+                batches.append(([], [], []))
                 size = 0
             batches[-1][kind].append(row)
             size += row_size

@@ -22,6 +22,7 @@ def serve(args: argparse.Namespace) -> int:
     from .errors import KvsError
     from .forwarding import Forwarder
     from .node import Node
+    from .membership import MetadataMembership
     from .settings import NodeSettings
     from .shard.reconfig import ViewChange
     from .shard.router import Router
@@ -44,6 +45,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     node.start()
     view_change.watch()
+    MetadataMembership(node, forwarder).watch()
     logging.getLogger(__name__).info("serving %s on %s:%d", settings.address, settings.bind_host,
                                      settings.http_port)
     server.run()

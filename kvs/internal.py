@@ -5,6 +5,8 @@ Every request must carry a valid signature of the cluster secret (see
 
     POST /internal/epochs                 {"active": epoch, "pending": epoch|null}: learn epochs
     GET  /internal/epochs                 the epochs this node's metadata replica knows
+    POST /internal/metadata               {"member": bool, "peers": [raft addresses]}: join or leave the
+                                          metadata group (sent by its leader, kvs.membership)
     POST /internal/groups/<id>/commands   {"command": [...]}: a view-change command through the group's log
     POST /internal/groups/<id>/export     {"source", "old_ring", "new_ring", "destination"}: the moving keys,
                                           read after a barrier, with their slice of the deduplication table
@@ -68,6 +70,17 @@ def learn_epochs() -> Response:
     node = current_app.extensions["kvs"][0]
     node.learn(body["active"], body.get("pending"))
     return _json({"epoch": body["active"]["number"]})
+
+
+@internal.route("/metadata", methods=["POST"])
+def metadata_membership() -> Response:
+    body = _body()
+    peers = body.get("peers")
+    if not isinstance(body.get("member"), bool) or not isinstance(peers, list) \
+            or not all(isinstance(p, str) for p in peers):
+        raise BadRequest("member (bool) and peers (list of Raft addresses) are required")
+    current_app.extensions["kvs"][0].set_metadata_membership(body["member"], peers)
+    return _json({"member": body["member"]})
 
 
 @internal.route("/epochs", methods=["GET"])

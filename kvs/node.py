@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _SUPERVISE_PERIOD = 0.5
 _PUSHED_FILE = "epochs.json"
+_METADATA_FILE = "metadata.json"
 
 
 class Node:
@@ -48,6 +49,7 @@ class Node:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._pushed: dict = {}          # {"active", "pending"} epochs a coordinator pushed here
+        self._metadata: dict = {}        # {"member": bool, "peers": [raft addresses]} once told or seen
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -57,7 +59,8 @@ class Node:
         if not self.settings.secured:
             log.warning("KVS_SECRET is not set: Raft ports accept unauthenticated pickles and "
                         "node-to-node HTTP is not authenticated")
-        self._pushed = self._load_pushed()
+        self._pushed = self._load_json(_PUSHED_FILE)
+        self._metadata = self._load_json(_METADATA_FILE)
         self._supervisor = threading.Thread(target=self._supervise, name="kvs-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -68,16 +71,20 @@ class Node:
             self._supervisor.join(timeout=10)
 
     def _supervise(self) -> None:
-        if self.settings.is_member:
-            self._meta = self._open_metadata_group()
+        # Nodes of the initial view propose the initial configuration (only the first "init" takes
+        # effect, so a proposal after an epoch exists changes nothing); a node that joined the
+        # metadata group later, or left it, proposes nothing.
+        initial = None
+        if self.settings.is_member and self._metadata.get("member", True):
             initial = ConfigEpoch.initial(self.settings.view, self.settings.repl_factor).to_dict()
         proposal_pending = False
         try:
             while not self._stopping.is_set():
+                self._follow_metadata_membership()
                 active, pending = self._pushed.get("active"), self._pushed.get("pending")
                 if self._meta is not None:
                     state: MetadataState = self._meta.state
-                    if state.active_number == 0 and not proposal_pending:
+                    if initial is not None and state.active_number == 0 and not proposal_pending:
                         proposal_pending = True
 
                         def proposed(result: object, error: int) -> None:
@@ -100,12 +107,35 @@ class Node:
             for group in self._all_groups():
                 group.close()
 
-    def _open_metadata_group(self) -> RaftGroup:
+    def _follow_metadata_membership(self) -> None:
+        """Open or close this node's metadata replica as it was told; remember the members it sees."""
         s = self.settings
-        members = [s.raft_address(a, METADATA_SLOT) for a in s.view]
-        return RaftGroup("meta", s.raft_address(s.address, METADATA_SLOT), members, MetadataState(),
-                         os.path.join(s.data_dir, "meta"), s.secret, self._timing,
-                         on_applied=self._meta_changed.set, bind_host=s.bind_host)
+        member = self._metadata.get("member", s.is_member)
+        if member and self._meta is None:
+            peers = self._metadata.get("peers") or [s.raft_address(a, METADATA_SLOT) for a in s.view]
+            self._meta = RaftGroup("meta", s.raft_address(s.address, METADATA_SLOT), peers, MetadataState(),
+                                   os.path.join(s.data_dir, "meta"), s.secret, self._timing,
+                                   on_applied=self._meta_changed.set, bind_host=s.bind_host)
+        elif not member and self._meta is not None:
+            log.info("%s leaves the metadata group", s.address)
+            meta, self._meta = self._meta, None
+            meta.close()
+        if self._meta is not None:
+            peers = self._meta.members()
+            if self._metadata.get("peers") != peers:
+                self._save_metadata({"member": True, "peers": peers})
+
+    def set_metadata_membership(self, member: bool, peers: list[str]) -> None:
+        """Told by the metadata leader: join (with these members, Raft addresses) or leave."""
+        if member and self._meta is not None:
+            return                              # already in: its own replica tracks the members
+        self._save_metadata({"member": member, "peers": list(peers)})
+        self._meta_changed.set()
+
+    def _save_metadata(self, record: dict) -> None:
+        with self._lock:
+            self._metadata = record
+            self._write_json(_METADATA_FILE, record)
 
     def _reconcile(self, active: dict | None, pending: dict | None) -> None:
         """Run the groups of the active and pending epochs; retire the rest once no change is pending."""
@@ -151,16 +181,19 @@ class Node:
             if known is not None and active["number"] < known["number"]:
                 return
             self._pushed = {"active": active, "pending": pending}
-            os.makedirs(self.settings.data_dir, exist_ok=True)
-            path = os.path.join(self.settings.data_dir, _PUSHED_FILE)
-            with open(path + ".tmp", "w") as f:
-                json.dump(self._pushed, f)
-            os.replace(path + ".tmp", path)
+            self._write_json(_PUSHED_FILE, self._pushed)
         self._meta_changed.set()
 
-    def _load_pushed(self) -> dict:
+    def _write_json(self, name: str, record: dict) -> None:
+        os.makedirs(self.settings.data_dir, exist_ok=True)
+        path = os.path.join(self.settings.data_dir, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+
+    def _load_json(self, name: str) -> dict:
         try:
-            with open(os.path.join(self.settings.data_dir, _PUSHED_FILE)) as f:
+            with open(os.path.join(self.settings.data_dir, name)) as f:
                 return json.load(f)
         except FileNotFoundError:
             return {}
@@ -173,18 +206,25 @@ class Node:
     def has_metadata_replica(self) -> bool:
         return self._meta is not None
 
+    @property
+    def metadata_group(self) -> RaftGroup | None:
+        return self._meta
+
     def change(self) -> dict | None:
         """The view change in progress as the metadata group records it (members only)."""
-        return self._meta.state.change() if self._meta is not None else None
+        meta = self._meta
+        return meta.state.change() if meta is not None else None
 
     def meta_epoch(self, number: int) -> ConfigEpoch | None:
-        epoch = self._meta.state.epoch(number) if self._meta is not None else None
+        meta = self._meta
+        epoch = meta.state.epoch(number) if meta is not None else None
         return ConfigEpoch.from_dict(epoch) if epoch is not None else None
 
     def propose_meta(self, command: tuple, deadline: float) -> object:
-        if self._meta is None:
+        meta = self._meta
+        if meta is None:
             raise NotMember("this node is not a member of the metadata group")
-        return self._meta.execute(command, deadline)
+        return meta.execute(command, deadline)
 
     # -- what routing reads --------------------------------------------------------------
 
@@ -229,8 +269,9 @@ class Node:
         """This node's view; with `digest`, each shard replica's key count and data digest (costly)."""
         epoch = self._epoch
         groups = {}
-        if self._meta is not None:
-            groups["meta"] = self._meta.status()
+        meta = self._meta
+        if meta is not None:
+            groups["meta"] = meta.status()
         with self._lock:
             shard_groups = dict(self._groups)
         for shard_id, group in sorted(shard_groups.items()):
@@ -250,7 +291,7 @@ class Node:
     def health(self) -> tuple[bool, str]:
         """(ready, reason): ready once the configuration is known and every hosted group has a leader."""
         if self._epoch is None:
-            if not self.settings.is_member:
+            if not self.settings.is_member and self._meta is None:
                 return False, "idle: this node is not in any configuration"
             return False, "the cluster configuration is not known yet"
         for group in self._all_groups():

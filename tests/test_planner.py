@@ -56,7 +56,7 @@ def check_invariants(current: ConfigEpoch, plan: Plan) -> None:
     epoch = plan.epoch
     assert epoch.number == current.number + 1
     assert epoch.status == "pending"
-    assert epoch.metadata_members == current.metadata_members
+    assert epoch.metadata_members == epoch.view             # the metadata group follows the view
     assert epoch.ring == HashRing(epoch.shards, current.ring.vnodes)
     assert set(epoch.slots) == set(epoch.shards)
     for sid, replicas in epoch.shards.items():
@@ -161,7 +161,7 @@ def test_every_node_replaced():
     assert plan.new_groups == ("3", "4")
     assert plan.retired_groups == ("1", "2")
     assert sources_destinations(plan) == [("1", "3"), ("1", "4"), ("2", "3"), ("2", "4")]
-    assert epoch.metadata_members == (A, B)  # membership changes after commit
+    assert epoch.metadata_members == (C, D)  # the metadata group follows the view after the commit
     check_invariants(current, plan)
     assert check_moves(current, plan) == len(KEYS)
 

@@ -19,6 +19,7 @@ import requests
 from kvs.client import KvsClient
 from kvs.linearizability import check_history
 from kvs.local import LocalCluster, wait_until
+from kvs.settings import DEFAULT_RAFT_PORT_OFFSET, METADATA_SLOT, raft_address
 from kvs.shard.layout import ConfigEpoch
 from kvs.shard.ring import HashRing
 from kvs.workload import WorkloadSpec, run_workload
@@ -102,6 +103,24 @@ def test_view_change_shapes_under_load(make_cluster, shape):
             assert (got["shard-id"], got["key-count"]) == (shard["shard-id"], expected[shard["shard-id"]])
     for node in new_view:
         assert KvsClient(node).shards()[1]["shards"] == [s["shard-id"] for s in body["shards"]]
+
+    # the metadata group followed the view: its members are the new view's nodes, the others left it
+    members = sorted(raft_address(a, METADATA_SLOT, DEFAULT_RAFT_PORT_OFFSET) for a in new_view)
+    for node in everyone:
+        meta = requests.get(f"http://{node}/kvs/status", timeout=5).json()["groups"].get("meta")
+        if node in new_view:
+            assert meta is not None and meta["members"] == members, (node, meta)
+        else:
+            assert meta is None, (node, meta)
+    if shape == "every node replaced":
+        # the old nodes are no longer needed: without them, the new ones still change their view
+        for node in old_nodes:
+            cluster.kill(node)
+        status, body = change_view(new_view[0], new_view[:1])
+        assert status == 200, body
+        assert [s["replicas"] for s in body["shards"]] == [new_view[:1]]
+        missing = [i for i in range(PRELOADED) if reader.get(f"pre-{i}")[1].get("value") != f"v{i}"]
+        assert not missing, f"preloaded keys lost after the old nodes left: {missing[:10]}"
 
 
 def test_invalid_view_changes_are_refused(make_cluster):

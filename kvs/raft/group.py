@@ -183,6 +183,34 @@ class RaftGroup:
             backoff = min(backoff * 2, _RETRY_BACKOFF[1])
         return fn(self.state)
 
+    # -- membership (the metadata group follows the view; see kvs.membership) ------
+
+    def change_members(self, op: str, raft_address: str, deadline: float, on_appended: Callable[[], None]) -> None:
+        """Add ("add") or remove ("remove") one member through the log; returns once committed.
+
+        PySyncObj applies a membership entry when it is appended, so a new member must start right
+        after that (`on_appended`, called once the entry is proposed) for a majority of the new
+        configuration to exist. PySyncObj refuses a second change while one is uncommitted, and a
+        leader cannot remove itself (see `transfer_leadership`)."""
+        pending = _Pending()
+        if op == "add":
+            self._replica.addNodeToCluster(raft_address, pending.resolve)
+        else:
+            self._replica.removeNodeFromCluster(raft_address, pending.resolve)
+        on_appended()
+        if not pending.event.wait(max(0.0, deadline - time.monotonic())):
+            raise Unavailable(f"group {self.name}: {op} {raft_address} not committed before the deadline")
+        if pending.error != FAIL_REASON.SUCCESS:
+            raise Unavailable(f"group {self.name}: {op} {raft_address} refused (code {pending.error})")
+
+    def transfer_leadership(self) -> None:
+        """Ask the most caught-up follower to take over (best effort; the caller checks `leader()`)."""
+        self._replica.transferLeadership(None, None)
+
+    def members(self) -> list[str]:
+        """Raft addresses of the members as this replica's configuration has them."""
+        return sorted([self.self_address] + [n.id for n in self._replica.otherNodes])
+
     # -- hints (may be stale; never used for correctness) --------------------------
 
     def leader(self) -> str | None:
@@ -202,7 +230,7 @@ class RaftGroup:
             "last-applied": s["last_applied"],
             "log-length": s["log_len"],
             "raft-address": self.self_address,
-            "members": sorted([self.self_address] + [n.id for n in self._replica.otherNodes]),
+            "members": self.members(),
         }
 
     def close(self) -> None:

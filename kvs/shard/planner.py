@@ -23,8 +23,9 @@ Rules, and why:
 - Shards of the current epoch that no block keeps are retired; all their
   ranges move. The moves are exactly `moved_ranges(old ring, new ring)`,
   grouped by (old owner, new owner): a key moves iff it is in one of them.
-- metadata_members stay as they are: metadata membership changes after the
-  commit, one node at a time. The new epoch is number + 1, status "pending".
+- metadata_members become the new view: once the epoch is active, the
+  metadata group's membership follows it one node at a time
+  (`kvs.membership`). The new epoch is number + 1, status "pending".
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def plan_view_change(current: ConfigEpoch, view: Sequence[str], repl_factor: int
         shards=shards,
         slots=slots,
         ring=ring,
-        metadata_members=tuple(current.metadata_members),
+        metadata_members=view,
         status=PENDING,
     )
 

@@ -30,8 +30,9 @@ node, restarted), the watcher claims the change through the metadata log (one
 claimant wins) and rolls it back if it was not committed, or finishes the
 clean-up if it was. There is never a half-state that needs a tool.
 
-Not yet here (see the project's notes): moving the metadata group's
-membership to follow the view.
+After the change is finished, the metadata group's membership follows the
+new view one node at a time (`kvs.membership`); the reply waits for it
+(bounded), so nodes that left the view may be stopped once it arrives.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from ..errors import BadRequest, Conflict, KvsError, Unavailable
 from ..forwarding import Forwarder, PeerUnreachable
 from ..node import Node
 from ..raft.state_machine import Invalid
-from ..settings import parse_view
+from ..settings import METADATA_SLOT, parse_view
 from .layout import ConfigEpoch
 from .planner import Move, Plan, plan_view_change
 
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 256 * 1024  # one install command carries about this much (requests are capped at 1 MiB)
 STEP_SECONDS = 30.0       # each remote step must succeed within this
+MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
 CATCH_UP_ROUNDS = 3       # at most this many catch-up copies while the sources still serve
 FREEZE_BELOW_KEYS = 500   # freeze once a catch-up round moved fewer keys than this
@@ -176,6 +178,7 @@ class ViewChange:
             self._group_command(plan.epoch, shard_id, ["drop", n])
         self._meta(("finish", n))
         self._wait_for_epoch(plan.epoch)
+        self._wait_for_metadata_members(plan.epoch)
 
     def _roll_back(self, plan: Plan, current: ConfigEpoch) -> None:
         n = plan.epoch.number
@@ -368,6 +371,26 @@ class ViewChange:
                 if (body.get("epoch") or 0) >= epoch.number:
                     break
                 time.sleep(0.05)
+
+    def _wait_for_metadata_members(self, epoch: ConfigEpoch) -> None:
+        """Until the metadata group's members are the new epoch's (kvs.membership moves them one node at
+        a time once the change is finished), so that nodes that left the view may be stopped right after
+        the reply. Bounded: if it takes longer, the leader carries on after the reply."""
+        s = self._node.settings
+        target = sorted(s.raft_address(a, METADATA_SLOT) for a in epoch.metadata_members)
+        deadline = time.monotonic() + MEMBERSHIP_SECONDS
+        while time.monotonic() < deadline:
+            for address in epoch.metadata_members:
+                try:
+                    body = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
+                                                min(deadline, time.monotonic() + 2)).body
+                except PeerUnreachable:
+                    continue
+                meta = body.get("groups", {}).get("meta") or {}
+                if meta.get("members") == target and meta.get("leader"):
+                    return
+            time.sleep(0.1)
+        log.warning("the metadata group did not reach members %s within %ss", target, MEMBERSHIP_SECONDS)
 
     def _check_reachable(self, new: ConfigEpoch, current: ConfigEpoch) -> None:
         for address in new.view:

@@ -1,0 +1,123 @@
+"""MetadataMembership: the metadata group's members follow the active epoch, one node at a time.
+
+Every committed epoch names its metadata members (the planner makes them the
+new view). The metadata leader compares them with the members of its own Raft
+configuration and, while they differ, takes one step per round:
+
+* add: propose the new member through the log (PySyncObj applies a membership
+  entry when it is appended), tell the node to open its replica with the new
+  member list, wait for the commit;
+* remove: propose removing one member that is not the leader, wait for the
+  commit, tell the node to close its replica. A leader that must itself leave
+  first hands leadership to a caught-up follower, which continues.
+
+Adds go before removes, so the group never shrinks below what both views can
+keep alive, and one change at a time is PySyncObj's own rule. The state of the
+reconciliation is nothing but the two member lists, so a leader that dies
+midway leaves nothing to repair: the next leader compares again and continues.
+A node that is down when told to join or leave is told again by the same
+leader while it leads (a new leader does not know; see the project's notes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from .errors import KvsError
+from .forwarding import Forwarder, PeerUnreachable
+from .node import Node
+from .settings import METADATA_SLOT
+
+log = logging.getLogger(__name__)
+
+PERIOD = 0.5            # seconds between two comparisons on the leader
+STEP_SECONDS = 15.0     # one membership change must commit within this
+
+
+class MetadataMembership:
+    def __init__(self, node: Node, forwarder: Forwarder):
+        self._node = node
+        self._forwarder = forwarder
+        # Raft address -> (member, peers) of a node that could not be told yet (this leader retries)
+        self._untold: dict[str, tuple[bool, list[str]]] = {}
+
+    def watch(self) -> None:
+        threading.Thread(target=self._run, name="kvs-metadata-membership", daemon=True).start()
+
+    def _run(self) -> None:
+        stopped = threading.Event()
+        while not stopped.wait(PERIOD):
+            try:
+                self.step()
+            except KvsError as exc:
+                log.warning("metadata membership: %s", exc.message)
+
+    def target(self) -> list[str] | None:
+        """Raft addresses the metadata group should have, from the active epoch (None: unknown)."""
+        epoch = self._node.epoch
+        if epoch is None:
+            return None
+        return sorted(self._raft(a) for a in epoch.metadata_members)
+
+    def step(self) -> bool:
+        """Take at most one step towards the target; True if a step was taken."""
+        meta = self._node.metadata_group
+        target = self.target()
+        # Not while a view change runs: its coordinator proposes through its own metadata replica, which
+        # must not be closed under it; the change is short, membership follows right after.
+        if meta is None or target is None or not meta.is_leader() or self._node.change() is not None:
+            return False
+        members = meta.members()
+        to_add = [m for m in target if m not in members]
+        to_remove = [m for m in members if m not in target]
+        deadline = time.monotonic() + STEP_SECONDS
+        if to_add:
+            joining = to_add[0]
+            peers = sorted(members + [joining])
+            log.info("metadata group: adding %s", joining)
+            meta.change_members("add", joining, deadline,
+                                on_appended=lambda: self._tell(joining, True, peers))
+            self._tell(joining, True, peers)     # again, in case it was down a moment ago
+            return True
+        if to_remove:
+            leaving = [m for m in to_remove if m != meta.self_address]
+            if not leaving:
+                log.info("metadata group: %s must leave; handing leadership over", meta.self_address)
+                meta.transfer_leadership()
+                return True
+            log.info("metadata group: removing %s", leaving[0])
+            meta.change_members("remove", leaving[0], deadline, on_appended=lambda: None)
+            self._tell(leaving[0], False, [])
+            return True
+        self._retell()
+        return False
+
+    def _retell(self) -> None:
+        """Tell again the nodes that were unreachable when told to join or leave."""
+        for raft_address, (member, peers) in list(self._untold.items()):
+            self._tell(raft_address, member, peers)
+
+    def _tell(self, raft_address: str, member: bool, peers: list[str]) -> None:
+        address = self._http(raft_address)
+        try:
+            resp = self._forwarder.send(address, "POST", "/internal/metadata", {"member": member, "peers": peers},
+                                        uuid.uuid4().hex, time.monotonic() + 2)
+            if resp.status == 200:
+                self._untold.pop(raft_address, None)
+                return
+        except PeerUnreachable:
+            pass
+        log.warning("metadata group: %s did not take %s (told again later)", address,
+                    "its membership" if member else "its removal")
+        self._untold[raft_address] = (member, peers)
+
+    def _raft(self, http_address: str) -> str:
+        return self._node.settings.raft_address(http_address, METADATA_SLOT)
+
+    def _http(self, raft_address: str) -> str:
+        """The HTTP address of the node whose metadata replica listens at `raft_address`."""
+        host, port = raft_address.rsplit(":", 1)
+        return f"{host}:{int(port) - self._node.settings.raft_port_offset * (METADATA_SLOT + 1)}"

@@ -230,6 +230,17 @@ def test_addresses_are_normalized_and_ids_follow_the_largest_ever_used():
     assert plan.new_groups == ("3",)
 
 
+def test_a_retired_id_is_never_reused():
+    # nodes keep a retired group's journal under its id: a new group with that id would start from it
+    two = ConfigEpoch.from_dict({**plan_view_change(ConfigEpoch.initial((A, B, C, D), 1), [A, B]).epoch.to_dict(),
+                                 "status": "active"})
+    assert two.shards == {"1": (A,), "2": (B,)} and two.max_shard_id == 4
+    assert plan_view_change(two, [A, B, C, D]).epoch.shards == {"1": (A,), "2": (B,), "5": (C,), "6": (D,)}
+    # an epoch stored before the high-water mark existed numbers after its largest current id
+    older = {k: v for k, v in two.to_dict().items() if k != "max_shard_id"}
+    assert plan_view_change(ConfigEpoch.from_dict(older), [A, B, C]).new_groups == ("3",)
+
+
 # -- errors -------------------------------------------------------------------
 
 

@@ -35,6 +35,10 @@ class ConfigEpoch:
     ring: HashRing
     metadata_members: tuple[str, ...]
     status: str = "active"
+    # The largest shard id any epoch so far has used. New groups are numbered after it, never after the
+    # largest current id only: a retired group's id, and with it the Raft journal its nodes keep in
+    # DATA_DIR/shard-<id>, must never come back as a new group. 0 (older epochs): the largest current id.
+    max_shard_id: int = 0
     _shard_by_node: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,7 @@ class ConfigEpoch:
             slots=slots,
             ring=HashRing(shards.keys(), vnodes),
             metadata_members=tuple(view),
+            max_shard_id=count,
         )
 
     def to_dict(self) -> dict:
@@ -73,6 +78,7 @@ class ConfigEpoch:
             "ring": self.ring.to_dict(),
             "metadata_members": list(self.metadata_members),
             "status": self.status,
+            "max_shard_id": self.max_shard_id,
         }
 
     @classmethod
@@ -86,6 +92,7 @@ class ConfigEpoch:
             ring=HashRing.from_dict(d["ring"]),
             metadata_members=tuple(d["metadata_members"]),
             status=d.get("status", "active"),
+            max_shard_id=int(d.get("max_shard_id", 0)),
         )
 
     # -- queries -------------------------------------------------------------

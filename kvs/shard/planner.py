@@ -15,8 +15,9 @@ Rules, and why:
   running untouched, and since the ring is a function of the shard ids, the
   keys it keeps owning do not move.
 - Every other block is a new group, numbered with consecutive integers after
-  the largest id of the current epoch, in block order. Ids are never reused
-  while their old group may still be running.
+  the largest id ever used (`ConfigEpoch.max_shard_id`), in block order. Ids
+  are never reused: nodes keep a group's Raft journal under its id, and a
+  retired group's journal must not become a new group's.
 - A replica of a new group takes the lowest slot >= 1 that its node does not
   use in the current epoch. Slots fix Raft ports (`kvs.settings`), so old and
   new groups can run side by side on one node while keys are copied.
@@ -121,7 +122,7 @@ def plan_view_change(current: ConfigEpoch, view: Sequence[str], repl_factor: int
     for slots in current.slots.values():
         for address, slot in slots.items():
             used_slots.setdefault(address, set()).add(slot)
-    next_number = max((_shard_number(sid) for sid in current.shards), default=0) + 1
+    next_number = max([current.max_shard_id] + [_shard_number(sid) for sid in current.shards]) + 1
 
     shards: dict[str, tuple[str, ...]] = {}
     slots: dict[str, dict[str, int]] = {}
@@ -147,6 +148,7 @@ def plan_view_change(current: ConfigEpoch, view: Sequence[str], repl_factor: int
         ring=ring,
         metadata_members=tuple(current.metadata_members),
         status=PENDING,
+        max_shard_id=next_number - 1,
     )
 
     grouped: dict[tuple[str, str], list[HashRange]] = {}

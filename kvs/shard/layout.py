@@ -10,9 +10,14 @@ the Raft log is plain data, not pickled classes.
 
 The initial layout is a pure function of VIEW and REPL_FACTOR, so every node
 computes the same one: VIEW order is kept and cut into consecutive blocks of
-REPL_FACTOR nodes, shard "1" first. Every node of the initial view is a member
-of the metadata group: a Raft group of all N nodes survives the loss of any
-minority of the nodes, which no smaller subset does for every N.
+REPL_FACTOR nodes, shard "1" first. Later epochs may have groups of unequal
+sizes (a node added to or removed from one shard, `kvs.shard.planner`):
+`repl_factor` is then the size of the smallest group, the replication every
+key is guaranteed, and `view` lists the groups' replicas group after group.
+
+Every node of the initial view is a member of the metadata group: a Raft group
+of all N nodes survives the loss of any minority of the nodes, which no smaller
+subset does for every N.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ FIRST_SHARD_SLOT = 1
 class ConfigEpoch:
     number: int
     view: tuple[str, ...]
-    repl_factor: int
+    repl_factor: int                            # replicas of the smallest shard
     shards: dict[str, tuple[str, ...]]          # shard id -> replica HTTP addresses
     slots: dict[str, dict[str, int]]            # shard id -> {replica address: Raft slot}
     ring: HashRing

@@ -161,7 +161,7 @@ def plan_add_member(current: ConfigEpoch, address: str, shard_id: str) -> Plan:
 
     The thin form: the shard's replica set changes, so under the rules of `plan_layout` it becomes a
     new Raft group with a new id. The ring is keyed by shard ids, so all of the old shard's keys move
-    (most to the new group, some to the others) and the new group takes its share from the others:
+    (to the new group and to the others) and the new group takes its share from the others too:
     about 2/n of the keys for n shards, where a Raft membership change inside the group would move
     none. Acceptable for a rare administrative step, and it reuses the view change unchanged.
     """

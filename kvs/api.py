@@ -202,6 +202,10 @@ def _router() -> Router:
     return current_app.extensions["kvs"][1]
 
 
+def _view_change() -> ViewChange:
+    return current_app.extensions["kvs"][2]
+
+
 def _json(status: int, body: dict, headers: dict | None = None) -> Response:
     resp = Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
@@ -211,6 +215,13 @@ def _json(status: int, body: dict, headers: dict | None = None) -> Response:
 
 def _deadline() -> float:
     return deadline(_node().settings, request.headers)
+
+
+def _json_object() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("Malformed JSON body")
+    return body
 
 
 # -- /kvs/key-count and /kvs/shards ---------------------------------------------------------------------
@@ -239,20 +250,29 @@ def shard_info(shard_id: str) -> Response:
 
 @shards.route("/kvs/view-change", methods=["PUT"])
 def view_change() -> Response:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("Malformed JSON body")
-    shard_list = current_app.extensions["kvs"][2].run(body.get("view"), body.get("repl-factor"))
-    return _json(200, {"message": "View change successful", "shards": shard_list})
+    body = _json_object()
+    return _view_changed(_view_change().run(body.get("view"), body.get("repl-factor")))
+
+
+@shards.route("/kvs/view-change/add-member", methods=["PUT"])
+def add_member() -> Response:
+    body = _json_object()
+    return _view_changed(_view_change().add_member(body.get("address"), body.get("shard-id")))
+
+
+@shards.route("/kvs/view-change/remove-member", methods=["PUT"])
+def remove_member() -> Response:
+    return _view_changed(_view_change().remove_member(_json_object().get("address")))
 
 
 @shards.route("/kvs/reshard", methods=["PUT"])
 def reshard() -> Response:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("Malformed JSON body")
-    shard_list = current_app.extensions["kvs"][2].reshard(body.get("shard-count"))
+    shard_list = _view_change().reshard(_json_object().get("shard-count"))
     return _json(200, {"message": "Resharding done successfully", "shards": shard_list})
+
+
+def _view_changed(shard_list: list[dict]) -> Response:
+    return _json(200, {"message": "View change successful", "shards": shard_list})
 
 
 @shards.route("/kvs/view-change", methods=["GET"])
@@ -262,7 +282,7 @@ def view_change_status() -> Response:
     epoch = node.epoch
     return _json(200, {"epoch": epoch.number if epoch else None,
                        "phase": change["phase"] if change else None,
-                       "progress": current_app.extensions["kvs"][2].progress.to_dict()})
+                       "progress": _view_change().progress.to_dict()})
 
 
 @ops.route("/kvs/status", methods=["GET"])

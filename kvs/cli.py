@@ -1,4 +1,4 @@
-"""Command line: `kvs serve`, `kvs local up`, and a small client (`put`, `get`, `delete`, `status`)."""
+"""Command line: `kvs serve`, `kvs local up`, view changes, and a small client (`put`, `get`, `delete`, `status`)."""
 
 from __future__ import annotations
 
@@ -107,18 +107,34 @@ def client_command(args: argparse.Namespace) -> int:
 
 def view_change(args: argparse.Namespace) -> int:
     """PUT /kvs/view-change, showing the coordinator's progress until it answers."""
+    body = {"view": args.view}
+    if args.repl_factor is not None:
+        body["repl-factor"] = args.repl_factor
+    return _change_with_progress(args.node, "/kvs/view-change", body)
+
+
+def add_member(args: argparse.Namespace) -> int:
+    """PUT /kvs/view-change/add-member: an idle node joins a shard (a view change, with its progress)."""
+    return _change_with_progress(args.node, "/kvs/view-change/add-member",
+                                 {"address": args.address, "shard-id": args.shard_id})
+
+
+def remove_member(args: argparse.Namespace) -> int:
+    """PUT /kvs/view-change/remove-member: a node leaves the view (a view change, with its progress)."""
+    return _change_with_progress(args.node, "/kvs/view-change/remove-member", {"address": args.address})
+
+
+def _change_with_progress(node: str, path: str, body: dict) -> int:
+    """PUT a view change to `node`, drawing the coordinator's progress bar until it answers."""
     import threading
 
     import requests
 
-    body = {"view": args.view}
-    if args.repl_factor is not None:
-        body["repl-factor"] = args.repl_factor
     outcome: dict = {}
 
     def change() -> None:
         try:
-            resp = requests.put(f"http://{args.node}/kvs/view-change", json=body, timeout=600)
+            resp = requests.put(f"http://{node}{path}", json=body, timeout=600)
             outcome["status"], outcome["body"] = resp.status_code, resp.json()
         except (requests.RequestException, ValueError) as exc:
             outcome["status"], outcome["body"] = 0, {"error": str(exc)}
@@ -127,7 +143,7 @@ def view_change(args: argparse.Namespace) -> int:
     worker.start()
     while worker.is_alive():
         try:
-            p = requests.get(f"http://{args.node}/kvs/view-change", timeout=2).json()["progress"]
+            p = requests.get(f"http://{node}/kvs/view-change", timeout=2).json()["progress"]
             done = p["moves-done"] / p["moves-total"] if p["moves-total"] else 0.0
             bar = "#" * int(30 * done)
             print(f"\r[{bar:<30}] {p['phase']:<12} ranges {p['moves-done']}/{p['moves-total']} "
@@ -176,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--repl-factor", type=int, help="replicas per shard (default: keep)")
     vc.add_argument("--node", default=default_node, help="host:port of any node of the current view")
     vc.set_defaults(run=view_change)
+
+    am = sub.add_parser("add-member", help="add an idle node to a shard (a view change), with a progress bar")
+    am.add_argument("address", help="host:port of the idle node")
+    am.add_argument("--shard-id", required=True, help="the shard it joins")
+    am.add_argument("--node", default=default_node, help="host:port of any node of the current view")
+    am.set_defaults(run=add_member)
+
+    rm = sub.add_parser("remove-member", help="take a node out of the view (a view change), with a progress bar")
+    rm.add_argument("address", help="host:port of the node that leaves")
+    rm.add_argument("--node", default=default_node, help="host:port of any node of the current view")
+    rm.set_defaults(run=remove_member)
 
     h = sub.add_parser("health", help="check this node's /health (port from ADDRESS); for HEALTHCHECK")
     h.set_defaults(run=health)

@@ -5,10 +5,10 @@ import pytest
 
 from kvs.errors import BadRequest
 from kvs.shard.layout import ConfigEpoch
-from kvs.shard.planner import Move, Plan, plan_view_change
+from kvs.shard.planner import Move, Plan, plan_add_member, plan_layout, plan_remove_member, plan_view_change
 from kvs.shard.ring import RING_SIZE, HashRing, key_hash
 
-A, B, C, D, E, F = (f"10.0.0.{i}:13800" for i in range(1, 7))
+A, B, C, D, E, F, G = (f"10.0.0.{i}:13800" for i in range(1, 8))
 KEYS = ["key-%d" % i for i in range(10_000)]
 
 
@@ -228,6 +228,153 @@ def test_addresses_are_normalized_and_ids_follow_the_largest_ever_used():
     assert plan.epoch.view == (B, E)
     assert plan.epoch.shards == {"2": (B,), "3": (E,)}
     assert plan.new_groups == ("3",)
+
+
+# -- explicit layouts, add-member, remove-member ---------------------------------
+
+
+def active(plan: Plan) -> ConfigEpoch:
+    """The plan's epoch as it is once committed (the next plan starts from it)."""
+    return ConfigEpoch.from_dict({**plan.epoch.to_dict(), "status": "active"})
+
+
+def test_view_change_is_the_layout_of_its_blocks():
+    current = ConfigEpoch.initial((A, B, C, D), 2)
+    assert plan_view_change(current, [A, B, E, F, C, D], 2) == plan_layout(current, [(A, B), (E, F), (C, D)])
+    assert plan_view_change(current, [A, B, C, D], 1) == plan_layout(current, [[A], [B], [C], [D]])
+
+
+def test_layout_of_unequal_groups():
+    current = ConfigEpoch.initial((A, B, C, D), 2)
+    plan = plan_layout(current, [(C, D), (A, B, E), (F,)])
+    epoch = plan.epoch
+    assert epoch.view == (C, D, A, B, E, F)
+    assert epoch.repl_factor == 1                 # the smallest group: what every key is guaranteed
+    assert epoch.shards == {"2": (C, D), "3": (A, B, E), "4": (F,)}
+    assert epoch.slots == {"2": {C: 1, D: 1}, "3": {A: 2, B: 2, E: 1}, "4": {F: 1}}
+    assert plan.new_groups == ("3", "4") and plan.retired_groups == ("1",)
+    check_invariants(current, plan)
+    check_moves(current, plan)
+    assert ConfigEpoch.from_dict(json.loads(json.dumps(epoch.to_dict()))) == epoch
+
+
+def test_add_member_makes_the_shard_a_new_group():
+    current = ConfigEpoch.initial((A, B), 1)
+    plan = plan_add_member(current, C, "1")
+    epoch = plan.epoch
+    assert epoch.view == (A, C, B)                # the new node follows its shard in the view
+    assert epoch.repl_factor == 1
+    assert epoch.shards == {"3": (A, C), "2": (B,)}
+    assert epoch.slots == {"3": {A: 2, C: 1}, "2": {B: 1}}  # A still runs shard 1 in slot 1 while keys copy
+    assert plan.new_groups == ("3",) and plan.retired_groups == ("1",)
+    # the thin form: the ring is keyed by shard ids, so all of shard 1's keys move, and shard 2 gives
+    # the new group its share
+    assert sources_destinations(plan) == [("1", "2"), ("1", "3"), ("2", "3")]
+    check_invariants(current, plan)
+    check_moves(current, plan)
+
+
+def test_add_member_to_a_three_replica_shard_keeps_the_other_shard():
+    current = ConfigEpoch.initial((A, B, C, D, E, F), 3)
+    plan = plan_add_member(current, "10.0.0.7", "2")          # addresses are normalised
+    assert plan.epoch.shards == {"1": (A, B, C), "3": (D, E, F, G)}
+    assert plan.epoch.repl_factor == 3
+    assert plan.epoch.slots["1"] == current.slots["1"]
+    assert plan.new_groups == ("3",) and plan.retired_groups == ("2",)
+    check_invariants(current, plan)
+    check_moves(current, plan)
+
+
+def test_remove_a_replica_of_a_three_replica_shard():
+    current = ConfigEpoch.initial((A, B, C, D, E, F), 3)
+    plan = plan_remove_member(current, E)
+    epoch = plan.epoch
+    assert epoch.view == (A, B, C, D, F)
+    assert epoch.shards == {"1": (A, B, C), "3": (D, F)}
+    assert epoch.repl_factor == 2
+    assert epoch.slots == {"1": {A: 1, B: 1, C: 1}, "3": {D: 2, F: 2}}
+    assert plan.new_groups == ("3",) and plan.retired_groups == ("2",)
+    check_invariants(current, plan)
+    check_moves(current, plan)
+
+
+def test_remove_the_sole_replica_retires_its_shard():
+    current = ConfigEpoch.initial((A, B, C), 1)
+    plan = plan_remove_member(current, "10.0.0.2")
+    assert plan.epoch.view == (A, C)
+    assert plan.epoch.shards == {"1": (A,), "3": (C,)} and plan.epoch.repl_factor == 1
+    assert plan.new_groups == () and plan.retired_groups == ("2",)
+    assert {m.source for m in plan.moves} == {"2"}            # the others keep their keys
+    check_invariants(current, plan)
+    check_moves(current, plan)
+
+
+def test_add_then_remove_and_a_later_view_change_keep_the_smallest_group_as_repl_factor():
+    grown = active(plan_add_member(ConfigEpoch.initial((A, B, C, D), 2), E, "2"))
+    assert grown.shards == {"1": (A, B), "3": (C, D, E)} and grown.repl_factor == 2
+    shrunk = plan_remove_member(grown, A)
+    assert shrunk.epoch.shards == {"4": (B,), "3": (C, D, E)} and shrunk.epoch.repl_factor == 1
+    assert shrunk.epoch.slots["4"] == {B: 2}
+    check_invariants(grown, shrunk)
+    check_moves(grown, shrunk)
+    # repl-factor omitted keeps the current one: 5 nodes in blocks of 2 cannot be
+    with pytest.raises(BadRequest, match="multiple of repl-factor 2"):
+        plan_view_change(grown, list(grown.view))
+    assert plan_view_change(grown, [A, B, C, D]).epoch.shards == {"1": (A, B), "4": (C, D)}
+
+
+def test_a_retired_id_is_never_reused():
+    # nodes keep a retired group's journal under its id: a new group with that id would start from it
+    two = active(plan_view_change(ConfigEpoch.initial((A, B, C, D), 1), [A, B]))
+    assert two.shards == {"1": (A,), "2": (B,)} and two.max_shard_id == 4
+    assert plan_view_change(two, [A, B, C, D]).epoch.shards == {"1": (A,), "2": (B,), "5": (C,), "6": (D,)}
+    alone = active(plan_remove_member(ConfigEpoch.initial((A, B), 1), B))
+    assert plan_add_member(alone, B, "1").epoch.shards == {"3": (A, B)}
+    # an epoch stored before the high-water mark existed numbers after its largest current id
+    older = {k: v for k, v in two.to_dict().items() if k != "max_shard_id"}
+    assert plan_view_change(ConfigEpoch.from_dict(older), [A, B, C]).new_groups == ("3",)
+
+
+def test_member_plans_do_not_depend_on_dict_order():
+    d = active(plan_add_member(ConfigEpoch.initial((A, B, C, D, E, F), 2), G, "2")).to_dict()
+    shuffled = {**d, "shards": dict(reversed(d["shards"].items()))}
+    for plan in (lambda e: plan_add_member(e, "10.0.0.9", "3"), lambda e: plan_remove_member(e, B)):
+        one, two = plan(ConfigEpoch.from_dict(d)), plan(ConfigEpoch.from_dict(shuffled))
+        assert json.dumps(one.to_dict()) == json.dumps(two.to_dict())
+
+
+@pytest.mark.parametrize("groups, words", [
+    ([], "empty"),
+    ([(A,), ()], "group 2 of the layout is empty"),
+    ([(A, B), (C, "10.0.0.1")], "duplicate addresses in the layout: " + A),
+    ([(A,), A], "must be a list of addresses"),
+    (A, "list of replica groups"),
+    ({"1": (A,)}, "list of replica groups"),
+    ([(A, 7)], "malformed"),
+    ([(A, "10.0.0.2:port")], "malformed"),
+])
+def test_bad_layouts(groups, words):
+    with pytest.raises(BadRequest) as info:
+        plan_layout(ConfigEpoch.initial((A, B), 1), groups)
+    assert words in info.value.message
+
+
+@pytest.mark.parametrize("request_, words", [
+    (lambda e: plan_add_member(e, C, "9"), "shard 9 does not exist"),
+    (lambda e: plan_add_member(e, "10.0.0.1", "2"), "already in the view"),
+    (lambda e: plan_add_member(e, "10.0.0.3:x", "1"), "malformed"),
+    (lambda e: plan_remove_member(e, C), "not in the view"),
+    (lambda e: plan_remove_member(e, ""), "empty address"),
+])
+def test_bad_member_requests(request_, words):
+    with pytest.raises(BadRequest) as info:
+        request_(ConfigEpoch.initial((A, B), 1))
+    assert words in info.value.message
+
+
+def test_the_last_node_cannot_be_removed():
+    with pytest.raises(BadRequest, match="last node"):
+        plan_remove_member(ConfigEpoch.initial((A,), 1), A)
 
 
 # -- errors -------------------------------------------------------------------

@@ -10,9 +10,14 @@ the Raft log is plain data, not pickled classes.
 
 The initial layout is a pure function of VIEW and REPL_FACTOR, so every node
 computes the same one: VIEW order is kept and cut into consecutive blocks of
-REPL_FACTOR nodes, shard "1" first. Every node of the initial view is a member
-of the metadata group: a Raft group of all N nodes survives the loss of any
-minority of the nodes, which no smaller subset does for every N.
+REPL_FACTOR nodes, shard "1" first. Later epochs may have groups of unequal
+sizes (a node added to or removed from one shard, `kvs.shard.planner`):
+`repl_factor` is then the size of the smallest group, the replication every
+key is guaranteed, and `view` lists the groups' replicas group after group.
+
+Every node of the initial view is a member of the metadata group: a Raft group
+of all N nodes survives the loss of any minority of the nodes, which no smaller
+subset does for every N.
 """
 
 from __future__ import annotations
@@ -29,12 +34,16 @@ FIRST_SHARD_SLOT = 1
 class ConfigEpoch:
     number: int
     view: tuple[str, ...]
-    repl_factor: int
+    repl_factor: int                            # replicas of the smallest shard
     shards: dict[str, tuple[str, ...]]          # shard id -> replica HTTP addresses
     slots: dict[str, dict[str, int]]            # shard id -> {replica address: Raft slot}
     ring: HashRing
     metadata_members: tuple[str, ...]
     status: str = "active"
+    # The largest shard id any epoch so far has used. New groups are numbered after it, never after the
+    # largest current id only: a retired group's id, and with it the Raft journal its nodes keep in
+    # DATA_DIR/shard-<id>, must never come back as a new group. 0 (older epochs): the largest current id.
+    max_shard_id: int = 0
     _shard_by_node: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +70,7 @@ class ConfigEpoch:
             slots=slots,
             ring=HashRing(shards.keys(), vnodes),
             metadata_members=tuple(view),
+            max_shard_id=count,
         )
 
     def to_dict(self) -> dict:
@@ -73,6 +83,7 @@ class ConfigEpoch:
             "ring": self.ring.to_dict(),
             "metadata_members": list(self.metadata_members),
             "status": self.status,
+            "max_shard_id": self.max_shard_id,
         }
 
     @classmethod
@@ -86,6 +97,7 @@ class ConfigEpoch:
             ring=HashRing.from_dict(d["ring"]),
             metadata_members=tuple(d["metadata_members"]),
             status=d.get("status", "active"),
+            max_shard_id=int(d.get("max_shard_id", 0)),
         )
 
     # -- queries -------------------------------------------------------------

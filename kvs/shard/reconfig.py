@@ -47,9 +47,9 @@ from ..errors import BadRequest, Conflict, KvsError, Unavailable
 from ..forwarding import Forwarder, PeerUnreachable
 from ..node import Node
 from ..raft.state_machine import Invalid
-from ..settings import METADATA_SLOT, parse_view
+from ..settings import METADATA_SLOT, normalize_address, parse_view
 from .layout import ConfigEpoch
-from .planner import Move, Plan, plan_view_change
+from .planner import Move, Plan, plan_add_member, plan_remove_member, plan_view_change
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,11 @@ class ViewChange:
             raise BadRequest("view must be a non-empty comma-separated list of addresses")
         if repl_factor is not None and (not isinstance(repl_factor, int) or isinstance(repl_factor, bool)):
             raise BadRequest("repl-factor must be an integer")
-        current = self._node.epoch
-        if current is None or self._node.change() is not None:
-            raise Conflict("a view change is in progress" if current else "no configuration yet")
-        plan = plan_view_change(current, parse_view(view_text), repl_factor)
+        current = self._settled_epoch()
+        return self._carry_out(plan_view_change(current, parse_view(view_text), repl_factor), current)
+
+    def _carry_out(self, plan: Plan, current: ConfigEpoch) -> list[dict]:
+        """Prepare, copy, commit and clean up `plan` (or roll it back); the new shards with key counts."""
         self._check_reachable(plan.epoch, current)
         if not self._busy.acquire(blocking=False):
             raise Conflict("a view change is in progress on this node")
@@ -126,6 +127,49 @@ class ViewChange:
         if len(current.view) % shard_count:
             raise BadRequest(f"{len(current.view)} nodes cannot form {shard_count} shards of equal size")
         return self.run(",".join(current.view), len(current.view) // shard_count)
+
+    def add_member(self, address: object, shard_id: object) -> list[dict]:
+        """The seeds' add-member: an idle node joins shard `shard_id`, which becomes a new group."""
+        address = _address_field(address)
+        if isinstance(shard_id, int) and not isinstance(shard_id, bool):
+            shard_id = str(shard_id)            # the seeds' ids are strings; a JSON number is clear enough
+        if not isinstance(shard_id, str) or not shard_id:
+            raise BadRequest('shard-id must be the id of a shard, such as "1"')
+        current = self._settled_epoch()
+        plan = plan_add_member(current, address, shard_id)
+        self._check_idle(address)
+        return self._carry_out(plan, current)
+
+    def remove_member(self, address: object) -> list[dict]:
+        """The seeds' remove-one-node: a node leaves the view; its shard shrinks by one (a new group), or
+        is retired if the node was its only replica. The node may be down (taking a dead replica out is
+        what this is for). If it is alive it keeps running outside the view: it forwards requests, and
+        stays a metadata member if it was one (metadata membership does not follow the view yet)."""
+        current = self._settled_epoch()
+        return self._carry_out(plan_remove_member(current, _address_field(address)), current)
+
+    def _settled_epoch(self) -> ConfigEpoch:
+        """The active epoch, when no change is running (Conflict otherwise)."""
+        current = self._node.epoch
+        if current is None or self._node.change() is not None:
+            raise Conflict("a view change is in progress" if current else "no configuration yet")
+        return current
+
+    def _check_idle(self, address: str) -> None:
+        """A node joins only if it is reachable and serves no shard (idle, or removed by an earlier change
+        and done retiring its replicas): its Raft slots and data directories are then free."""
+        try:
+            resp = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
+                                        time.monotonic() + 3)
+        except PeerUnreachable:
+            raise BadRequest(f"new node {address} is unreachable") from None
+        if resp.status != 200:
+            raise BadRequest(f"new node {address} answered its status with {resp.status}")
+        hosted = {name[len("shard-"):] for name in resp.body.get("groups") or {} if name.startswith("shard-")}
+        if resp.body.get("shard-id"):
+            hosted.add(str(resp.body["shard-id"]))
+        if hosted:
+            raise BadRequest(f"new node {address} is not idle: it runs a replica of shard {', '.join(sorted(hosted))}")
 
     # -- phases ----------------------------------------------------------------------------
 
@@ -407,7 +451,7 @@ class ViewChange:
             body = self._call_group_read(epoch, shard_id)
             entry = {"shard-id": shard_id, "key-count": body.get("key-count", 0),
                      "replicas": list(epoch.replicas(shard_id))}
-            if epoch.repl_factor == 1:
+            if len(epoch.replicas(shard_id)) == 1:     # per shard: groups may differ in size
                 entry["address"] = epoch.replicas(shard_id)[0]
             shards.append(entry)
         return shards
@@ -422,6 +466,12 @@ class ViewChange:
             if resp.status == 200:
                 return resp.body
         return {}
+
+
+def _address_field(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest("address must be a 'host:port' string")
+    return normalize_address(value)
 
 
 def _all_nodes(*epochs: ConfigEpoch) -> list[str]:

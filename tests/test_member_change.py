@@ -1,0 +1,248 @@
+"""Adding one node to a shard and removing one node: thin forms of the view change.
+
+The request checks run against a stub node (no cluster). The cluster tests
+start real processes: a node joins a shard while clients read and write (the
+history must be linearizable, every acknowledged write readable), a dead
+replica of a 3-replica shard is taken out, the sole replica of a shard leaves
+(its shard is retired) and comes back, and invalid requests get 400. After every change, the
+reply, every node's /kvs/key-count and every node's /kvs/shards/S agree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from kvs.client import KvsClient
+from kvs.errors import BadRequest, Conflict
+from kvs.forwarding import PeerResponse, PeerUnreachable
+from kvs.linearizability import check_history
+from kvs.local import wait_until
+from kvs.shard.layout import ConfigEpoch
+from kvs.shard.reconfig import ViewChange
+from kvs.shard.ring import HashRing
+from kvs.workload import WorkloadSpec, run_workload
+
+PRELOADED = 150
+
+
+# -- the requests, against a stub node -----------------------------------------------------------------------
+
+
+class StubForwarder:
+    """Answers every request with `status` (None: the peer is unreachable)."""
+
+    def __init__(self, status: dict | None):
+        self.status = status
+
+    def send(self, address, method, path, payload, request_id, deadline) -> PeerResponse:
+        if self.status is None:
+            raise PeerUnreachable(f"{address}: down")
+        return PeerResponse(200, self.status, None)
+
+
+def stub_view_change(change: dict | None = None, peer_status: dict | None = None) -> ViewChange:
+    node = SimpleNamespace(epoch=ConfigEpoch.initial(("127.0.0.1:1", "127.0.0.1:2"), 1), change=lambda: change)
+    return ViewChange(node, StubForwarder(peer_status))
+
+
+def test_member_changes_while_a_change_runs_are_conflicts():
+    running = stub_view_change(change={"number": 2, "phase": "copying"})
+    with pytest.raises(Conflict):
+        running.add_member("127.0.0.1:3", "1")
+    with pytest.raises(Conflict):
+        running.remove_member("127.0.0.1:2")
+
+
+@pytest.mark.parametrize("address, shard_id, words", [
+    (None, "1", "address must be"),
+    (7, "1", "address must be"),
+    ("  ", "1", "address must be"),
+    ("127.0.0.1:3", None, "shard-id must be"),
+    ("127.0.0.1:3", True, "shard-id must be"),
+    ("127.0.0.1:3", ["1"], "shard-id must be"),
+    ("127.0.0.1:3", 9, "shard 9 does not exist"),
+    ("127.0.0.1:2", "1", "already in the view"),
+    ("127.0.0.1:3", 1, "unreachable"),                     # a JSON number is taken as the id "1"
+])
+def test_bad_add_member_requests(address, shard_id, words):
+    with pytest.raises(BadRequest) as info:
+        stub_view_change().add_member(address, shard_id)
+    assert words in info.value.message
+
+
+def test_a_node_that_serves_a_shard_cannot_join():
+    busy = stub_view_change(peer_status={"shard-id": None, "groups": {"meta": {}, "shard-4": {}}})
+    with pytest.raises(BadRequest, match="not idle: it runs a replica of shard 4"):
+        busy.add_member("127.0.0.1:3", "1")
+
+
+@pytest.mark.parametrize("address, words", [(None, "address must be"), ("127.0.0.1:3", "not in the view")])
+def test_bad_remove_member_requests(address, words):
+    with pytest.raises(BadRequest) as info:
+        stub_view_change().remove_member(address)
+    assert words in info.value.message
+
+
+# -- live clusters -------------------------------------------------------------------------------------------
+
+
+def add_member(node: str, address: str, shard_id: object, timeout: float = 120) -> tuple[int, dict]:
+    resp = requests.put(f"http://{node}/kvs/view-change/add-member", json={"address": address, "shard-id": shard_id},
+                        timeout=timeout)
+    return resp.status_code, resp.json()
+
+
+def remove_member(node: str, address: object, timeout: float = 120) -> tuple[int, dict]:
+    resp = requests.put(f"http://{node}/kvs/view-change/remove-member", json={"address": address}, timeout=timeout)
+    return resp.status_code, resp.json()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvs", *args], capture_output=True, text=True, timeout=120)
+
+
+def preload(node: str) -> list[str]:
+    client = KvsClient(node)
+    for i in range(PRELOADED):
+        assert client.put(f"pre-{i}", f"v{i}")[0] == 201
+    return [f"pre-{i}" for i in range(PRELOADED)]
+
+
+def assert_preloaded_readable(node: str) -> None:
+    reader = KvsClient(node)
+    missing = [i for i in range(PRELOADED) if reader.get(f"pre-{i}")[1].get("value") != f"v{i}"]
+    assert not missing, f"preloaded keys lost: {missing[:10]}"
+
+
+def assert_nodes_agree(shards: list[dict], keys: list[str], view: list[str], slack: int = 0) -> None:
+    """Every node of `view` reports the shards of the reply, with the key counts the data implies (the keys
+    of `keys` that exist, placed by the ring of the reply's shard ids); the reply's own counts are within
+    `slack` of them (clients may have written after the reply)."""
+    reader = KvsClient(view[0])
+    ring = HashRing([s["shard-id"] for s in shards])
+    expected = {s["shard-id"]: 0 for s in shards}
+    for key in keys:
+        if reader.get(key)[0] == 200:
+            expected[ring.group_for(key)] += 1
+    assert sorted(view) == sorted(a for s in shards for a in s["replicas"])
+    for shard in shards:
+        sid = shard["shard-id"]
+        assert abs(shard["key-count"] - expected[sid]) <= slack, (shard, expected)
+        assert ("address" in shard) == (len(shard["replicas"]) == 1), shard
+        for node in shard["replicas"]:
+            assert KvsClient(node).key_count()[1] == {"message": "Key count retrieved successfully",
+                                                      "key-count": expected[sid], "shard-id": sid}
+    for node in view:
+        client = KvsClient(node)
+        assert client.shards()[1]["shards"] == [s["shard-id"] for s in shards]
+        for shard in shards:
+            body = client.shard(shard["shard-id"])[1]
+            assert (body["key-count"], body["replicas"]) == (expected[shard["shard-id"]], shard["replicas"]), node
+
+
+def assert_left(address: str) -> None:
+    """`address` is out of the view: it serves no shard any more (its replicas retired)."""
+    assert KvsClient(address).key_count()[0] == 503
+    wait_until(lambda: not any(g.startswith("shard-") for g in KvsClient(address).status()[1]["groups"]), 30,
+               message=f"{address} retires its shard replicas")
+
+
+@pytest.mark.cluster
+def test_add_member_to_a_shard_under_load(make_cluster):
+    cluster = make_cluster(2, 1)
+    a, b = cluster.view
+    joining = cluster.add_idle_node(cluster.base_port + 2)
+    keys = preload(a)
+
+    hot = tuple(f"hot-{i}" for i in range(10))
+    spec = WorkloadSpec(addresses=(a, b), keys=hot, clients=4, duration=10.0, seed=11)
+    history: list = []
+    worker = threading.Thread(target=lambda: history.extend(run_workload(spec)))
+    worker.start()
+    wait_until(lambda: any(KvsClient(a).get(k)[0] == 200 for k in hot), 10, message="the clients have written")
+    status, body = add_member(b, joining, "1")
+    assert worker.is_alive(), "the change outlasted the clients: the history does not cover it"
+    worker.join(60)
+    assert status == 200, body
+    assert body["message"] == "View change successful"
+    # shard 1 became the new group 3 (the thin form); shard 2 kept its id and Raft group
+    assert [(s["shard-id"], s["replicas"]) for s in body["shards"]] == [("2", [b]), ("3", [a, joining])]
+    assert body["shards"][0]["address"] == b
+
+    result = check_history(history)
+    assert result.ok, result.summary() + "; " + "; ".join(k.explanation for k in result.failures()[:3])
+    assert sum(op.outcome == "ok" for op in history) > 100
+    assert_preloaded_readable(joining)
+    assert_nodes_agree(body["shards"], keys + list(hot), [a, joining, b], slack=len(hot))
+
+
+@pytest.mark.cluster
+def test_remove_a_dead_replica_of_a_three_replica_shard(make_cluster):
+    cluster = make_cluster(1, 3)
+    a, b, dead = cluster.view
+    keys = preload(a)
+    cluster.kill(dead)                          # taking a dead replica out is what remove-member is for
+    done = cli("remove-member", dead, "--node", a)
+    assert done.returncode == 0, done.stdout + done.stderr
+    body = json.loads(done.stdout)
+    assert body["message"] == "View change successful"
+    # the shard's replica set changed: the new group 2 took every key of shard 1, which retired
+    assert body["shards"] == [{"shard-id": "2", "key-count": PRELOADED, "replicas": [a, b]}]
+    assert_preloaded_readable(b)
+    assert_nodes_agree(body["shards"], keys, [a, b])
+
+
+@pytest.mark.cluster
+def test_remove_the_sole_replica_of_a_shard_then_add_it_back(make_cluster):
+    cluster = make_cluster(2, 1)
+    a, b = cluster.view
+    keys = preload(a)
+
+    status, body = remove_member(b, b.replace("127.0.0.1", " 127.0.0.1"))      # b coordinates its own removal
+    assert status == 200, body
+    assert body["shards"] == [{"shard-id": "1", "key-count": PRELOADED, "replicas": [a], "address": a}]
+    assert_preloaded_readable(a)
+    assert_nodes_agree(body["shards"], keys, [a])
+    assert_left(b)
+    assert KvsClient(b).get("pre-1")[1].get("value") == "v1"               # outside the view, it forwards
+
+    status, body = remove_member(a, a)
+    assert status == 400 and "last node" in body["error"]
+
+    done = cli("add-member", b, "--shard-id", "1", "--node", a)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "keys moved" in done.stderr
+    body = json.loads(done.stdout)
+    # a new group; id 2 is never reused (b still keeps the retired shard 2's journal)
+    assert [(s["shard-id"], s["replicas"]) for s in body["shards"]] == [("3", [a, b])]
+    assert_nodes_agree(body["shards"], keys, [a, b])
+    assert_preloaded_readable(b)
+
+
+@pytest.mark.cluster
+def test_invalid_member_changes_are_refused(make_cluster):
+    cluster = make_cluster(2, 1)
+    a, b = cluster.view
+    for status_body, words in [
+        (add_member(a, "127.0.0.1:1", "1"), "unreachable"),           # nobody listens there
+        (add_member(a, "127.0.0.1:1", "7"), "shard 7 does not exist"),
+        (add_member(a, b, "1"), "already in the view"),
+        (add_member(a, "127.0.0.1:port", "1"), "malformed"),
+        (add_member(a, "127.0.0.1:1", None), "shard-id"),
+        (remove_member(a, "127.0.0.1:1"), "not in the view"),
+        (remove_member(a, None), "address"),
+    ]:
+        status, body = status_body
+        assert status == 400 and words in body["error"], (words, body)
+    for path in ("add-member", "remove-member"):
+        resp = requests.put(f"http://{a}/kvs/view-change/{path}", data=b"{nope", timeout=10)
+        assert resp.status_code == 400 and resp.json()["error"] == "Malformed JSON body"
+    assert KvsClient(b).shards()[1]["shards"] == ["1", "2"]               # nothing changed
+    assert requests.get(f"http://{a}/kvs/view-change", timeout=5).json()["epoch"] == 1

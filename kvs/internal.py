@@ -27,6 +27,8 @@ from .raft.shard_state import dedup_from_json, dedup_to_json
 
 internal = Blueprint("internal", __name__, url_prefix="/internal")
 
+_SLICE_ROWS = 2000
+
 ADMIN_COMMANDS = {"track", "freeze", "thaw", "install", "own", "drop"}
 
 
@@ -107,9 +109,22 @@ def group_command(shard_id: str) -> Response:
 @internal.route("/groups/<shard_id>/export", methods=["POST"])
 def export(shard_id: str) -> Response:
     b = _body()
-    items, dedup, number = _group(shard_id).read(
-        lambda state: state.export(b["source"], b["old_ring"], b["new_ring"], b["destination"]), _deadline())
+    number, items, dedup, moving = _group(shard_id).read(
+        lambda state: state.export_rows(b["source"], b["old_ring"], b["new_ring"], b["destination"]), _deadline())
+    items = _sliced_filter(items, lambda row: moving(row[0]))
+    dedup = _sliced_filter(dedup, lambda row: moving(row[1][1]))
     return _json({"items": items, "deleted": [], "dedup": dedup_to_json(dedup), "number": number})
+
+
+def _sliced_filter(rows: list, keep) -> list:
+    """The rows `keep` accepts, filtered in slices that each end by yielding the GIL: a scan of every
+    key of a shard takes tens of milliseconds of pure Python, and would otherwise make the request
+    threads serving other keys wait a switch interval for each step of their work."""
+    kept: list = []
+    for start in range(0, len(rows), _SLICE_ROWS):
+        kept.extend(row for row in rows[start:start + _SLICE_ROWS] if keep(row))
+        time.sleep(0)
+    return kept
 
 
 @internal.route("/groups/<shard_id>/changes", methods=["POST"])

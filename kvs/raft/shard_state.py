@@ -136,16 +136,19 @@ class ShardState(StateMachine):
         return self._ownership[0] if self._ownership else 0
 
     def export(self, source: str, old_ring: dict, new_ring: dict, destination: str) -> tuple[list, list, int]:
-        """(items, dedup entries, change number) of the keys moving from `source` to `destination`.
+        """(items, dedup entries, change number) of the keys moving from `source` to `destination`."""
+        number, items, dedup, moving = self.export_rows(source, old_ring, new_ring, destination)
+        return sorted(kv for kv in items if moving(kv[0])), [e for e in dedup if moving(e[1][1])], number
+
+    def export_rows(self, source: str, old_ring: dict, new_ring: dict, destination: str) -> tuple[int, list, list, Any]:
+        """(change number, every (key, value), every dedup entry, is-moving predicate on a key): the raw
+        material of `export`, taken with C-level copies so the caller can filter it in slices.
 
         The change number is read first: a write applied while the copy is taken (reads run beside
         the tick thread) is numbered above it, so `export_changes(since=it)` catches it up."""
         number = self._change_number
         moving = self._mover(source, old_ring, new_ring, destination)
-        data = dict(self._data)
-        items = sorted((k, v) for k, v in data.items() if moving(k))
-        dedup = [(rid, entry) for rid, entry in list(self._dedup.items()) if moving(entry[1])]
-        return items, dedup, number
+        return number, list(self._data.items()), list(self._dedup.items()), moving
 
     def export_changes(self, source: str, old_ring: dict, new_ring: dict, destination: str,
                        since: int) -> tuple[list, list, list, int]:

@@ -53,7 +53,8 @@ from .planner import Move, Plan, plan_add_member, plan_remove_member, plan_view_
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 256 * 1024  # one install command carries about this much (requests are capped at 1 MiB)
+CHUNK_BYTES = 64 * 1024   # one install command carries about this much (requests are capped at 1 MiB)
+COPY_PAUSE_RATIO = 1.0    # the bulk copy pauses this long, relative to each install, between installs
 STEP_SECONDS = 30.0       # each remote step must succeed within this
 MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
@@ -332,10 +333,15 @@ class ViewChange:
         n = plan.epoch.number
         for i, (items, dedup, deleted) in enumerate(_batches(exported["items"], exported["dedup"],
                                                               exported["deleted"])):
+            started = time.monotonic()
             self._group_command(plan.epoch, move.destination,
                                 ["install", n, move.source, request["old_ring"], request["new_ring"], items,
                                  dedup, since is None and i == 0, deleted])
             self.progress.keys_moved += len(items) + len(deleted)
+            if since is None:
+                # Pacing, not synchronisation: the bulk copy shares the cores and the destination's log with
+                # client traffic, so it leaves them as much time as each install took.
+                time.sleep((time.monotonic() - started) * COPY_PAUSE_RATIO)
         return exported["number"]
 
     def _advance(self, number: int, phase: str) -> None:

@@ -29,7 +29,7 @@ internal = Blueprint("internal", __name__, url_prefix="/internal")
 
 _SLICE_ROWS = 2000
 
-ADMIN_COMMANDS = {"track", "freeze", "thaw", "install", "own", "drop"}
+ADMIN_COMMANDS = {"track", "freeze", "thaw", "install", "own", "drop", "drop-keys"}
 
 
 @internal.before_request

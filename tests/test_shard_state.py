@@ -205,3 +205,24 @@ def test_tracking_for_a_different_ring_under_the_same_number_restarts():
     k = keys_moving("1", "3", 1)[0]
     s.apply(("put", "a", k, "v"))
     assert s.export_changes("1", OLD, NEW, "3", since=0)[0] == [(k, "v")]
+
+
+def test_drop_keys_forgets_only_keys_no_longer_owned():
+    s = ShardState(ownership=(1, "1", OLD))
+    moving, staying = keys_moving("1", "3", 4), keys_moving("1", "1", 2)
+    for i, k in enumerate(moving + staying):
+        s.apply(("put", f"id-{i}", k, "v"))
+    assert s.apply(("drop-keys", 2, moving)) == 0       # not at epoch 2 yet: nothing goes
+    s.apply(("own", 2, "1", NEW))
+    assert s.apply(("drop-keys", 2, moving[:2] + staying + ["never-here"])) == 2
+    assert s.apply(("drop-keys", 2, moving)) == 2 and s.apply(("drop-keys", 2, moving)) == 0
+    assert s.key_count() == len(staying)
+
+
+def test_an_install_that_starts_over_clears_only_after_an_unfinished_copy():
+    destination = ShardState(ownership=(2, "3", NEW))
+    arriving = keys_moving("1", "3", 3)
+    destination.apply(("install", 2, "1", OLD, NEW, [(k, "partial") for k in arriving], [], True))
+    # the coordinator died mid-copy and the next one starts the copy of the same move over
+    destination.apply(("install", 2, "1", OLD, NEW, [(arriving[0], "again")], [], True))
+    assert sorted(destination.snapshot()["data"].items()) == [(arriving[0], "again")]

@@ -39,6 +39,8 @@ Commands are tuples, first element the operation:
                                       `deleted` keys were deleted at the source since the last copy
     ("own", epoch, shard_id, ring)    take the ownership of `epoch`
     ("drop", epoch)                   forget keys (and dedup entries) no longer owned
+    ("drop-keys", epoch, keys)        forget those of `keys` no longer owned: the same, in slices the
+                                      coordinator knows, so no single entry scans the whole shard
 Rings travel as `HashRing.to_dict()`.
 
 Change tracking: between "track" and the end of the change, every applied
@@ -88,6 +90,9 @@ class ShardState(StateMachine):
         self._change_number = 0                             # numbers tracked writes; never goes back
         self._changed_keys: dict[str, int] = {}            # key -> number of its last tracked write
         self._changed_requests: dict[str, int] = {}        # request id -> number of its tracked write
+        # True from an install until "own" or "drop": only then can keys this group does not own be
+        # here, so only then must an install that starts a copy over scan for them
+        self._installing = False
         self._rings: dict[tuple, HashRing] = {}             # derived cache, never snapshotted
         self._handlers = {
             "put": self._put,
@@ -99,6 +104,7 @@ class ShardState(StateMachine):
             "install": self._install,
             "own": self._own,
             "drop": self._drop,
+            "drop-keys": self._drop_keys,
         }
 
     # -- the FSM contract -------------------------------------------------
@@ -108,7 +114,8 @@ class ShardState(StateMachine):
         return {"data": dict(self._data), "dedup": list(self._dedup.items()),
                 "ownership": self._ownership, "frozen": self._frozen,
                 "tracking": (self._tracking, self._change_number, dict(self._changed_keys),
-                             dict(self._changed_requests))}
+                             dict(self._changed_requests)),
+                "installing": self._installing}
 
     def restore(self, snapshot: dict) -> None:
         """Discard everything, then take the snapshot's state."""
@@ -120,6 +127,7 @@ class ShardState(StateMachine):
         tracking, number, keys, requests = snapshot.get("tracking") or (None, 0, {}, {})
         self._tracking, self._change_number = tracking, number
         self._changed_keys, self._changed_requests = dict(keys), dict(requests)
+        self._installing = snapshot.get("installing", True)
 
     # -- reads (never replicated; callers order them with a barrier) -------
 
@@ -288,7 +296,7 @@ class ShardState(StateMachine):
         if epoch < self.epoch:
             return 0
         destination = self._ownership[1] if self._ownership else None
-        if clear:
+        if clear and self._installing:
             moving = self._mover(source, old_ring, new_ring, destination)
             for key in [k for k in self._data if moving(k)]:
                 del self._data[key]
@@ -296,6 +304,7 @@ class ShardState(StateMachine):
             self._data[key] = value
         for key in deleted:
             self._data.pop(key, None)
+        self._installing = True
         for request_id, entry in dedup:
             self._dedup.setdefault(request_id, tuple(entry))
         while len(self._dedup) > self._dedup_capacity:
@@ -310,6 +319,7 @@ class ShardState(StateMachine):
             self._frozen = None
         if self._tracking is not None and self._tracking[0] <= epoch:
             self._stop_tracking()
+        self._installing = False            # what was installed for `epoch` is owned now
         return True
 
     def _drop(self, epoch: int) -> int:
@@ -320,6 +330,17 @@ class ShardState(StateMachine):
             del self._data[key]
         for request_id in [rid for rid, entry in self._dedup.items() if self._refuse(entry[1]) is not None]:
             del self._dedup[request_id]
+        self._installing = False
+        return len(gone)
+
+    def _drop_keys(self, epoch: int, keys: list) -> int:
+        # Dedup entries of these keys stay until the table's FIFO evicts them: harmless, since a retry
+        # of a key this group does not own is refused before the table is consulted.
+        if self._ownership is None or epoch != self.epoch:
+            return 0
+        gone = [k for k in keys if k in self._data and self._refuse(k) is not None]
+        for key in gone:
+            del self._data[key]
         return len(gone)
 
     # -- deduplication -----------------------------------------------------

@@ -54,6 +54,7 @@ from .planner import Move, Plan, plan_add_member, plan_remove_member, plan_view_
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024   # one install command carries about this much (requests are capped at 1 MiB)
+DROP_KEYS = 2000          # keys per drop-keys command after the commit
 COPY_PAUSE_RATIO = 1.0    # the bulk copy pauses this long, relative to each install, between installs
 STEP_SECONDS = 30.0       # each remote step must succeed within this
 MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
@@ -84,6 +85,7 @@ class ViewChange:
         self._forwarder = forwarder
         self._busy = threading.Lock()
         self.progress = Progress()
+        self._copied_keys: dict[tuple[int, str], set[str]] = {}    # (epoch, source) -> keys copied away
 
     # -- the request ---------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class ViewChange:
         if not self._busy.acquire(blocking=False):
             raise Conflict("a view change is in progress on this node")
         try:
+            self._copied_keys = {}
             self.progress = Progress(epoch=plan.epoch.number, phase="preparing", moves_total=len(plan.moves))
             result = self._meta(("prepare", plan.to_dict(), self._node.settings.address))
             if isinstance(result, Invalid):
@@ -116,6 +119,7 @@ class ViewChange:
             self.progress.phase = "done"
             return self._shard_report(plan.epoch)
         finally:
+            self._copied_keys = {}
             self._busy.release()
 
     def reshard(self, shard_count: object) -> list[dict]:
@@ -220,7 +224,17 @@ class ViewChange:
         for shard_id in kept:
             self._group_command(plan.epoch, shard_id, ["own", n, shard_id, new_ring])
         for shard_id in sorted({m.source for m in plan.moves} & set(kept)):
-            self._group_command(plan.epoch, shard_id, ["drop", n])
+            copied = self._copied_keys.get((n, shard_id))
+            if copied is None:
+                # taken over from another coordinator: which keys moved is not known here, so scan
+                self._group_command(plan.epoch, shard_id, ["drop", n])
+                continue
+            # Every key that moved was in one of this coordinator's copies (moving keys cannot be
+            # written after the freeze), so drop exactly those, in slices the tick thread applies
+            # quickly, instead of one entry that scans the whole shard while clients wait.
+            keys = sorted(copied)
+            for start in range(0, len(keys), DROP_KEYS):
+                self._group_command(plan.epoch, shard_id, ["drop-keys", n, keys[start:start + DROP_KEYS]])
         self._meta(("finish", n))
         self._wait_for_epoch(plan.epoch)
         self._wait_for_metadata_members(plan.epoch)
@@ -338,6 +352,9 @@ class ViewChange:
                                 ["install", n, move.source, request["old_ring"], request["new_ring"], items,
                                  dedup, since is None and i == 0, deleted])
             self.progress.keys_moved += len(items) + len(deleted)
+            copied = self._copied_keys.setdefault((n, move.source), set())
+            copied.update(key for key, _ in items)
+            copied.update(deleted)
             if since is None:
                 # Pacing, not synchronisation: the bulk copy shares the cores and the destination's log with
                 # client traffic, so it leaves them as much time as each install took.

@@ -228,5 +228,5 @@ class DockerDriver(ClusterDriver):
         self._cluster_net.connect(self.container(node), ipv4_address=node.split(":")[0])
         self._ports.pop(node, None)
 
-    def logs(self, node: str) -> str:
-        return self.container(node).logs(tail=200).decode("utf-8", "replace")
+    def logs(self, node: str, lines: int | None = 200) -> str:
+        return self.container(node).logs(tail=lines if lines is not None else "all").decode("utf-8", "replace")

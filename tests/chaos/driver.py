@@ -65,7 +65,8 @@ class ClusterDriver(ABC):
     @abstractmethod
     def heal(self, node: str) -> None: ...
     @abstractmethod
-    def logs(self, node: str) -> str: ...
+    def logs(self, node: str, lines: int | None = 200) -> str:
+        """The node's log output: the last `lines` lines, or all of it."""
 
     def all_nodes(self) -> list[str]:
         return self.nodes() + self.spare_nodes()
@@ -149,11 +150,17 @@ class ClusterDriver(ABC):
 
     def view_change_phase(self, node: str, timeout: float = 2.0) -> tuple[bool, str | None]:
         """(answered, phase) from GET /kvs/view-change; only metadata members know the phase."""
+        body = self.view_change_status(node, timeout)
+        return body is not None, body.get("phase") if body is not None else None
+
+    def view_change_status(self, node: str, timeout: float = 2.0) -> dict | None:
+        """GET /kvs/view-change: the change recorded in the metadata group ("phase"), and this
+        node's own part in one ("progress": as coordinator, or as the node that took one over)."""
         try:
             status, body = self.http(node, "/kvs/view-change", timeout=timeout)
         except (requests.RequestException, ValueError):
-            return False, None
-        return status == 200, body.get("phase") if status == 200 else None
+            return None
+        return body if status == 200 else None
 
 
 class ProcessDriver(ClusterDriver):
@@ -216,8 +223,8 @@ class ProcessDriver(ClusterDriver):
         return [rule for other in sorted(others)
                 for rule in (("-s", ip, "-d", other, "-j", "DROP"), ("-s", other, "-d", ip, "-j", "DROP"))]
 
-    def logs(self, node: str) -> str:
-        return self._cluster.log_tail(node, 200)
+    def logs(self, node: str, lines: int | None = 200) -> str:
+        return self._cluster.log_tail(node, lines if lines is not None else 10**9)
 
 
 def _iptables(*args: str, check: bool = True) -> None:

@@ -59,6 +59,7 @@ class FaultLog:
         self.driver = driver
         self.events: list[FaultEvent] = []
         self.violations: list[str] = []
+        self.harness_errors: list[str] = []     # the driver failed to inject or heal (not the store's doing)
         self._lock = threading.Lock()
         self._held: set[str] = set()
         self._healing: set[int] = set()
@@ -89,12 +90,23 @@ class FaultLog:
             self._held.update(free)
         if not free:
             return None
-        action = _action(kind)
+        action = {"kill": self.driver.kill, "pause": self.driver.pause, "isolate": self.driver.isolate}[_action(kind)]
         event = FaultEvent(kind, shard, free, injected=time.monotonic(), leader=leader)
         with self._lock:
-            self.events.append(event)
+            self.events.append(event)       # from before the first action: the checks see it from then
+        applied = []
         for node in free:
-            {"kill": self.driver.kill, "pause": self.driver.pause, "isolate": self.driver.isolate}[action](node)
+            try:
+                action(node)
+                applied.append(node)
+            except Exception as exc:        # e.g. docker pause failing under load ("unable to freeze")
+                self.harness_errors.append(f"{kind} of {node} not injected: {exc}")
+        with self._lock:
+            self._held.difference_update(set(free) - set(applied))
+            if not applied:
+                self.events.remove(event)
+                return None
+        event.nodes = applied
         return event
 
     def heal(self, event: FaultEvent) -> None:
@@ -103,8 +115,12 @@ class FaultLog:
                 return
             self._healing.add(id(event))
         action = _action(event.kind)
+        heal = {"kill": self.driver.start_node, "pause": self.driver.resume, "isolate": self.driver.heal}[action]
         for node in event.nodes:
-            {"kill": self.driver.start_node, "pause": self.driver.resume, "isolate": self.driver.heal}[action](node)
+            try:
+                heal(node)
+            except Exception as exc:        # the checks that follow show what a node left broken does
+                self.harness_errors.append(f"healing {event.kind} of {node} failed: {exc}")
         if action == "kill":
             # A restarted node has returned once it serves again; the grace period runs from then.
             try:

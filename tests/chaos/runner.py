@@ -63,6 +63,7 @@ class ChaosReport:
     view_changes: list[dict] = field(default_factory=list)
     final_epoch: int | None = None
     violations: list[str] = field(default_factory=list)
+    harness_errors: list[str] = field(default_factory=list)
     # per shard: when clients that reached a healthy node saw failures (seconds into the run)
     unavailability: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     artifacts: str | None = None
@@ -74,6 +75,7 @@ class ChaosReport:
                 f"unknown={self.ops_unknown} faults={len(self.faults)} {faults} "
                 f"view-changes={[c['description'] for c in self.view_changes]} final-epoch={self.final_epoch} "
                 f"violations={len(self.violations)} unavailable={windows}"
+                + (f" harness-errors={self.harness_errors}" if self.harness_errors else "")
                 + (f" artifacts={self.artifacts}" if self.artifacts else ""))
 
 
@@ -141,6 +143,7 @@ class ChaosRun:
         self._check_replicas_agree(final)
         self._check_availability(records)
         self.report.violations += self.faults.violations + self.changes.violations
+        self.report.harness_errors = list(self.faults.harness_errors)
         self.report.faults = [asdict(e) | {"injected": round(e.injected - self.start, 2),
                                            "healed": round((e.healed or 0) - self.start, 2)}
                               for e in self.faults.events]

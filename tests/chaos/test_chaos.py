@@ -1,9 +1,10 @@
 """Chaos runs: faults injected into a live cluster while clients record a history and the view changes.
 
 Every run starts 2 shards x 3 replicas plus 3 idle spare nodes, and its view-change
-lane makes two changes in a seeded order: one in the middle of the run (the view
-grows to 3 x 3, or shrinks back), and one whose coordinator is SIGKILLed while it
-runs (rolled back or finished by another node), while the fault schedule goes on.
+lane makes two changes, each growing the view to 3 x 3 or shrinking it back: one in
+the middle of the run, then one whose coordinator is SIGKILLed while it runs (rolled
+back or finished by another node), while the fault schedule goes on. (When faults
+stall the first change for long, the second may come after the clients stopped.)
 
 The process backend is the fast loop for developers; the Docker backend
 (marker `docker`, skipped where Docker is unavailable) is what CI runs. Length and seed come from the environment
@@ -40,16 +41,25 @@ def run_and_check(driver, backend: str, seed: int, tmp_path) -> None:
         driver.wait_healthy(timeout=90)
         report = ChaosRun(driver, backend, seed, duration=SECONDS, view_changes=MODES,
                           artifacts_dir=str(tmp_path)).run()
+        if report.violations:
+            save_logs(driver, tmp_path / "logs")
     finally:
         driver.stop()
     print(report.summary())
     assert report.faults, "no fault was injected"
     assert report.ops_ok > 100, report.summary()
     assert not report.violations, report.summary() + "\n" + "\n".join(report.violations[:20])
-    modes = {c["mode"] for c in report.view_changes}
-    assert modes == set(MODES), f"view changes made: {modes}, scheduled: {MODES}\n{report.summary()}"
+    assert any(c["mode"] == "change" and c["during_clients"] for c in report.view_changes), \
+        "no view change while the clients ran\n" + report.summary()
     assert any(c["killed_in_phase"] for c in report.view_changes), \
         "no coordinator was killed while its change ran\n" + report.summary()
+
+
+def save_logs(driver, directory) -> None:
+    """Every node's whole log, beside the run's artifacts (containers and their logs go at stop)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for node in driver.all_nodes():
+        (directory / f"{node.replace(':', '_')}.log").write_text(driver.logs(node, lines=None))
 
 
 @pytest.mark.skipif(not iptables_usable(), reason="iptables is not usable here (needed to isolate nodes)")

@@ -22,10 +22,13 @@ view of the toggle, so clients that use them are never sent to a node that left.
 
 A step has settled when GET /kvs/view-change shows no change on a majority of
 the metadata members that answer (a lagging member alone may show null before
-it applied the prepare). The lane checks what the answer implies: 200 means
-committed as planned, 503 means rolled back, a coordinator killed at
-"committed" means finished, never 400 or 409 (the lane runs one change at a
-time, with a valid view).
+it applied the prepare). The next step first waits until its coordinator has
+no part in the previous change any more ("progress" of GET /kvs/view-change):
+a node that rolled back or finished a change for a dead coordinator still
+pushes epochs after the change settled, and answers 409 meanwhile. The lane
+checks what the answer implies: 200 means committed as planned, 503 means
+rolled back, a coordinator killed at "committed" means finished, never 400 or
+409 (the lane runs one change at a time, with a valid view).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ ANSWER_LIMIT = 120.0       # the PUT answers (or its coordinator dies) within th
 START_LIMIT = 30.0         # the change shows a phase (or the PUT answers) within this
                            # (for a kill at a later phase: within SETTLE_LIMIT)
 SETTLE_LIMIT = 90.0        # no change in progress any more within this (takeover waits 5 s without progress)
+IDLE_LIMIT = 30.0          # a coordinator-to-be finishes its part in the previous change within this
+# GET /kvs/view-change "progress" of a node with no part in a change under way
+IDLE_PROGRESS = ("idle", "done", "rolled back")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class ViewChangeEvent:
     view: list[str]
     repl_factor: int
     started: float                          # seconds into the run
+    during_clients: bool                    # the clients were still running when it started
     answer: str = "none"                    # "200", "503 ...", or the client error
     killed_in_phase: str | None = None
     settled: float | None = None            # seconds into the run
@@ -79,8 +86,12 @@ class ViewChangeEvent:
     note: str | None = None                 # what did not go as scheduled, without being wrong
     problems: list[str] = field(default_factory=list)
 
+    def add_note(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
+
     def describe(self) -> str:
         kill = f" coordinator killed at {self.killed_in_phase}" if self.killed_in_phase else ""
+        kill += "" if self.during_clients else " after the clients"
         end = f"{self.settled:.1f}s" if self.settled is not None else "?"
         return (f"{self.mode}({len(self.view)} nodes, epoch {self.before}->{self.after}{kill}) "
                 f"{self.started:.1f}-{end} {self.outcome}, answer {self.answer}"
@@ -88,18 +99,17 @@ class ViewChangeEvent:
 
 
 def make_view_change_schedule(seed: int, duration: float, members: int, modes: tuple[str, ...]) -> list[ViewChangeStep]:
-    """The steps in a seeded order, spread over the middle of the run. Pure in its inputs.
+    """One step per mode, in the given order, spread over the middle of the run. Pure in its inputs.
 
     Step i of n starts in [0.2 + 0.6 i/n, 0.3 + 0.6 i/n] x duration: after the clients have
     built a history, and early enough for a change whose coordinator dies to settle (takeover
-    needs 5 s without progress) while the clients still run.
+    needs 5 s without progress) while the clients still run. (A step runs later when the one
+    before it takes longer; see ViewChangeLane.run.)
     """
     rng = random.Random(f"view-changes-{seed}")         # its own stream: the fault schedule stays as it was
-    order = list(modes)
-    rng.shuffle(order)
     steps = []
-    for i, mode in enumerate(order):
-        at = duration * (0.2 + 0.6 * i / len(order)) + rng.uniform(0.0, 0.1 * duration)
+    for i, mode in enumerate(modes):
+        at = duration * (0.2 + 0.6 * i / len(modes)) + rng.uniform(0.0, 0.1 * duration)
         kill_at = rng.choice(KILL_PHASES) if mode == "kill_coordinator" else None
         steps.append(ViewChangeStep(at=round(at, 2), mode=mode, coordinator=rng.randrange(members),
                                     kill_at=kill_at, down=round(rng.uniform(2.0, 6.0), 2) if kill_at else 0.0))
@@ -123,9 +133,11 @@ class ViewChangeLane:
         return [f"view change {e.describe()}: {p}" for e in self.events for p in e.problems]
 
     def run(self, stop: threading.Event) -> None:
+        """Every step, each at its time or as soon as the one before has settled. On a slow machine
+        (a change stalled by faults for tens of seconds) a step may come after the clients have
+        stopped (`stop`): it still runs then, so that the run still meets it, marked as such."""
         for step in self.steps:
-            if stop.wait(max(0.0, self.start + step.at - time.monotonic())):
-                return
+            stop.wait(max(0.0, self.start + step.at - time.monotonic()))
             self._step(step, stop)
 
     # -- one change --------------------------------------------------------------------------
@@ -139,9 +151,12 @@ class ViewChangeLane:
             return                                      # nobody to ask: skip this step
         view = self.grown if set(before.view) == set(self.members) else self.members
         planned = plan_view_change(before, view, self.driver.replicas).epoch
+        busy = self._wait_until_idle(coordinator)
         started = time.monotonic()
         event = ViewChangeEvent(step.mode, coordinator, before.number, list(view), self.driver.replicas,
-                                started=round(started - self.start, 2))
+                                started=round(started - self.start, 2), during_clients=not stop.is_set())
+        if busy:
+            event.add_note(busy)
         self.events.append(event)
         answered = threading.Event()
 
@@ -193,13 +208,14 @@ class ViewChangeLane:
         if not seen or seen[-1] not in wanted:
             # Not a fault of the store (a change may end, or roll back, before that phase): noted, and
             # the test that asks for a coordinator kill sees that none happened.
-            event.note = f"the change did not reach phase {step.kill_at} (seen {seen[-3:]}): no kill"
+            event.add_note(f"the change did not reach phase {step.kill_at} (seen {seen[-3:]}): no kill")
             self.faults.release(coordinator)
             return None
         status = self.driver.group_status(coordinator, shard) or {}
         killed = self.faults.inject("kill_coordinator", shard, [coordinator], leader=status.get("role") == "leader",
                                     reserved=True)
-        event.killed_in_phase = seen[-1]
+        if killed is not None:
+            event.killed_in_phase = seen[-1]
         return killed
 
     def _wait_settled(self, event: ViewChangeEvent, answered: threading.Event,
@@ -229,6 +245,26 @@ class ViewChangeLane:
             event.problems.append("killed after commit, but the change was rolled back")
 
     # -- observation -------------------------------------------------------------------------
+
+    def _wait_until_idle(self, node: str) -> str | None:
+        """Wait until `node` has no part in a change any more; what was waited for, if anything.
+
+        A change settles in the metadata group (no phase) before the node that finished or rolled
+        it back is done: it still pushes the epochs to every node, waiting up to 5 s for each one
+        that is down, and answers 409 ("in progress on this node") to a new change meanwhile.
+        """
+        waited = time.monotonic()
+
+        def idle() -> bool:
+            status = self.driver.view_change_status(node, timeout=1.0)
+            return status is not None and status["progress"]["phase"] in IDLE_PROGRESS
+
+        try:
+            wait_until(idle, IDLE_LIMIT, interval=0.1, message=f"{node} idle")
+        except TimeoutError as exc:
+            return str(exc)
+        waited = time.monotonic() - waited
+        return f"{node} was busy with the previous change for {waited:.1f}s" if waited > 0.5 else None
 
     def _member_from(self, index: int, reserve: bool) -> str | None:
         """The index-th member, or the next one after it that no fault holds (reserved if asked)."""

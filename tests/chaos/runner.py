@@ -133,7 +133,10 @@ class ChaosRun:
         if lanes[1].is_alive():
             self.report.violations.append(f"the view-change lane still runs {CHANGE_LANE_LIMIT}s after the clients")
         self.faults.heal_everything()
-        self.driver.wait_healthy(timeout=90)
+        try:
+            self.driver.wait_healthy(timeout=90)
+        except TimeoutError as exc:             # recorded; the checks below show what it breaks
+            self.report.violations.append(f"after healing: {exc}")
         final = self._final_epoch()
         records += self._final_reads(nodes)
         history = [op for op, _ in records]

@@ -202,7 +202,7 @@ class ViewChangeLane:
             return answered.is_set() or bool(seen and seen[-1] in wanted + (None,))
 
         try:
-            wait_until(reached, SETTLE_LIMIT, interval=0.005, message=f"phase {step.kill_at}")
+            wait_until(reached, SETTLE_LIMIT, interval=0.01, message=f"phase {step.kill_at}")
         except TimeoutError:
             pass
         if not seen or seen[-1] not in wanted:

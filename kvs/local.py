@@ -117,6 +117,21 @@ class LocalCluster:
         self.start_node(address)
         return address
 
+    def define_spare_node(self) -> str:
+        """Define (not start) a node addressed like the view's nodes, after the last one defined.
+
+        It is started, like every node, with the cluster's VIEW, which does not contain it: it
+        stays idle until a view change names it. Unlike `add_idle_node`, it follows
+        `distinct_hosts` (its own loopback IP), so packet filters can cut it off like any node.
+        """
+        index = len(self.nodes)
+        if self.distinct_hosts:
+            address = f"127.0.0.{10 + index}:{self.base_port}"
+        else:
+            address = f"127.0.0.1:{self.base_port + index}"
+        self._define(address, ",".join(self.view))
+        return address
+
     def start_node(self, address: str) -> None:
         node = self.nodes[address]
         os.makedirs(os.path.dirname(node.log_path), exist_ok=True)

@@ -12,6 +12,9 @@ Every node container is attached to two bridge networks:
   as with the process backend. Docker re-assigns the host port whenever the container
   starts or its networks change, so the driver looks it up again after each of those.
 
+Spare nodes (`spares=k`) are containers like the others, with the next IPs, started with
+the same VIEW, which does not contain them: they stay idle until a view change names them.
+
 Each node keeps its data in a named volume on /data, so kill + start_node keeps it.
 Everything the driver creates carries the label `kvs.chaos=<run name>`; `stop` removes
 what carries it, so it is safe after a partial start and when called twice.
@@ -92,9 +95,9 @@ def _free_subnet(client) -> ipaddress.IPv4Network:
 
 
 class DockerDriver(ClusterDriver):
-    """`shards` x `replicas` kvs containers of `image`; `env` goes to every container."""
+    """`shards` x `replicas` kvs containers of `image`, plus `spares` idle ones; `env` goes to every container."""
 
-    def __init__(self, shards: int, replicas: int, image: str = "kvs:test", **env: str):
+    def __init__(self, shards: int, replicas: int, image: str = "kvs:test", spares: int = 0, **env: str):
         self.shards, self.replicas = shards, replicas
         self.image = image
         self.env = {k: str(v) for k, v in env.items()}
@@ -103,8 +106,9 @@ class DockerDriver(ClusterDriver):
         self._subnet = _free_subnet(self._docker)
         hosts = list(self._subnet.hosts())                    # .1 is the bridge gateway
         count = shards * replicas
-        self._ips = [str(hosts[i + 1]) for i in range(count)]
-        self._view = [f"{ip}:{HTTP_PORT}" for ip in self._ips]
+        self._ips = [str(hosts[i + 1]) for i in range(count + spares)]
+        addresses = [f"{ip}:{HTTP_PORT}" for ip in self._ips]
+        self._view, self._spares = addresses[:count], addresses[count:]
         self._containers: dict[str, object] = {}              # node -> docker Container
         self._ports: dict[str, str] = {}                      # node -> "127.0.0.1:port" (cache)
         self._cluster_net = None
@@ -126,7 +130,7 @@ class DockerDriver(ClusterDriver):
             f"{self.name}-clients", driver="bridge", labels=labels,
             options={"com.docker.network.bridge.enable_icc": "false"})
         api = self._docker.api
-        for i, (node, ip) in enumerate(zip(self._view, self._ips), start=1):
+        for i, (node, ip) in enumerate(zip(self.all_nodes(), self._ips), start=1):
             volume = self._docker.volumes.create(f"{self.name}-n{i}", labels=labels)
             environment = {**self.env, "ADDRESS": node, "VIEW": ",".join(self._view),
                            "REPL_FACTOR": str(self.replicas), "KVS_SECRET": SECRET}
@@ -174,11 +178,14 @@ class DockerDriver(ClusterDriver):
     def nodes(self) -> list[str]:
         return list(self._view)
 
+    def spare_nodes(self) -> list[str]:
+        return list(self._spares)
+
     def container(self, node: str):
         try:
             return self._containers[node]
         except KeyError:
-            raise KeyError(f"no container for node {node} (started? nodes: {self._view})") from None
+            raise KeyError(f"no container for node {node} (started? nodes: {self.all_nodes()})") from None
 
     def client_address(self, node: str) -> str:
         address = self._ports.get(node)
@@ -221,5 +228,5 @@ class DockerDriver(ClusterDriver):
         self._cluster_net.connect(self.container(node), ipv4_address=node.split(":")[0])
         self._ports.pop(node, None)
 
-    def logs(self, node: str) -> str:
-        return self.container(node).logs(tail=200).decode("utf-8", "replace")
+    def logs(self, node: str, lines: int | None = 200) -> str:
+        return self.container(node).logs(tail=lines if lines is not None else "all").decode("utf-8", "replace")

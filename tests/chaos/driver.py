@@ -11,6 +11,12 @@ same data), pause/resume (SIGSTOP/SIGCONT, or docker pause), isolate/heal
 (cut every packet between the node and the other nodes; in the process backend
 with iptables rules on the node's own loopback IP, in Docker by disconnecting
 it from the network).
+
+Spare nodes: a driver made with `spares=k` also starts k nodes with the same
+VIEW, which does not contain them, so they stay idle until a view change names
+them (`nodes()` is the initial VIEW, `spare_nodes()` the rest). Which node
+serves which shard is not fixed: `current_epoch()` asks the cluster (the
+metadata members, i.e. the initial VIEW) for the configuration it runs now.
 """
 
 from __future__ import annotations
@@ -18,25 +24,32 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 
 import requests
 
+from kvs.forwarding import FORWARDED, REQUEST_ID, SIGNATURE, sign
 from kvs.local import LocalCluster, find_free_base_port, wait_until
+from kvs.shard.layout import ConfigEpoch
 
 SECRET = "kvs-chaos-secret"
 
 
 class ClusterDriver(ABC):
-    shards: int
-    replicas: int
+    shards: int            # of the initial VIEW
+    replicas: int          # REPL_FACTOR of the initial VIEW
 
     @abstractmethod
     def start(self) -> None: ...
     @abstractmethod
     def stop(self) -> None: ...
     @abstractmethod
-    def nodes(self) -> list[str]: ...
+    def nodes(self) -> list[str]:
+        """The initial VIEW (every node of it is a metadata member, see kvs.shard.layout)."""
+    @abstractmethod
+    def spare_nodes(self) -> list[str]:
+        """Nodes started idle (outside the initial VIEW), for view changes to add."""
     @abstractmethod
     def client_address(self, node: str) -> str: ...
     @abstractmethod
@@ -52,13 +65,13 @@ class ClusterDriver(ABC):
     @abstractmethod
     def heal(self, node: str) -> None: ...
     @abstractmethod
-    def logs(self, node: str) -> str: ...
+    def logs(self, node: str, lines: int | None = 200) -> str:
+        """The node's log output: the last `lines` lines, or all of it."""
+
+    def all_nodes(self) -> list[str]:
+        return self.nodes() + self.spare_nodes()
 
     # -- observation, shared by every backend --------------------------------------------
-
-    def replicas_of(self, shard_id: str) -> list[str]:
-        index = int(shard_id) - 1
-        return self.nodes()[index * self.replicas:(index + 1) * self.replicas]
 
     def http(self, node: str, path: str, timeout: float = 2.0) -> tuple[int, dict]:
         resp = requests.get(f"http://{self.client_address(node)}{path}", timeout=timeout)
@@ -70,9 +83,19 @@ class ClusterDriver(ABC):
         except (requests.RequestException, ValueError):
             return False
 
+    def ready(self, node: str) -> bool:
+        """Healthy, or idle and answering (an idle node is 'unavailable' by design)."""
+        try:
+            status, body = self.http(node, "/health")
+        except (requests.RequestException, ValueError):
+            return False
+        return status == 200 or str(body.get("reason", "")).startswith("idle")
+
     def wait_healthy(self, nodes: list[str] | None = None, timeout: float = 60.0) -> None:
-        for node in nodes or self.nodes():
-            wait_until(lambda: self.healthy(node), timeout, message=f"{node} healthy")
+        """The given nodes healthy; without a list, every node started ready in its role."""
+        check = self.healthy if nodes is not None else self.ready
+        for node in nodes or self.all_nodes():
+            wait_until(lambda: check(node), timeout, message=f"{node} healthy")
 
     def group_status(self, node: str, shard_id: str, digest: bool = False) -> dict | None:
         try:
@@ -81,6 +104,32 @@ class ClusterDriver(ABC):
             return None
         return status.get("groups", {}).get(f"shard-{shard_id}")
 
+    def known_epochs(self, node: str, timeout: float = 2.0) -> dict | None:
+        """{"active", "pending", "metadata-member"} as `node` knows them (GET /internal/epochs,
+        signed with the cluster secret as a node would), or None if it does not answer."""
+        path, request_id = "/internal/epochs", uuid.uuid4().hex
+        headers = {FORWARDED: "1", REQUEST_ID: request_id, SIGNATURE: sign(SECRET, "GET", path, request_id, b"")}
+        try:
+            resp = requests.get(f"http://{self.client_address(node)}{path}", headers=headers, timeout=timeout)
+            return resp.json() if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return None
+
+    def epoch_of(self, node: str, timeout: float = 2.0) -> ConfigEpoch | None:
+        """The active epoch `node` routes by."""
+        known = self.known_epochs(node, timeout)
+        return ConfigEpoch.from_dict(known["active"]) if known and known.get("active") else None
+
+    def current_epoch(self) -> ConfigEpoch | None:
+        """The newest active epoch any metadata member reports (None if none answers)."""
+        epochs = [e for e in (self.epoch_of(node, timeout=1.5) for node in self.nodes()) if e is not None]
+        return max(epochs, key=lambda e: e.number) if epochs else None
+
+    def replicas_of(self, shard_id: str) -> list[str]:
+        """The shard's replicas in the current epoch ([] if it has no such shard or nobody answers)."""
+        epoch = self.current_epoch()
+        return list(epoch.shards.get(shard_id, ())) if epoch is not None else []
+
     def leader_of(self, shard_id: str) -> str | None:
         for node in self.replicas_of(shard_id):
             group = self.group_status(node, shard_id)
@@ -88,21 +137,49 @@ class ClusterDriver(ABC):
                 return node
         return None
 
+    # -- view changes --------------------------------------------------------------------
+
+    def change_view(self, node: str, view: list[str], repl_factor: int, timeout: float) -> tuple[int, dict]:
+        """PUT /kvs/view-change to `node` (which coordinates it); blocks until it answers."""
+        resp = requests.put(f"http://{self.client_address(node)}/kvs/view-change",
+                            json={"view": ",".join(view), "repl-factor": repl_factor}, timeout=timeout)
+        try:
+            return resp.status_code, resp.json()
+        except ValueError:
+            return resp.status_code, {"raw": resp.text}
+
+    def view_change_phase(self, node: str, timeout: float = 2.0) -> tuple[bool, str | None]:
+        """(answered, phase) from GET /kvs/view-change; only metadata members know the phase."""
+        body = self.view_change_status(node, timeout)
+        return body is not None, body.get("phase") if body is not None else None
+
+    def view_change_status(self, node: str, timeout: float = 2.0) -> dict | None:
+        """GET /kvs/view-change: the change recorded in the metadata group ("phase"), and this
+        node's own part in one ("progress": as coordinator, or as the node that took one over)."""
+        try:
+            status, body = self.http(node, "/kvs/view-change", timeout=timeout)
+        except (requests.RequestException, ValueError):
+            return None
+        return body if status == 200 else None
+
 
 class ProcessDriver(ClusterDriver):
     """Nodes as local processes, each on its own loopback IP (127.0.0.10, .11, ...)."""
 
-    def __init__(self, shards: int, replicas: int, root: str | None = None, **env: str):
+    def __init__(self, shards: int, replicas: int, root: str | None = None, spares: int = 0, **env: str):
         self.shards, self.replicas = shards, replicas
         self._root = root or tempfile.mkdtemp(prefix="kvs-chaos-")
         self._cluster = LocalCluster(shards, replicas, self._root, base_port=find_free_base_port(1),
                                      secret=SECRET, env=env, distinct_hosts=True)
+        self._spares = [self._cluster.define_spare_node() for _ in range(spares)]
         self._chain = f"KVSCHAOS{os.getpid()}"
 
     def start(self) -> None:
         _iptables("-N", self._chain)
         _iptables("-I", "INPUT", "-j", self._chain)
         self._cluster.start()
+        for spare in self._spares:
+            self._cluster.start_node(spare)
 
     def stop(self) -> None:
         self._cluster.stop()
@@ -112,6 +189,9 @@ class ProcessDriver(ClusterDriver):
 
     def nodes(self) -> list[str]:
         return list(self._cluster.view)
+
+    def spare_nodes(self) -> list[str]:
+        return list(self._spares)
 
     def client_address(self, node: str) -> str:
         return node
@@ -139,12 +219,12 @@ class ProcessDriver(ClusterDriver):
 
     def _isolation_rules(self, node: str) -> list[tuple[str, ...]]:
         ip = node.split(":")[0]
-        others = {other.split(":")[0] for other in self.nodes()} - {ip}
+        others = {other.split(":")[0] for other in self.all_nodes()} - {ip}
         return [rule for other in sorted(others)
                 for rule in (("-s", ip, "-d", other, "-j", "DROP"), ("-s", other, "-d", ip, "-j", "DROP"))]
 
-    def logs(self, node: str) -> str:
-        return self._cluster.log_tail(node, 200)
+    def logs(self, node: str, lines: int | None = 200) -> str:
+        return self._cluster.log_tail(node, lines if lines is not None else 10**9)
 
 
 def _iptables(*args: str, check: bool = True) -> None:

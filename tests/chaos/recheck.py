@@ -20,6 +20,10 @@ def main(path: str) -> int:
     for fault in saved["faults"]:
         print(f"  {fault['kind']:17} shard {fault['shard']} nodes {fault['nodes']} "
               f"at {fault['injected']}s, healed {fault['healed']}s")
+    for change in saved.get("view_changes", []):
+        print(f"  view change      {change['description']}")
+    if "final_epoch" in saved:
+        print(f"  final epoch {saved['final_epoch']}")
     print("violations recorded:", *saved["violations"][:10], sep="\n  ")
     result = check_history(history_from_json(saved["history"]))
     print(result.summary())

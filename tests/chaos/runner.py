@@ -1,21 +1,27 @@
-"""ChaosRun: a seeded, time-bounded run of concurrent clients while faults are injected and healed.
+"""ChaosRun: a seeded, time-bounded run of concurrent clients while faults are injected and healed
+and the view changes.
 
-The schedule is a pure function of (seed, duration, shards, fault kinds), so a
-failing run can be replayed from its seed. One fault is active at a time; each
-is injected, held for a few seconds, healed, and followed by a quiet gap.
+The schedules are pure functions of (seed, duration, layout, fault kinds, view-change
+modes), so a failing run can be replayed from its seed. Two lanes run side by side:
 
-Checks after every run:
+* faults (`faults.py`): one at a time, each injected, held for a few seconds,
+  healed, and followed by a quiet gap; it hits a shard of the epoch the cluster
+  runs at that moment;
+* view changes (`view_changes.py`), with spare nodes: a change in the middle of
+  the run, and a change whose coordinator is SIGKILLed (then restarted).
+
+Checks after every run, by the epochs the cluster went through (`epochs.py`):
 * the recorded history is linearizable per key (kvs.linearizability);
 * every acknowledged write to a write-once key is readable with its value;
-* after healing, every replica of a group holds the same data (digests at the
-  same applied index);
-* availability: an operation may fail only if the node it was sent to was
-  faulty, or the key's group had lost its majority (every replica killed), or
-  had lost its leader less than 3 s before (an election), or a fault of the
-  group was healed less than 3 s before (a rejoining replica may force an
-  election: PySyncObj has no pre-vote). A fault on a follower alone excuses
-  nothing: the group keeps its leader and majority.
-A violation saves the history and the schedule as JSON for replay.
+* every view change settled (rolled back or finished), with the outcome its
+  answer implies; every node of the final view and every metadata member then
+  routes by the final epoch, which GET /kvs/shards agrees with;
+* after healing, every replica of each group of the final epoch holds the same
+  data (digests at the same applied index);
+* availability (`availability.py`): an operation may fail only if the node it
+  was sent to was faulty, its key was moving in a view change, or its group
+  was under a fault that takes its majority or leader (or had just healed).
+A violation saves the history and the schedules as JSON for replay.
 """
 
 from __future__ import annotations
@@ -33,31 +39,17 @@ from kvs.client import KvsClient
 from kvs.linearizability import FAIL, OK, UNKNOWN, Operation, check_history, history_to_json
 from kvs.local import wait_until
 from kvs.shard.layout import ConfigEpoch
+from kvs.shard.planner import plan_view_change
 from kvs.workload import WorkloadSpec, run_recorded_workload
 
+from .availability import AvailabilityCheck
 from .driver import ClusterDriver
+from .epochs import EpochTimeline
+from .faults import FAULT_KINDS, Fault, FaultLog, make_schedule
+from .view_changes import ViewChangeLane, make_view_change_schedule
 
-FAULT_KINDS = ("kill_leader", "kill_follower", "pause_leader", "pause_follower", "isolate_leader",
-               "isolate_follower", "kill_group")
-GRACE = 3.0              # seconds after a heal within which a group must serve again
-RESTART_LIMIT = 30.0     # a restarted node must serve again within this
-
-
-@dataclass(frozen=True)
-class Fault:
-    at: float            # seconds after the start of the run
-    kind: str
-    shard: str
-    hold: float          # seconds until healed
-
-
-@dataclass
-class FaultEvent:
-    kind: str
-    shard: str
-    nodes: list[str]
-    injected: float      # monotonic
-    healed: float | None = None
+CHANGE_LANE_LIMIT = 300.0   # the view-change lane ends within this after the clients (its steps are bounded)
+AGREE_LIMIT = 60.0          # after healing, every node routes by the final epoch within this
 
 
 @dataclass
@@ -68,7 +60,10 @@ class ChaosReport:
     ops_failed: int = 0
     ops_unknown: int = 0
     faults: list[dict] = field(default_factory=list)
+    view_changes: list[dict] = field(default_factory=list)
+    final_epoch: int | None = None
     violations: list[str] = field(default_factory=list)
+    harness_errors: list[str] = field(default_factory=list)
     # per shard: when clients that reached a healthy node saw failures (seconds into the run)
     unavailability: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     artifacts: str | None = None
@@ -77,73 +72,85 @@ class ChaosReport:
         windows = {g: [f"{a:.1f}-{b:.1f}s" for a, b in w] for g, w in self.unavailability.items()}
         faults = [f"{f['kind']}(shard {f['shard']}) {f['injected']}-{f['healed']}s" for f in self.faults]
         return (f"chaos[{self.backend} seed={self.seed}]: ok={self.ops_ok} failed={self.ops_failed} "
-                f"unknown={self.ops_unknown} faults={len(self.faults)} {faults} violations={len(self.violations)} "
-                f"unavailable={windows}" + (f" artifacts={self.artifacts}" if self.artifacts else ""))
-
-
-def make_schedule(seed: int, duration: float, shards: int, kinds: tuple[str, ...] = FAULT_KINDS) -> list[Fault]:
-    rng = random.Random(seed)
-    faults, t = [], 3.0
-    while True:
-        hold = rng.uniform(2.0, 5.0)
-        if t + hold + 2.0 > duration:
-            return faults
-        faults.append(Fault(at=round(t, 2), kind=rng.choice(kinds), shard=str(rng.randint(1, shards)),
-                            hold=round(hold, 2)))
-        t += hold + rng.uniform(3.0, 5.0)
+                f"unknown={self.ops_unknown} faults={len(self.faults)} {faults} "
+                f"view-changes={[c['description'] for c in self.view_changes]} final-epoch={self.final_epoch} "
+                f"violations={len(self.violations)} unavailable={windows}"
+                + (f" harness-errors={self.harness_errors}" if self.harness_errors else "")
+                + (f" artifacts={self.artifacts}" if self.artifacts else ""))
 
 
 class ChaosRun:
     def __init__(self, driver: ClusterDriver, backend: str, seed: int, duration: float = 60.0,
                  clients: int = 8, keys_per_shard: int = 6, kinds: tuple[str, ...] = FAULT_KINDS,
-                 artifacts_dir: str = "chaos-artifacts"):
+                 view_changes: tuple[str, ...] = (), artifacts_dir: str = "chaos-artifacts"):
+        if view_changes and not driver.spare_nodes():
+            raise ValueError("view changes need spare nodes to add (a driver made with spares=k)")
         self.driver = driver
         self.report = ChaosReport(seed=seed, backend=backend)
         self.duration = duration
         self.clients = clients
-        self.schedule = make_schedule(seed, duration, driver.shards, kinds)
+        largest = len(driver.all_nodes()) // driver.replicas
+        self.schedule = make_schedule(seed, duration, largest, kinds)
+        self.view_change_schedule = make_view_change_schedule(seed, duration, len(driver.nodes()), view_changes)
         self.artifacts_dir = artifacts_dir
-        self.epoch = ConfigEpoch.initial(tuple(driver.nodes()), driver.replicas)
-        self.keys = [k for sid in map(str, range(1, driver.shards + 1)) for k in self._keys_of(sid, keys_per_shard)]
-        self.events: list[FaultEvent] = []
+        self.initial = ConfigEpoch.initial(tuple(driver.nodes()), driver.replicas)
+        self.keys = pick_keys(self.initial, self._grown(), keys_per_shard)
+        self.faults = FaultLog(driver)
         self.once_acked: dict[str, str] = {}
 
-    def _keys_of(self, shard_id: str, count: int) -> list[str]:
-        keys, i = [], 0
-        while len(keys) < count:
-            key = f"chaos-{i}"
-            if self.epoch.shard_for_key(key) == shard_id:
-                keys.append(key)
-            i += 1
-        return keys
+    def _grown(self) -> ConfigEpoch | None:
+        """The epoch a change to the grown view plans from the initial one (what moves in a change)."""
+        if not self.driver.spare_nodes():
+            return None
+        return plan_view_change(self.initial, self.driver.all_nodes(), self.driver.replicas).epoch
 
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> ChaosReport:
+        # The clients use the initial view only: it is in every view of the lane's toggle.
         nodes = self.driver.nodes()
         spec = WorkloadSpec(addresses=tuple(nodes), keys=tuple(self.keys), clients=self.clients,
                             duration=self.duration, seed=self.report.seed, resolve=self.driver.client_address)
+        first = self.driver.current_epoch()
+        if first is None or first.number != 1 or first.shards != self.initial.shards:
+            self.report.violations.append(f"the cluster starts at {first}, not at the initial layout")
+            first = self.initial
+        self.timeline = EpochTimeline(first)
         self.start = time.monotonic()
+        self.changes = ViewChangeLane(self.driver, self.faults, self.timeline, self.view_change_schedule,
+                                      self.start)
         stop = threading.Event()
-        injector = threading.Thread(target=self._inject_schedule, args=(stop,), daemon=True)
+        lanes = [threading.Thread(target=self._inject_schedule, args=(stop,), name="chaos-faults", daemon=True),
+                 threading.Thread(target=self.changes.run, args=(stop,), name="chaos-view-changes", daemon=True)]
         once_writer = threading.Thread(target=self._write_once_keys, args=(nodes, stop), daemon=True)
-        injector.start()
-        once_writer.start()
+        for thread in lanes + [once_writer]:
+            thread.start()
         records = run_recorded_workload(spec)
         stop.set()
-        injector.join(60)
+        lanes[0].join(60)
+        lanes[1].join(CHANGE_LANE_LIMIT)
         once_writer.join(30)
-        self._heal_everything()
-        self.driver.wait_healthy(timeout=90)
+        if lanes[1].is_alive():
+            self.report.violations.append(f"the view-change lane still runs {CHANGE_LANE_LIMIT}s after the clients")
+        self.faults.heal_everything()
+        try:
+            self.driver.wait_healthy(timeout=90)
+        except TimeoutError as exc:             # recorded; the checks below show what it breaks
+            self.report.violations.append(f"after healing: {exc}")
+        final = self._final_epoch()
         records += self._final_reads(nodes)
         history = [op for op, _ in records]
         self._count(history)
         self._check_linearizable(history)
         self._check_write_once_keys(nodes[0])
-        self._check_replicas_agree()
+        self._check_replicas_agree(final)
         self._check_availability(records)
+        self.report.violations += self.faults.violations + self.changes.violations
+        self.report.harness_errors = list(self.faults.harness_errors)
         self.report.faults = [asdict(e) | {"injected": round(e.injected - self.start, 2),
-                                           "healed": round((e.healed or 0) - self.start, 2)} for e in self.events]
+                                           "healed": round((e.healed or 0) - self.start, 2)}
+                              for e in self.faults.events]
+        self.report.view_changes = [asdict(c) | {"description": c.describe()} for c in self.changes.events]
         if self.report.violations:
             self._save(history)
         return self.report
@@ -155,13 +162,18 @@ class ChaosRun:
             event = self._inject(fault)
             if event is None:
                 continue
-            self.events.append(event)
             stop.wait(fault.hold)
-            self._heal(event)
+            self.faults.heal(event)
 
-    def _inject(self, fault: Fault) -> FaultEvent | None:
-        replicas = self.driver.replicas_of(fault.shard)
-        leader = self.driver.leader_of(fault.shard)
+    def _inject(self, fault: Fault):
+        epoch = self.driver.current_epoch()
+        if epoch is None:
+            return None
+        # The schedule draws shards of the largest layout; the cluster may run fewer right now.
+        ids = epoch.shard_ids()
+        shard = fault.shard if fault.shard in ids else ids[(int(fault.shard) - 1) % len(ids)]
+        replicas = list(epoch.replicas(shard))
+        leader = self._leader(shard, replicas)
         if fault.kind == "kill_group":
             targets = replicas
         elif fault.kind.endswith("_leader"):
@@ -170,28 +182,14 @@ class ChaosRun:
             targets = [leader]
         else:
             targets = [random.Random(fault.at).choice([r for r in replicas if r != leader])]
-        action = fault.kind.split("_")[0]
-        event = FaultEvent(fault.kind, fault.shard, targets, injected=time.monotonic())
-        for node in targets:
-            {"kill": self.driver.kill, "pause": self.driver.pause, "isolate": self.driver.isolate}[action](node)
-        return event
+        return self.faults.inject(fault.kind, shard, targets, leader=leader in targets)
 
-    def _heal(self, event: FaultEvent) -> None:
-        action = event.kind.split("_")[0]
-        for node in event.nodes:
-            {"kill": self.driver.start_node, "pause": self.driver.resume, "isolate": self.driver.heal}[action](node)
-        if action == "kill":
-            # A restarted node has returned once it serves again; the 3 s grace runs from then.
-            try:
-                self.driver.wait_healthy(event.nodes, timeout=RESTART_LIMIT)
-            except TimeoutError:
-                self.report.violations.append(f"{event.nodes} not healthy {RESTART_LIMIT}s after restart")
-        event.healed = time.monotonic()
-
-    def _heal_everything(self) -> None:
-        for event in self.events:
-            if event.healed is None:
-                self._heal(event)
+    def _leader(self, shard_id: str, replicas: list[str]) -> str | None:
+        for node in replicas:
+            group = self.driver.group_status(node, shard_id)
+            if group and group["role"] == "leader":
+                return node
+        return None
 
     def _client(self, node: str, timeout: float, session: requests.Session | None = None) -> KvsClient:
         return KvsClient(self.driver.client_address(node), timeout=timeout, session=session)
@@ -245,9 +243,44 @@ class ChaosRun:
             self.report.violations.append(f"{len(missing)} of {len(self.once_acked)} acknowledged write-once "
                                           f"keys missing, e.g. {missing[:5]}")
 
-    def _check_replicas_agree(self) -> None:
-        for shard_id in map(str, range(1, self.driver.shards + 1)):
-            replicas = self.driver.replicas_of(shard_id)
+    def _final_epoch(self) -> ConfigEpoch:
+        """The epoch the cluster settled on, once every metadata member and every node of its view
+        routes by it and no change is in progress; GET /kvs/shards must agree with it."""
+        final = self.driver.current_epoch() or self.timeline.last()
+        self.report.final_epoch = final.number
+        if final.number != self.timeline.last().number:
+            self.report.violations.append(f"the cluster runs epoch {final.number} after the view changes "
+                                          f"settled on {self.timeline.last().number}")
+        nodes = sorted(set(self.driver.nodes()) | set(final.view))
+
+        def lagging() -> dict[str, object]:
+            behind = {}
+            for node in nodes:
+                epoch = self.driver.epoch_of(node)
+                if epoch is None or epoch.number != final.number or epoch.shards != final.shards:
+                    behind[node] = epoch.number if epoch else None
+            for node in self.driver.nodes():
+                answered, phase = self.driver.view_change_phase(node)
+                if phase is not None or not answered:
+                    behind[node] = f"phase {phase}" if answered else "no answer"
+            return behind
+
+        try:
+            wait_until(lambda: not lagging(), AGREE_LIMIT, interval=0.5, message="every node on the final epoch")
+        except TimeoutError:
+            self.report.violations.append(f"not every node routes by epoch {final.number}: {lagging()}")
+        try:
+            shards = self.driver.http(self.driver.nodes()[0], "/kvs/shards", timeout=5)[1].get("shards")
+        except (requests.RequestException, ValueError) as exc:
+            shards = repr(exc)
+        if shards != final.shard_ids():
+            self.report.violations.append(f"GET /kvs/shards says {shards}, epoch {final.number} has "
+                                          f"{final.shard_ids()}")
+        return final
+
+    def _check_replicas_agree(self, epoch: ConfigEpoch) -> None:
+        for shard_id in epoch.shard_ids():
+            replicas = list(epoch.replicas(shard_id))
 
             def agree() -> bool:
                 states = [self.driver.group_status(n, shard_id, digest=True) for n in replicas]
@@ -260,41 +293,9 @@ class ChaosRun:
                 self.report.violations.append(f"replicas of shard {shard_id} differ: {states}")
 
     def _check_availability(self, records: list[tuple[Operation, str]]) -> None:
-        windows: dict[str, list[tuple[float, float]]] = {}
-        for op, node in records:
-            if op.outcome == OK or op.client == "final":
-                continue
-            shard_id = self.epoch.shard_for_key(op.key)
-            end = op.ret if op.ret is not None else op.call + 7.0
-            if self._sent_to_faulty_node(op, node, end):
-                continue
-            # the group failed a client that reached a healthy node
-            windows.setdefault(shard_id, []).append((op.call - self.start, end - self.start))
-            if not self._excused(op, shard_id, end):
-                self.report.violations.append(
-                    f"{op.kind} {op.key} via {node} {op.outcome} at {op.call - self.start:.1f}s "
-                    f"outside any fault window of shard {shard_id} or of {node}")
-        self.report.unavailability = {g: _merge(w) for g, w in windows.items()}
-
-    def _sent_to_faulty_node(self, op: Operation, node: str, end: float) -> bool:
-        return any(node in e.nodes and op.call < (e.healed or time.monotonic()) + GRACE and end > e.injected
-                   for e in self.events)
-
-    def _excused(self, op: Operation, shard_id: str, end: float) -> bool:
-        def overlaps(start: float, stop: float) -> bool:
-            return op.call < stop and end > start
-
-        for event in self.events:
-            healed = event.healed or time.monotonic()
-            if event.shard != shard_id:
-                continue
-            if event.kind == "kill_group" and overlaps(event.injected, healed + GRACE):
-                return True                         # no majority
-            if event.kind.endswith("_leader") and overlaps(event.injected, event.injected + GRACE):
-                return True                         # electing a new leader
-            if overlaps(healed, healed + GRACE):
-                return True                         # a replica rejoining
-        return False
+        check = AvailabilityCheck(self.faults.events, self.timeline, self.start, time.monotonic())
+        violations, self.report.unavailability = check.run(records)
+        self.report.violations += violations
 
     def _save(self, history: list[Operation]) -> None:
         os.makedirs(self.artifacts_dir, exist_ok=True)
@@ -302,15 +303,28 @@ class ChaosRun:
         with open(path, "w") as f:
             json.dump({"seed": self.report.seed, "duration": self.duration,
                        "schedule": [asdict(x) for x in self.schedule], "faults": self.report.faults,
+                       "view_change_schedule": [asdict(x) for x in self.view_change_schedule],
+                       "view_changes": self.report.view_changes, "final_epoch": self.report.final_epoch,
                        "violations": self.report.violations, "history": history_to_json(history)}, f)
         self.report.artifacts = path
 
 
-def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[list[float]] = []
-    for a, b in sorted(intervals):
-        if merged and a <= merged[-1][1] + 0.5:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return [(round(a, 1), round(b, 1)) for a, b in merged]
+def pick_keys(initial: ConfigEpoch, grown: ConfigEpoch | None, per_shard: int) -> list[str]:
+    """`per_shard` keys of each initial shard; with a grown epoch, a third of them move to a new group
+    when the view grows (and back when it shrinks), the others stay where they are."""
+    moving_share = per_shard // 3 if grown is not None else 0
+    keys = []
+    for shard_id in initial.shard_ids():
+        wanted = {False: per_shard - moving_share, True: moving_share}
+        found: dict[bool, list[str]] = {False: [], True: []}
+        for i in range(1_000_000):                  # a key lands in a given shard about 1/shards of the time
+            if all(len(found[m]) >= wanted[m] for m in wanted):
+                break
+            key = f"chaos-{i}"
+            if initial.shard_for_key(key) != shard_id:
+                continue
+            moves = grown is not None and grown.shard_for_key(key) != shard_id
+            if len(found[moves]) < wanted[moves]:
+                found[moves].append(key)
+        keys += found[False] + found[True]
+    return keys

@@ -1,0 +1,94 @@
+"""The chaos run's own logic, without a cluster: schedules, epochs over time, what excuses a failure."""
+
+from __future__ import annotations
+
+from kvs.linearizability import FAIL, OK, Operation
+from kvs.shard.layout import ConfigEpoch
+from kvs.shard.planner import plan_view_change
+
+from .availability import AvailabilityCheck
+from .epochs import SETTLE_GRACE, EpochTimeline, Transition
+from .faults import FaultEvent
+from .runner import pick_keys
+from .view_changes import MODES, make_view_change_schedule
+
+INITIAL_VIEW = tuple(f"10.0.0.{i}:13800" for i in range(2, 8))
+SPARES = tuple(f"10.0.0.{i}:13800" for i in range(8, 11))
+INITIAL = ConfigEpoch.initial(INITIAL_VIEW, 3)
+GROWN = plan_view_change(INITIAL, INITIAL_VIEW + SPARES, 3).epoch
+
+
+def test_the_view_change_schedule_is_a_pure_function_of_its_inputs():
+    assert make_view_change_schedule(7, 40, 6, MODES) == make_view_change_schedule(7, 40, 6, MODES)
+    assert [s.mode for s in make_view_change_schedule(7, 40, 6, MODES)] == list(MODES)
+    assert {s.kill_at for seed in range(1, 30) for s in make_view_change_schedule(seed, 40, 6, MODES)} \
+        == {None, "prepared", "copying", "frozen", "committed"}
+    for seed in range(1, 30):
+        steps = make_view_change_schedule(seed, 40, 6, MODES)
+        assert [s.at for s in steps] == sorted(s.at for s in steps)
+        assert all(8 <= s.at <= 40 * 0.6 and 0 <= s.coordinator < 6 for s in steps)
+        assert all((s.kill_at is not None) == (s.mode == "kill_coordinator") for s in steps)
+    assert make_view_change_schedule(1, 40, 6, ()) == []
+
+
+def test_keys_are_picked_so_that_some_move_when_the_view_grows_and_the_others_do_not():
+    keys = pick_keys(INITIAL, GROWN, 6)
+    assert len(keys) == 12 and len(set(keys)) == 12
+    moving = [k for k in keys if INITIAL.shard_for_key(k) != GROWN.shard_for_key(k)]
+    assert len(moving) == 4 and all(GROWN.shard_for_key(k) == "3" for k in moving)
+    assert pick_keys(INITIAL, None, 6)[:6] == [k for k in (f"chaos-{i}" for i in range(200))
+                                              if INITIAL.shard_for_key(k) == "1"][:6]
+
+
+def grow_between(started: float, settled: float, committed: bool = True) -> EpochTimeline:
+    timeline = EpochTimeline(INITIAL)
+    timeline.add(Transition(started, settled, INITIAL, GROWN, GROWN if committed else INITIAL))
+    return timeline
+
+
+def failed(key: str, call: float, ret: float, via: str = INITIAL_VIEW[0]) -> tuple[Operation, str]:
+    return Operation("c0", "put", key, "v", call, ret, FAIL), via
+
+
+def test_epochs_follow_the_changes():
+    timeline = grow_between(10.0, 20.0)
+    assert timeline.epochs_during(0, 5) == [INITIAL]
+    assert timeline.epochs_during(12, 13) == [INITIAL, GROWN]
+    assert timeline.epochs_during(30, 31) == [GROWN]
+    assert grow_between(10.0, 20.0, committed=False).epochs_during(30, 31) == [INITIAL]
+    assert timeline.epochs_during(19 + SETTLE_GRACE, 30)[0] == INITIAL        # just settled: either
+
+
+def test_a_change_excuses_failures_of_moving_keys_only():
+    keys = pick_keys(INITIAL, GROWN, 6)
+    moving = next(k for k in keys if INITIAL.shard_for_key(k) != GROWN.shard_for_key(k))
+    staying = next(k for k in keys if INITIAL.shard_for_key(k) == GROWN.shard_for_key(k))
+    for committed in (True, False):             # a rolled-back change froze the same keys
+        check = AvailabilityCheck([], grow_between(10.0, 20.0, committed), 0.0, 100.0)
+        violations, windows = check.run([failed(moving, 12, 13), failed(staying, 12, 13)])
+        assert len(violations) == 1 and staying in violations[0], violations
+        assert windows["moving keys"] == [(12, 13)]
+    check = AvailabilityCheck([], grow_between(10.0, 20.0), 0.0, 100.0)
+    assert len(check.run([failed(moving, 40, 41)])[0]) == 1                   # long after the change
+
+
+def test_faults_excuse_by_the_group_of_the_epoch_of_the_moment():
+    key = next(k for k in pick_keys(INITIAL, GROWN, 6) if GROWN.shard_for_key(k) == "3")
+    spares_killed = FaultEvent("kill_group", "3", list(SPARES), injected=30.0, healed=35.0)
+    check = AvailabilityCheck([spares_killed], grow_between(10.0, 20.0), 0.0, 100.0)
+    assert check.run([failed(key, 31, 32)])[0] == []                          # shard 3 had no majority
+    rolled_back = AvailabilityCheck([spares_killed], grow_between(10.0, 20.0, committed=False), 0.0, 100.0)
+    assert len(rolled_back.run([failed(key, 31, 32)])[0]) == 1                 # its group was shard 1 or 2
+
+
+def test_two_faults_on_one_group_take_its_majority():
+    shard_1 = list(INITIAL.replicas("1"))
+    key = next(k for k in pick_keys(INITIAL, None, 6) if INITIAL.shard_for_key(k) == "1")
+    coordinator = FaultEvent("kill_coordinator", "1", [shard_1[0]], injected=10.0, healed=30.0)
+    follower = FaultEvent("pause_follower", "1", [shard_1[1]], injected=15.0, healed=18.0)
+    through = INITIAL_VIEW[3]
+    check = AvailabilityCheck([coordinator, follower], EpochTimeline(INITIAL), 0.0, 100.0)
+    assert check.run([failed(key, 16, 17, through)])[0] == []                  # 2 of 3 down
+    assert len(check.run([failed(key, 25, 26, through)])[0]) == 1            # 1 of 3 down: a follower fault
+    ok = Operation("c0", "get", key, None, 16, 17, OK, None)
+    assert check.run([(ok, through)])[0] == []

@@ -1,0 +1,308 @@
+"""The view-change lane of a chaos run: view changes while clients run and faults come and go.
+
+Two kinds of steps (`MODES`):
+
+* "change": PUT /kvs/view-change to a node of the initial view in the middle of
+  the run; it runs to its end while the fault schedule goes on.
+* "kill_coordinator": the same, but the node that received the PUT (the
+  coordinator) is SIGKILLed once another node reports the change at or past a
+  phase the schedule picks; it stays down until the change has settled (rolled
+  back before commit, or finished by another metadata member after it) and at
+  least `down` seconds, then is restarted. Until the kill, the fault schedule
+  leaves the coordinator alone (it is reserved in the FaultLog), so that it is
+  this kill that the change meets; the coordinator of a plain "change" gets no
+  such protection and may meet any fault.
+
+Every step toggles between the initial view and the initial view plus every
+spare node (for 2 x 3 and 3 spares: 2 shards x 3 replicas <-> 3 shards x 3
+replicas), computed from the epoch the cluster runs at that moment, so that a
+change rolled back is simply tried the other way next time. Only nodes of the
+initial view coordinate: they are the metadata members, and they are in every
+view of the toggle, so clients that use them are never sent to a node that left.
+
+A step has settled when GET /kvs/view-change shows no change on a majority of
+the metadata members that answer (a lagging member alone may show null before
+it applied the prepare). The next step first waits until its coordinator has
+no part in the previous change any more ("progress" of GET /kvs/view-change):
+a node that rolled back or finished a change for a dead coordinator still
+pushes epochs after the change settled, and answers 409 meanwhile. The lane
+checks what the answer implies: 200 means committed as planned, 503 means
+rolled back, a coordinator killed at "committed" means finished, never 400 or
+409 (the lane runs one change at a time, with a valid view).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+from kvs.local import wait_until
+from kvs.raft.meta_state import PHASES
+from kvs.shard.layout import ConfigEpoch
+from kvs.shard.planner import plan_view_change
+
+from .driver import ClusterDriver
+from .epochs import EpochTimeline, Transition
+from .faults import FaultLog
+
+MODES = ("change", "kill_coordinator")
+KILL_PHASES = ("prepared", "copying", "frozen", "committed")   # "caught-up" lasts one metadata commit
+ANSWER_LIMIT = 120.0       # the PUT answers (or its coordinator dies) within this
+START_LIMIT = 30.0         # the change shows a phase (or the PUT answers) within this
+                           # (for a kill at a later phase: within SETTLE_LIMIT)
+SETTLE_LIMIT = 90.0        # no change in progress any more within this (takeover waits 5 s without progress)
+IDLE_LIMIT = 30.0          # a coordinator-to-be finishes its part in the previous change within this
+# GET /kvs/view-change "progress" of a node with no part in a change under way
+IDLE_PROGRESS = ("idle", "done", "rolled back")
+
+
+@dataclass(frozen=True)
+class ViewChangeStep:
+    at: float              # seconds after the start of the run
+    mode: str              # one of MODES
+    coordinator: int       # index into the initial view (the next node not under a fault if it is)
+    kill_at: str | None    # kill_coordinator: the coordinator dies at the first phase seen at or past this
+    down: float            # kill_coordinator: seconds it stays down at least
+
+
+@dataclass
+class ViewChangeEvent:
+    mode: str
+    coordinator: str
+    before: int                             # epoch number
+    view: list[str]
+    repl_factor: int
+    started: float                          # seconds into the run
+    during_clients: bool                    # the clients were still running when it started
+    answer: str = "none"                    # "200", "503 ...", or the client error
+    killed_in_phase: str | None = None
+    settled: float | None = None            # seconds into the run
+    after: int | None = None                # epoch number the cluster settled on
+    outcome: str = "unsettled"              # committed | rolled back | unsettled
+    note: str | None = None                 # what did not go as scheduled, without being wrong
+    problems: list[str] = field(default_factory=list)
+
+    def add_note(self, text: str) -> None:
+        self.note = f"{self.note}; {text}" if self.note else text
+
+    def describe(self) -> str:
+        kill = f" coordinator killed at {self.killed_in_phase}" if self.killed_in_phase else ""
+        kill += "" if self.during_clients else " after the clients"
+        end = f"{self.settled:.1f}s" if self.settled is not None else "?"
+        return (f"{self.mode}({len(self.view)} nodes, epoch {self.before}->{self.after}{kill}) "
+                f"{self.started:.1f}-{end} {self.outcome}, answer {self.answer}"
+                + (f" ({self.note})" if self.note else ""))
+
+
+def make_view_change_schedule(seed: int, duration: float, members: int, modes: tuple[str, ...]) -> list[ViewChangeStep]:
+    """One step per mode, in the given order, spread over the middle of the run. Pure in its inputs.
+
+    Step i of n starts in [0.2 + 0.6 i/n, 0.3 + 0.6 i/n] x duration: after the clients have
+    built a history, and early enough for a change whose coordinator dies to settle (takeover
+    needs 5 s without progress) while the clients still run. (A step runs later when the one
+    before it takes longer; see ViewChangeLane.run.)
+    """
+    rng = random.Random(f"view-changes-{seed}")         # its own stream: the fault schedule stays as it was
+    steps = []
+    for i, mode in enumerate(modes):
+        at = duration * (0.2 + 0.6 * i / len(modes)) + rng.uniform(0.0, 0.1 * duration)
+        kill_at = rng.choice(KILL_PHASES) if mode == "kill_coordinator" else None
+        steps.append(ViewChangeStep(at=round(at, 2), mode=mode, coordinator=rng.randrange(members),
+                                    kill_at=kill_at, down=round(rng.uniform(2.0, 6.0), 2) if kill_at else 0.0))
+    return steps
+
+
+class ViewChangeLane:
+    def __init__(self, driver: ClusterDriver, faults: FaultLog, timeline: EpochTimeline,
+                 steps: list[ViewChangeStep], start: float):
+        self.driver = driver
+        self.faults = faults
+        self.timeline = timeline
+        self.steps = steps
+        self.start = start
+        self.members = driver.nodes()
+        self.grown = driver.nodes() + driver.spare_nodes()
+        self.events: list[ViewChangeEvent] = []
+
+    @property
+    def violations(self) -> list[str]:
+        return [f"view change {e.describe()}: {p}" for e in self.events for p in e.problems]
+
+    def run(self, stop: threading.Event) -> None:
+        """Every step, each at its time or as soon as the one before has settled. On a slow machine
+        (a change stalled by faults for tens of seconds) a step may come after the clients have
+        stopped (`stop`): it still runs then, so that the run still meets it, marked as such."""
+        for step in self.steps:
+            stop.wait(max(0.0, self.start + step.at - time.monotonic()))
+            self._step(step, stop)
+
+    # -- one change --------------------------------------------------------------------------
+
+    def _step(self, step: ViewChangeStep, stop: threading.Event) -> None:
+        before = self.driver.current_epoch()
+        coordinator = self._member_from(step.coordinator, reserve=step.mode == "kill_coordinator")
+        if before is None or coordinator is None:
+            if coordinator is not None:
+                self.faults.release(coordinator)
+            return                                      # nobody to ask: skip this step
+        view = self.grown if set(before.view) == set(self.members) else self.members
+        planned = plan_view_change(before, view, self.driver.replicas).epoch
+        busy = self._wait_until_idle(coordinator)
+        started = time.monotonic()
+        event = ViewChangeEvent(step.mode, coordinator, before.number, list(view), self.driver.replicas,
+                                started=round(started - self.start, 2), during_clients=not stop.is_set())
+        if busy:
+            event.add_note(busy)
+        self.events.append(event)
+        answered = threading.Event()
+
+        def put() -> None:
+            try:
+                status, body = self.driver.change_view(coordinator, view, self.driver.replicas, ANSWER_LIMIT)
+                event.answer = str(status) if status == 200 else f"{status} {body.get('error')}"
+            except requests.RequestException as exc:
+                event.answer = type(exc).__name__          # its coordinator died, or it took too long
+            answered.set()
+
+        threading.Thread(target=put, name="chaos-view-change-put", daemon=True).start()
+        observer = PhaseObserver(self.driver, self.faults, [m for m in self.members if m != coordinator])
+        killed = None
+        if step.mode == "kill_coordinator":
+            killed = self._kill_coordinator(step, event, coordinator, before.shard_of_node(coordinator) or "?",
+                                            answered, observer)
+        settled = self._wait_settled(event, answered, observer)
+        if killed is not None:
+            # Down until the change settled without it, and at least `down` seconds (a hold, as
+            # the fault schedule's; the end of the run cuts it short and heals everything).
+            stop.wait(max(0.0, killed.injected + step.down - time.monotonic()))
+            self.faults.heal(killed)
+        answered.wait(ANSWER_LIMIT)
+        after = self.driver.current_epoch() or before
+        event.after = after.number
+        event.settled = None if settled is None else round(settled - self.start, 2)
+        if settled is not None:
+            event.outcome = "committed" if after.number > before.number else "rolled back"
+        self._check_outcome(event, before, planned, after)
+        self.timeline.add(Transition(started, settled, before, planned, after))
+
+    def _kill_coordinator(self, step: ViewChangeStep, event: ViewChangeEvent, coordinator: str, shard: str,
+                          answered: threading.Event, observer: "PhaseObserver"):
+        """SIGKILL the (reserved) coordinator once another member shows the change at or past `step.kill_at`."""
+        wanted = PHASES[PHASES.index(step.kill_at):]
+        seen: list[str | None] = []
+
+        def reached() -> bool:
+            answer, phase = observer.phase()
+            if answer and (phase is not None or seen):
+                seen.append(phase)              # a None after a phase: the change ended
+            return answered.is_set() or bool(seen and seen[-1] in wanted + (None,))
+
+        try:
+            wait_until(reached, SETTLE_LIMIT, interval=0.01, message=f"phase {step.kill_at}")
+        except TimeoutError:
+            pass
+        if not seen or seen[-1] not in wanted:
+            # Not a fault of the store (a change may end, or roll back, before that phase): noted, and
+            # the test that asks for a coordinator kill sees that none happened.
+            event.add_note(f"the change did not reach phase {step.kill_at} (seen {seen[-3:]}): no kill")
+            self.faults.release(coordinator)
+            return None
+        status = self.driver.group_status(coordinator, shard) or {}
+        killed = self.faults.inject("kill_coordinator", shard, [coordinator], leader=status.get("role") == "leader",
+                                    reserved=True)
+        if killed is not None:
+            event.killed_in_phase = seen[-1]
+        return killed
+
+    def _wait_settled(self, event: ViewChangeEvent, answered: threading.Event,
+                      observer: "PhaseObserver") -> float | None:
+        try:
+            # The change shows in the metadata group, or the PUT answered (refused, or already done).
+            wait_until(lambda: answered.is_set() or observer.phase()[1] is not None,
+                       START_LIMIT, interval=0.02, message="the change under way")
+            wait_until(self._no_change_on_a_majority, SETTLE_LIMIT, interval=0.2, message="no change in progress")
+        except TimeoutError as exc:
+            event.problems.append(str(exc))
+            return None
+        return time.monotonic()
+
+    def _check_outcome(self, event: ViewChangeEvent, before: ConfigEpoch, planned: ConfigEpoch,
+                       after: ConfigEpoch) -> None:
+        committed = after.number > before.number
+        if committed and (after.number != planned.number or after.shards != planned.shards):
+            event.problems.append(f"settled on epoch {after.number} {after.shards}, planned {planned.shards}")
+        if event.answer == "200" and not committed:
+            event.problems.append("answered 200 but the epoch did not change")
+        if event.answer.startswith("503") and committed:
+            event.problems.append("answered 503 (rolled back, says the API) but the new epoch is active")
+        if event.answer.startswith(("400", "409")):
+            event.problems.append("a valid change, with no other change running, was refused")
+        if event.killed_in_phase == "committed" and not committed and event.settled is not None:
+            event.problems.append("killed after commit, but the change was rolled back")
+
+    # -- observation -------------------------------------------------------------------------
+
+    def _wait_until_idle(self, node: str) -> str | None:
+        """Wait until `node` has no part in a change any more; what was waited for, if anything.
+
+        A change settles in the metadata group (no phase) before the node that finished or rolled
+        it back is done: it still pushes the epochs to every node, waiting up to 5 s for each one
+        that is down, and answers 409 ("in progress on this node") to a new change meanwhile.
+        """
+        waited = time.monotonic()
+
+        def idle() -> bool:
+            status = self.driver.view_change_status(node, timeout=1.0)
+            return status is not None and status["progress"]["phase"] in IDLE_PROGRESS
+
+        try:
+            wait_until(idle, IDLE_LIMIT, interval=0.1, message=f"{node} idle")
+        except TimeoutError as exc:
+            return str(exc)
+        waited = time.monotonic() - waited
+        return f"{node} was busy with the previous change for {waited:.1f}s" if waited > 0.5 else None
+
+    def _member_from(self, index: int, reserve: bool) -> str | None:
+        """The index-th member, or the next one after it that no fault holds (reserved if asked)."""
+        for i in range(len(self.members)):
+            node = self.members[(index + i) % len(self.members)]
+            if self.faults.reserve(node) if reserve else not self.faults.under_fault(node):
+                return node
+        return None
+
+    def _no_change_on_a_majority(self) -> bool:
+        phases = [p for ok, p in (self.driver.view_change_phase(n, timeout=1.0) for n in self.members) if ok]
+        return len(phases) > len(self.members) // 2 and all(p is None for p in phases)
+
+
+class PhaseObserver:
+    """The phase of the change as one metadata member (not its coordinator) reports it.
+
+    The same member while it answers and no fault holds it: a member that has just come back
+    from a fault lags, and would show phases the change has left (or none before catching up
+    in one go), so another one is taken only when the current one cannot be asked.
+    """
+
+    def __init__(self, driver: ClusterDriver, faults: FaultLog, candidates: list[str]):
+        self.driver = driver
+        self.faults = faults
+        self.candidates = candidates
+        self.current: str | None = None
+
+    def phase(self) -> tuple[bool, str | None]:
+        """(answered, phase)."""
+        if self.current is not None and not self.faults.under_fault(self.current):
+            answered, phase = self.driver.view_change_phase(self.current, timeout=1.0)
+            if answered:
+                return True, phase
+        for node in self.candidates:
+            if node != self.current and not self.faults.under_fault(node):
+                answered, phase = self.driver.view_change_phase(node, timeout=1.0)
+                if answered:
+                    self.current = node
+                    return True, phase
+        return False, None

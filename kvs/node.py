@@ -165,7 +165,10 @@ class Node:
                 continue
             slot = epoch.slot(shard_id, s.address)
             peers = [s.raft_address(a, epoch.slot(shard_id, a)) for a in replicas]
-            ownership = (epoch.number, shard_id, epoch.ring.to_dict())
+            # The group's starting ownership is its creation epoch's, not the one this node happens to know
+            # now: a replica re-created later replays the same log from the same state as its peers.
+            origin_number, origin_ring = epoch.origin(shard_id)
+            ownership = (origin_number, shard_id, origin_ring)
             group = RaftGroup(f"shard-{shard_id}", s.raft_address(s.address, slot), peers, ShardState(ownership),
                               os.path.join(s.data_dir, f"shard-{shard_id}"), s.secret, self._timing,
                               bind_host=s.bind_host)

@@ -444,3 +444,14 @@ def test_view_order_matters():
     assert one.epoch.shards == {"2": (A, B), "3": (C, D)}
     assert two.epoch.shards == {"2": (C, D), "3": (A, B)}
     assert two.epoch.slots == {"2": {C: 1, D: 1}, "3": {A: 2, B: 1}}
+
+
+def test_every_group_starts_from_the_epoch_that_created_it():
+    """Replicas re-created at a later epoch must replay their log from the same state as their peers."""
+    first = ConfigEpoch.initial((A, B), 1)
+    second = plan_view_change(first, [A, B, C]).epoch
+    third = plan_view_change(ConfigEpoch.from_dict({**second.to_dict(), "status": "active"}), [A, C]).epoch
+    assert first.origin("1") == second.origin("1") == third.origin("1") == (1, first.ring.to_dict())
+    (new,) = [sid for sid in second.shards if sid not in first.shards]
+    assert second.origin(new) == third.origin(new) == (2, second.ring.to_dict())
+    assert ConfigEpoch.from_dict(third.to_dict()).origins == third.origins

@@ -44,6 +44,11 @@ class ConfigEpoch:
     # largest current id only: a retired group's id, and with it the Raft journal its nodes keep in
     # DATA_DIR/shard-<id>, must never come back as a new group. 0 (older epochs): the largest current id.
     max_shard_id: int = 0
+    # shard id -> (number, ring dict) of the epoch that created the group. Every replica starts its state
+    # machine with that ownership, whenever it is created or re-created, so that replaying the group's
+    # log gives the same state on every replica (the log's "own" entries move it on from there).
+    # Missing (older epochs): this epoch's own number and ring.
+    origins: dict[str, tuple[int, dict]] = field(default_factory=dict)
     _shard_by_node: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +76,7 @@ class ConfigEpoch:
             ring=HashRing(shards.keys(), vnodes),
             metadata_members=tuple(view),
             max_shard_id=count,
+            origins={sid: (1, HashRing(shards.keys(), vnodes).to_dict()) for sid in shards},
         )
 
     def to_dict(self) -> dict:
@@ -84,6 +90,7 @@ class ConfigEpoch:
             "metadata_members": list(self.metadata_members),
             "status": self.status,
             "max_shard_id": self.max_shard_id,
+            "origins": {sid: [number, ring] for sid, (number, ring) in self.origins.items()},
         }
 
     @classmethod
@@ -98,9 +105,14 @@ class ConfigEpoch:
             metadata_members=tuple(d["metadata_members"]),
             status=d.get("status", "active"),
             max_shard_id=int(d.get("max_shard_id", 0)),
+            origins={sid: (int(number), ring) for sid, (number, ring) in d.get("origins", {}).items()},
         )
 
     # -- queries -------------------------------------------------------------
+
+    def origin(self, shard_id: str) -> tuple[int, dict]:
+        """(epoch number, ring dict) the group of `shard_id` was created with."""
+        return self.origins.get(shard_id) or (self.number, self.ring.to_dict())
 
     def shard_ids(self) -> list[str]:
         return sorted(self.shards, key=lambda s: (len(s), s))

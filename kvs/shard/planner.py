@@ -234,6 +234,8 @@ def plan_layout(current: ConfigEpoch, groups: Sequence[Sequence[str]]) -> Plan:
         metadata_members=view,
         status=PENDING,
         max_shard_id=next_number - 1,
+        origins={sid: (current.origin(sid) if sid in current.shards else (current.number + 1, ring.to_dict()))
+                 for sid in shards},
     )
 
     grouped: dict[tuple[str, str], list[HashRange]] = {}

@@ -24,14 +24,22 @@ waiting instead, with three documented changes that touch PySyncObj internals
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
 
-Outgoing Raft connections leave from the node's own IP when it binds one
-(`SourceBoundTransport`): the kernel would otherwise pick the route's source
-address (127.0.0.1 for every 127.0.0.x peer, the primary address on a
-multi-homed host), and per-node packet filters could not tell nodes apart.
+Outgoing Raft connections (`RaftTransport`):
+- leave from the node's own IP when it binds one: the kernel would otherwise
+  pick the route's source address (127.0.0.1 for every 127.0.0.x peer, the
+  primary address on a multi-homed host), and per-node packet filters could
+  not tell nodes apart;
+- give up a connect after two SYN retries (about 3 s) and unacknowledged data
+  after `_USER_TIMEOUT_MS`: PySyncObj checks its connection timeout only when
+  a socket shows activity, so a connect sent into a partition stayed in
+  SYN_SENT until the kernel's default (about 2 minutes) and the peer stayed
+  unreachable that long after the partition healed. A failed connect is
+  retried every `connectionRetryTime`.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
@@ -40,27 +48,38 @@ from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 
-class _SourceBoundConnection(TcpConnection):
+_SYN_RETRIES = 2
+_USER_TIMEOUT_MS = 5000
+
+
+class _RaftConnection(TcpConnection):
     source_ip: str | None = None
 
     def setSockoptKeepalive(self) -> None:
         # TcpConnection.connect calls this between creating its socket and connecting it.
         super().setSockoptKeepalive()
         sock = self._TcpConnection__socket
-        if self.source_ip and sock is not None and sock.getsockname()[1] == 0:
+        if sock is None:
+            return
+        if hasattr(socket, "TCP_SYNCNT"):           # Linux
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, _SYN_RETRIES)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _USER_TIMEOUT_MS)
+        if self.source_ip and sock.getsockname()[1] == 0:
             sock.bind((self.source_ip, 0))
 
 
-class SourceBoundTransport(TCPTransport):
-    """TCPTransport whose outgoing connections bind to the configured bind address's IP."""
+class RaftTransport(TCPTransport):
+    """TCPTransport whose outgoing connections give up quickly and bind to the node's own IP."""
 
     def addNode(self, node: Any) -> None:
         super().addNode(node)
         conn = self._connections.get(node)
+        if conn is None:
+            return
+        conn.__class__ = _RaftConnection
         bind = self._syncObj.conf.bindAddress
         host = bind.rsplit(":", 1)[0] if bind else None
-        if conn is not None and host and host not in ("0.0.0.0", "::"):
-            conn.__class__ = _SourceBoundConnection
+        if host and host not in ("0.0.0.0", "::"):
             conn.source_ip = host
 
 
@@ -72,7 +91,7 @@ class Replica(SyncObj):
         self._sent_log_index = 0
         self._sent_commit_index = 0
         self._wakeup: PipeNotifier | None = None
-        super().__init__(self_address, peers, conf, transportClass=SourceBoundTransport)
+        super().__init__(self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
         self.addOnTickCallback(self._replicate_now)
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024   # one install command carries about this much (requests are capped at 1 MiB)
 DROP_KEYS = 2000          # keys per drop-keys command after the commit
-COPY_PAUSE_RATIO = 1.0    # the bulk copy pauses this long, relative to each install, between installs
+COPY_PAUSE_RATIO = 3.0    # the bulk copy pauses this long, relative to each install, between installs
 STEP_SECONDS = 30.0       # each remote step must succeed within this
 MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this

@@ -115,7 +115,15 @@ class ViewChange:
                 self.progress.error = str(exc)
                 self._roll_back(plan, current)
                 raise
-            self._commit_and_clean_up(plan, current)
+            self._commit(plan)
+            try:
+                self._clean_up(plan, current)
+            except KvsError as exc:
+                # Committed: nothing rolls back now. The metadata group still records the change, so a
+                # watcher takes it over and finishes the clean-up; the client learns it is committed.
+                self.progress.phase, self.progress.error = "clean-up failed", exc.message
+                raise Unavailable(f"epoch {plan.epoch.number} is committed, but its clean-up failed "
+                                  f"({exc.message}); another node finishes it") from exc
             self.progress.phase = "done"
             return self._shard_report(plan.epoch)
         finally:
@@ -206,13 +214,12 @@ class ViewChange:
             self._copy(move, plan, current, since)
         self._advance(n, "caught-up")
 
-    def _commit_and_clean_up(self, plan: Plan, current: ConfigEpoch) -> None:
+    def _commit(self, plan: Plan) -> None:
         n = plan.epoch.number
         self.progress.phase = "committing"
         result = self._meta(("commit", n))
         if isinstance(result, Invalid):
             raise Unavailable(f"commit of epoch {n} refused: {result.reason}")
-        self._clean_up(plan, current)
 
     def _clean_up(self, plan: Plan, current: ConfigEpoch) -> None:
         n = plan.epoch.number

@@ -57,7 +57,7 @@ START_LIMIT = 30.0         # the change shows a phase (or the PUT answers) withi
 SETTLE_LIMIT = 90.0        # no change in progress any more within this (takeover waits 5 s without progress)
 IDLE_LIMIT = 30.0          # a coordinator-to-be finishes its part in the previous change within this
 # GET /kvs/view-change "progress" of a node with no part in a change under way
-IDLE_PROGRESS = ("idle", "done", "rolled back")
+IDLE_PROGRESS = ("idle", "done", "rolled back", "clean-up failed")
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,10 @@ class ViewChangeLane:
             event.problems.append(f"settled on epoch {after.number} {after.shards}, planned {planned.shards}")
         if event.answer == "200" and not committed:
             event.problems.append("answered 200 but the epoch did not change")
-        if event.answer.startswith("503") and committed:
-            event.problems.append("answered 503 (rolled back, says the API) but the new epoch is active")
+        says_committed = "is committed" in event.answer      # 503 after the commit: clean-up left to others
+        if event.answer.startswith("503") and committed != says_committed:
+            event.problems.append(f"answered {event.answer!r} but the new epoch is "
+                                  f"{'active' if committed else 'not active'}")
         if event.answer.startswith(("400", "409")):
             event.problems.append("a valid change, with no other change running, was refused")
         if event.killed_in_phase == "committed" and not committed and event.settled is not None:

@@ -109,6 +109,9 @@ def error_reply(exc: Exception, method: str, path: str, causal_context: dict | N
         log.error("unexpected error serving %s %s", method, path, exc_info=exc)
         status, error = 500, "Internal error"
     body: dict[str, Any] = {"error": error, "message": f"Error in {method}"}
+    if causal_context is None and isinstance(exc, Unavailable) and error != exc.message:
+        # Beyond the key requests (whose bodies are the seeds', exactly), say what an operator can act on.
+        body["cause"] = exc.message
     if isinstance(exc, WrongGroup):
         body["epoch"] = exc.epoch           # only forwarded requests see 421: the sender routes again
     if causal_context is not None:

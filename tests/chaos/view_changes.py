@@ -163,7 +163,7 @@ class ViewChangeLane:
         def put() -> None:
             try:
                 status, body = self.driver.change_view(coordinator, view, self.driver.replicas, ANSWER_LIMIT)
-                event.answer = str(status) if status == 200 else f"{status} {body.get('error')}"
+                event.answer = str(status) if status == 200 else f"{status} {body.get('error')} {body.get('cause', '')}"
             except requests.RequestException as exc:
                 event.answer = type(exc).__name__          # its coordinator died, or it took too long
             answered.set()

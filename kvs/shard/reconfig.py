@@ -72,11 +72,13 @@ class Progress:
     moves_total: int = 0
     moves_done: int = 0
     keys_moved: int = 0
+    keys_total: int = 0        # keys in the bulk copies read so far: the total once moves-done = moves-total
     error: str | None = None
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "phase": self.phase, "moves-total": self.moves_total,
-                "moves-done": self.moves_done, "keys-moved": self.keys_moved, "error": self.error}
+                "moves-done": self.moves_done, "keys-moved": self.keys_moved,
+                "keys-total": self.keys_total, "error": self.error}
 
 
 class ViewChange:
@@ -352,6 +354,8 @@ class ViewChange:
         else:
             exported = self._call_group(current, move.source, "changes", {**request, "since": since})
         n = plan.epoch.number
+        if since is None:
+            self.progress.keys_total += len(exported["items"])
         for i, (items, dedup, deleted) in enumerate(_batches(exported["items"], exported["dedup"],
                                                               exported["deleted"])):
             started = time.monotonic()

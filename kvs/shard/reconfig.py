@@ -41,6 +41,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import BadRequest, Conflict, KvsError, Unavailable
@@ -58,6 +59,7 @@ DROP_KEYS = 2000          # keys per drop-keys command after the commit
 COPY_PAUSE_RATIO = 3.0    # the bulk copy pauses this long, relative to each install, between installs
 STEP_SECONDS = 30.0       # each remote step must succeed within this
 MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
+PUSH_SECONDS = 5.0        # a node that does not take pushed epochs within this learns them later
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
 CATCH_UP_ROUNDS = 3       # at most this many catch-up copies while the sources still serve
 FREEZE_BELOW_KEYS = 500   # freeze once a catch-up round moved fewer keys than this
@@ -403,24 +405,28 @@ class ViewChange:
         raise Unavailable(f"shard {shard_id} did not take {what}: {last}")
 
     def _push_epochs(self, active: ConfigEpoch, pending: ConfigEpoch | None, nodes: list[str]) -> None:
-        """Tell every node the epochs, best effort: a node that is down learns them when it is back
-        (from the metadata group, or from its copy on disk and the next push). What the change needs,
-        every new group electing a leader, is waited for separately."""
+        """Tell every node the epochs, all at once and best effort: a node that is down learns them when
+        it is back (from the metadata group, or from its copy on disk and the next push). What the change
+        needs, every new group electing a leader, is waited for separately."""
         payload = {"active": active.to_dict(), "pending": pending.to_dict() if pending else None}
-        for address in nodes:
-            deadline = time.monotonic() + 5.0
-            while True:
-                try:
-                    resp = self._forwarder.send(address, "POST", "/internal/epochs", payload, uuid.uuid4().hex,
-                                                min(deadline, time.monotonic() + 2))
-                    if resp.status == 200:
-                        break
-                except PeerUnreachable:
-                    pass
-                if time.monotonic() >= deadline:
+        with ThreadPoolExecutor(max_workers=max(1, len(nodes)), thread_name_prefix="kvs-push") as pool:
+            for address, learned in zip(nodes, pool.map(lambda a: self._push_to(a, payload), nodes)):
+                if not learned:
                     log.warning("%s did not learn epoch %d", address, (pending or active).number)
-                    break
-                time.sleep(0.1)
+
+    def _push_to(self, address: str, payload: dict) -> bool:
+        deadline = time.monotonic() + PUSH_SECONDS
+        while True:
+            try:
+                resp = self._forwarder.send(address, "POST", "/internal/epochs", payload, uuid.uuid4().hex,
+                                            min(deadline, time.monotonic() + 2))
+                if resp.status == 200:
+                    return True
+            except PeerUnreachable:
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)                     # a pause between tries, bounded by the deadline
 
     def _wait_for_leader(self, epoch: ConfigEpoch, shard_id: str) -> None:
         deadline = time.monotonic() + SETTLE_SECONDS

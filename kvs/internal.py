@@ -92,7 +92,7 @@ def known_epochs() -> Response:
     epoch, change = node.epoch, node.change()
     pending = change["plan"]["epoch"] if change is not None and change["phase"] != "committed" else None
     return _json({"active": epoch.to_dict() if epoch is not None else None, "pending": pending,
-                  "metadata-member": node.has_metadata_replica})
+                  "metadata-member": node.has_metadata_replica, "max-shard-id": node.shard_id_floor()})
 
 
 @internal.route("/groups/<shard_id>/commands", methods=["POST"])

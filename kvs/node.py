@@ -223,6 +223,11 @@ class Node:
         epoch = meta.state.epoch(number) if meta is not None else None
         return ConfigEpoch.from_dict(epoch) if epoch is not None else None
 
+    def shard_id_floor(self) -> int:
+        """The largest shard id the metadata group has seen in any plan (0 on non-members)."""
+        meta = self._meta
+        return meta.state.max_shard_id if meta is not None else 0
+
     def propose_meta(self, command: tuple, deadline: float) -> object:
         meta = self._meta
         if meta is None:

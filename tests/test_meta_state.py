@@ -63,3 +63,22 @@ def test_only_one_node_can_claim_a_stalled_change():
     assert m.apply(("claim", 2, "a", steps, "c")) is False          # b got there first
     assert m.change()["coordinator"] == "b"
     assert m.apply(("claim", 3, "b", steps + 1, "c")) is False
+
+
+def test_a_plan_may_not_reuse_the_shard_id_of_a_rolled_back_plan():
+    from kvs.shard.layout import ConfigEpoch
+    from kvs.shard.planner import plan_view_change
+    a, b, c = "10.0.0.1:13800", "10.0.0.2:13800", "10.0.0.3:13800"
+    first = ConfigEpoch.initial((a, b), 1)
+    m = MetadataState()
+    m.apply(("init", first.to_dict()))
+    plan = plan_view_change(first, [a, b, c])
+    assert m.apply(("prepare", plan.to_dict(), a)) == 2
+    assert m.apply(("abort", 2)) is True
+    assert m.max_shard_id == 3
+    again = plan_view_change(first, [a, b, c])                    # planned from the active epoch alone
+    assert isinstance(m.apply(("prepare", again.to_dict(), a)), Invalid)
+    from dataclasses import replace
+    floored = plan_view_change(replace(first, max_shard_id=m.max_shard_id), [a, b, c])
+    assert floored.new_groups == ("4",)
+    assert m.apply(("prepare", floored.to_dict(), a)) == 2

@@ -42,6 +42,9 @@ class MetadataState(StateMachine):
         self._epochs: dict[int, dict] = {}
         self._active: int = 0
         self._change: dict | None = None       # {"plan", "number", "phase", "coordinator", "steps"}
+        # The largest shard id any prepared plan used, committed or not: a plan rolled back left journals
+        # of its new groups on their nodes, so their ids must not come back either.
+        self._max_shard_id = 0
         self._handlers = {"init": self._init, "prepare": self._prepare, "advance": self._advance,
                           "commit": self._commit, "abort": self._abort, "finish": self._finish,
                           "claim": self._claim}
@@ -49,14 +52,20 @@ class MetadataState(StateMachine):
     # -- the FSM contract -------------------------------------------------
 
     def snapshot(self) -> dict:
-        return {"epochs": dict(self._epochs), "active": self._active, "change": self._change}
+        return {"epochs": dict(self._epochs), "active": self._active, "change": self._change,
+                "max_shard_id": self._max_shard_id}
 
     def restore(self, snapshot: dict) -> None:
         self._epochs = dict(snapshot["epochs"])
         self._active = int(snapshot["active"])
         self._change = snapshot.get("change")
+        self._max_shard_id = int(snapshot.get("max_shard_id", 0))
 
     # -- reads -------------------------------------------------------------
+
+    @property
+    def max_shard_id(self) -> int:
+        return self._max_shard_id
 
     @property
     def active_number(self) -> int:
@@ -82,6 +91,7 @@ class MetadataState(StateMachine):
             return Invalid("the initial epoch must be number 1")
         self._epochs[1] = epoch
         self._active = 1
+        self._max_shard_id = _max_shard_id(epoch)
         return self._active
 
     def _prepare(self, plan: dict, coordinator: str) -> int | Invalid:
@@ -92,6 +102,10 @@ class MetadataState(StateMachine):
             return Invalid(f"view change to epoch {self._change['number']} is in progress")
         if number != self._active + 1:
             return Invalid(f"stale plan: epoch {number} does not follow the active epoch {self._active}")
+        reused = [sid for sid in plan.get("new_groups", ()) if str(sid).isdigit() and int(sid) <= self._max_shard_id]
+        if reused:
+            return Invalid(f"shard ids {reused} were used before (the largest so far is {self._max_shard_id})")
+        self._max_shard_id = max(self._max_shard_id, _max_shard_id(plan["epoch"]))
         self._change = {"plan": plan, "number": number, "phase": "prepared", "coordinator": coordinator,
                         "steps": 0}
         return number
@@ -145,3 +159,8 @@ class MetadataState(StateMachine):
             return False                        # someone else moved it on in the meantime
         change.update(coordinator=me, steps=steps + 1)
         return True
+
+
+def _max_shard_id(epoch: dict) -> int:
+    ids = [int(sid) for sid in epoch.get("shards", {}) if str(sid).isdigit()]
+    return max([int(epoch.get("max_shard_id", 0) or 0)] + ids)

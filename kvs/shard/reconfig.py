@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import BadRequest, Conflict, KvsError, Unavailable
 from ..forwarding import Forwarder, PeerUnreachable
@@ -170,7 +170,10 @@ class ViewChange:
         current = self._node.epoch
         if current is None or self._node.change() is not None:
             raise Conflict("a view change is in progress" if current else "no configuration yet")
-        return current
+        # Plan new groups after every id any plan used, a rolled-back one's too (the metadata group
+        # refuses a plan that reuses one).
+        floor = self._node.shard_id_floor()
+        return replace(current, max_shard_id=floor) if floor > current.max_shard_id else current
 
     def _check_idle(self, address: str) -> None:
         """A node joins only if it is reachable and serves no shard (idle, or removed by an earlier change

@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import uuid
 from abc import ABC, abstractmethod
+from dataclasses import replace
 
 import requests
 
@@ -124,6 +125,16 @@ class ClusterDriver(ABC):
         """The newest active epoch any metadata member reports (None if none answers)."""
         epochs = [e for e in (self.epoch_of(node, timeout=1.5) for node in self.nodes()) if e is not None]
         return max(epochs, key=lambda e: e.number) if epochs else None
+
+    def planning_base(self) -> ConfigEpoch | None:
+        """The current epoch as a coordinator plans from it: new shard ids follow every id any plan used
+        (a rolled-back plan's too), as the metadata members report."""
+        known = [k for k in (self.known_epochs(node, timeout=1.5) for node in self.nodes()) if k and k.get("active")]
+        if not known:
+            return None
+        epoch = ConfigEpoch.from_dict(max((k["active"] for k in known), key=lambda e: e["number"]))
+        floor = max(int(k.get("max-shard-id") or 0) for k in known)
+        return replace(epoch, max_shard_id=floor) if floor > epoch.max_shard_id else epoch
 
     def replicas_of(self, shard_id: str) -> list[str]:
         """The shard's replicas in the current epoch ([] if it has no such shard or nobody answers)."""

@@ -150,7 +150,8 @@ class ViewChangeLane:
                 self.faults.release(coordinator)
             return                                      # nobody to ask: skip this step
         view = self.grown if set(before.view) == set(self.members) else self.members
-        planned = plan_view_change(before, view, self.driver.replicas).epoch
+        base = self.driver.planning_base() or before
+        planned = plan_view_change(base, view, self.driver.replicas).epoch
         busy = self._wait_until_idle(coordinator)
         started = time.monotonic()
         event = ViewChangeEvent(step.mode, coordinator, before.number, list(view), self.driver.replicas,

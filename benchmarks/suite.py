@@ -5,6 +5,7 @@
     python benchmarks/suite.py failover    [--rounds 5]
     python benchmarks/suite.py size        [--keys 100000,300000]
     python benchmarks/suite.py view-change [--keys 100000]        (runs benchmarks/view_change.py)
+    python benchmarks/suite.py profile     [--seconds 10]          (py-spy on the leader under load)
     python benchmarks/suite.py all         (each of the above, in that order)
     python benchmarks/suite.py report      (plots and the README section, from benchmarks/results/*.json)
 
@@ -130,6 +131,15 @@ def cmd_view_change(args: argparse.Namespace) -> None:
     progress(f"view-change: results in {out}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    import leader_profile
+    payload = header(args, machine())
+    payload["profiles"] = [leader_profile.run(temp_root("kvs-suite-prof-"), random_value(args.value_size), op,
+                                              args.profile_clients, args.seconds)
+                           for op in args.profile_ops.split(",")]
+    write_result("profile", payload, args.out)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import report
     verdicts = report.generate(args.readme, RESULTS_DIR, with_plots=not args.no_plots)
@@ -139,7 +149,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 SCENARIOS = {"throughput": cmd_throughput, "scaling": cmd_scaling, "failover": cmd_failover, "size": cmd_size,
-             "view-change": cmd_view_change}
+             "view-change": cmd_view_change, "profile": cmd_profile}
 
 
 def cmd_all(args: argparse.Namespace) -> None:
@@ -164,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                               ("failover", cmd_failover, "SIGKILL the leader; time to the next write"),
                               ("size", cmd_size, "RSS, snapshot size, restart time against keys"),
                               ("view-change", cmd_view_change, "benchmarks/view_change.py with CPU accounting"),
+                              ("profile", cmd_profile, "py-spy on the leader under load: what bounds a group"),
                               ("all", cmd_all, "every scenario, then the report")):
         common.append(scenario(name, func, help_))
     for p in common:
@@ -179,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--keys", default="100000,300000", help="size: key counts, loaded in stages")
         p.add_argument("--vc-keys", type=int, default=100_000, help="view-change: keys loaded before the change")
         p.add_argument("--vc-baseline", type=float, default=8.0, help="view-change: seconds of load before it")
+        p.add_argument("--profile-ops", default="write,read", help="profile: operations to profile")
+        p.add_argument("--profile-clients", type=int, default=16, help="profile: hey clients")
         p.add_argument("--skip-etcd", action="store_true", help="measure kvs (and Flask) only")
         p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<scenario>.json)")
         p.add_argument("--no-report", action="store_true", help="do not regenerate plots and README afterwards")

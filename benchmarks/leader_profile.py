@@ -46,6 +46,7 @@ def summarise(raw: str, top: int = 15) -> dict:
     self_ = collections.Counter()
     inclusive = collections.Counter()
     leaves = collections.Counter()
+    tails = collections.Counter()          # the innermost frames of each stack: who calls the hot leaves
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -58,11 +59,13 @@ def summarise(raw: str, top: int = 15) -> dict:
         total += n
         self_[layer_of(frames[-1])] += n
         leaves[frames[-1]] += n
+        tails[" <- ".join(reversed(frames[-5:]))] += n
         for layer in {layer_of(f) for f in frames}:
             inclusive[layer] += n
     share = lambda c: {k: round(100 * v / total, 1) for k, v in c.most_common()} if total else {}  # noqa: E731
     return {"samples": total, "self_pct": share(self_), "inclusive_pct": share(inclusive),
-            "top_leaf_functions_pct": {k: round(100 * v / total, 1) for k, v in leaves.most_common(top)}}
+            "top_leaf_functions_pct": {k: round(100 * v / total, 1) for k, v in leaves.most_common(top)},
+            "top_stack_tails_pct": {k: round(100 * v / total, 1) for k, v in tails.most_common(top)}}
 
 
 def run(root: str, value: str, op: str, clients: int, seconds: float) -> dict:

@@ -128,10 +128,9 @@ def kvs_cluster(root: str, shards: int, replicas: int, env: dict | None = None) 
     cluster = LocalCluster(shards=shards, replicas=replicas, data_root=root,
                            base_port=find_free_base_port(shards * replicas),
                            secret=secrets.token_hex(16), env={"PYTHONPATH": pythonpath, **(env or {})})
-    extra = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-    record_command(f"{sys.executable} -m kvs serve  (x{shards * replicas}, env ADDRESS=<one of> "
-                   f"VIEW={','.join(cluster.view)} REPL_FACTOR={replicas} DATA_DIR=... KVS_SECRET=<random> "
-                   f"{extra})".replace("  )", ")"))
+    env_text = " ".join([f"ADDRESS=<one of> VIEW={','.join(cluster.view)} REPL_FACTOR={replicas}",
+                         "DATA_DIR=... KVS_SECRET=<random>"] + [f"{k}={v}" for k, v in (env or {}).items()])
+    record_command(f"{sys.executable} -m kvs serve  (x{shards * replicas}, env {env_text})")
     return cluster
 
 

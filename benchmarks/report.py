@@ -262,6 +262,21 @@ def profile_table(payload: dict) -> list[str]:
     return t
 
 
+def commands_block(payload: dict, limit: int = 8) -> list[str]:
+    """A few of the run's exact commands (long JSON bodies shortened), in a collapsed block."""
+    seen, shown = set(), []
+    for cmd in [payload.get("command", "")] + payload.get("commands", []):
+        short = re.sub(r"(-d )('?\{[^']{60,}\}'?)", lambda m: m.group(1) + "'<JSON body with the value>'", cmd)
+        shape = re.sub(r"\d+", "N", short)            # one example per shape of command
+        if short and shape not in seen:
+            seen.add(shape)
+            shown.append(short)
+    if not shown:
+        return []
+    return (["<details><summary>commands of this run (one per kind; all of them are in the JSON)</summary>", "",
+             "```"] + shown[:limit] + ["```", "", "</details>"])
+
+
 def readme_section(results: dict, plots: list[str]) -> str:
     lines = [BEGIN, ""]
     first = next(iter(results.values()), None)
@@ -285,7 +300,7 @@ def readme_section(results: dict, plots: list[str]) -> str:
         if name not in results:
             continue
         lines += [f"### {title}", "", _run_line(results[name]) + f"; raw numbers in `results/{name}.json`.", ""]
-        lines += table(results[name]) + [""]
+        lines += table(results[name]) + [""] + commands_block(results[name]) + [""]
         if name == "throughput":
             lines += ["Where the CPU of one request goes (16 clients):", ""] + cpu_per_op_table(results[name]) + [""]
     if plots:

@@ -7,7 +7,7 @@ hey sends one URL, so one key; wrk's script picks the key of every request, so t
 over many keys of every group. Why one wrk per group aimed at its leader: it measures what the
 groups themselves sustain; entering through a node of another group adds an HTTP forward, which
 the `throughput` scenario measures separately (the follower entry).
-Writes run first (they create every key the reads then read).
+Every key is written once before the measurements, so reads never meet a missing key.
 
 All groups share this 2-core machine, so total req/s cannot grow with groups here. What does
 carry over to N machines is the CPU each operation costs each process: CPU-seconds per operation
@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+
+import requests
 
 from harness import (WARMUP_SECONDS, cpu_line, fmt, kvs_cluster, kvs_leaders, kvs_pids, log_tails, progress,
                      run_wrk_many, shielded, start_kvs, wrk_script)
@@ -62,6 +64,19 @@ def per_op_cpu(cpu: dict, roles: dict[str, dict[str, list[int]]], ops_by_group: 
     return out
 
 
+def seed_keys(leaders: dict[str, str], keys: dict[str, list[str]], body: str) -> None:
+    """Write every key once through its group's leader, so reads never meet a missing key, and check
+    that none was forwarded (a forwarded reply names "address"): the key lists match the nodes' ring."""
+    session = requests.Session()
+    for shard, leader in leaders.items():
+        for key in keys[shard]:
+            reply = session.put(f"http://{leader}/kvs/keys/{key}", data=body,
+                                headers={"Content-Type": "application/json"}, timeout=10)
+            reply.raise_for_status()
+            if "address" in reply.json():
+                raise RuntimeError(f"key {key} was forwarded from {leader}: the ring here is not the nodes'")
+
+
 def bench_groups(root: str, groups: int, value: str, clients: int, seconds: float, warmup: float) -> dict:
     progress(f"scaling: starting {groups} group(s) x 3 replicas")
     cluster = kvs_cluster(os.path.join(root, f"g{groups}"), shards=groups, replicas=3)
@@ -75,6 +90,7 @@ def bench_groups(root: str, groups: int, value: str, clients: int, seconds: floa
         group_pids = {s: [pids[a] for a in cluster.replicas_of(s)] for s in leaders}
         keys = keys_by_group(groups)
         body = json.dumps({"value": value})
+        seed_keys(leaders, keys, body)
         out: dict = {"groups": groups, "leaders": leaders, "pids": pids, "clients_per_group": clients,
                      "keys_per_group": KEYS_PER_GROUP}
         for op, method, payload in (("write", "PUT", body), ("read", "GET", None)):

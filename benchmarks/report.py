@@ -265,7 +265,8 @@ def profile_table(payload: dict) -> list[str]:
 def commands_block(payload: dict, limit: int = 8) -> list[str]:
     """A few of the run's exact commands (long JSON bodies shortened), in a collapsed block."""
     seen, shown = set(), []
-    for cmd in [payload.get("command", "")] + payload.get("commands", []):
+    wrapped = [(payload.get("suite") or {}).get("wrapped_command", "")]      # view_change.py, run as it is
+    for cmd in [payload.get("command", "")] + (payload.get("commands") or wrapped):
         short = re.sub(r"(-d )('?\{[^']{60,}\}'?)", lambda m: m.group(1) + "'<JSON body with the value>'", cmd)
         shape = re.sub(r"\d+", "N", short)            # one example per shape of command
         if short and shape not in seen:
@@ -361,16 +362,18 @@ def plot(results: dict, directory: str = RESULTS_DIR) -> list[str]:
     if sc:
         groups = sorted(int(g) for g in sc)
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-        for op in ("write", "read"):
+        for op, color in (("write", "tab:blue"), ("read", "tab:green")):      # one colour per operation
             rs = [sc[str(g)].get(op) for g in groups]
-            axes[0].plot(groups, [r["ok_rps"] if r else None for r in rs], marker="o", label=f"{op}s, measured (one machine)")
+            axes[0].plot(groups, [r["ok_rps"] if r else None for r in rs], marker="o", color=color,
+                         label=f"{op}s, measured (one machine)")
             axes[0].plot(groups, [r["projected_rps_one_core_per_process"] if r else None for r in rs], marker="x",
-                         linestyle=":", label=f"{op}s, projected: 1 core per process")
-            axes[1].plot(groups, [r["p99_ms"] if r else None for r in rs], marker="o", label=f"{op}s p99")
-            axes[1].plot(groups, [r["p50_ms"] if r else None for r in rs], marker="o", linestyle="--", label=f"{op}s p50")
+                         linestyle=":", color=color, label=f"{op}s, projected: 1 core per process")
+            axes[1].plot(groups, [r["p99_ms"] if r else None for r in rs], marker="o", color=color, label=f"{op}s p99")
+            axes[1].plot(groups, [r["p50_ms"] if r else None for r in rs], marker="o", linestyle="--", color=color,
+                         label=f"{op}s p50")
             for role, style in (("leaders", "-"), ("all", "--")):
                 axes[2].plot(groups, [1000 * r["cpu_per_op"][role]["cpu_s_per_op"] if r else None for r in rs],
-                             marker="o", linestyle=style, label=f"{op}s, {role}")
+                             marker="o", linestyle=style, color=color, label=f"{op}s, {role} processes")
         for ax, title in zip(axes, ("req/s against groups", "latency (ms, worst group) against groups",
                                     "CPU ms per operation against groups")):
             ax.set_xticks(groups)

@@ -48,7 +48,8 @@ class StubForwarder:
 
 
 def stub_view_change(change: dict | None = None, peer_status: dict | None = None) -> ViewChange:
-    node = SimpleNamespace(epoch=ConfigEpoch.initial(("127.0.0.1:1", "127.0.0.1:2"), 1), change=lambda: change)
+    node = SimpleNamespace(epoch=ConfigEpoch.initial(("127.0.0.1:1", "127.0.0.1:2"), 1), change=lambda: change,
+                           shard_id_floor=lambda: 0)
     return ViewChange(node, StubForwarder(peer_status))
 
 

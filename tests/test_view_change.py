@@ -11,7 +11,6 @@ longer owns.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import requests
@@ -71,7 +70,12 @@ def test_view_change_shapes_under_load(make_cluster, shape):
     history: list = []
     worker = threading.Thread(target=lambda: history.extend(run_workload(spec)))
     worker.start()
-    time.sleep(4)            # let the workload build a history before the change
+    if set(through) & set(old_nodes):
+        # the change starts once the workload is under way: it has written several of its keys (when every
+        # node is replaced, the clients' nodes serve only from the change on: it starts at once)
+        probe = KvsClient(through[0])
+        wait_until(lambda: sum(probe.get(k)[0] == 200 for k in keys) >= 3, 30, interval=0.1,
+                   message="the workload wrote its first keys")
     status, body = change_view(old_nodes[0], new_view, new_rf)
     worker.join(60)
     assert status == 200, body
@@ -175,9 +179,10 @@ def test_keys_that_do_not_move_are_served_without_errors(make_cluster):
 
     t = threading.Thread(target=hammer)
     t.start()
-    time.sleep(1)
+    wait_until(lambda: count[0] >= 50, 30, message="the hammer is under way before the change")
     status, body = change_view(cluster.view[0], cluster.view + extra)
-    time.sleep(1)
+    after = count[0]
+    wait_until(lambda: count[0] >= after + 50, 30, message="the hammer goes on after the change")
     done.set()
     t.join(30)
     assert status == 200, body

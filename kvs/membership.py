@@ -101,7 +101,7 @@ class MetadataMembership:
             self._tell(raft_address, member, peers)
 
     def _tell(self, raft_address: str, member: bool, peers: list[str]) -> None:
-        address = self._http(raft_address)
+        address = self._node.settings.http_address(raft_address, METADATA_SLOT)
         try:
             resp = self._forwarder.send(address, "POST", "/internal/metadata", {"member": member, "peers": peers},
                                         uuid.uuid4().hex, time.monotonic() + 2)
@@ -116,8 +116,3 @@ class MetadataMembership:
 
     def _raft(self, http_address: str) -> str:
         return self._node.settings.raft_address(http_address, METADATA_SLOT)
-
-    def _http(self, raft_address: str) -> str:
-        """The HTTP address of the node whose metadata replica listens at `raft_address`."""
-        host, port = raft_address.rsplit(":", 1)
-        return f"{host}:{int(port) - self._node.settings.raft_port_offset * (METADATA_SLOT + 1)}"

@@ -64,6 +64,12 @@ def raft_address(http_address: str, slot: int, offset: int) -> str:
     return f"{host}:{raft_port}"
 
 
+def http_address(raft_address_: str, slot: int, offset: int) -> str:
+    """The inverse of `raft_address`: the HTTP address of the node whose `slot` replica listens there."""
+    host, port = raft_address_.rsplit(":", 1)
+    return f"{host}:{int(port) - offset * (slot + 1)}"
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     address: str
@@ -102,6 +108,9 @@ class NodeSettings:
 
     def raft_address(self, http_address: str, slot: int) -> str:
         return raft_address(http_address, slot, self.raft_port_offset)
+
+    def http_address(self, raft_address_: str, slot: int) -> str:
+        return http_address(raft_address_, slot, self.raft_port_offset)
 
     @classmethod
     def load(cls, args: object | None = None, environ: dict | None = None) -> "NodeSettings":

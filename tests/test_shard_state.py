@@ -109,12 +109,17 @@ def test_a_group_refuses_keys_it_does_not_own():
     assert s.read(other) == NotOwned(1) and s.read(mine) == "v"
 
 
-def test_a_move_from_freeze_to_drop():
+def a_move(moving_count: int, staying_count: int) -> tuple[ShardState, ShardState, list[str], list[str]]:
+    """Shard 1 (epoch 1) loaded with keys that move to the new shard 3 and keys that stay; shard 3, empty."""
     source, destination = ShardState(ownership=(1, "1", OLD)), ShardState(ownership=(2, "3", NEW))
-    moving = keys_moving("1", "3", 5)
-    staying = keys_moving("1", "1", 5)
+    moving, staying = keys_moving("1", "3", moving_count), keys_moving("1", "1", staying_count)
     for i, k in enumerate(moving + staying):
         source.apply(("put", f"id-{i}", k, f"v-{k}"))
+    return source, destination, moving, staying
+
+
+def test_a_move_from_freeze_to_drop():
+    source, destination, moving, staying = a_move(5, 5)
     # bulk copy while the source serves, then a write the final catch-up must carry
     items, dedup, _ = source.export("1", OLD, NEW, "3")
     destination.apply(("install", 2, "1", OLD, NEW, items, dedup, True))
@@ -159,11 +164,7 @@ def test_ownership_survives_snapshot_and_restore():
 
 
 def test_a_tracked_move_catches_up_with_only_the_changes():
-    source, destination = ShardState(ownership=(1, "1", OLD)), ShardState(ownership=(2, "3", NEW))
-    moving = keys_moving("1", "3", 6)
-    staying = keys_moving("1", "1", 3)
-    for i, k in enumerate(moving + staying):
-        source.apply(("put", f"id-{i}", k, f"v-{k}"))
+    source, destination, moving, staying = a_move(6, 3)
     assert source.apply(("track", 2, NEW)) is True and source.apply(("track", 2, NEW)) is False
     source.apply(("put", "before-copy", moving[0], "seen-by-the-copy"))
     items, dedup, number = source.export("1", OLD, NEW, "3")

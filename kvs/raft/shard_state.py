@@ -180,10 +180,6 @@ class ShardState(StateMachine):
                 dedup.append((rid, entry))
         return items, deleted, dedup, number
 
-    @property
-    def change_number(self) -> int:
-        return self._change_number
-
     def key_count(self) -> int:
         return len(self._data)
 

@@ -431,19 +431,28 @@ class ViewChange:
                 return False
             time.sleep(0.1)                     # a pause between tries, bounded by the deadline
 
-    def _wait_for_leader(self, epoch: ConfigEpoch, shard_id: str) -> None:
-        deadline = time.monotonic() + SETTLE_SECONDS
+    def _status(self, address: str, deadline: float) -> dict:
+        """GET /kvs/status of a node (PeerUnreachable if it does not answer in time)."""
+        return self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
+                                    min(deadline, time.monotonic() + 2)).body
+
+    def _until_any_status(self, addresses, seconds: float, satisfied) -> bool:
+        """Poll the nodes' statuses until one satisfies `satisfied(status)`; False after `seconds`."""
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            for address in epoch.replicas(shard_id):
+            for address in addresses:
                 try:
-                    status = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
-                                                  min(deadline, time.monotonic() + 2)).body
+                    if satisfied(self._status(address, deadline)):
+                        return True
                 except PeerUnreachable:
                     continue
-                if (status.get("groups", {}).get(f"shard-{shard_id}") or {}).get("leader"):
-                    return
-            time.sleep(0.1)
-        raise Unavailable(f"new shard {shard_id} elected no leader within {SETTLE_SECONDS}s")
+            time.sleep(0.1)                     # a pause between polls, bounded by the deadline
+        return False
+
+    def _wait_for_leader(self, epoch: ConfigEpoch, shard_id: str) -> None:
+        if not self._until_any_status(epoch.replicas(shard_id), SETTLE_SECONDS,
+                                      lambda s: (s.get("groups", {}).get(f"shard-{shard_id}") or {}).get("leader")):
+            raise Unavailable(f"new shard {shard_id} elected no leader within {SETTLE_SECONDS}s")
 
     def _wait_for_epoch(self, epoch: ConfigEpoch) -> None:
         """Until every node of the new view routes by the new epoch (bounded; stragglers are logged)."""
@@ -451,8 +460,7 @@ class ViewChange:
         for address in epoch.view:
             while time.monotonic() < deadline:
                 try:
-                    body = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
-                                                min(deadline, time.monotonic() + 2)).body
+                    body = self._status(address, deadline)
                 except PeerUnreachable:
                     break                       # down: it learns the epoch when it comes back
                 if (body.get("epoch") or 0) >= epoch.number:
@@ -465,19 +473,13 @@ class ViewChange:
         the reply. Bounded: if it takes longer, the leader carries on after the reply."""
         s = self._node.settings
         target = sorted(s.raft_address(a, METADATA_SLOT) for a in epoch.metadata_members)
-        deadline = time.monotonic() + MEMBERSHIP_SECONDS
-        while time.monotonic() < deadline:
-            for address in epoch.metadata_members:
-                try:
-                    body = self._forwarder.send(address, "GET", "/kvs/status", None, uuid.uuid4().hex,
-                                                min(deadline, time.monotonic() + 2)).body
-                except PeerUnreachable:
-                    continue
-                meta = body.get("groups", {}).get("meta") or {}
-                if meta.get("members") == target and meta.get("leader"):
-                    return
-            time.sleep(0.1)
-        log.warning("the metadata group did not reach members %s within %ss", target, MEMBERSHIP_SECONDS)
+
+        def settled(status: dict) -> bool:
+            meta = status.get("groups", {}).get("meta") or {}
+            return meta.get("members") == target and bool(meta.get("leader"))
+
+        if not self._until_any_status(epoch.metadata_members, MEMBERSHIP_SECONDS, settled):
+            log.warning("the metadata group did not reach members %s within %ss", target, MEMBERSHIP_SECONDS)
 
     def _check_reachable(self, new: ConfigEpoch, current: ConfigEpoch) -> None:
         for address in new.view:

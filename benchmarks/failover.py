@@ -26,7 +26,7 @@ import time
 import requests
 
 from harness import EtcdCluster, b64, fmt, kvs_cluster, kvs_leaders, log_tails, progress, shielded, start_kvs
-from kvs.local import wait_until
+from kvs.testing.cluster import wait_until
 
 PROBES = 4
 PROBE_TIMEOUT = 1.0      # client-side: a request stuck on the dead leader is abandoned after this

@@ -19,7 +19,7 @@ import threading
 from flask import Flask, jsonify, request
 
 MAX_KEY_LENGTH = 50
-WAITRESS_THREADS = 48          # as kvs serve (kvs/cli.py HTTP_THREADS)
+WAITRESS_THREADS = 48          # as kvs serve (kvs/server.py HTTP_THREADS)
 
 
 def create_app() -> Flask:

@@ -1,6 +1,6 @@
 """What every benchmark scenario shares: processes, load tools, CPU accounting, the machine, results.
 
-* Processes: every process is started here or by `kvs.local.LocalCluster`, remembered by its
+* Processes: every process is started here or by `kvs.testing.cluster.LocalCluster`, remembered by its
   Popen (so by pid), and stopped by that pid, also on Ctrl-C / SIGTERM (`shielded` ignores a
   second Ctrl-C while cleaning up). Nothing is ever stopped by name.
 * Load: `hey` (one URL, Go, cheap per request) and `wrk` (C, with a Lua script that chooses the
@@ -41,7 +41,7 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-from kvs.local import LocalCluster, find_free_base_port, wait_until  # noqa: E402
+from kvs.testing.cluster import LocalCluster, find_free_base_port, wait_until  # noqa: E402
 
 BUSY_MACHINE_CORES = 0.2        # other processes above this during a measurement: contaminated
 WARMUP_SECONDS = 2

@@ -2,7 +2,7 @@
 
 Load. One wrk process per group (1 thread, `--clients-per-group` connections), aimed at that
 group's leader, with a Lua script that cycles through `KEYS_PER_GROUP` keys which the ring maps
-to that group (chosen with kvs.shard.ring.HashRing, as the nodes choose). Why wrk and not hey:
+to that group (chosen with kvs.config.ring.HashRing, as the nodes choose). Why wrk and not hey:
 hey sends one URL, so one key; wrk's script picks the key of every request, so the load spreads
 over many keys of every group. Why one wrk per group aimed at its leader: it measures what the
 groups themselves sustain; entering through a node of another group adds an HTTP forward, which
@@ -27,7 +27,7 @@ import requests
 
 from harness import (WARMUP_SECONDS, cpu_line, fmt, kvs_cluster, kvs_leaders, kvs_pids, log_tails, progress,
                      run_wrk_many, shielded, start_kvs, wrk_script)
-from kvs.shard.ring import HashRing
+from kvs.config.ring import HashRing
 
 KEYS_PER_GROUP = 200
 DEFAULT_GROUPS = (1, 2, 3)

@@ -32,7 +32,7 @@ import requests
 
 from harness import (EtcdCluster, b64, dir_bytes, fmt, kvs_cluster, kvs_pids, log_tails, progress, record_command,
                      rss_bytes, shielded, start_kvs, stop_processes)
-from kvs.local import wait_until
+from kvs.testing.cluster import wait_until
 
 COMPACTION_ENTRIES = 10_000
 LOAD_CONNECTIONS = 64

@@ -33,8 +33,8 @@ import requests
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-from kvs.local import LocalCluster, find_free_base_port  # noqa: E402
-from kvs.shard.ring import HashRing  # noqa: E402
+from kvs.testing.cluster import LocalCluster, find_free_base_port  # noqa: E402
+from kvs.config.ring import HashRing  # noqa: E402
 
 
 def progress(message: str) -> None:

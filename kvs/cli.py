@@ -11,44 +11,27 @@ import signal
 import sys
 import tempfile
 
-HTTP_THREADS = 48
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Wire one node: settings -> Node -> Router -> Flask app -> waitress."""
-    import waitress
-
-    from .api import create_app
-    from .errors import KvsError
-    from .forwarding import Forwarder
-    from .node import Node
-    from .membership import MetadataMembership
-    from .settings import NodeSettings
-    from .shard.reconfig import ViewChange
-    from .shard.router import Router
+    """Run one node until SIGTERM or SIGINT (kvs.server)."""
+    from kvs.errors import KvsError
+    from kvs.server import NodeServer
+    from kvs.settings import NodeSettings
 
     try:
         settings = NodeSettings.load(args)
     except KvsError as exc:
         print(f"kvs serve: {exc.message}", file=sys.stderr)
         return 2
-    node = Node(settings)
-    forwarder = Forwarder(settings.secret, settings.bind_host)
-    view_change = ViewChange(node, forwarder)
-    app = create_app(node, Router(node, forwarder), view_change)
+    server = NodeServer(settings)
     try:
-        # Bind before any Raft replica starts, so a port clash fails fast and touches no data.
-        server = waitress.create_server(app, host=settings.bind_host, port=settings.http_port,
-                                        threads=HTTP_THREADS, connection_limit=1000, ident="kvs")
+        server.listen()
     except OSError as exc:
         print(f"kvs serve: cannot listen on {settings.bind_host}:{settings.http_port}: {exc}", file=sys.stderr)
         return 1
-    node.start()
-    view_change.watch()
-    MetadataMembership(node, forwarder).watch()
-    logging.getLogger(__name__).info("serving %s on %s:%d", settings.address, settings.bind_host,
-                                     settings.http_port)
-    server.run()
+    server.start()
+    server.serve()
     return 0
 
 
@@ -57,7 +40,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def local_up(args: argparse.Namespace) -> int:
-    from .local import LocalCluster
+    try:
+        from kvs.testing.cluster import LocalCluster
+    except ImportError:
+        print("kvs local: the local-cluster launcher (kvs.testing) is a development tool and is not "
+              "installed here (the Docker image leaves it out)", file=sys.stderr)
+        return 2
 
     data_root = args.data_dir or tempfile.mkdtemp(prefix="kvs-local-")
     secret = args.secret or os.environ.get("KVS_SECRET") or secrets.token_hex(16)
@@ -86,7 +74,7 @@ def local_up(args: argparse.Namespace) -> int:
 def client_command(args: argparse.Namespace) -> int:
     import requests
 
-    from .client import KvsClient
+    from kvs.client import KvsClient
 
     client = KvsClient(args.node)
     try:
@@ -160,7 +148,7 @@ def health(args: argparse.Namespace) -> int:
     """Exit 0 if this container's node answers /health with 200 (the Docker HEALTHCHECK)."""
     import requests
 
-    from .settings import parse_address
+    from kvs.settings import parse_address
 
     port = parse_address(os.environ.get("ADDRESS", "127.0.0.1:13800"))[1]
     try:

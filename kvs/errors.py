@@ -2,8 +2,8 @@
 
 Low-level failures (PySyncObj error codes, socket errors, timeouts) are
 translated into these once, at the boundary where they happen (`kvs.raft.group`,
-`kvs.forwarding`). The HTTP layer maps them to status codes in a single error
-handler (`kvs.api`). Business outcomes such as "key does not exist" are not
+`kvs.routing.peers`). The HTTP layer maps them to status codes in a single error
+handler (`kvs.http.public`). Business outcomes such as "key does not exist" are not
 exceptions: they are values returned by the state machine.
 """
 

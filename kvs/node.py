@@ -7,11 +7,12 @@ epoch gives it. A node whose ADDRESS is not in its VIEW stays idle: it creates
 no group, contacts nobody, and answers only status requests until a view
 change names it.
 
-One supervisor thread creates every replica. PySyncObj stops a replica's tick
-thread when the thread that created it ends, so replicas are never created from
-request threads. The supervisor wakes when the metadata state machine applies
-an entry (or every `_SUPERVISE_PERIOD` to retry a proposal) and adopts the
-newest epoch.
+One supervisor thread creates and closes every replica. PySyncObj stops a
+replica's tick thread when the thread that created it ends, so replicas are
+never created from request threads. The supervisor wakes when the metadata
+state machine applies an entry (or every `_SUPERVISE_PERIOD` to retry a
+proposal) and adopts the newest epoch. Its thread is started and stopped by
+the process's owner, `kvs.server.NodeServer`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import os
 import threading
 import time
 
-from .errors import NotMember
-from .raft.group import RaftGroup, RaftTiming
-from .raft.meta_state import MetadataState
-from .raft.shard_state import ShardState
-from .settings import METADATA_SLOT, NodeSettings
-from .shard.layout import ConfigEpoch
+from kvs.errors import NotMember
+from kvs.raft.group import RaftGroup, RaftTiming
+from kvs.fsm.meta import MetadataState
+from kvs.fsm.shard import ShardState
+from kvs.settings import METADATA_SLOT, NodeSettings
+from kvs.config.epoch import ConfigEpoch
 
 log = logging.getLogger(__name__)
 
@@ -46,66 +47,71 @@ class Node:
         self._epoch: ConfigEpoch | None = None
         self._meta_changed = threading.Event()
         self._epoch_changed = threading.Condition()
-        self._stopping = threading.Event()
-        self._supervisor: threading.Thread | None = None
-        self._pushed: dict = {}          # {"active", "pending"} epochs a coordinator pushed here
-        self._metadata: dict = {}        # {"member": bool, "peers": [raft addresses]} once told or seen
-
-    # -- life cycle ------------------------------------------------------------------
-
-    def start(self) -> None:
-        if not self.settings.is_member:
-            log.warning("%s is not in VIEW: idle until a view change adds it", self.settings.address)
-        if not self.settings.secured:
-            log.warning("KVS_SECRET is not set: Raft ports accept unauthenticated pickles and "
-                        "node-to-node HTTP is not authenticated")
-        self._pushed = self._load_json(_PUSHED_FILE)
-        self._metadata = self._load_json(_METADATA_FILE)
-        self._supervisor = threading.Thread(target=self._supervise, name="kvs-supervisor", daemon=True)
-        self._supervisor.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._meta_changed.set()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=10)
-
-    def _supervise(self) -> None:
+        self._pushed: dict = self._load_json(_PUSHED_FILE)       # {"active", "pending"} pushed here
+        self._metadata: dict = self._load_json(_METADATA_FILE)   # {"member", "peers"} once told or seen
         # Nodes of the initial view propose the initial configuration (only the first "init" takes
         # effect, so a proposal after an epoch exists changes nothing); a node that joined the
         # metadata group later, or left it, proposes nothing.
-        initial = None
-        if self.settings.is_member and self._metadata.get("member", True):
-            initial = ConfigEpoch.initial(self.settings.view, self.settings.repl_factor).to_dict()
-        proposal_pending = False
+        self._initial: dict | None = None
+        if settings.is_member and self._metadata.get("member", True):
+            self._initial = ConfigEpoch.initial(settings.view, settings.repl_factor).to_dict()
+        self._proposal_pending = False
+        self._supervisor_running = False
+        self._supervisor_error: str | None = None
+
+    # -- life cycle (threads are started and stopped by kvs.server) --------------------------------
+
+    def supervise(self, stopping: threading.Event) -> None:
+        """The supervisor thread's body: adopt epochs and run their groups until `stopping` is set.
+
+        It wakes when the metadata state machine applies an entry, when told (`wake`), or every
+        `_SUPERVISE_PERIOD` to retry. An exception in one round is logged and the next round tries
+        again; /health says so meanwhile, and says when the supervisor is not running at all."""
+        if not self.settings.is_member:
+            log.warning("%s is not in VIEW: idle until a view change adds it", self.settings.address)
+        self._supervisor_running = True
         try:
-            while not self._stopping.is_set():
-                self._follow_metadata_membership()
-                active, pending = self._pushed.get("active"), self._pushed.get("pending")
-                if self._meta is not None:
-                    state: MetadataState = self._meta.state
-                    if initial is not None and state.active_number == 0 and not proposal_pending:
-                        proposal_pending = True
-
-                        def proposed(result: object, error: int) -> None:
-                            nonlocal proposal_pending
-                            proposal_pending = False
-                            self._meta_changed.set()
-
-                        self._meta.propose(("init", initial), proposed)
-                    if state.active_epoch() and (not active or state.active_number >= active["number"]):
-                        active = state.active_epoch()
-                    change = state.change()
-                    if change is not None and change["phase"] != "committed":
-                        pending = change["plan"]["epoch"]
-                    elif change is None and pending and active and pending["number"] <= active["number"]:
-                        pending = None
-                self._reconcile(active, pending)
+            while not stopping.is_set():
+                try:
+                    self._supervise_once()
+                    self._supervisor_error = None
+                except Exception as exc:
+                    log.exception("supervisor round failed; retrying")
+                    self._supervisor_error = f"{type(exc).__name__}: {exc}"
                 self._meta_changed.wait(_SUPERVISE_PERIOD)
                 self._meta_changed.clear()
         finally:
+            # Here, not by whoever stops the node: a replica's tick thread ends, without closing its
+            # files and sockets, as soon as the thread that created it (this one) has ended.
             for group in self._all_groups():
                 group.close()
+            self._supervisor_running = False
+
+    def wake(self) -> None:
+        """Make the supervisor run a round now (at stop, or when something changed)."""
+        self._meta_changed.set()
+
+    def _supervise_once(self) -> None:
+        self._follow_metadata_membership()
+        active, pending = self._pushed.get("active"), self._pushed.get("pending")
+        if self._meta is not None:
+            state: MetadataState = self._meta.state
+            if self._initial is not None and state.active_number == 0 and not self._proposal_pending:
+                self._proposal_pending = True
+
+                def proposed(result: object, error: int) -> None:
+                    self._proposal_pending = False
+                    self._meta_changed.set()
+
+                self._meta.propose(("init", self._initial), proposed)
+            if state.active_epoch() and (not active or state.active_number >= active["number"]):
+                active = state.active_epoch()
+            change = state.change()
+            if change is not None and change["phase"] != "committed":
+                pending = change["plan"]["epoch"]
+            elif change is None and pending and active and pending["number"] <= active["number"]:
+                pending = None
+        self._reconcile(active, pending)
 
     def _follow_metadata_membership(self) -> None:
         """Open or close this node's metadata replica as it was told; remember the members it sees."""
@@ -297,7 +303,12 @@ class Node:
         }
 
     def health(self) -> tuple[bool, str]:
-        """(ready, reason): ready once the configuration is known and every hosted group has a leader."""
+        """(ready, reason): ready once the configuration is known and every hosted group has a leader,
+        and while the supervisor runs and its last round succeeded."""
+        if not self._supervisor_running:
+            return False, "the supervisor is not running: this node adopts no new configuration"
+        if self._supervisor_error is not None:
+            return False, f"the supervisor is failing: {self._supervisor_error}"
         if self._epoch is None:
             if not self.settings.is_member and self._meta is None:
                 return False, "idle: this node is not in any configuration"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .errors import BadRequest
+from kvs.errors import BadRequest
 
 DEFAULT_PORT = 13800
 DEFAULT_RAFT_PORT_OFFSET = 1000

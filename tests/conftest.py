@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvs.local import LocalCluster, find_free_base_port
-from kvs.shard.layout import ConfigEpoch
+from kvs.testing.cluster import LocalCluster, find_free_base_port
+from kvs.config.epoch import ConfigEpoch
 
 TEST_SECRET = "kvs-test-secret"
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import requests
 
-from kvs.local import wait_until
+from kvs.testing.cluster import wait_until
 
 from .conftest import keys_of_shard
 

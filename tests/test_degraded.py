@@ -7,7 +7,7 @@ import time
 import pytest
 
 from kvs.client import KvsClient
-from kvs.local import LocalCluster, find_free_base_port
+from kvs.testing.cluster import LocalCluster, find_free_base_port
 
 from .conftest import keys_of_shard
 

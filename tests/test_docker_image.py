@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from kvs.local import wait_until
+from kvs.testing.cluster import wait_until
 from tests.chaos.docker_driver import DockerDriver, docker_available, ensure_image
 
 IMAGE = "kvs:test"

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kvs.client import KvsClient
-from kvs.local import wait_until
+from kvs.testing.cluster import wait_until
 
 from .conftest import keys_of_shard
 

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from kvs.linearizability import (
+from kvs.testing.linearizability import (
     FAIL,
     OK,
     UNKNOWN,

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from kvs.linearizability import check_history, history_to_json
-from kvs.workload import WorkloadSpec, run_workload, summarize
+from kvs.testing.linearizability import check_history, history_to_json
+from kvs.testing.workload import WorkloadSpec, run_workload, summarize
 
 from .conftest import keys_of_shard
 

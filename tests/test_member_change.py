@@ -1,7 +1,7 @@
 """Adding one node to a shard and removing one node: thin forms of the view change.
 
-The request checks run against a stub node (no cluster). The cluster tests
-start real processes: a node joins a shard while clients read and write (the
+The request checks run against a fake node in tests/test_coordinator.py. These
+tests start real processes: a node joins a shard while clients read and write (the
 history must be linearizable, every acknowledged write readable), a dead
 replica of a 3-replica shard is taken out, the sole replica of a shard leaves
 (its shard is retired) and comes back, and invalid requests get 400. After every change, the
@@ -14,81 +14,17 @@ import json
 import subprocess
 import sys
 import threading
-from types import SimpleNamespace
 
 import pytest
 import requests
 
 from kvs.client import KvsClient
-from kvs.errors import BadRequest, Conflict
-from kvs.forwarding import PeerResponse, PeerUnreachable
-from kvs.linearizability import check_history
-from kvs.local import wait_until
-from kvs.shard.layout import ConfigEpoch
-from kvs.shard.reconfig import ViewChange
-from kvs.shard.ring import HashRing
-from kvs.workload import WorkloadSpec, run_workload
+from kvs.testing.linearizability import check_history
+from kvs.testing.cluster import wait_until
+from kvs.config.ring import HashRing
+from kvs.testing.workload import WorkloadSpec, run_workload
 
 PRELOADED = 150
-
-
-# -- the requests, against a stub node -----------------------------------------------------------------------
-
-
-class StubForwarder:
-    """Answers every request with `status` (None: the peer is unreachable)."""
-
-    def __init__(self, status: dict | None):
-        self.status = status
-
-    def send(self, address, method, path, payload, request_id, deadline) -> PeerResponse:
-        if self.status is None:
-            raise PeerUnreachable(f"{address}: down")
-        return PeerResponse(200, self.status, None)
-
-
-def stub_view_change(change: dict | None = None, peer_status: dict | None = None) -> ViewChange:
-    node = SimpleNamespace(epoch=ConfigEpoch.initial(("127.0.0.1:1", "127.0.0.1:2"), 1), change=lambda: change,
-                           shard_id_floor=lambda: 0)
-    return ViewChange(node, StubForwarder(peer_status))
-
-
-def test_member_changes_while_a_change_runs_are_conflicts():
-    running = stub_view_change(change={"number": 2, "phase": "copying"})
-    with pytest.raises(Conflict):
-        running.add_member("127.0.0.1:3", "1")
-    with pytest.raises(Conflict):
-        running.remove_member("127.0.0.1:2")
-
-
-@pytest.mark.parametrize("address, shard_id, words", [
-    (None, "1", "address must be"),
-    (7, "1", "address must be"),
-    ("  ", "1", "address must be"),
-    ("127.0.0.1:3", None, "shard-id must be"),
-    ("127.0.0.1:3", True, "shard-id must be"),
-    ("127.0.0.1:3", ["1"], "shard-id must be"),
-    ("127.0.0.1:3", 9, "shard 9 does not exist"),
-    ("127.0.0.1:2", "1", "already in the view"),
-    ("127.0.0.1:3", 1, "unreachable"),                     # a JSON number is taken as the id "1"
-])
-def test_bad_add_member_requests(address, shard_id, words):
-    with pytest.raises(BadRequest) as info:
-        stub_view_change().add_member(address, shard_id)
-    assert words in info.value.message
-
-
-def test_a_node_that_serves_a_shard_cannot_join():
-    busy = stub_view_change(peer_status={"shard-id": None, "groups": {"meta": {}, "shard-4": {}}})
-    with pytest.raises(BadRequest, match="not idle: it runs a replica of shard 4"):
-        busy.add_member("127.0.0.1:3", "1")
-
-
-@pytest.mark.parametrize("address, words", [(None, "address must be"), ("127.0.0.1:3", "not in the view")])
-def test_bad_remove_member_requests(address, words):
-    with pytest.raises(BadRequest) as info:
-        stub_view_change().remove_member(address)
-    assert words in info.value.message
 
 
 # -- live clusters -------------------------------------------------------------------------------------------

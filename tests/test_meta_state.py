@@ -1,7 +1,7 @@
 """The metadata state machine: initial epoch, and a view change phase by phase."""
 
-from kvs.raft.meta_state import MetadataState
-from kvs.raft.state_machine import Invalid
+from kvs.fsm.meta import MetadataState
+from kvs.fsm.base import Invalid
 
 
 def plan(number: int) -> dict:
@@ -66,8 +66,8 @@ def test_only_one_node_can_claim_a_stalled_change():
 
 
 def test_a_plan_may_not_reuse_the_shard_id_of_a_rolled_back_plan():
-    from kvs.shard.layout import ConfigEpoch
-    from kvs.shard.planner import plan_view_change
+    from kvs.config.epoch import ConfigEpoch
+    from kvs.reconfig.planner import plan_view_change
     a, b, c = "10.0.0.1:13800", "10.0.0.2:13800", "10.0.0.3:13800"
     first = ConfigEpoch.initial((a, b), 1)
     m = MetadataState()

@@ -4,9 +4,9 @@ from bisect import bisect_left
 import pytest
 
 from kvs.errors import BadRequest
-from kvs.shard.layout import ConfigEpoch
-from kvs.shard.planner import Move, Plan, plan_add_member, plan_layout, plan_remove_member, plan_view_change
-from kvs.shard.ring import RING_SIZE, HashRing, key_hash
+from kvs.config.epoch import ConfigEpoch
+from kvs.reconfig.planner import Move, Plan, plan_add_member, plan_layout, plan_remove_member, plan_view_change
+from kvs.config.ring import RING_SIZE, HashRing, key_hash
 
 A, B, C, D, E, F, G = (f"10.0.0.{i}:13800" for i in range(1, 8))
 KEYS = ["key-%d" % i for i in range(10_000)]

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from kvs.shard.ring import (
+from kvs.config.ring import (
     DEFAULT_VNODES,
     RING_SIZE,
     HashRange,

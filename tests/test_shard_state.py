@@ -2,7 +2,7 @@
 
 import random
 
-from kvs.raft.shard_state import Deleted, Invalid, ShardState, Written
+from kvs.fsm.shard import Deleted, Invalid, ShardState, Written
 
 
 def random_commands(seed: int, count: int = 2000) -> list[tuple]:
@@ -88,8 +88,8 @@ def test_malformed_commands_never_raise():
 
 # -- fencing and view changes -------------------------------------------------------------------
 
-from kvs.raft.shard_state import NotOwned  # noqa: E402
-from kvs.shard.ring import HashRing  # noqa: E402
+from kvs.fsm.shard import NotOwned  # noqa: E402
+from kvs.config.ring import HashRing  # noqa: E402
 
 OLD_RING, NEW_RING = HashRing(["1", "2"]), HashRing(["1", "2", "3"])
 OLD, NEW = OLD_RING.to_dict(), NEW_RING.to_dict()

@@ -19,10 +19,10 @@ import pysyncobj.syncobj
 import pytest
 from pysyncobj import SyncObj, SyncObjConf, replicated
 
-from kvs.local import find_free_base_port, wait_until
+from kvs.testing.cluster import find_free_base_port, wait_until
 from kvs.raft import storage
 from kvs.raft.group import RaftGroup, RaftTiming
-from kvs.raft.shard_state import ShardState
+from kvs.fsm.shard import ShardState
 
 FIRST, SECOND, THIRD = 100, 50, 30      # writes before snapshot 1, between snapshots, after snapshot 2
 NEVER = RaftTiming(compaction_entries=10**9, compaction_seconds=10**9)

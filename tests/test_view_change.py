@@ -16,12 +16,12 @@ import pytest
 import requests
 
 from kvs.client import KvsClient
-from kvs.linearizability import check_history
-from kvs.local import LocalCluster, wait_until
+from kvs.testing.linearizability import check_history
+from kvs.testing.cluster import LocalCluster, wait_until
 from kvs.settings import DEFAULT_RAFT_PORT_OFFSET, METADATA_SLOT, raft_address
-from kvs.shard.layout import ConfigEpoch
-from kvs.shard.ring import HashRing
-from kvs.workload import WorkloadSpec, run_workload
+from kvs.config.epoch import ConfigEpoch
+from kvs.config.ring import HashRing
+from kvs.testing.workload import WorkloadSpec, run_workload
 
 pytestmark = pytest.mark.cluster
 

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from kvs.client import KvsClient
-from kvs.local import wait_until
+from kvs.testing.cluster import wait_until
 
 from .test_view_change import change_view, grown
 

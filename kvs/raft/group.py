@@ -28,9 +28,9 @@ from typing import Any, Callable
 from pysyncobj import SyncObjConf
 from pysyncobj.config import FAIL_REASON
 
-from ..errors import Unavailable
-from . import storage
-from .replica import Replica
+from kvs.errors import Unavailable
+from kvs.raft import storage
+from kvs.raft.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class RaftGroup:
             backoff = min(backoff * 2, _RETRY_BACKOFF[1])
         return fn(self.state)
 
-    # -- membership (the metadata group follows the view; see kvs.membership) ------
+    # -- membership (the metadata group follows the view; see kvs.reconfig.membership) ------
 
     def change_members(self, op: str, raft_address: str, deadline: float, on_appended: Callable[[], None]) -> None:
         """Add ("add") or remove ("remove") one member through the log; returns once committed.

@@ -24,7 +24,7 @@ or got 503) is excused, and only then, if:
 
 from __future__ import annotations
 
-from kvs.linearizability import OK, Operation
+from kvs.testing.linearizability import OK, Operation
 
 from .epochs import EpochTimeline
 from .faults import FaultEvent

@@ -30,9 +30,9 @@ from dataclasses import replace
 
 import requests
 
-from kvs.forwarding import FORWARDED, REQUEST_ID, SIGNATURE, sign
-from kvs.local import LocalCluster, find_free_base_port, wait_until
-from kvs.shard.layout import ConfigEpoch
+from kvs.routing.peers import FORWARDED, REQUEST_ID, SIGNATURE, sign
+from kvs.testing.cluster import LocalCluster, find_free_base_port, wait_until
+from kvs.config.epoch import ConfigEpoch
 
 SECRET = "kvs-chaos-secret"
 
@@ -47,7 +47,7 @@ class ClusterDriver(ABC):
     def stop(self) -> None: ...
     @abstractmethod
     def nodes(self) -> list[str]:
-        """The initial VIEW (every node of it is a metadata member, see kvs.shard.layout)."""
+        """The initial VIEW (every node of it is a metadata member, see kvs.config.epoch)."""
     @abstractmethod
     def spare_nodes(self) -> list[str]:
         """Nodes started idle (outside the initial VIEW), for view changes to add."""

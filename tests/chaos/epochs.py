@@ -7,7 +7,7 @@ by the epoch before or by the planned one; after it, by the epoch it settled on
 (the planned one if committed, the one before if rolled back).
 
 `planned` is computed by the test with the product's planner
-(`kvs.shard.planner.plan_view_change`, a pure function of the epoch before and
+(`kvs.reconfig.planner.plan_view_change`, a pure function of the epoch before and
 the requested view), so it is exactly the plan the coordinator records, even
 for a change that was rolled back.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvs.shard.layout import ConfigEpoch
+from kvs.config.epoch import ConfigEpoch
 
 # After a change settles, nodes may still route a moving key by the old epoch for a moment (they
 # learn the new one from the metadata group or a push), and the key's request then waits for the

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kvs.linearizability import check_history, history_from_json
+from kvs.testing.linearizability import check_history, history_from_json
 
 
 def main(path: str) -> int:

@@ -11,7 +11,7 @@ modes), so a failing run can be replayed from its seed. Two lanes run side by si
   the run, and a change whose coordinator is SIGKILLed (then restarted).
 
 Checks after every run, by the epochs the cluster went through (`epochs.py`):
-* the recorded history is linearizable per key (kvs.linearizability);
+* the recorded history is linearizable per key (kvs.testing.linearizability);
 * every acknowledged write to a write-once key is readable with its value;
 * every view change settled (rolled back or finished), with the outcome its
   answer implies; every node of the final view and every metadata member then
@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field
 import requests
 
 from kvs.client import KvsClient
-from kvs.linearizability import FAIL, OK, UNKNOWN, Operation, check_history, history_to_json
-from kvs.local import wait_until
-from kvs.shard.layout import ConfigEpoch
-from kvs.shard.planner import plan_view_change
-from kvs.workload import WorkloadSpec, run_recorded_workload
+from kvs.testing.linearizability import FAIL, OK, UNKNOWN, Operation, check_history, history_to_json
+from kvs.testing.cluster import wait_until
+from kvs.config.epoch import ConfigEpoch
+from kvs.reconfig.planner import plan_view_change
+from kvs.testing.workload import WorkloadSpec, run_recorded_workload
 
 from .availability import AvailabilityCheck
 from .driver import ClusterDriver

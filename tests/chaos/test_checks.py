@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kvs.linearizability import FAIL, OK, Operation
-from kvs.shard.layout import ConfigEpoch
-from kvs.shard.planner import plan_view_change
+from kvs.testing.linearizability import FAIL, OK, Operation
+from kvs.config.epoch import ConfigEpoch
+from kvs.reconfig.planner import plan_view_change
 
 from .availability import AvailabilityCheck
 from .epochs import SETTLE_GRACE, EpochTimeline, Transition

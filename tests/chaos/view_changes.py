@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 
 import requests
 
-from kvs.local import wait_until
-from kvs.raft.meta_state import PHASES
-from kvs.shard.layout import ConfigEpoch
-from kvs.shard.planner import plan_view_change
+from kvs.testing.cluster import wait_until
+from kvs.fsm.meta import PHASES
+from kvs.config.epoch import ConfigEpoch
+from kvs.reconfig.planner import plan_view_change
 
 from .driver import ClusterDriver
 from .epochs import EpochTimeline, Transition

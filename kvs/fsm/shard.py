@@ -28,7 +28,7 @@ Commands are tuples, first element the operation:
     ("put", request_id, key, value)   -> Written(replaced) | NotOwned
     ("delete", request_id, key)       -> Deleted(existed) | NotOwned
     ("barrier",)                      -> None   (orders linearizable reads)
-  view changes (kvs.shard.reconfig), all idempotent:
+  view changes (kvs.reconfig.coordinator), all idempotent:
     ("track", epoch, new_ring)        number every later write of a key that moves away under
                                       `new_ring`, so a copy can be caught up with only the changes
     ("freeze", epoch, new_ring)       stop serving keys that move away under `new_ring`
@@ -57,8 +57,8 @@ import hashlib
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
-from ..shard.ring import HashRing
-from .state_machine import Invalid, StateMachine
+from kvs.config.ring import HashRing
+from kvs.fsm.base import Invalid, StateMachine
 
 DEDUP_CAPACITY = 100_000
 
@@ -354,22 +354,3 @@ class ShardState(StateMachine):
         while len(self._dedup) > self._dedup_capacity:
             forgotten, _ = self._dedup.popitem(last=False)
             self._changed_requests.pop(forgotten, None)
-
-
-# -- the deduplication table on the wire (view changes move slices of it between groups) ---------
-
-_RESULT_TYPES = {"Written": Written, "Deleted": Deleted}
-
-
-def dedup_to_json(entries: list) -> list:
-    return [[rid, list(fingerprint), key, [type(result).__name__, *result]]
-            for rid, (fingerprint, key, result) in entries if type(result).__name__ in _RESULT_TYPES]
-
-
-def dedup_from_json(rows: list) -> list:
-    """Inverse of dedup_to_json; rows of unknown result types are dropped."""
-    entries = []
-    for rid, fingerprint, key, (kind, *fields) in rows:
-        if kind in _RESULT_TYPES:
-            entries.append((rid, (tuple(fingerprint), key, _RESULT_TYPES[kind](*fields))))
-    return entries

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import requests
 
-from .linearizability import FAIL, OK, UNKNOWN, Operation
+from kvs.testing.linearizability import FAIL, OK, UNKNOWN, Operation
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .raft.shard_state import Deleted, Written
+from kvs.fsm.shard import Deleted, Written
 
 @dataclass
 class Reply:

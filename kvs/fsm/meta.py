@@ -1,6 +1,6 @@
 """The state machine of the metadata group: the cluster configuration as numbered epochs.
 
-Same contract as `kvs.raft.shard_state`: pure, deterministic, never raises.
+Same contract as `kvs.fsm.shard`: pure, deterministic, never raises.
 Epochs are stored as the plain dicts of `ConfigEpoch.to_dict()`.
 
 The initial configuration is committed by whichever node gets there first:
@@ -31,7 +31,7 @@ Commands (results are values; an impossible step returns Invalid):
 
 from __future__ import annotations
 
-from .state_machine import Invalid, StateMachine
+from kvs.fsm.base import Invalid, StateMachine
 
 PHASES = ("prepared", "copying", "frozen", "caught-up", "committed")
 EPOCHS_KEPT = 8

@@ -1,7 +1,9 @@
-"""Node-to-node HTTP: forwarding a request to another node, and authenticating it.
+"""Node-to-node HTTP: sending a request to another node, authenticating it, trying replicas in turn.
 
 Every call has a deadline and a timeout derived from it; connection failures
-become `PeerUnreachable` (the caller tries another replica). When the cluster
+become `PeerUnreachable` (the caller tries another replica). "Try each replica
+until one answers or the deadline passes" is `until_one_answers`, the one loop
+every caller (the router, the view-change coordinator) uses. When the cluster
 has a secret, each forwarded request carries an HMAC-SHA256 signature over the
 method, path, timestamp, request id and body; a node that has the secret
 refuses forwarded requests whose signature is missing, wrong or older than
@@ -20,15 +22,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence, TypeVar
 from urllib.parse import unquote
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from .errors import Unauthorized
+from kvs.errors import Unauthorized, Unavailable
+
+T = TypeVar("T")
 
 FORWARDED = "X-Kvs-Forwarded"
 DEADLINE = "X-Kvs-Deadline-Ms"
@@ -41,6 +47,48 @@ CONNECT_TIMEOUT = 0.5
 
 class PeerUnreachable(Exception):
     """The peer did not answer (refused, reset, timed out). Internal to routing."""
+
+
+class TryNext(Exception):
+    """One peer answered, but not usefully (a 503, a refusal another replica may not give)."""
+
+
+_DEADLINE_MS = re.compile(r"[0-9]{1,9}")
+
+
+def deadline_from(headers: Mapping[str, str], ceiling: float) -> float:
+    """Now + `ceiling` seconds, shortened to what the sender says it has left (X-Kvs-Deadline-Ms).
+
+    Only plain ASCII digits count: anything else (`²`, 5,000 digits) is ignored, not an error."""
+    given = headers.get(DEADLINE) or ""
+    if _DEADLINE_MS.fullmatch(given):
+        ceiling = min(ceiling, int(given) / 1000.0)
+    return time.monotonic() + ceiling
+
+
+def until_one_answers(addresses: Sequence[str], attempt: Callable[[str, float], T], deadline: float, *,
+                      what: str, attempt_seconds: float = 2.0, pause: float = 0.05) -> T:
+    """`attempt(address, attempt_deadline)` on each address in turn, round after round, until one
+    returns; `PeerUnreachable` and `TryNext` move on to the next address, any other exception ends
+    the loop. At the deadline: `Unavailable` naming `what` and the last failure.
+
+    Each attempt gets at most `attempt_seconds` (a paused peer must not take the whole deadline), and
+    a round in which every address failed is followed by `pause` (bounded by the deadline)."""
+    last = "no replica tried"
+    while True:
+        for address in addresses:
+            now = time.monotonic()
+            if now >= deadline:
+                raise Unavailable(f"{what}: {last}")
+            try:
+                return attempt(address, min(deadline, now + attempt_seconds))
+            except PeerUnreachable as exc:
+                last = str(exc)
+            except TryNext as exc:
+                last = f"{address}: {exc}"
+        if not addresses:
+            raise Unavailable(f"{what}: no address to try")
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
 
 @dataclass
@@ -63,10 +111,12 @@ def verify(secret: str, header: str | None, method: str, path: str, request_id: 
         raise Unauthorized("forwarded request without a signature")
     try:
         fields = dict(part.split("=", 1) for part in header.split(","))
-        ts = int(fields["t"])
+        ts = int(fields["t"]) if re.fullmatch(r"[0-9]{1,12}", fields["t"]) else -1
         given = fields["s"]
     except (ValueError, KeyError):
         raise Unauthorized("malformed signature") from None
+    if ts < 0:
+        raise Unauthorized("malformed signature")
     if abs(time.time() - ts) > SIGNATURE_MAX_AGE:
         raise Unauthorized("signature expired")
     expected = sign(secret, method, path, request_id, body, now=ts).split(",s=", 1)[1]

@@ -39,7 +39,7 @@ Rules of `plan_layout`, and why:
   with repl-factor omitted keeps.
 - metadata_members become the new view: once the epoch is active, the
   metadata group's membership follows it one node at a time
-  (`kvs.membership`). The new epoch is number + 1, status "pending".
+  (`kvs.reconfig.membership`). The new epoch is number + 1, status "pending".
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import BadRequest
-from ..settings import normalize_address
-from .layout import FIRST_SHARD_SLOT, ConfigEpoch
-from .ring import HashRange, HashRing, moved_ranges
+from kvs.errors import BadRequest
+from kvs.settings import normalize_address
+from kvs.config.epoch import FIRST_SHARD_SLOT, ConfigEpoch
+from kvs.config.ring import HashRange, HashRing, moved_ranges
 
 PENDING = "pending"
 

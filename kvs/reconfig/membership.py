@@ -24,12 +24,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 
-from .errors import KvsError
-from .forwarding import Forwarder, PeerUnreachable
-from .node import Node
-from .settings import METADATA_SLOT
+from kvs.errors import KvsError
+from kvs.node import Node
+from kvs.reconfig.protocol import MetadataMembership as MembershipMessage
+from kvs.reconfig.remote import Remote
+from kvs.settings import METADATA_SLOT
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,15 @@ STEP_SECONDS = 15.0     # one membership change must commit within this
 
 
 class MetadataMembership:
-    def __init__(self, node: Node, forwarder: Forwarder):
+    def __init__(self, node: Node, remote: Remote):
         self._node = node
-        self._forwarder = forwarder
+        self._remote = remote
         # Raft address -> (member, peers) of a node that could not be told yet (this leader retries)
         self._untold: dict[str, tuple[bool, list[str]]] = {}
 
-    def watch(self) -> None:
-        threading.Thread(target=self._run, name="kvs-metadata-membership", daemon=True).start()
-
-    def _run(self) -> None:
-        stopped = threading.Event()
-        while not stopped.wait(PERIOD):
+    def run(self, stopping: threading.Event) -> None:
+        """The thread body: one step per PERIOD until `stopping` is set."""
+        while not stopping.wait(PERIOD):
             try:
                 self.step()
             except KvsError as exc:
@@ -102,14 +99,9 @@ class MetadataMembership:
 
     def _tell(self, raft_address: str, member: bool, peers: list[str]) -> None:
         address = self._node.settings.http_address(raft_address, METADATA_SLOT)
-        try:
-            resp = self._forwarder.send(address, "POST", "/internal/metadata", {"member": member, "peers": peers},
-                                        uuid.uuid4().hex, time.monotonic() + 2)
-            if resp.status == 200:
-                self._untold.pop(raft_address, None)
-                return
-        except PeerUnreachable:
-            pass
+        if self._remote.tell_metadata(address, MembershipMessage(member, peers)):
+            self._untold.pop(raft_address, None)
+            return
         log.warning("metadata group: %s did not take %s (told again later)", address,
                     "its membership" if member else "its removal")
         self._untold[raft_address] = (member, peers)

@@ -20,13 +20,13 @@ import threading
 import time
 from urllib.parse import quote
 
-from .. import messages
-from ..errors import BadRequest, NotFound, NotMember, Unavailable, WrongGroup
-from ..forwarding import LEADER_HINT, Forwarder, PeerUnreachable
-from ..messages import Reply
-from ..node import Node
-from ..raft.shard_state import NotOwned, ShardState
-from ..raft.state_machine import Invalid
+from kvs.errors import BadRequest, NotFound, NotMember, Unavailable, WrongGroup
+from kvs.fsm.base import Invalid
+from kvs.fsm.shard import NotOwned, ShardState
+from kvs.node import Node
+from kvs.routing import replies
+from kvs.routing.peers import LEADER_HINT, Forwarder, PeerUnreachable, TryNext, until_one_answers
+from kvs.routing.replies import Reply
 
 _FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
 _ATTEMPT_SECONDS = 2.0     # one replica may take this long before the next is tried (a paused peer)
@@ -80,11 +80,11 @@ class Router:
     def _execute_locally(self, group, method: str, key: str, value: str | None, request_id: str,
                          deadline: float) -> Reply:
         if method == "GET":
-            return messages.get_reply(_checked(group.read(lambda state: state.read(key), deadline)))
+            return replies.get_reply(_checked(group.read(lambda state: state.read(key), deadline)))
         if method == "PUT":
-            return messages.put_reply(_checked(group.execute(("put", request_id, key, value), deadline)))
+            return replies.put_reply(_checked(group.execute(("put", request_id, key, value), deadline)))
         if method == "DELETE":
-            return messages.delete_reply(_checked(group.execute(("delete", request_id, key), deadline)))
+            return replies.delete_reply(_checked(group.execute(("delete", request_id, key), deadline)))
         raise BadRequest(f"method {method} is not supported")
 
     def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,
@@ -94,31 +94,34 @@ class Router:
         if hint in replicas:
             replicas.remove(hint)
             replicas.insert(0, hint)
-        last_unavailable: Reply | None = None
-        while time.monotonic() < deadline - _FORWARD_MARGIN:
-            for address in replicas:
-                attempt_deadline = min(deadline - _FORWARD_MARGIN, time.monotonic() + _ATTEMPT_SECONDS)
-                try:
-                    resp = self._forwarder.send(address, method, path, payload, request_id, attempt_deadline)
-                except PeerUnreachable:
-                    with self._hint_lock:
-                        if self._leader_hints.get(shard_id) == address:
-                            del self._leader_hints[shard_id]
-                    continue
-                if resp.leader_hint in replicas:
-                    with self._hint_lock:
-                        self._leader_hints[shard_id] = resp.leader_hint
-                if resp.status == 421:
-                    raise WrongGroup(f"{address} does not serve shard {shard_id}", int(resp.body.get("epoch", 0)))
-                if resp.status == 503:
-                    last_unavailable = Reply(resp.status, resp.body)
-                    continue
-                resp.body["address"] = address
-                return Reply(resp.status, resp.body)
-            time.sleep(min(_ROUND_PAUSE, max(0.0, deadline - time.monotonic())))
-        if last_unavailable is not None:
-            return last_unavailable
-        raise Unavailable(f"no replica of shard {shard_id} answered in time")
+        unavailable: list[Reply] = []
+
+        def attempt(address: str, attempt_deadline: float) -> Reply:
+            try:
+                resp = self._forwarder.send(address, method, path, payload, request_id, attempt_deadline)
+            except PeerUnreachable:
+                with self._hint_lock:
+                    if self._leader_hints.get(shard_id) == address:
+                        del self._leader_hints[shard_id]
+                raise
+            if resp.leader_hint in replicas:
+                with self._hint_lock:
+                    self._leader_hints[shard_id] = resp.leader_hint
+            if resp.status == 421:
+                raise WrongGroup(f"{address} does not serve shard {shard_id}", _epoch_of(resp.body))
+            if resp.status == 503:
+                unavailable.append(Reply(resp.status, resp.body))
+                raise TryNext("503")
+            resp.body["address"] = address
+            return Reply(resp.status, resp.body)
+
+        try:
+            return until_one_answers(replicas, attempt, deadline - _FORWARD_MARGIN, what=f"shard {shard_id}",
+                                     attempt_seconds=_ATTEMPT_SECONDS, pause=_ROUND_PAUSE)
+        except Unavailable:
+            if unavailable:
+                return unavailable[-1]      # the replicas' own 503, with its body
+            raise Unavailable(f"no replica of shard {shard_id} answered in time") from None
 
     # -- shard administration ---------------------------------------------------------------
 
@@ -153,6 +156,11 @@ class Router:
         reply.body.pop("address", None)
         return reply
 
+
+
+def _epoch_of(body: dict) -> int:
+    epoch = body.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
 
 
 def _checked(result: object) -> object:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import requests
 
-from .settings import DEFAULT_RAFT_PORT_OFFSET
+from kvs.settings import DEFAULT_RAFT_PORT_OFFSET
 
 MAX_SLOTS_PROBED = 3      # metadata + the first shard slots; enough to find a free port window
 

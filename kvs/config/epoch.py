@@ -5,13 +5,13 @@ replicas (HTTP addresses) form each shard group, in which Raft slot each
 replica of a group runs on its node (so Raft ports are known to everyone, see
 `kvs.settings`), the hash ring that maps keys to shard ids, and the members of
 the metadata group. Epochs are committed only through the metadata group
-(`kvs.raft.meta_state`) and stored there as plain dicts, so that what goes into
+(`kvs.fsm.meta`) and stored there as plain dicts, so that what goes into
 the Raft log is plain data, not pickled classes.
 
 The initial layout is a pure function of VIEW and REPL_FACTOR, so every node
 computes the same one: VIEW order is kept and cut into consecutive blocks of
 REPL_FACTOR nodes, shard "1" first. Later epochs may have groups of unequal
-sizes (a node added to or removed from one shard, `kvs.shard.planner`):
+sizes (a node added to or removed from one shard, `kvs.reconfig.planner`):
 `repl_factor` is then the size of the smallest group, the replication every
 key is guaranteed, and `view` lists the groups' replicas group after group.
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import BadRequest
-from .ring import DEFAULT_VNODES, HashRing
+from kvs.errors import BadRequest
+from kvs.config.ring import DEFAULT_VNODES, HashRing
 
 FIRST_SHARD_SLOT = 1
 

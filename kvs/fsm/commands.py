@@ -1,0 +1,221 @@
+"""Typed records of the shard group's view-change commands, and their JSON form between nodes.
+
+A view-change coordinator sends these to a shard group through the internal
+HTTP API (`POST /internal/groups/<id>/commands`, see `kvs.http.internal`); the
+receiving node checks the JSON into one of these records, which turns itself
+into the tuple the Raft log carries (`as_entry`, the format `ShardState.apply`
+dispatches on). The log keeps plain tuples of plain data so that its format
+does not depend on Python class paths; the records exist so that nobody
+builds or reads those tuples by position.
+
+`command_from_json` refuses anything malformed with `ValueError`, which the
+HTTP layer answers with 400: a bad request never reaches the log.
+
+The deduplication table travels with the keys it belongs to (`Install.dedup`):
+rows of (request id, (fingerprint, key, result)); `dedup_to_json` and
+`dedup_from_json` are their wire form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from kvs.fsm.shard import Deleted, Written
+
+_RESULT_TYPES = {"Written": Written, "Deleted": Deleted}
+
+
+@dataclass(frozen=True)
+class Track:
+    """Number every later write of a key that moves away under `new_ring` (delta catch-up)."""
+    op: ClassVar[str] = "track"
+    epoch: int
+    new_ring: dict
+
+    def as_entry(self) -> tuple:
+        return ("track", self.epoch, self.new_ring)
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """Stop serving the keys that move away under `new_ring`."""
+    op: ClassVar[str] = "freeze"
+    epoch: int
+    new_ring: dict
+
+    def as_entry(self) -> tuple:
+        return ("freeze", self.epoch, self.new_ring)
+
+
+@dataclass(frozen=True)
+class Thaw:
+    """Undo a freeze and the tracking of `epoch` (its change was rolled back)."""
+    op: ClassVar[str] = "thaw"
+    epoch: int
+
+    def as_entry(self) -> tuple:
+        return ("thaw", self.epoch)
+
+
+@dataclass(frozen=True)
+class Install:
+    """Keys moving here from `source` (with their dedup rows); `clear` first empties that set."""
+    op: ClassVar[str] = "install"
+    epoch: int
+    source: str
+    old_ring: dict
+    new_ring: dict
+    items: list            # [(key, value)]
+    dedup: list            # [(request id, (fingerprint, key, result))]
+    clear: bool
+    deleted: list = field(default_factory=list)     # keys deleted at the source since the last copy
+
+    def as_entry(self) -> tuple:
+        return ("install", self.epoch, self.source, self.old_ring, self.new_ring,
+                [tuple(kv) for kv in self.items], self.dedup, self.clear, list(self.deleted))
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "epoch": self.epoch, "source": self.source, "old_ring": self.old_ring,
+                "new_ring": self.new_ring, "items": [list(kv) for kv in self.items],
+                "dedup": dedup_to_json(self.dedup), "clear": self.clear, "deleted": list(self.deleted)}
+
+
+@dataclass(frozen=True)
+class Own:
+    """Take the ownership of `epoch`: shard `shard_id` of `ring`."""
+    op: ClassVar[str] = "own"
+    epoch: int
+    shard_id: str
+    ring: dict
+
+    def as_entry(self) -> tuple:
+        return ("own", self.epoch, self.shard_id, self.ring)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Forget every key (and dedup row) no longer owned at `epoch` (scans the shard)."""
+    op: ClassVar[str] = "drop"
+    epoch: int
+
+    def as_entry(self) -> tuple:
+        return ("drop", self.epoch)
+
+
+@dataclass(frozen=True)
+class DropKeys:
+    """Forget those of `keys` no longer owned at `epoch`: a drop in slices the caller knows."""
+    op: ClassVar[str] = "drop-keys"
+    epoch: int
+    keys: list
+
+    def as_entry(self) -> tuple:
+        return ("drop-keys", self.epoch, list(self.keys))
+
+
+AdminCommand = Track | Freeze | Thaw | Install | Own | Drop | DropKeys
+_BY_OP: dict[str, Any] = {cls.op: cls for cls in (Track, Freeze, Thaw, Install, Own, Drop, DropKeys)}
+
+
+def command_to_json(command: AdminCommand) -> dict:
+    if isinstance(command, Install):
+        return command.to_json()
+    return {"op": command.op, **asdict(command)}
+
+
+def command_from_json(body: object) -> AdminCommand:
+    """The command a JSON object describes; ValueError (with the reason) if it is not one."""
+    if not isinstance(body, dict):
+        raise ValueError("a command must be a JSON object")
+    cls = _BY_OP.get(body.get("op"))
+    if cls is None:
+        raise ValueError(f"not a view-change command: {str(body.get('op'))[:40]!r}")
+    values = {}
+    for f in fields(cls):
+        if f.name not in body:
+            if f.name == "deleted":
+                continue
+            raise ValueError(f"{cls.op}: {f.name} is missing")
+        values[f.name] = _CHECKS[f.name](body[f.name], f"{cls.op}: {f.name}")
+    return cls(**values)
+
+
+# -- field checks -------------------------------------------------------------------------------------
+
+def _int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer")
+    return value
+
+
+def check_text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false")
+    return value
+
+
+def check_ring(value: object, what: str) -> dict:
+    if not (isinstance(value, dict) and set(value) == {"groups", "vnodes"}
+            and isinstance(value["groups"], list) and value["groups"]
+            and all(isinstance(g, str) and g for g in value["groups"])
+            and isinstance(value["vnodes"], int) and not isinstance(value["vnodes"], bool)
+            and 0 < value["vnodes"] <= 4096):
+        raise ValueError(f"{what} must be a ring: {{\"groups\": [shard ids], \"vnodes\": n}}")
+    return {"groups": list(value["groups"]), "vnodes": value["vnodes"]}
+
+
+def _strings(value: object, what: str) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of strings")
+    return value
+
+
+def _items(value: object, what: str) -> list:
+    if not isinstance(value, list) or not all(
+            isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str) and isinstance(kv[1], str)
+            for kv in value):
+        raise ValueError(f"{what} must be a list of [key, value] string pairs")
+    return [tuple(kv) for kv in value]
+
+
+def _dedup(value: object, what: str) -> list:
+    try:
+        return dedup_from_json(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be deduplication rows") from None
+
+
+_CHECKS = {"epoch": _int, "new_ring": check_ring, "old_ring": check_ring, "ring": check_ring, "source": check_text,
+           "shard_id": check_text, "items": _items, "dedup": _dedup, "clear": _bool, "deleted": _strings,
+           "keys": _strings}
+
+
+# -- the deduplication table on the wire --------------------------------------------------------------
+
+def dedup_to_json(entries: list) -> list:
+    return [[rid, list(fingerprint), key, [type(result).__name__, *result]]
+            for rid, (fingerprint, key, result) in entries if type(result).__name__ in _RESULT_TYPES]
+
+
+def dedup_from_json(rows: object) -> list:
+    """Inverse of dedup_to_json; rows of unknown result types are dropped, malformed ones refused."""
+    if not isinstance(rows, list):
+        raise ValueError("deduplication rows must be a list")
+    entries = []
+    for row in rows:
+        rid, fingerprint, key, (kind, *values) = row
+        if not (isinstance(rid, str) and isinstance(fingerprint, list) and isinstance(key, str)
+                and all(isinstance(v, (str, int, bool)) for v in fingerprint)):
+            raise ValueError("malformed deduplication row")
+        if kind in _RESULT_TYPES:
+            if len(values) != 1 or not isinstance(values[0], bool):
+                raise ValueError("malformed deduplication result")
+            entries.append((rid, (tuple(fingerprint), key, _RESULT_TYPES[kind](*values))))
+    return entries

@@ -1,0 +1,95 @@
+"""What every HTTP route shares: the services it is built around, body parsing, deadlines,
+authentication of node-to-node requests, and the one mapping from an exception to a reply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from flask import Response, current_app
+from werkzeug.exceptions import HTTPException
+
+from kvs.errors import BadRequest, KvsError, NotMember, Unavailable, WrongGroup
+from kvs.node import Node
+from kvs.reconfig.coordinator import ViewChange
+from kvs.routing import peers
+from kvs.routing.replies import Reply
+from kvs.routing.router import Router
+from kvs.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the HTTP layer calls: built once by `kvs.server`, kept in `app.extensions["kvs"]`."""
+    node: Node
+    router: Router
+    view_change: ViewChange
+
+
+def services() -> Services:
+    return current_app.extensions["kvs"]
+
+
+def parse_body(raw: bytes) -> dict:
+    """The JSON object in the body ({} when empty); BadRequest otherwise."""
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("Malformed JSON body") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The JSON body must be an object")
+    return body
+
+
+def request_deadline(settings: NodeSettings, headers: Mapping[str, str]) -> float:
+    """The deadline of a client or forwarded request: the request timeout, or less if the sender has less."""
+    return peers.deadline_from(headers, settings.request_timeout)
+
+
+def is_forwarded(settings: NodeSettings, headers: Mapping[str, str], method: str, path: str, raw: bytes) -> bool:
+    """True for an authenticated node-to-node request (Unauthorized if its signature is bad)."""
+    if headers.get(peers.FORWARDED) != "1":
+        return False
+    if settings.secret:
+        peers.verify(settings.secret, headers.get(peers.SIGNATURE), method, path,
+                     headers.get(peers.REQUEST_ID, ""), raw)
+    return True
+
+
+def error_reply(exc: Exception, method: str, path: str, causal_context: dict | None = None) -> Reply:
+    """The one mapping from an exception to a status and a JSON body."""
+    if isinstance(exc, KvsError):
+        status, error = exc.status, exc.message
+        if isinstance(exc, Unavailable) and not isinstance(exc, NotMember):
+            error = "Unable to satisfy request"     # the API's wording; the cause goes to the log
+            log.info("%s %s: %s", method, path, exc.message)
+    elif isinstance(exc, HTTPException):
+        status, error = exc.code or 500, exc.description or exc.name
+    else:
+        log.error("unexpected error serving %s %s", method, path, exc_info=exc)
+        status, error = 500, "Internal error"
+    body: dict[str, Any] = {"error": error, "message": f"Error in {method}"}
+    if causal_context is None and isinstance(exc, Unavailable) and error != exc.message:
+        # Beyond the key requests (whose bodies are fixed, exactly), say what an operator can act on.
+        body["cause"] = exc.message
+    if isinstance(exc, WrongGroup):
+        body["epoch"] = exc.epoch           # only forwarded requests see 421: the sender routes again
+    if causal_context is not None:
+        body["causal-context"] = causal_context
+    return Reply(status, body)
+
+
+def json_response(status: int, body: dict, headers: dict | None = None) -> Response:
+    resp = Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        resp.headers[name] = value
+    return resp

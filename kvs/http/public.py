@@ -1,0 +1,141 @@
+"""The public REST API: the Flask application factory and every route but the key requests.
+
+The HTTP layer validates input, authenticates forwarded requests, calls the
+router or the view-change coordinator, and turns kvs errors into JSON in one
+place (`kvs.http.common.error_reply`). It holds no state of its own:
+everything lives in the `Services` it is built around. The key requests
+(`/kvs/keys/<key>`, the hot path) are served by `kvs.http.keys.KeyRequests`,
+which the factory installs in front of Flask.
+
+A view change runs as a background job of the node (`ViewChange.submit`): the
+request only starts it and waits for its outcome, so a client that hangs up
+cannot stop a change half way.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, Flask, Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from kvs.errors import BadRequest, PayloadTooLarge
+from kvs.http.common import Services, error_reply, is_forwarded, json_response, parse_body, request_deadline, services
+from kvs.http.internal import internal
+from kvs.http.keys import KeyRequests
+from kvs.routing import peers
+
+shards = Blueprint("shards", __name__)
+ops = Blueprint("ops", __name__)
+
+
+def create_app(svc: Services) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = svc.node.settings.max_body_bytes
+    app.extensions["kvs"] = svc
+    app.register_blueprint(shards)
+    app.register_blueprint(ops)
+    app.register_blueprint(internal)
+    app.register_error_handler(Exception, _flask_error)
+    app.wsgi_app = KeyRequests(app.wsgi_app, svc.node.settings, svc.router)
+    return app
+
+
+def _deadline() -> float:
+    return request_deadline(services().node.settings, request.headers)
+
+
+def _json_object() -> dict:
+    body = parse_body(request.get_data(cache=True))
+    if not body:
+        raise BadRequest("Malformed JSON body")
+    return body
+
+
+# -- /kvs/key-count and /kvs/shards ---------------------------------------------------------------------
+
+@shards.route("/kvs/key-count", methods=["GET"])
+def key_count() -> Response:
+    shard_id, count = services().router.key_count(_deadline())
+    return json_response(200, {"message": "Key count retrieved successfully", "key-count": count,
+                               "shard-id": shard_id})
+
+
+@shards.route("/kvs/shards", methods=["GET"])
+def shard_list() -> Response:
+    return json_response(200, {"message": "Shard membership retrieved successfully",
+                               "shards": services().router.shard_ids()})
+
+
+@shards.route("/kvs/shards/<shard_id>", methods=["GET"])
+def shard_info(shard_id: str) -> Response:
+    forwarded = is_forwarded(services().node.settings, request.headers, request.method, request.path,
+                             request.get_data(cache=True))
+    reply = services().router.shard_info(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
+                                         _deadline(), forwarded)
+    return json_response(reply.status, reply.body, reply.headers)
+
+
+# -- operations ---------------------------------------------------------------------------------------------
+
+@shards.route("/kvs/view-change", methods=["PUT"])
+def view_change() -> Response:
+    body = _json_object()
+    vc = services().view_change
+    return _view_changed(vc.submit(lambda: vc.run(body.get("view"), body.get("repl-factor"))))
+
+
+@shards.route("/kvs/view-change/add-member", methods=["PUT"])
+def add_member() -> Response:
+    body = _json_object()
+    vc = services().view_change
+    return _view_changed(vc.submit(lambda: vc.add_member(body.get("address"), body.get("shard-id"))))
+
+
+@shards.route("/kvs/view-change/remove-member", methods=["PUT"])
+def remove_member() -> Response:
+    body = _json_object()
+    vc = services().view_change
+    return _view_changed(vc.submit(lambda: vc.remove_member(body.get("address"))))
+
+
+@shards.route("/kvs/reshard", methods=["PUT"])
+def reshard() -> Response:
+    body = _json_object()
+    vc = services().view_change
+    shard_list = vc.submit(lambda: vc.reshard(body.get("shard-count")))
+    return json_response(200, {"message": "Resharding done successfully", "shards": shard_list})
+
+
+def _view_changed(shard_list: list[dict]) -> Response:
+    return json_response(200, {"message": "View change successful", "shards": shard_list})
+
+
+@shards.route("/kvs/view-change", methods=["GET"])
+def view_change_status() -> Response:
+    node = services().node
+    change = node.change()
+    epoch = node.epoch
+    return json_response(200, {"epoch": epoch.number if epoch else None,
+                               "phase": change["phase"] if change else None,
+                               "progress": services().view_change.progress.to_dict()})
+
+
+@ops.route("/kvs/status", methods=["GET"])
+def status() -> Response:
+    return json_response(200, services().node.status(digest=request.args.get("digest") == "1"))
+
+
+@ops.route("/health", methods=["GET"])
+def health() -> Response:
+    ready, reason = services().node.health()
+    return json_response(200 if ready else 503, {"status": "ok" if ready else "unavailable", "reason": reason})
+
+
+# -- errors of Flask routes -------------------------------------------------------------------------------
+
+def _flask_error(exc: Exception) -> Response:
+    if isinstance(exc, RequestEntityTooLarge):
+        exc = PayloadTooLarge(f"Request body larger than {services().node.settings.max_body_bytes} bytes")
+    reply = error_reply(exc, request.method, request.path)
+    return json_response(reply.status, reply.body)

@@ -1,0 +1,183 @@
+"""The node-to-node protocol of view changes: its routes and its typed messages.
+
+Both ends use these records: `kvs.reconfig.remote` (the client, which the
+coordinator and the background watchers call) and `kvs.http.internal` (the
+server). Every `from_json` checks its input and raises `ValueError` with the
+reason; the server answers that with 400 and the client treats it as a broken
+peer. Nothing positional travels: every message is a JSON object with named
+fields. The group commands themselves are `kvs.fsm.commands`.
+
+    GET  /internal/status                 NodeStatus: epoch, shard, hosted groups with leader and members
+    POST /internal/epochs                 Epochs: learn an active (and pending) epoch
+    GET  /internal/epochs                 KnownEpochs: what this node's metadata replica knows
+    POST /internal/metadata               MetadataMembership: join or leave the metadata group
+    POST /internal/groups/<id>/commands   {"command": AdminCommand} -> {"result": int | bool}
+    POST /internal/groups/<id>/export     ExportRequest -> Exported: the moving keys, after a read barrier
+    POST /internal/groups/<id>/changes    ExportRequest with since -> Exported: only what changed since
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from kvs.config.epoch import ConfigEpoch
+from kvs.fsm.commands import check_ring, check_text, dedup_from_json, dedup_to_json
+
+STATUS = "/internal/status"
+EPOCHS = "/internal/epochs"
+METADATA = "/internal/metadata"
+
+
+def group_route(shard_id: str, what: str) -> str:
+    """/internal/groups/<id>/<what> for what in commands, export, changes."""
+    return f"/internal/groups/{quote(shard_id, safe='')}/{what}"
+
+
+def _object(body: object) -> dict:
+    if not isinstance(body, dict):
+        raise ValueError("a JSON object is required")
+    return body
+
+
+def _epoch(value: object, what: str) -> dict:
+    """An epoch dict that `ConfigEpoch.from_dict` accepts (checked here, so no bad one is ever stored)."""
+    try:
+        ConfigEpoch.from_dict(value)
+    except Exception:            # any shape error: KeyError, TypeError, ValueError, AttributeError, ...
+        raise ValueError(f"{what} is not a valid epoch") from None
+    return value
+
+
+@dataclass(frozen=True)
+class Epochs:
+    active: dict
+    pending: dict | None
+
+    def to_json(self) -> dict:
+        return {"active": self.active, "pending": self.pending}
+
+    @classmethod
+    def from_json(cls, body: object) -> "Epochs":
+        b = _object(body)
+        active = _epoch(b.get("active"), "active")
+        pending = b.get("pending")
+        if pending is not None:
+            _epoch(pending, "pending")
+            if pending["number"] <= active["number"]:
+                raise ValueError("pending must be newer than active")
+        return cls(active, pending)
+
+
+@dataclass(frozen=True)
+class KnownEpochs:
+    active: dict | None
+    pending: dict | None
+    metadata_member: bool
+    max_shard_id: int
+
+    def to_json(self) -> dict:
+        return {"active": self.active, "pending": self.pending, "metadata-member": self.metadata_member,
+                "max-shard-id": self.max_shard_id}
+
+    @classmethod
+    def from_json(cls, body: object) -> "KnownEpochs":
+        b = _object(body)
+        active = b.get("active")
+        pending = b.get("pending")
+        return cls(_epoch(active, "active") if active is not None else None,
+                   _epoch(pending, "pending") if pending is not None else None,
+                   bool(b.get("metadata-member")), int(b.get("max-shard-id") or 0))
+
+
+@dataclass(frozen=True)
+class MetadataMembership:
+    member: bool
+    peers: list[str]           # Raft addresses of the metadata group's members
+
+    def to_json(self) -> dict:
+        return {"member": self.member, "peers": list(self.peers)}
+
+    @classmethod
+    def from_json(cls, body: object) -> "MetadataMembership":
+        b = _object(body)
+        peers = b.get("peers")
+        if not isinstance(b.get("member"), bool) or not isinstance(peers, list) \
+                or not all(isinstance(p, str) and p for p in peers):
+            raise ValueError("member (bool) and peers (list of Raft addresses) are required")
+        return cls(b["member"], peers)
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    leader: str | None         # Raft address of the leader this replica sees, if any
+    members: list[str]         # Raft addresses of the group's members
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    epoch: int | None
+    shard_id: str | None
+    groups: dict[str, GroupStatus]     # "meta", "shard-<id>"
+
+    def hosted_shards(self) -> set[str]:
+        hosted = {name[len("shard-"):] for name in self.groups if name.startswith("shard-")}
+        return hosted | ({self.shard_id} if self.shard_id else set())
+
+    @classmethod
+    def from_json(cls, body: object) -> "NodeStatus":
+        b = _object(body)
+        groups = b.get("groups") or {}
+        if not isinstance(groups, dict):
+            raise ValueError("groups must be an object")
+        return cls(b.get("epoch") if isinstance(b.get("epoch"), int) else None,
+                   str(b["shard-id"]) if b.get("shard-id") else None,
+                   {str(name): GroupStatus(g.get("leader"), list(g.get("members") or []))
+                    for name, g in groups.items() if isinstance(g, dict)})
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """The keys of shard `source` that `old_ring` gives it and `new_ring` gives `destination`."""
+    source: str
+    old_ring: dict
+    new_ring: dict
+    destination: str
+    since: int | None = None   # only those written after this change number (None: all of them)
+
+    def to_json(self) -> dict:
+        body = {"source": self.source, "old_ring": self.old_ring, "new_ring": self.new_ring,
+                "destination": self.destination}
+        if self.since is not None:
+            body["since"] = self.since
+        return body
+
+    @classmethod
+    def from_json(cls, body: object, with_since: bool) -> "ExportRequest":
+        b = _object(body)
+        since = b.get("since")
+        if with_since and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
+            raise ValueError("since must be a non-negative integer")
+        return cls(check_text(b.get("source"), "source"), check_ring(b.get("old_ring"), "old_ring"),
+                   check_ring(b.get("new_ring"), "new_ring"), check_text(b.get("destination"), "destination"),
+                   since if with_since else None)
+
+
+@dataclass(frozen=True)
+class Exported:
+    items: list                # [(key, value)]
+    deleted: list              # keys deleted since the previous copy
+    dedup: list                # deduplication rows of these keys
+    number: int                # the change number the copy was read at
+
+    def to_json(self) -> dict:
+        return {"items": [list(kv) for kv in self.items], "deleted": list(self.deleted),
+                "dedup": dedup_to_json(self.dedup), "number": self.number}
+
+    @classmethod
+    def from_json(cls, body: object) -> "Exported":
+        b = _object(body)
+        items, deleted, number = b.get("items"), b.get("deleted"), b.get("number")
+        if not isinstance(items, list) or not isinstance(deleted, list) or not isinstance(number, int):
+            raise ValueError("an export has items, deleted and number")
+        return cls([tuple(kv) for kv in items], deleted, dedup_from_json(b.get("dedup")), number)

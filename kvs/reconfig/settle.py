@@ -1,0 +1,93 @@
+"""The coordinator's checks and waits on other nodes, each bounded, each through `Remote`.
+
+Before a change: new nodes must be reachable, and a joining node must be idle.
+During it: new groups must elect a leader. After it: the new view's nodes
+route by the new epoch, and the metadata group's members become the new
+view's (`kvs.reconfig.membership` moves them); the reply waits for both,
+bounded, so nodes that left the view may be stopped once it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kvs.config.epoch import ConfigEpoch
+from kvs.errors import BadRequest, Unavailable
+from kvs.reconfig.remote import Remote
+from kvs.routing.peers import PeerUnreachable
+from kvs.settings import METADATA_SLOT, NodeSettings
+
+log = logging.getLogger(__name__)
+
+SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
+MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
+REACH_SECONDS = 3.0
+
+
+def check_reachable(remote: Remote, new: ConfigEpoch, current: ConfigEpoch) -> None:
+    for address in new.view:
+        if address not in current.view and not remote.reachable(address, REACH_SECONDS):
+            raise BadRequest(f"new node {address} is unreachable")
+
+
+def check_idle(remote: Remote, address: str) -> None:
+    """A node joins only if it is reachable and serves no shard (idle, or removed by an earlier change
+    and done retiring its replicas): its Raft slots and data directories are then free."""
+    try:
+        status = remote.status(address, time.monotonic() + REACH_SECONDS)
+    except PeerUnreachable:
+        raise BadRequest(f"new node {address} is unreachable") from None
+    hosted = status.hosted_shards()
+    if hosted:
+        raise BadRequest(f"new node {address} is not idle: it runs a replica of shard {', '.join(sorted(hosted))}")
+
+
+def wait_for_leader(remote: Remote, epoch: ConfigEpoch, shard_id: str) -> None:
+    def elected(status) -> bool:
+        group = status.groups.get(f"shard-{shard_id}")
+        return group is not None and bool(group.leader)
+
+    if not remote.until_status(epoch.replicas(shard_id), SETTLE_SECONDS, elected):
+        raise Unavailable(f"new shard {shard_id} elected no leader within {SETTLE_SECONDS}s")
+
+
+def wait_for_epoch(remote: Remote, epoch: ConfigEpoch) -> None:
+    """Until every node of the new view routes by the new epoch (bounded; stragglers are logged)."""
+    deadline = time.monotonic() + SETTLE_SECONDS
+    for address in epoch.view:
+        while time.monotonic() < deadline:
+            try:
+                status = remote.status(address, deadline)
+            except PeerUnreachable:
+                break                       # down: it learns the epoch when it comes back
+            if (status.epoch or 0) >= epoch.number:
+                break
+            time.sleep(0.05)                # a pause between polls, bounded by the deadline
+        else:
+            log.warning("%s did not adopt epoch %d within %ss", address, epoch.number, SETTLE_SECONDS)
+
+
+def wait_for_metadata_members(remote: Remote, settings: NodeSettings, epoch: ConfigEpoch) -> None:
+    """Until the metadata group's members are the new epoch's. Bounded: if it takes longer, the
+    metadata leader carries on after the reply."""
+    target = sorted(settings.raft_address(a, METADATA_SLOT) for a in epoch.metadata_members)
+
+    def settled(status) -> bool:
+        meta = status.groups.get("meta")
+        return meta is not None and sorted(meta.members) == target and bool(meta.leader)
+
+    if not remote.until_status(epoch.metadata_members, MEMBERSHIP_SECONDS, settled):
+        log.warning("the metadata group did not reach members %s within %ss", target, MEMBERSHIP_SECONDS)
+
+
+def shard_report(remote: Remote, epoch: ConfigEpoch) -> list[dict]:
+    """The reply's shard list: every shard of `epoch` with its replicas and key count."""
+    shards = []
+    for shard_id in epoch.shard_ids():
+        entry = {"shard-id": shard_id, "key-count": remote.key_count(epoch, shard_id),
+                 "replicas": list(epoch.replicas(shard_id))}
+        if len(epoch.replicas(shard_id)) == 1:     # per shard: groups may differ in size
+            entry["address"] = epoch.replicas(shard_id)[0]
+        shards.append(entry)
+    return shards

@@ -1,0 +1,204 @@
+"""The view-change coordinator's requests and the typed node-to-node protocol, without a cluster.
+
+The coordinator runs against `FakeNode`, which implements the node interface
+the coordinator declares (`CoordinatedNode`), and a `Remote` over a scripted
+forwarder, so the checks a request goes through before any change starts are
+tested alone; the protocol's records are round-tripped and fed bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from kvs.config.epoch import ConfigEpoch
+from kvs.errors import BadRequest, Conflict
+from kvs.fsm.commands import (DropKeys, Freeze, Install, Own, Thaw, Track, command_from_json, command_to_json)
+from kvs.fsm.shard import Deleted, Written
+from kvs.node import Node
+from kvs.reconfig.copy import CHUNK_BYTES, batches
+from kvs.reconfig.coordinator import CoordinatedNode, ViewChange
+from kvs.reconfig.protocol import Epochs, Exported, ExportRequest, NodeStatus
+from kvs.reconfig.remote import Remote, StepRefused
+from kvs.routing.peers import PeerResponse, PeerUnreachable
+from kvs.settings import NodeSettings
+
+RING = {"groups": ["1", "2"], "vnodes": 8}
+
+
+class FakeNode:
+    """A node of a two-node, two-shard cluster, with a change in progress or not."""
+
+    def __init__(self, change: dict | None = None):
+        self.settings = NodeSettings.load(environ={"ADDRESS": "127.0.0.1:1", "VIEW": "127.0.0.1:1,127.0.0.1:2",
+                                                   "DATA_DIR": "/nonexistent"})
+        self._epoch = ConfigEpoch.initial(("127.0.0.1:1", "127.0.0.1:2"), 1)
+        self._change = change
+        self.proposed: list[tuple] = []
+
+    @property
+    def epoch(self) -> ConfigEpoch | None:
+        return self._epoch
+
+    def change(self) -> dict | None:
+        return self._change
+
+    def meta_epoch(self, number: int) -> ConfigEpoch | None:
+        return self._epoch if number == self._epoch.number else None
+
+    def shard_id_floor(self) -> int:
+        return 0
+
+    def propose_meta(self, command: tuple, deadline: float) -> object:
+        self.proposed.append(command)
+        return True
+
+
+class ScriptedForwarder:
+    """Answers every request with (status, body); None: the peer is unreachable."""
+
+    def __init__(self, status: int = 200, body: dict | None = None, reachable: bool = True):
+        self.answer = (status, body or {})
+        self.reachable = reachable
+        self.sent: list[tuple[str, str, str, dict | None]] = []
+
+    def send(self, address, method, path, payload, request_id, deadline) -> PeerResponse:
+        self.sent.append((address, method, path, payload))
+        if not self.reachable:
+            raise PeerUnreachable(f"{address}: down")
+        return PeerResponse(self.answer[0], json.loads(json.dumps(self.answer[1])), None)
+
+
+def coordinator(change: dict | None = None, peer_status: dict | None = None) -> ViewChange:
+    forwarder = ScriptedForwarder(body=peer_status, reachable=peer_status is not None)
+    return ViewChange(FakeNode(change), Remote(forwarder))
+
+
+def test_the_fake_and_the_real_node_both_implement_the_coordinators_interface(tmp_path):
+    assert isinstance(FakeNode(), CoordinatedNode)
+    settings = NodeSettings.load(environ={"ADDRESS": "127.0.0.1:1", "VIEW": "127.0.0.1:1", "DATA_DIR": str(tmp_path)})
+    assert isinstance(Node(settings), CoordinatedNode)
+
+
+def test_member_changes_while_a_change_runs_are_conflicts():
+    running = coordinator(change={"number": 2, "phase": "copying"})
+    with pytest.raises(Conflict):
+        running.add_member("127.0.0.1:3", "1")
+    with pytest.raises(Conflict):
+        running.remove_member("127.0.0.1:2")
+
+
+@pytest.mark.parametrize("address, shard_id, words", [
+    (None, "1", "address must be"),
+    (7, "1", "address must be"),
+    ("  ", "1", "address must be"),
+    ("127.0.0.1:3", None, "shard-id must be"),
+    ("127.0.0.1:3", True, "shard-id must be"),
+    ("127.0.0.1:3", ["1"], "shard-id must be"),
+    ("127.0.0.1:3", 9, "shard 9 does not exist"),
+    ("127.0.0.1:2", "1", "already in the view"),
+    ("127.0.0.1:3", 1, "unreachable"),                     # a JSON number is taken as the id "1"
+])
+def test_bad_add_member_requests(address, shard_id, words):
+    with pytest.raises(BadRequest) as info:
+        coordinator().add_member(address, shard_id)
+    assert words in info.value.message
+
+
+def test_a_node_that_serves_a_shard_cannot_join():
+    busy = coordinator(peer_status={"shard-id": None, "groups": {"meta": {}, "shard-4": {}}})
+    with pytest.raises(BadRequest, match="not idle: it runs a replica of shard 4"):
+        busy.add_member("127.0.0.1:3", "1")
+
+
+@pytest.mark.parametrize("address, words", [(None, "address must be"), ("127.0.0.1:3", "not in the view")])
+def test_bad_remove_member_requests(address, words):
+    with pytest.raises(BadRequest) as info:
+        coordinator().remove_member(address)
+    assert words in info.value.message
+
+
+def test_a_job_runs_on_its_own_thread_and_hands_back_its_outcome():
+    vc = coordinator(change={"number": 2, "phase": "copying"})
+    caller = threading.current_thread()
+    assert vc.submit(lambda: threading.current_thread() is not caller) is True
+    with pytest.raises(Conflict):
+        vc.submit(lambda: vc.remove_member("127.0.0.1:2"))
+    vc.stop()
+    assert not vc.busy
+
+
+# -- the protocol --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    Track(3, RING), Freeze(3, RING), Thaw(3), Own(3, "2", RING), DropKeys(3, ["a", "b"]),
+    Install(3, "1", RING, RING, [("k", "v")], [("rid", (("put", "k", "v"), "k", Written(False))),
+                                              ("rid2", (("delete", "k"), "k", Deleted(True)))], True, ["gone"]),
+])
+def test_every_group_command_survives_its_json_form_unchanged(command):
+    wire = json.loads(json.dumps(command_to_json(command)))
+    assert command_from_json(wire) == command
+    assert command_from_json(wire).as_entry() == command.as_entry()
+
+
+@pytest.mark.parametrize("body, words", [
+    (["install", 3], "JSON object"),
+    ({"op": "explode"}, "not a view-change command"),
+    ({"op": "thaw"}, "epoch is missing"),
+    ({"op": "thaw", "epoch": True}, "non-negative integer"),
+    ({"op": "freeze", "epoch": 3, "new_ring": {"groups": "12", "vnodes": 8}}, "must be a ring"),
+    ({"op": "drop-keys", "epoch": 3, "keys": [1, 2]}, "list of strings"),
+    ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [["k"]],
+      "dedup": [], "clear": True}, "pairs"),
+    ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [],
+      "dedup": [["rid", "not a list", "k", ["Written", False]]], "clear": True}, "deduplication rows"),
+])
+def test_malformed_group_commands_are_refused_before_the_log(body, words):
+    with pytest.raises(ValueError, match=words):
+        command_from_json(body)
+
+
+def test_a_command_its_state_machine_refuses_raises_instead_of_passing_for_a_success():
+    forwarder = ScriptedForwarder(status=409, body={"error": "thaw: malformed 'thaw' command"})
+    remote = Remote(forwarder)
+    with pytest.raises(StepRefused, match="malformed"):
+        remote.command(FakeNode().epoch, "1", Thaw(3))
+    assert forwarder.sent[0][2] == "/internal/groups/1/commands"
+
+
+def test_epochs_are_checked_when_received():
+    good = ConfigEpoch.initial(("127.0.0.1:1",), 1).to_dict()
+    assert Epochs.from_json({"active": good, "pending": None}).active == good
+    for bad in ({"active": {"number": 99}}, {"active": good, "pending": good}, {"active": "x"}):
+        with pytest.raises(ValueError):
+            Epochs.from_json(bad)
+
+
+def test_exports_and_statuses_round_trip():
+    exported = Exported([("k", "v")], ["gone"], [("rid", (("put", "k", "v"), "k", Written(True)))], 7)
+    assert Exported.from_json(json.loads(json.dumps(exported.to_json()))) == exported
+    request = ExportRequest("1", RING, RING, "2", since=4)
+    assert ExportRequest.from_json(request.to_json(), True) == request
+    status = NodeStatus.from_json({"epoch": 3, "shard-id": "2", "groups": {"shard-5": {"leader": "h:1",
+                                                                                        "members": ["h:1"]}}})
+    assert status.hosted_shards() == {"2", "5"} and status.groups["shard-5"].leader == "h:1"
+
+
+# -- copies --------------------------------------------------------------------------------------------------
+
+def test_install_batches_stay_under_the_chunk_size_and_keep_every_row_in_order():
+    items = [[f"key-{i}", "x" * 100] for i in range(20_000)]
+    dedup = [[f"rid-{i}", ["put", f"key-{i}", "x"], f"key-{i}", ["Written", False]] for i in range(20_000)]
+    deleted = [f"gone-{i}" for i in range(5_000)]
+    cut = batches(items, dedup, deleted)
+    assert len(cut) > 10
+    assert [row for b in cut for row in b[0]] == items
+    assert [row for b in cut for row in b[1]] == dedup
+    assert [row for b in cut for row in b[2]] == deleted
+    assert all(len(json.dumps(b)) < 2 * CHUNK_BYTES for b in cut)
+
+
+def test_an_empty_range_is_still_one_install_that_clears():
+    assert batches([], [], []) == [([], [], [])]

@@ -31,6 +31,7 @@ from pysyncobj.config import FAIL_REASON
 from ..errors import Unavailable
 from . import storage
 from .replica import Replica
+from .shard_state import ShardState
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,10 @@ class RaftGroup:
         self.state = state
         os.makedirs(directory, exist_ok=True)
         journal_path, snapshot_path = storage.group_files(directory)
-        codec = storage.SnapshotCodec(state)
+        # Snapshots are written off the tick thread (see kvs.raft.storage). A ShardState's snapshot()
+        # returns objects that apply never mutates afterwards, so the worker pickles the capture itself;
+        # any other state (the metadata group's, which is small) is pickled on the tick thread.
+        codec = self._codec = storage.SnapshotCodec(state, snapshot_path, detached=isinstance(state, ShardState))
         port = self_address.rsplit(":", 1)[1]
         conf = SyncObjConf(
             # PySyncObj binds 0.0.0.0 by default; bind where the node's HTTP server listens instead.
@@ -136,6 +140,7 @@ class RaftGroup:
             fullDumpFile=snapshot_path,
             serializer=codec.serialize,
             deserializer=codec.deserialize,
+            serializeChecker=codec.check,
             useFork=False,
             logCompactionMinEntries=timing.compaction_entries,
             logCompactionMinTime=timing.compaction_seconds,
@@ -235,3 +240,4 @@ class RaftGroup:
 
     def close(self) -> None:
         self._replica.destroy_synchronous()
+        self._codec.close()         # after the tick thread: no rename can follow this

@@ -20,6 +20,9 @@ class StateMachine:
     """Dispatches command tuples to the handlers a subclass registers in `_handlers`."""
 
     _handlers: dict[str, Callable[..., Any]]
+    # True when what `snapshot()` returns is never mutated by later applies (copies, immutable values):
+    # the Raft layer may then pickle it on another thread while the group goes on (kvs.raft.storage).
+    detached_snapshot = False
 
     def apply(self, command: Any) -> Any:
         if not isinstance(command, tuple) or not command:

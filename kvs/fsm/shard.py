@@ -78,6 +78,8 @@ class NotOwned(NamedTuple):
 class ShardState(StateMachine):
     """Keys and values of one shard, plus the outcomes of recent writes."""
 
+    detached_snapshot = True        # snapshot() takes C-level copies; values and rings are never edited
+
     def __init__(self, ownership: tuple[int, str, dict] | None = None, dedup_capacity: int = DEDUP_CAPACITY):
         """`ownership` = (epoch, shard id, ring dict) the group was created for; None owns every key."""
         self._data: dict[str, str] = {}

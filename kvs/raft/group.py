@@ -117,7 +117,11 @@ class RaftGroup:
         self.state = state
         os.makedirs(directory, exist_ok=True)
         journal_path, snapshot_path = storage.group_files(directory)
-        codec = storage.SnapshotCodec(state)
+        # Snapshots are written off the tick thread (see kvs.raft.storage). A state machine whose
+        # snapshot() returns objects that apply never mutates afterwards (`detached_snapshot`, the shard
+        # state) is pickled by the worker; any other (the metadata group's, small) on the tick thread.
+        codec = self._codec = storage.SnapshotCodec(state, snapshot_path,
+                                                  detached=getattr(state, "detached_snapshot", False))
         port = self_address.rsplit(":", 1)[1]
         conf = SyncObjConf(
             # PySyncObj binds 0.0.0.0 by default; bind where the node's HTTP server listens instead.
@@ -136,6 +140,7 @@ class RaftGroup:
             fullDumpFile=snapshot_path,
             serializer=codec.serialize,
             deserializer=codec.deserialize,
+            serializeChecker=codec.check,
             useFork=False,
             logCompactionMinEntries=timing.compaction_entries,
             logCompactionMinTime=timing.compaction_seconds,
@@ -235,3 +240,4 @@ class RaftGroup:
 
     def close(self) -> None:
         self._replica.destroy_synchronous()
+        self._codec.close()         # after the tick thread: no rename can follow this

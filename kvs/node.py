@@ -33,6 +33,24 @@ from kvs.config.epoch import ConfigEpoch
 log = logging.getLogger(__name__)
 
 _SUPERVISE_PERIOD = 0.5
+
+
+def _valid_epoch(epoch: object) -> bool:
+    try:
+        ConfigEpoch.from_dict(epoch)
+        return True
+    except Exception:           # any shape error of a damaged file
+        return False
+
+
+def _valid_pushed(record: object) -> bool:
+    return (isinstance(record, dict) and (not record or _valid_epoch(record.get("active")))
+            and (record.get("pending") is None or _valid_epoch(record["pending"])))
+
+
+def _valid_metadata(record: object) -> bool:
+    return isinstance(record, dict) and isinstance(record.get("member", True), bool) and \
+        isinstance(record.get("peers", []), list) and all(isinstance(p, str) for p in record.get("peers", []))
 _PUSHED_FILE = "epochs.json"
 _METADATA_FILE = "metadata.json"
 
@@ -47,8 +65,8 @@ class Node:
         self._epoch: ConfigEpoch | None = None
         self._meta_changed = threading.Event()
         self._epoch_changed = threading.Condition()
-        self._pushed: dict = self._load_json(_PUSHED_FILE)       # {"active", "pending"} pushed here
-        self._metadata: dict = self._load_json(_METADATA_FILE)   # {"member", "peers"} once told or seen
+        self._pushed: dict = self._load_json(_PUSHED_FILE, _valid_pushed)       # {"active", "pending"}
+        self._metadata: dict = self._load_json(_METADATA_FILE, _valid_metadata)  # {"member", "peers"}
         # Nodes of the initial view propose the initial configuration (only the first "init" takes
         # effect, so a proposal after an epoch exists changes nothing); a node that joined the
         # metadata group later, or left it, proposes nothing.
@@ -200,12 +218,22 @@ class Node:
             json.dump(record, f)
         os.replace(path + ".tmp", path)
 
-    def _load_json(self, name: str) -> dict:
+    def _load_json(self, name: str, valid) -> dict:
+        """A record this node wrote before; a damaged one is set aside (logged), never a crash loop."""
+        path = os.path.join(self.settings.data_dir, name)
         try:
-            with open(os.path.join(self.settings.data_dir, name)) as f:
-                return json.load(f)
+            with open(path) as f:
+                record = json.load(f)
+            if valid(record):
+                return record
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError, RecursionError):
+            pass
+        log.error("%s is damaged; it is set aside as %s.bad and ignored (the node learns again from its "
+                  "peers)", path, name)
+        os.replace(path, path + ".bad")
+        return {}
 
     @property
     def pushed_pending(self) -> dict | None:

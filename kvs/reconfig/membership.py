@@ -16,7 +16,7 @@ keep alive, and one change at a time is PySyncObj's own rule. The state of the
 reconciliation is nothing but the two member lists, so a leader that dies
 midway leaves nothing to repair: the next leader compares again and continues.
 A node that is down when told to join or leave is told again by the same
-leader while it leads (a new leader does not know; see the project's notes).
+leader while it leads (a new leader does not know: docs/ARCHITECTURE.md, known gaps).
 """
 
 from __future__ import annotations

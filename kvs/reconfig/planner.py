@@ -12,7 +12,7 @@ unequal sizes. The requests are thin callers that only build that list:
 - `plan_view_change` (PUT /kvs/view-change): the view keeps its order and is
   cut into consecutive blocks of repl_factor nodes, exactly as
   `ConfigEpoch.initial` does.
-- `plan_add_member` (the seeds' add-member): the current groups, one node
+- `plan_add_member` (PUT /kvs/view-change/add-member): the current groups, one node
   added to one of them.
 - `plan_remove_member`: the current groups, one node taken out (a group left
   empty is dropped).

@@ -1,4 +1,4 @@
-"""The seeds' response vocabulary: exact status codes and bodies of the REST API.
+"""The REST API's response vocabulary: exact status codes and bodies of the key requests.
 
 Clients compare bodies exactly, so every body kvs returns for a data request
 is built here and nowhere else.

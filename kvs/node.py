@@ -300,6 +300,11 @@ class Node:
                 return address
         return None
 
+    def hosted_groups(self) -> list[RaftGroup]:
+        """This node's shard replicas (not the metadata replica)."""
+        with self._lock:
+            return list(self._groups.values())
+
     def _all_groups(self) -> list[RaftGroup]:
         with self._lock:
             groups = list(self._groups.values())

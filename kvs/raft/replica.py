@@ -24,6 +24,11 @@ waiting instead, with three documented changes that touch PySyncObj internals
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
 
+Reads use the ReadIndex protocol (`kvs.raft.read_index`), whose messages
+travel on PySyncObj's transport beside its own and are handled here before
+PySyncObj sees them; its rounds start on each tick (`read_index` wakes the
+tick thread).
+
 Outgoing Raft connections (`RaftTransport`):
 - leave from the node's own IP when it binds one: the kernel would otherwise
   pick the route's source address (127.0.0.1 for every 127.0.0.x peer, the
@@ -46,6 +51,9 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
+
+from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
+from kvs.raft.read_index import ReadIndex
 
 
 _SYN_RETRIES = 2
@@ -91,9 +99,11 @@ class Replica(SyncObj):
         self._sent_log_index = 0
         self._sent_commit_index = 0
         self._wakeup: PipeNotifier | None = None
+        self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
         super().__init__(self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
         self.addOnTickCallback(self._replicate_now)
+        self.addOnTickCallback(self._read_index.on_tick)
 
     @replicated
     def _apply(self, command: Any) -> Any:
@@ -105,6 +115,17 @@ class Replica(SyncObj):
     def submit(self, command: Any, callback: Callable[[Any, int], None]) -> None:
         """Propose `command`; `callback(result, fail_reason)` runs on the tick thread."""
         self._apply(command, callback=callback)
+
+    def read_index(self, callback: Callable[[bool], None]) -> None:
+        """Ask for a linearizable read (kvs.raft.read_index); `callback(ok)` runs on the tick thread once
+        this replica's state may be read (True), or when it may not now (False: retry)."""
+        self._read_index.request(callback)
+        if self._wakeup is not None:
+            self._wakeup.notify()
+
+    def fail_reads(self) -> None:
+        """After the tick thread has ended: every waiting read is told False."""
+        self._read_index.fail_all()
 
     # -- change 1: wake the tick thread -----------------------------------------
 
@@ -128,6 +149,9 @@ class Replica(SyncObj):
     # -- change 3: never move nextIndex backwards on success ---------------------
 
     def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:
+        if message.get("type") in READ_INDEX_MESSAGES:
+            self._read_index.on_message(node, message)      # ours alone: PySyncObj never sees them
+            return
         furthest_sent = None
         if message.get("type") == "next_node_idx" and message.get("success") and not message.get("reset"):
             furthest_sent = self._SyncObj__raftNextIndex.get(node)

@@ -20,6 +20,7 @@ from pysyncobj.transport import TCPTransport
 
 from kvs.errors import BadRequest
 from kvs.fsm.shard import ShardState
+from kvs.node import Node
 from kvs.raft import journal as journal_module
 from kvs.raft.group import RaftGroup, RaftTiming
 from kvs.raft.journal import DurableJournal, JournalSyncError, set_fsync
@@ -139,12 +140,21 @@ def test_with_fsync_off_nothing_is_ever_fsynced(tmp_path, monkeypatch):
     assert DurableJournal(path).fsync is True
 
 
-def test_kvs_fsync_setting():
+def test_kvs_fsync_setting_reaches_the_journal(tmp_path):
     assert NodeSettings.load(environ={}).fsync is True
-    assert NodeSettings.load(environ={"KVS_FSYNC": "off"}).fsync is False
     assert NodeSettings.load(environ={"KVS_FSYNC": "ON"}).fsync is True
     with pytest.raises(BadRequest):
         NodeSettings.load(environ={"KVS_FSYNC": "sometimes"})
+    settings = NodeSettings.load(environ={"KVS_FSYNC": "off", "DATA_DIR": str(tmp_path / "node")})
+    assert settings.fsync is False
+    timing = Node(settings)._timing
+    assert timing.fsync is False
+    address = f"127.0.0.1:{find_free_base_port(1)}"
+    group = RaftGroup("plumbing", address, [address], ShardState(), str(tmp_path / "group"), None, timing)
+    try:
+        assert group._replica._SyncObj__raftLog.fsync is False
+    finally:
+        group.close()
 
 
 # -- groups of real replicas in this process --------------------------------------------------

@@ -31,6 +31,7 @@ from pysyncobj.config import FAIL_REASON
 
 from kvs.errors import Unavailable
 from kvs.raft import storage
+from kvs.raft.journal import set_fsync
 from kvs.raft.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class RaftTiming:
     connection_timeout: float = 3.5
     compaction_entries: int = 20_000
     compaction_seconds: float = 300.0
+    fsync: bool = True                 # fsync the journal before acknowledging (KVS_FSYNC; see kvs.raft.journal)
 
 
 class _Pending:
@@ -82,6 +84,7 @@ class RaftGroup:
         self.state = state
         os.makedirs(directory, exist_ok=True)
         journal_path, snapshot_path = storage.group_files(directory)
+        set_fsync(journal_path, timing.fsync)      # read by the journal PySyncObj opens below
         # Snapshots are written off the tick thread (see kvs.raft.storage). A state machine whose
         # snapshot() returns objects that apply never mutates afterwards (`detached_snapshot`, the shard
         # state) is pickled by the worker; any other (the metadata group's, small) on the tick thread.

@@ -40,10 +40,44 @@ Outgoing Raft connections (`RaftTransport`):
   SYN_SENT until the kernel's default (about 2 minutes) and the peer stayed
   unreachable that long after the partition healed. A failed connect is
   retried every `connectionRetryTime`.
+
+Durability (group commit; see `DurableJournal.sync`): a replica acknowledges
+only entries that are on disk, with one fsync per batch. PySyncObj appends
+without syncing; these hooks sync at the points where an entry starts to
+count toward a commit:
+
+- Followers: their only acknowledgement is the `next_node_idx` answer, which
+  PySyncObj sends in one place (`__sendNextNodeIdx`, reached from the
+  `append_entries` handler for appended entries, a truncation or an installed
+  snapshot) through `self.__transport.send`, i.e. `RaftTransport.send`, which
+  syncs the journal before any message in `_SYNC_BEFORE_SENDING` leaves. One
+  AppendEntries message (one batch) costs one fsync. Vote requests and votes
+  are synced too (term and vote are fsynced by the journal itself), following
+  the rule "persist, then send": cheap, as elections are rare.
+- Before an installed snapshot replaces the journal, the received snapshot
+  file and its directory are fsynced (`_SyncObj__loadDumpFile`): the journal is
+  cleared right after, and the acknowledgement follows.
+- Leader: it counts itself toward a commit in `_onTick`, at the top of the
+  tick. Its entries enter the log in two places only: `_checkCommandsToApply`
+  near the end of a tick (client commands, membership changes), and
+  `__onBecomeLeader` (the no-op), reached from the `response_vote` handler
+  during `poll` or, in a single-node group, from the election at the top of
+  `_onTick` itself, just before the commit count. Hence three syncs: right
+  after `_replicate_now` has sent AppendEntries (`_sync_after_replication`,
+  a tick callback: the leader's fsync runs while the followers do theirs,
+  instead of delaying the next tick); right after becoming leader; and at the
+  top of every tick (`_onTick`), which covers anything else written since the
+  last sync (a tick that raised half-way, a path added by a later PySyncObj),
+  so a commit computed there never counts an unsynced entry of the leader's.
+  A single-node group commits at the next tick's top, after that sync.
+- Every sync is a no-op when nothing was written since the last one, and all
+  of them run on the tick thread. A failed fsync is sticky: the tick raises,
+  nothing is acknowledged again, and the group elects another leader.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Callable
 
@@ -52,12 +86,16 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
+from kvs.raft.journal import fsync_file_and_directory
 from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
 from kvs.raft.read_index import ReadIndex
 
 
 _SYN_RETRIES = 2
 _USER_TIMEOUT_MS = 5000
+
+# Raft messages that reflect (acknowledge) this replica's log: sent only once the journal is synced.
+_SYNC_BEFORE_SENDING = frozenset({"next_node_idx", "request_vote", "response_vote"})
 
 
 class _RaftConnection(TcpConnection):
@@ -90,6 +128,16 @@ class RaftTransport(TCPTransport):
         if host and host not in ("0.0.0.0", "::"):
             conn.source_ip = host
 
+    # -- durability: no acknowledgement leaves before the journal is synced ------
+
+    def send(self, node: Any, message: Any) -> bool:
+        """Every Raft message goes through here (`SyncObj.__transport.send`); see "Durability" above."""
+        if isinstance(message, dict) and message.get("type") in _SYNC_BEFORE_SENDING:
+            sync = getattr(self._syncObj, "_sync_journal", None)
+            if sync is not None:
+                sync()
+        return super().send(node, message)
+
 
 class Replica(SyncObj):
     def __init__(self, self_address: str, peers: list[str], state: Any, conf: SyncObjConf,
@@ -103,6 +151,7 @@ class Replica(SyncObj):
         super().__init__(self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
         self.addOnTickCallback(self._replicate_now)
+        self.addOnTickCallback(self._sync_after_replication)     # after _replicate_now: see "Durability"
         self.addOnTickCallback(self._read_index.on_tick)
 
     @replicated
@@ -160,3 +209,36 @@ class Replica(SyncObj):
             next_index = self._SyncObj__raftNextIndex
             if node in next_index and next_index[node] < furthest_sent:
                 next_index[node] = furthest_sent
+
+    # -- durability: group commit (see "Durability" in the module docstring) -----
+
+    def _sync_journal(self) -> None:
+        """Fsync the journal if anything was written since the last sync (tick thread only)."""
+        sync = getattr(getattr(self, "_SyncObj__raftLog", None), "sync", None)  # MemoryJournal has none
+        if sync is not None:
+            sync()
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
+        self._sync_journal()
+        super()._onTick(timeToWait)
+
+    def _sync_after_replication(self) -> None:
+        # A tick callback registered after _replicate_now: the AppendEntries are already on their way,
+        # so the leader's fsync overlaps the followers' instead of delaying the next tick.
+        self._sync_journal()
+
+    def _SyncObj__onBecomeLeader(self) -> None:
+        # The no-op it appends may be counted in the same tick (single-node group: the election and
+        # the commit count both run at the top of _onTick, after our sync there).
+        SyncObj._SyncObj__onBecomeLeader(self)
+        self._sync_journal()
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
+        # clearJournal: a snapshot received from the leader was just renamed into place, unsynced;
+        # make it durable before PySyncObj clears the journal and acknowledges the snapshot.
+        journal = getattr(self, "_SyncObj__raftLog", None)
+        path = self.conf.fullDumpFile
+        if clearJournal and getattr(journal, "fsync", False) and path and os.path.exists(path):
+            fsync_file_and_directory(path)
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)

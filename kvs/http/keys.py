@@ -21,9 +21,10 @@ import json
 import uuid
 from urllib.parse import unquote
 
-from kvs.errors import BadRequest
+from kvs.errors import BadRequest, Unauthorized
+from kvs.http.aio import Request, Response
 from kvs.http.common import error_reply, is_forwarded, parse_body, request_deadline
-from kvs.routing import peers
+from kvs.routing import peers, write_batches
 from kvs.routing.keys import KeyRouter
 from kvs.routing.replies import Reply
 from kvs.settings import NodeSettings
@@ -41,11 +42,11 @@ def decoded_path(raw: str) -> str | None:
         return None
 
 
-def is_key_request(method: str, raw_path: str) -> bool:
-    """Served by `KeyRequests` on the loop (the server's `fast_paths`)."""
-    if not raw_path.startswith(KEYS_PREFIX):
-        return False
-    return len(raw_path) > len(KEYS_PREFIX)
+def is_fast(method: str, raw_path: str) -> bool:
+    """Served on the loop (the server's `fast_paths`): key requests and followers' write batches."""
+    if raw_path.startswith(KEYS_PREFIX):
+        return len(raw_path) > len(KEYS_PREFIX)
+    return raw_path.startswith(write_batches.ROUTE) and method == "POST"
 
 
 class KeyRequests:
@@ -56,9 +57,29 @@ class KeyRequests:
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
 
-    async def __call__(self, request) -> "Response":
-        from kvs.http.aio import Response
+    async def __call__(self, request: Request) -> Response:
+        if request.path.startswith(write_batches.ROUTE):
+            return await self._write_batch(request)
+        return await self._key_request(request)
 
+    async def _write_batch(self, request: Request) -> Response:
+        """POST /internal/writes/<shard>: a follower's writes, proposed here (kvs.routing.write_batches)."""
+        path = decoded_path(request.path) or request.path
+        try:
+            if not is_forwarded(self._settings, request.headers, request.method, path, request.body):
+                raise Unauthorized("internal endpoints are for nodes only")
+            try:
+                commands = [write_batches.command_from_json(row) for row in parse_body(request.body)["commands"]]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(f"malformed write batch: {exc}") from None
+            outcomes = await self._router.write_batch(path[len(write_batches.ROUTE):], commands,
+                                                      request_deadline(self._settings, request.headers))
+            reply = Reply(200, {"results": [write_batches.result_to_json(o) for o in outcomes]})
+        except Exception as exc:
+            reply = error_reply(exc, request.method, path)
+        return Response.json(reply.status, reply.body)
+
+    async def _key_request(self, request: Request) -> Response:
         method = request.method
         context: dict = {}
         path = decoded_path(request.path)
@@ -80,7 +101,7 @@ class KeyRequests:
                 reply = await self._router.key_request(method, key, _value(method, key, body),
                                                        headers.get(peers.REQUEST_ID) or self._new_id(),
                                                        request_deadline(self._settings, headers), forwarded)
-                reply.body.setdefault("causal-context", context)
+                reply.body["causal-context"] = context      # the client's, also over a forwarded reply's
         except Exception as exc:
             reply = error_reply(exc, method, path or request.path, context)
         payload = json.dumps(reply.body, separators=(",", ":")).encode()

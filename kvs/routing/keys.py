@@ -5,10 +5,11 @@
     leader confirms it still leads; a follower asks the leader for the index
     and reads its own state once it has applied it. Every replica serves reads.
   - a write is proposed here if this replica leads (batched with the writes
-    around it, `kvs.raft.loop`). A follower sends it to the leader over a
-    pooled keep-alive connection, marked forwarded; if the leader cannot be
-    reached or no longer leads, the follower proposes it itself (PySyncObj
-    then hands it to whoever leads). The client sees the same reply either way.
+    around it, `kvs.raft.loop`). A follower sends it to the leader with the
+    other writes of the same loop iteration, in one request over a pooled
+    keep-alive connection (`kvs.routing.write_batches`); if the leader cannot
+    take it, the follower proposes it itself (PySyncObj then hands it to
+    whoever leads). The client sees the same reply either way.
 * Otherwise the request is forwarded to the shard's replicas, the last known
   leader first, until one answers or the deadline passes; the reply then
   names the replica that served it in "address".
@@ -37,6 +38,7 @@ from kvs.routing import replies
 from kvs.routing.aio_peers import AsyncForwarder, until_one_answers
 from kvs.routing.peers import LEADER_HINT, PeerUnreachable, TryNext
 from kvs.routing.replies import Reply
+from kvs.routing.write_batches import LeaderChannel
 
 FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
 ATTEMPT_SECONDS = 2.0     # one replica may take this long before the next is tried (a paused peer)
@@ -52,6 +54,7 @@ class KeyRouter:
         self._loop = loop
         self._groups: dict[int, LoopGroup] = {}      # id(RaftGroup) -> its LoopGroup
         self._leader_hints: dict[str, str] = {}      # shard id -> HTTP address that answered last
+        self._channel = LeaderChannel(forwarder, loop)
 
     async def key_request(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
                           forwarded: bool) -> Reply:
@@ -103,32 +106,26 @@ class KeyRouter:
             return replies.get_reply(_checked(await replica.read(lambda state: state.read(key), deadline)))
         if method not in ("PUT", "DELETE"):
             raise BadRequest(f"method {method} is not supported")
-        if not forwarded and not group.is_leader():
-            reply = await self._to_leader(shard_id, method, path, value, request_id, deadline)
-            if reply is not None:
-                return reply
         command = ("put", request_id, key, value) if method == "PUT" else ("delete", request_id, key)
-        result = _checked(await replica.execute(command, deadline))
+        result = None
+        if not forwarded and not group.is_leader():
+            leader = self._node.leader_address(shard_id)
+            if leader is not None and leader != self._node.settings.address:
+                result = await self._channel.write(leader, shard_id, command, deadline - FORWARD_MARGIN)
+        if result is None:
+            result = await replica.execute(command, deadline)
+        result = _checked(result)
         return replies.put_reply(result) if method == "PUT" else replies.delete_reply(result)
 
-    async def _to_leader(self, shard_id: str, method: str, path: str, value: str | None, request_id: str,
-                         deadline: float) -> Reply | None:
-        """A follower's write, sent to its leader; None if the leader cannot take it (propose here)."""
-        leader = self._node.leader_address(shard_id)
-        if leader is None or leader == self._node.settings.address:
-            return None
-        payload = None if value is None else {"value": value}
-        try:
-            resp = await self._forwarder.send(leader, method, path, payload, request_id,
-                                              min(deadline - FORWARD_MARGIN, time.monotonic() + ATTEMPT_SECONDS))
-        except PeerUnreachable:
-            return None
-        if resp.status == 421:
-            raise WrongGroup(f"{leader} does not serve shard {shard_id}", _epoch_of(resp.body))
-        if resp.status in (200, 201, 404, 400):
-            resp.body.pop("address", None)      # served within this node's own shard: no "address"
-            return Reply(resp.status, resp.body)
-        return None                             # 503 and the like: the leader moved; propose here
+    async def write_batch(self, shard_id: str, commands: list[tuple], deadline: float) -> list:
+        """A follower's batch (kvs.routing.write_batches), proposed here: one result per command, or
+        the Unavailable it met. WrongGroup if this node runs no replica of the shard."""
+        group = self._node.group(shard_id)
+        if group is None:
+            epoch = self._node.epoch
+            raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number if epoch else 0)
+        replica = self._loop_group(group)
+        return await asyncio.gather(*(replica.execute(c, deadline) for c in commands), return_exceptions=True)
 
     async def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,
                        request_id: str, deadline: float) -> Reply:

@@ -49,6 +49,15 @@ def is_fast(method: str, raw_path: str) -> bool:
     return raw_path.startswith(write_batches.ROUTE) and method == "POST"
 
 
+def refusal(status: int, error: str, method: str, raw_path: str) -> Response:
+    """The body of a request the server refuses before any handler (a 413 body, say): a key request's
+    carries "causal-context" like every key reply."""
+    body = {"error": error, "message": f"Error in {method}"}
+    if raw_path.startswith(KEYS_PREFIX):
+        body["causal-context"] = {}
+    return Response.json(status, body)
+
+
 class KeyRequests:
     def __init__(self, settings: NodeSettings, router: KeyRouter):
         self._settings = settings

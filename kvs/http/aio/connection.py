@@ -33,10 +33,10 @@ class _Refused(Exception):
 
 
 class _Refusal:
-    __slots__ = ("status", "error", "method")
+    __slots__ = ("status", "error", "method", "path")
 
-    def __init__(self, status: int, error: str, method: str):
-        self.status, self.error, self.method = status, error, method
+    def __init__(self, status: int, error: str, method: str, path: str):
+        self.status, self.error, self.method, self.path = status, error, method, path
 
 
 class Connection(asyncio.Protocol):
@@ -288,13 +288,13 @@ class Connection(asyncio.Protocol):
         """Answer `status` after the requests already complete, then close; read no further request."""
         self.closing = True
         self.continue_owed = self.in_message = self.in_head = False
-        self.queue.append(_Refusal(status, error, self.method))
+        self.queue.append(_Refusal(status, error, self.method, split_target(self.url)[0] if self.url else ""))
         if self.current is None:
             self._next()
 
     def _send_refusal(self, refusal: _Refusal) -> None:
         transport = self.transport
-        response = error_response(refusal.status, refusal.error, refusal.method)
+        response = self.server.refusal(refusal.status, refusal.error, refusal.method, refusal.path)
         transport.write(encode_response(response, "1.1", False, False, self.server.ident))
         # Half-close, keep reading (and discarding) so that unread input does not turn the close into
         # a reset that could destroy the answer; the client closes, or LINGER_SECONDS end it.

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
 from kvs.http.aio.connection import Connection
-from kvs.http.aio.messages import Request, Response
+from kvs.http.aio.messages import Request, Response, error_response
 from kvs.http.aio.wsgi import WsgiRunner
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class HttpServer:
                  fast_paths: Callable[[str, str], bool] = _never, max_body_bytes: int = 1 << 20,
                  wsgi_threads: int = 16, max_header_bytes: int = 64 * 1024, max_headers: int = 100,
                  max_connections: int = 1000, idle_timeout: float = 75.0, max_pipelined: int = 32,
-                 write_buffer_bytes: int = 256 * 1024, ident: str = "kvs"):
+                 write_buffer_bytes: int = 256 * 1024, ident: str = "kvs",
+                 refusal: Callable[[int, str, str, str], Response] | None = None):
         if fast_handler is None and fast_paths is not _never:
             raise ValueError("fast_paths without a fast_handler")
         self._fast_handler = fast_handler
@@ -82,6 +83,9 @@ class HttpServer:
         self.max_pipelined = max_pipelined
         self.write_buffer_bytes = write_buffer_bytes
         self.ident = ident
+        # The body of a request refused before it reached a handler (413, 400, ...):
+        # refusal(status, error, method, raw path) -> Response; kvs's error body by default.
+        self.refusal = refusal or (lambda status, error, method, path: error_response(status, error, method))
         self._wsgi_threads = wsgi_threads
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None

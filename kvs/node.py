@@ -58,7 +58,7 @@ _METADATA_FILE = "metadata.json"
 class Node:
     def __init__(self, settings: NodeSettings, timing: RaftTiming | None = None):
         self.settings = settings
-        self._timing = timing or RaftTiming(compaction_entries=settings.compaction_entries)
+        self._timing = timing or RaftTiming(compaction_entries=settings.compaction_entries, fsync=settings.fsync)
         self._lock = threading.Lock()
         self._groups: dict[str, RaftGroup] = {}      # shard id -> this node's replica
         self._meta: RaftGroup | None = None
@@ -299,6 +299,11 @@ class Node:
             if self.settings.raft_address(address, epoch.slot(shard_id, address)) == leader:
                 return address
         return None
+
+    def hosted_groups(self) -> list[RaftGroup]:
+        """This node's shard replicas (not the metadata replica)."""
+        with self._lock:
+            return list(self._groups.values())
 
     def _all_groups(self) -> list[RaftGroup]:
         with self._lock:

@@ -1,27 +1,31 @@
 """NodeServer: one kvs node process, wired, started and stopped in one place.
 
-    settings -> Node (groups, epochs) -> Router (key -> group -> replica)
-             -> ViewChange (the coordinator) and its watchers -> Flask app -> waitress
+    settings -> Node (groups, epochs) -> KeyRouter (key -> group -> replica, on the event loop)
+             -> ViewChange (the coordinator) and its watchers -> Flask app (admin and internal API)
+             -> HttpServer: key requests on the event loop, everything else on worker threads
 
-Every background thread is started here and ends when the one `stopping`
-event is set: the node's supervisor (which owns every Raft replica), the
-takeover watcher, the epoch sync, the metadata membership. SIGTERM and SIGINT
-set it: waitress stops accepting and lets in-flight requests finish (5 s at
-most), a running view change gets a bounded time to end (a metadata member
-takes over what it leaves), every thread is joined, the supervisor closes the
-replicas, and the process exits 0.
+The main thread runs the event loop (uvloop): the HTTP listener, the key
+requests, and their batches to and from the Raft groups (`kvs.raft.loop`).
+Every other background thread is started here and ends when the one
+`stopping` event is set: the node's supervisor (which owns every Raft
+replica), the takeover watcher, the epoch sync, the metadata membership.
+SIGTERM and SIGINT set it: the listener stops accepting and in-flight requests
+finish (GRACE_SECONDS at most), a running view change gets a bounded time to
+end (a metadata member takes over what it leaves), every thread is joined, the
+supervisor closes the replicas, and the process exits 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 from typing import Callable
 
-import waitress
-
+from kvs.http.aio import HttpClient, HttpServer, new_event_loop
 from kvs.http.common import Services
+from kvs.http.keys import KeyRequests, is_fast, refusal
 from kvs.http.public import create_app
 from kvs.node import Node
 from kvs.reconfig.coordinator import ViewChange
@@ -29,14 +33,18 @@ from kvs.reconfig.epoch_sync import EpochSync
 from kvs.reconfig.membership import MetadataMembership
 from kvs.reconfig.remote import Remote
 from kvs.reconfig.takeover import TakeoverWatcher
+from kvs.routing.aio_peers import AsyncForwarder
+from kvs.routing.keys import KeyRouter
 from kvs.routing.peers import Forwarder
-from kvs.routing.router import Router
+from kvs.routing.shards import ShardQueries
 from kvs.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
-HTTP_THREADS = 48
+WSGI_THREADS = 32          # the admin and internal API (view-change copies, status, shard info)
+GRACE_SECONDS = 5.0        # in-flight requests may finish within this at stop
 JOIN_SECONDS = 15.0
+CLIENT_POOL = 128           # idle keep-alive connections kept per peer
 
 
 class NodeServer:
@@ -44,10 +52,17 @@ class NodeServer:
         self.settings = settings
         self.stopping = threading.Event()
         self.node = Node(settings)
+        self.loop = new_event_loop()
         forwarder = Forwarder(settings.secret, settings.bind_host)
         remote = Remote(forwarder)
         self.view_change = ViewChange(self.node, remote)
-        self.app = create_app(Services(self.node, Router(self.node, forwarder), self.view_change))
+        app = create_app(Services(self.node, ShardQueries(self.node, forwarder), self.view_change))
+        source_ip = settings.bind_host if settings.bind_host not in ("", "0.0.0.0", "::") else None
+        self._client = HttpClient(source_ip=source_ip, max_idle_per_address=CLIENT_POOL)
+        self.keys = KeyRouter(self.node, AsyncForwarder(self._client, settings.secret), self.loop)
+        self.http = HttpServer(KeyRequests(settings, self.keys), app, fast_paths=is_fast,
+                               max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
+                               refusal=refusal)
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = [
             ("kvs-supervisor", self.node.supervise),
             ("kvs-takeover", TakeoverWatcher(self.node, self.view_change, remote).run),
@@ -55,13 +70,11 @@ class NodeServer:
             ("kvs-metadata-membership", MetadataMembership(self.node, remote).run),
         ]
         self._threads: list[threading.Thread] = []
-        self._http = None
 
     def listen(self) -> None:
         """Bind the HTTP port (OSError if taken). Done before any replica starts, so a port clash fails
         fast and touches no data."""
-        self._http = waitress.create_server(self.app, host=self.settings.bind_host, port=self.settings.http_port,
-                                            threads=HTTP_THREADS, connection_limit=1000, ident="kvs")
+        self.loop.run_until_complete(self.http.start(self.settings.bind_host, self.settings.http_port))
 
     def start(self) -> None:
         if not self.settings.secured:
@@ -73,16 +86,15 @@ class NodeServer:
             self._threads.append(thread)
 
     def serve(self) -> None:
-        """Serve HTTP on this (the main) thread until SIGTERM or SIGINT, then stop everything."""
-        def request_stop(signum: int, frame: object) -> None:
-            log.info("signal %d: stopping", signum)
-            raise SystemExit(0)         # waitress's loop ends on it and finishes in-flight requests
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        """Run the event loop on this (the main) thread until SIGTERM or SIGINT, then stop everything."""
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, stop.set)
         log.info("serving %s on %s:%d", self.settings.address, self.settings.bind_host, self.settings.http_port)
         try:
-            self._http.run()
+            self.loop.run_until_complete(stop.wait())
+            log.info("stopping")
+            self.loop.run_until_complete(self.http.stop(GRACE_SECONDS))
         finally:
             self.stop()
 
@@ -94,4 +106,7 @@ class NodeServer:
             thread.join(JOIN_SECONDS)
             if thread.is_alive():
                 log.warning("thread %s did not stop within %ss", thread.name, JOIN_SECONDS)
+        self.keys.close()
+        self._client.close()
+        self.loop.close()
         log.info("%s stopped", self.settings.address)

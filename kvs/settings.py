@@ -4,6 +4,9 @@ The seeds' container contract is kept: ADDRESS (host:port of this node's HTTP
 API, port 13800 by default), VIEW (comma-separated addresses of all nodes) and
 REPL_FACTOR. kvs adds DATA_DIR (Raft journals and snapshots) and KVS_SECRET
 (cluster secret). A command-line flag wins over the environment variable.
+KVS_FSYNC (`on`, the default, or `off`) chooses whether the Raft journal is
+fsynced before a write is acknowledged; `off` is for tests and benchmarks
+only: acknowledged writes then survive a killed process, not a power failure.
 
 Raft ports are derived from the HTTP port: the replica a node runs in its
 k-th group slot listens on ``http_port + raft_port_offset * (k + 1)``; slot 0
@@ -82,6 +85,7 @@ class NodeSettings:
     request_timeout: float = REQUEST_TIMEOUT_SECONDS
     compaction_entries: int = DEFAULT_COMPACTION_ENTRIES
     listen_host: str = field(default="")
+    fsync: bool = True          # KVS_FSYNC: fsync the Raft journal before acknowledging
 
     @property
     def http_port(self) -> int:
@@ -140,6 +144,9 @@ class NodeSettings:
             raise BadRequest(f"VIEW has {len(view)} nodes, not a multiple of REPL_FACTOR={repl_factor}")
         data_dir = str(pick("data_dir", "DATA_DIR", os.path.join("data", address.replace(":", "_"))))
         secret = pick("secret", "KVS_SECRET", None)
+        fsync = str(pick("fsync", "KVS_FSYNC", "on")).strip().lower()
+        if fsync not in ("on", "off"):
+            raise BadRequest(f"KVS_FSYNC must be 'on' or 'off', not {fsync!r}")
         return cls(
             address=address,
             view=view,
@@ -150,4 +157,5 @@ class NodeSettings:
             max_body_bytes=max_body,
             compaction_entries=compaction,
             listen_host=str(pick("listen", "KVS_LISTEN", "")),
+            fsync=fsync == "on",
         )

@@ -27,7 +27,7 @@ through this group's own log, so it is ordered with every read and write.
 Commands are tuples, first element the operation:
     ("put", request_id, key, value)   -> Written(replaced) | NotOwned
     ("delete", request_id, key)       -> Deleted(existed) | NotOwned
-    ("barrier",)                      -> None   (orders linearizable reads)
+    ("barrier",)                      -> None   (a no-op: older versions ordered reads with it)
   view changes (kvs.reconfig.coordinator), all idempotent:
     ("track", epoch, new_ring)        number every later write of a key that moves away under
                                       `new_ring`, so a copy can be caught up with only the changes
@@ -131,7 +131,7 @@ class ShardState(StateMachine):
         self._changed_keys, self._changed_requests = dict(keys), dict(requests)
         self._installing = snapshot.get("installing", True)
 
-    # -- reads (never replicated; callers order them with a barrier) -------
+    # -- reads (never replicated; callers order them with a read index) ----
 
     def get(self, key: str) -> str | None:
         return self._data.get(key)

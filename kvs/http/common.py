@@ -17,7 +17,7 @@ from kvs.node import Node
 from kvs.reconfig.coordinator import ViewChange
 from kvs.routing import peers
 from kvs.routing.replies import Reply
-from kvs.routing.router import Router
+from kvs.routing.shards import ShardQueries
 from kvs.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ MAX_JSON_DEPTH = 64
 class Services:
     """What the HTTP layer calls: built once by `kvs.server`, kept in `app.extensions["kvs"]`."""
     node: Node
-    router: Router
+    shards: ShardQueries
     view_change: ViewChange
 
 

@@ -1,14 +1,17 @@
-"""GET/PUT/DELETE /kvs/keys/<key>: the hot path, served as plain WSGI in front of Flask.
+"""GET/PUT/DELETE /kvs/keys/<key>: the hot path, served on the node's event loop.
 
-Measured on this project's 2-core machine, Flask's per-request machinery alone
-costs ~165 us, half of what waitress needs for a whole small request, so the
-key requests skip it: `KeyRequests` is a WSGI middleware that the app factory
-(`kvs.http.public.create_app`) installs as `app.wsgi_app`; every other path
-goes on to Flask.
+The asyncio server (`kvs.http.aio`) hands these requests to `KeyRequests` on
+the loop itself, with no thread per request and no hand-off; everything else
+goes to the Flask app on worker threads. The bodies, codes and headers are the
+same as the API has always answered (`kvs.routing.replies`).
+
+The key is the path after /kvs/keys/, percent-decoded as UTF-8 (a path that is
+not valid UTF-8 is a 400): every node reads the same key from the same URL, and
+a forwarded request is signed and verified over that same decoded path.
 
 Limits: keys longer than 50 characters are refused on PUT; request bodies
 larger than `NodeSettings.max_body_bytes` (1 MiB by default,
-KVS_MAX_BODY_BYTES) get 413.
+KVS_MAX_BODY_BYTES) get 413 from the server before they are read.
 """
 
 from __future__ import annotations
@@ -16,94 +19,115 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from typing import Callable, Iterable
+from urllib.parse import unquote
 
-from werkzeug.datastructures import EnvironHeaders
-
-from kvs.errors import BadRequest, PayloadTooLarge
+from kvs.errors import BadRequest, Unauthorized
+from kvs.http.aio import Request, Response
 from kvs.http.common import error_reply, is_forwarded, parse_body, request_deadline
-from kvs.routing import peers
+from kvs.routing import peers, write_batches
+from kvs.routing.keys import KeyRouter
 from kvs.routing.replies import Reply
-from kvs.routing.router import Router
 from kvs.settings import NodeSettings
 
 MAX_KEY_LENGTH = 50
 KEYS_PREFIX = "/kvs/keys/"
 KEY_METHODS = ("GET", "PUT", "DELETE")
-_STATUS_TEXT = {200: "200 OK", 201: "201 Created", 400: "400 Bad Request", 401: "401 Unauthorized",
-                404: "404 Not Found", 405: "405 Method Not Allowed", 413: "413 Payload Too Large",
-                421: "421 Misdirected Request", 500: "500 Internal Server Error", 503: "503 Service Unavailable"}
+
+
+def decoded_path(raw: str) -> str | None:
+    """The request path percent-decoded as UTF-8 (None if it is not UTF-8)."""
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
+def is_fast(method: str, raw_path: str) -> bool:
+    """Served on the loop (the server's `fast_paths`): key requests and followers' write batches."""
+    if raw_path.startswith(KEYS_PREFIX):
+        return len(raw_path) > len(KEYS_PREFIX)
+    return raw_path.startswith(write_batches.ROUTE) and method == "POST"
+
+
+def refusal(status: int, error: str, method: str, raw_path: str) -> Response:
+    """The body of a request the server refuses before any handler (a 413 body, say): a key request's
+    carries "causal-context" like every key reply."""
+    body = {"error": error, "message": f"Error in {method}"}
+    if raw_path.startswith(KEYS_PREFIX):
+        body["causal-context"] = {}
+    return Response.json(status, body)
 
 
 class KeyRequests:
-    """WSGI middleware that serves GET/PUT/DELETE /kvs/keys/<key> and passes everything else on."""
-
-    def __init__(self, next_app: Callable, settings: NodeSettings, router: Router):
-        self._next = next_app
+    def __init__(self, settings: NodeSettings, router: KeyRouter):
         self._settings = settings
         self._router = router
         # Request ids: unique per node incarnation, cheaper than a uuid4 per request.
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
 
-    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if not path.startswith(KEYS_PREFIX) or len(path) == len(KEYS_PREFIX):
-            return self._next(environ, start_response)
-        method = environ["REQUEST_METHOD"]
-        context: dict = {}
+    async def __call__(self, request: Request) -> Response:
+        if request.path.startswith(write_batches.ROUTE):
+            return await self._write_batch(request)
+        return await self._key_request(request)
+
+    async def _write_batch(self, request: Request) -> Response:
+        """POST /internal/writes/<shard>: a follower's writes, proposed here (kvs.routing.write_batches)."""
+        path = decoded_path(request.path) or request.path
         try:
+            if not is_forwarded(self._settings, request.headers, request.method, path, request.body):
+                raise Unauthorized("internal endpoints are for nodes only")
+            try:
+                commands = [write_batches.command_from_json(row) for row in parse_body(request.body)["commands"]]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(f"malformed write batch: {exc}") from None
+            outcomes = await self._router.write_batch(path[len(write_batches.ROUTE):], commands,
+                                                      request_deadline(self._settings, request.headers))
+            reply = Reply(200, {"results": [write_batches.result_to_json(o) for o in outcomes]})
+        except Exception as exc:
+            reply = error_reply(exc, request.method, path)
+        return Response.json(reply.status, reply.body)
+
+    async def _key_request(self, request: Request) -> Response:
+        method = request.method
+        context: dict = {}
+        path = decoded_path(request.path)
+        try:
+            if path is None:
+                raise BadRequest("The key is not valid UTF-8")
             if method not in KEY_METHODS:
                 reply = Reply(405, {"error": f"Method {method} is not allowed here",
                                     "message": f"Error in {method}"})
             else:
-                headers = EnvironHeaders(environ)
-                raw = self._read_body(environ)
-                body = parse_body(raw)
+                headers = request.headers
+                body = parse_body(request.body)
                 given = body.get("causal-context", {})
                 if not isinstance(given, dict):
                     raise BadRequest("causal-context must be a JSON object")
                 context = given
-                forwarded = is_forwarded(self._settings, headers, method, path, raw)
+                forwarded = is_forwarded(self._settings, headers, method, path, request.body)
                 key = path[len(KEYS_PREFIX):]
-                reply = self._router.key_request(method, key, self._value(method, key, body),
-                                                 headers.get(peers.REQUEST_ID) or self._new_id(),
-                                                 request_deadline(self._settings, headers), forwarded)
-                reply.body.setdefault("causal-context", context)
+                reply = await self._router.key_request(method, key, _value(method, key, body),
+                                                       headers.get(peers.REQUEST_ID) or self._new_id(),
+                                                       request_deadline(self._settings, headers), forwarded)
+                reply.body["causal-context"] = context      # the client's, also over a forwarded reply's
         except Exception as exc:
-            reply = error_reply(exc, method, path, context)
-        return _wsgi_response(reply, start_response)
-
-    def _read_body(self, environ: dict) -> bytes:
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            raise BadRequest("Malformed Content-Length") from None
-        limit = self._settings.max_body_bytes
-        if length > limit:
-            raise PayloadTooLarge(f"Request body larger than {limit} bytes")
-        return environ["wsgi.input"].read(length) if length > 0 else b""
-
-    @staticmethod
-    def _value(method: str, key: str, body: dict) -> str | None:
-        if method != "PUT":
-            return None
-        if len(key) > MAX_KEY_LENGTH:
-            raise BadRequest("Key is too long")
-        value = body.get("value")
-        if value is None:
-            raise BadRequest("Value is missing")
-        if not isinstance(value, str):
-            raise BadRequest("Value must be a string")
-        return value
+            reply = error_reply(exc, method, path or request.path, context)
+        payload = json.dumps(reply.body, separators=(",", ":")).encode()
+        return Response(reply.status, payload, [("Content-Type", "application/json"), *reply.headers.items()])
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
 
 
-def _wsgi_response(reply: Reply, start_response: Callable) -> list[bytes]:
-    payload = json.dumps(reply.body, separators=(",", ":")).encode()
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
-    headers.extend(reply.headers.items())
-    start_response(_STATUS_TEXT.get(reply.status, f"{reply.status} Status"), headers)
-    return [payload]
+def _value(method: str, key: str, body: dict) -> str | None:
+    if method != "PUT":
+        return None
+    if len(key) > MAX_KEY_LENGTH:
+        raise BadRequest("Key is too long")
+    value = body.get("value")
+    if value is None:
+        raise BadRequest("Value is missing")
+    if not isinstance(value, str):
+        raise BadRequest("Value must be a string")
+    return value

@@ -1,11 +1,11 @@
 """The public REST API: the Flask application factory and every route but the key requests.
 
 The HTTP layer validates input, authenticates forwarded requests, calls the
-router or the view-change coordinator, and turns kvs errors into JSON in one
+shard queries or the view-change coordinator, and turns kvs errors into JSON in one
 place (`kvs.http.common.error_reply`). It holds no state of its own:
 everything lives in the `Services` it is built around. The key requests
-(`/kvs/keys/<key>`, the hot path) are served by `kvs.http.keys.KeyRequests`,
-which the factory installs in front of Flask.
+(`/kvs/keys/<key>`, the hot path) never reach Flask: the server answers them on
+its event loop (`kvs.http.keys`); Flask serves the rest on worker threads.
 
 A view change runs as a background job of the node (`ViewChange.submit`): the
 request only starts it and waits for its outcome, so a client that hangs up
@@ -22,7 +22,6 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from kvs.errors import BadRequest, PayloadTooLarge
 from kvs.http.common import Services, error_reply, is_forwarded, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
-from kvs.http.keys import KeyRequests
 from kvs.routing import peers
 
 shards = Blueprint("shards", __name__)
@@ -37,7 +36,6 @@ def create_app(svc: Services) -> Flask:
     app.register_blueprint(ops)
     app.register_blueprint(internal)
     app.register_error_handler(Exception, _flask_error)
-    app.wsgi_app = KeyRequests(app.wsgi_app, svc.node.settings, svc.router)
     return app
 
 
@@ -56,7 +54,7 @@ def _json_object() -> dict:
 
 @shards.route("/kvs/key-count", methods=["GET"])
 def key_count() -> Response:
-    shard_id, count = services().router.key_count(_deadline())
+    shard_id, count = services().shards.key_count(_deadline())
     return json_response(200, {"message": "Key count retrieved successfully", "key-count": count,
                                "shard-id": shard_id})
 
@@ -64,14 +62,14 @@ def key_count() -> Response:
 @shards.route("/kvs/shards", methods=["GET"])
 def shard_list() -> Response:
     return json_response(200, {"message": "Shard membership retrieved successfully",
-                               "shards": services().router.shard_ids()})
+                               "shards": services().shards.shard_ids()})
 
 
 @shards.route("/kvs/shards/<shard_id>", methods=["GET"])
 def shard_info(shard_id: str) -> Response:
     forwarded = is_forwarded(services().node.settings, request.headers, request.method, request.path,
                              request.get_data(cache=True))
-    reply = services().router.shard_info(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
+    reply = services().shards.shard_info(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
                                          _deadline(), forwarded)
     return json_response(reply.status, reply.body, reply.headers)
 

@@ -10,10 +10,11 @@ deadline, `execute(command)` and `read(fn)`, and the kvs exception tree:
   so the state machine's deduplication makes a retry of an applied write
   return the first outcome. When the deadline passes, `Unavailable`.
 * PySyncObj has no linearizable local read (a deposed leader serves stale data
-  for `leaderFallbackTimeout`). `read` orders reads through the log instead:
-  reads that arrive while no barrier is being proposed share the next one; once
-  that barrier is applied on this replica, every write acknowledged before the
-  reads arrived is applied here too, and `fn` runs on the local state.
+  for `leaderFallbackTimeout`). `read` asks for a read index
+  (`kvs.raft.read_index`: the leader confirms with a majority that it still
+  leads, shared by every read that arrived meanwhile; a follower asks the
+  leader) and runs `fn` on the local state once that index is applied here:
+  no log entry per read, and followers serve reads too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pysyncobj.config import FAIL_REASON
 
 from kvs.errors import Unavailable
 from kvs.raft import storage
+from kvs.raft.journal import set_fsync
 from kvs.raft.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ storage.install()
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _RETRY_BACKOFF = (0.005, 0.2)    # first and largest pause between retries, seconds
-_BARRIER_STALL = 1.0             # a barrier unanswered this long no longer holds back new ones
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class RaftTiming:
     connection_timeout: float = 3.5
     compaction_entries: int = 20_000
     compaction_seconds: float = 300.0
+    fsync: bool = True                 # fsync the journal before acknowledging (KVS_FSYNC; see kvs.raft.journal)
 
 
 class _Pending:
@@ -71,41 +73,6 @@ class _Pending:
         self.event.set()
 
 
-class ReadBarrier:
-    """Shares one replicated no-op among every read that arrived before it was proposed."""
-
-    def __init__(self, replica: Replica):
-        self._replica = replica
-        self._lock = threading.Lock()
-        self._collecting: _Pending | None = None
-        self._in_flight_since: float | None = None
-
-    def wait(self, deadline: float) -> bool:
-        """Block until a barrier proposed after this call is applied here; False on failure."""
-        with self._lock:
-            if self._collecting is None:
-                self._collecting = _Pending()
-            batch = self._collecting
-            since = self._in_flight_since
-            if since is None or time.monotonic() - since > _BARRIER_STALL:
-                self._launch_locked()
-        if not batch.event.wait(max(0.0, deadline - time.monotonic())):
-            return False
-        return batch.error == FAIL_REASON.SUCCESS
-
-    def _launch_locked(self) -> None:
-        batch, self._collecting = self._collecting, None
-        self._in_flight_since = time.monotonic()
-        self._replica.submit(("barrier",), lambda result, error: self._finished(batch, result, error))
-
-    def _finished(self, batch: _Pending, result: Any, error: int) -> None:
-        batch.resolve(result, error)
-        with self._lock:
-            self._in_flight_since = None
-            if self._collecting is not None:
-                self._launch_locked()
-
-
 class RaftGroup:
     """This node's replica of one Raft group (a shard group or the metadata group)."""
 
@@ -117,6 +84,7 @@ class RaftGroup:
         self.state = state
         os.makedirs(directory, exist_ok=True)
         journal_path, snapshot_path = storage.group_files(directory)
+        set_fsync(journal_path, timing.fsync)      # read by the journal PySyncObj opens below
         # Snapshots are written off the tick thread (see kvs.raft.storage). A state machine whose
         # snapshot() returns objects that apply never mutates afterwards (`detached_snapshot`, the shard
         # state) is pickled by the worker; any other (the metadata group's, small) on the tick thread.
@@ -149,7 +117,6 @@ class RaftGroup:
         )
         peers = [p for p in peers if p != self_address]
         self._replica = Replica(self_address, peers, state, conf, on_applied)
-        self._barrier = ReadBarrier(self._replica)
 
     # -- commands and reads ------------------------------------------------------
 
@@ -179,14 +146,26 @@ class RaftGroup:
         self._replica.submit(command, callback)
 
     def read(self, fn: Callable[[Any], Any], deadline: float) -> Any:
-        """Run `fn(state)` after a barrier that orders it after every earlier write."""
+        """Run `fn(state)` once a ReadIndex round says this replica holds every write acknowledged
+        before the call (kvs.raft.read_index); retried until the deadline, then Unavailable."""
         backoff = _RETRY_BACKOFF[0]
-        while not self._barrier.wait(deadline):
-            if deadline - time.monotonic() <= 0:
-                raise Unavailable(f"group {self.name}: no read barrier before the deadline")
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"group {self.name}: no read index before the deadline")
+            ready = _Pending()
+            self._replica.read_index(lambda ok: ready.resolve(ok, FAIL_REASON.SUCCESS))
+            if not ready.event.wait(remaining):
+                raise Unavailable(f"group {self.name}: no read index before the deadline")
+            if ready.result:
+                return fn(self.state)
+            # A pause between retries, not a synchronisation: the next try asks again.
             time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, _RETRY_BACKOFF[1])
-        return fn(self.state)
+
+    def read_index(self, callback: Callable[[bool], None]) -> None:
+        """The ReadIndex request itself, for callers that wait their own way (the event loop)."""
+        self._replica.read_index(callback)
 
     # -- membership (the metadata group follows the view; see kvs.reconfig.membership) ------
 
@@ -240,4 +219,5 @@ class RaftGroup:
 
     def close(self) -> None:
         self._replica.destroy_synchronous()
+        self._replica.fail_reads()
         self._codec.close()         # after the tick thread: no rename can follow this

@@ -11,6 +11,17 @@ PySyncObj checks for; entries after the snapshot are kept.
 
 Term, vote and commit index live beside it in `<journal>.meta`: term and vote
 are written (atomically) before any message reflects them, as Raft requires.
+
+Durability against power loss (group commit). Appends and truncations only
+mark the journal dirty; `sync()` makes everything written so far durable with
+one `fdatasync`, however many entries that covers. `kvs.raft.replica` calls it
+before any acknowledgement leaves a follower and before the leader counts
+itself toward a commit, so one fsync covers a whole batch of entries. Every
+file replaced by rename (compaction, `.meta`) is fsynced before the rename and
+its directory after, and a newly created journal's directory is fsynced once.
+The switch is per journal path (`set_fsync`, filled by `RaftGroup` from the
+`KVS_FSYNC` setting before PySyncObj calls the journal factory, which takes
+only a path); a journal whose path was never registered fsyncs.
 """
 
 from __future__ import annotations
@@ -32,6 +43,11 @@ META_SUFFIX = ".meta"
 # record = header + command; header = command length, crc32, index, term
 _HEADER = struct.Struct("<IIQQ")
 
+_fdatasync = getattr(os, "fdatasync", os.fsync)     # macOS has no fdatasync
+
+# journal path (absolute) -> fsync on or off; see `set_fsync`.
+_FSYNC_BY_PATH: dict[str, bool] = {}
+
 Entry = tuple  # (command: bytes, index: int, term: int), as PySyncObj uses them
 
 
@@ -43,26 +59,81 @@ def _encode(command: bytes, index: int, term: int) -> bytes:
     return _HEADER.pack(len(command), _checksum(command, index, term), index, term) + command
 
 
-def _write_atomically(path: str, payload: bytes) -> None:
+def set_fsync(journal_path: str, enabled: bool) -> None:
+    """Choose whether the journal at `journal_path` fsyncs (the default for an unregistered path is on).
+
+    PySyncObj builds its journal through `kvs.raft.storage.create_journal(path)`,
+    a factory that receives nothing but the path, so the choice travels in this
+    registry: `RaftGroup` registers its journal path here before it creates its
+    SyncObj, and `DurableJournal` looks its path up when it opens. Registering
+    again (a group re-created in the same directory) replaces the old choice."""
+    _FSYNC_BY_PATH[os.path.abspath(journal_path)] = bool(enabled)
+
+
+def fsync_enabled(journal_path: str) -> bool:
+    return _FSYNC_BY_PATH.get(os.path.abspath(journal_path), True)
+
+
+def fsync_directory(directory: str) -> None:
+    """Make the names in `directory` (a rename, a new file) durable."""
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file_and_directory(path: str) -> None:
+    """Make the file at `path`, and its name, durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_directory(os.path.dirname(path))
+
+
+def _write_atomically(path: str, payload: bytes, fsync: bool) -> None:
+    """Replace `path` by `payload`: a crash leaves the old or the new file, durably so when `fsync`."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(payload)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())    # the data before the name: never a renamed empty file
     os.replace(tmp, path)
+    if fsync:
+        fsync_directory(os.path.dirname(path))
+
+
+class JournalSyncError(OSError):
+    """An fsync of the journal failed: nothing written since the last good sync can be trusted."""
 
 
 class DurableJournal(Journal):
-    """An append-only, checksummed Raft log file with atomic compaction."""
+    """An append-only, checksummed Raft log file with atomic compaction and group-commit fsync.
 
-    def __init__(self, path: str, snapshot_boundary: tuple[Entry, Entry] | None = None):
+    `fsync` None means "as registered for this path" (`set_fsync`; on if never registered)."""
+
+    def __init__(self, path: str, snapshot_boundary: tuple[Entry, Entry] | None = None,
+                 fsync: bool | None = None):
         self._path = path
         self._meta_path = path + META_SUFFIX
+        self._fsync = fsync_enabled(path) if fsync is None else bool(fsync)
         self._entries: list[Entry] = []
         self._offsets: list[int] = []       # file offset of each entry's record
         self._meta = self._load_meta()
         self._meta_dirty = False
+        self._dirty = False                 # written (appended, truncated) since the last sync
+        self._sync_error: OSError | None = None
+        self.synced_index = 0               # index of the last entry the last sync covered (0: none)
+        self.sync_count = 0                 # fdatasync calls made by sync()
+        created = not os.path.exists(path)
         self._load()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._end = os.fstat(self._fd).st_size
+        if created and self._fsync:
+            fsync_directory(os.path.dirname(path))
         if snapshot_boundary is not None:
             self._align_to_snapshot(*snapshot_boundary)
 
@@ -87,6 +158,7 @@ class DurableJournal(Journal):
         if offset != len(blob):
             log.warning("journal %s: dropping %d bytes of a torn tail", self._path, len(blob) - offset)
             os.truncate(self._path, offset)
+            self._dirty = True
 
     def _align_to_snapshot(self, prev: Entry, last: Entry) -> None:
         """Make the journal start at the snapshot's boundary entries (prev, last)."""
@@ -112,12 +184,15 @@ class DurableJournal(Journal):
         command = bytes(command)
         record = _encode(command, idx, term)
         os.write(self._fd, record)
+        self._dirty = True
         self._entries.append((command, idx, term))
         self._offsets.append(self._end)
         self._end += len(record)
 
     def clear(self) -> None:
         os.ftruncate(self._fd, 0)
+        self._dirty = True
+        self.synced_index = 0
         self._entries = []
         self._offsets = []
         self._end = 0
@@ -127,13 +202,20 @@ class DurableJournal(Journal):
             return
         self._end = self._offsets[entryFrom]
         os.ftruncate(self._fd, self._end)
+        self._dirty = True
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
+        self.synced_index = min(self.synced_index, self._entries[-1][1] if self._entries else 0)
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         kept = self._entries[entryTo:]
         records = [_encode(*entry) for entry in kept]
-        _write_atomically(self._path, b"".join(records))
+        # With fsync on, the new file is fsynced before the rename and the directory after: every
+        # kept entry is then durable, whatever the old file's unsynced tail held.
+        _write_atomically(self._path, b"".join(records), self._fsync)
+        if self._fsync:
+            self._dirty = False
+            self.synced_index = kept[-1][1] if kept else 0
         os.close(self._fd)
         self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
         self._entries = kept
@@ -151,11 +233,58 @@ class DurableJournal(Journal):
         return len(self._entries)
 
     def _destroy(self) -> None:
+        try:
+            self.sync()
+        except OSError:
+            log.exception("journal %s: final sync failed", self._path)
         self._store_meta()
         os.close(self._fd)
 
     def flush(self) -> None:
         pass
+
+    # -- durability (group commit) --------------------------------------------------
+
+    @property
+    def fsync(self) -> bool:
+        """Whether this journal fsyncs (KVS_FSYNC)."""
+        return self._fsync
+
+    @property
+    def dirty(self) -> bool:
+        """Whether something was written since the last sync."""
+        return self._dirty
+
+    def sync(self) -> bool:
+        """Make every entry written so far durable with one fdatasync, if anything changed; True if it did.
+
+        Group commit: appends and truncations only mark the journal dirty; the
+        caller syncs once per batch, before it acknowledges any of its entries.
+        A failed fdatasync is sticky (`JournalSyncError` from then on): after a
+        failure the kernel may have dropped the dirty pages and a retry would
+        report success for data that never reached the disk, so the node must
+        not acknowledge anything again; it stops until restarted.
+
+        With fsync disabled (`KVS_FSYNC=off`) this does nothing. Entries then
+        reach only the page cache: they survive the death of the process
+        (SIGKILL, OOM) but not a power failure or kernel crash, which can lose
+        acknowledged entries on every replica that failed at once, and, since
+        `.meta` is not fsynced either, the term and vote, so a restarted node
+        may vote twice in one term. Use it for tests and benchmarks only."""
+        if self._sync_error is not None:
+            raise JournalSyncError(f"journal {self._path}: an earlier fsync failed") from self._sync_error
+        if not self._dirty or not self._fsync:
+            return False
+        try:
+            _fdatasync(self._fd)
+        except OSError as exc:
+            self._sync_error = exc
+            log.critical("journal %s: fsync failed (%r); this replica acknowledges nothing more", self._path, exc)
+            raise JournalSyncError(f"journal {self._path}: fsync failed") from exc
+        self._dirty = False
+        self.synced_index = self._entries[-1][1] if self._entries else 0
+        self.sync_count += 1
+        return True
 
     # -- persistent Raft state: term, vote, commit index ------------------------
 
@@ -167,7 +296,9 @@ class DurableJournal(Journal):
             return {}
 
     def _store_meta(self) -> None:
-        _write_atomically(self._meta_path, pickle.dumps(self._meta))
+        # Fsynced (file, then directory) whenever fsync is on, also for the lazy commit-index writes:
+        # a rename of an unsynced file could leave an empty .meta, losing the term and vote with it.
+        _write_atomically(self._meta_path, pickle.dumps(self._meta), self._fsync)
         self._meta_dirty = False
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
@@ -180,7 +311,8 @@ class DurableJournal(Journal):
         return self._meta.get("commit_index", 1)
 
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
-        # Raft needs term and vote on disk before any message that reflects them.
+        # Raft needs term and vote on disk before any message that reflects them: written and fsynced
+        # here, on the tick thread, before PySyncObj sends the vote request or the vote.
         self._meta["term"] = term
         self._meta["voted_for"] = votedForNodeId
         self._store_meta()

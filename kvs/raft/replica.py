@@ -24,6 +24,11 @@ waiting instead, with three documented changes that touch PySyncObj internals
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
 
+Reads use the ReadIndex protocol (`kvs.raft.read_index`), whose messages
+travel on PySyncObj's transport beside its own and are handled here before
+PySyncObj sees them; its rounds start on each tick (`read_index` wakes the
+tick thread).
+
 Outgoing Raft connections (`RaftTransport`):
 - leave from the node's own IP when it binds one: the kernel would otherwise
   pick the route's source address (127.0.0.1 for every 127.0.0.x peer, the
@@ -35,10 +40,44 @@ Outgoing Raft connections (`RaftTransport`):
   SYN_SENT until the kernel's default (about 2 minutes) and the peer stayed
   unreachable that long after the partition healed. A failed connect is
   retried every `connectionRetryTime`.
+
+Durability (group commit; see `DurableJournal.sync`): a replica acknowledges
+only entries that are on disk, with one fsync per batch. PySyncObj appends
+without syncing; these hooks sync at the points where an entry starts to
+count toward a commit:
+
+- Followers: their only acknowledgement is the `next_node_idx` answer, which
+  PySyncObj sends in one place (`__sendNextNodeIdx`, reached from the
+  `append_entries` handler for appended entries, a truncation or an installed
+  snapshot) through `self.__transport.send`, i.e. `RaftTransport.send`, which
+  syncs the journal before any message in `_SYNC_BEFORE_SENDING` leaves. One
+  AppendEntries message (one batch) costs one fsync. Vote requests and votes
+  are synced too (term and vote are fsynced by the journal itself), following
+  the rule "persist, then send": cheap, as elections are rare.
+- Before an installed snapshot replaces the journal, the received snapshot
+  file and its directory are fsynced (`_SyncObj__loadDumpFile`): the journal is
+  cleared right after, and the acknowledgement follows.
+- Leader: it counts itself toward a commit in `_onTick`, at the top of the
+  tick. Its entries enter the log in two places only: `_checkCommandsToApply`
+  near the end of a tick (client commands, membership changes), and
+  `__onBecomeLeader` (the no-op), reached from the `response_vote` handler
+  during `poll` or, in a single-node group, from the election at the top of
+  `_onTick` itself, just before the commit count. Hence three syncs: right
+  after `_replicate_now` has sent AppendEntries (`_sync_after_replication`,
+  a tick callback: the leader's fsync runs while the followers do theirs,
+  instead of delaying the next tick); right after becoming leader; and at the
+  top of every tick (`_onTick`), which covers anything else written since the
+  last sync (a tick that raised half-way, a path added by a later PySyncObj),
+  so a commit computed there never counts an unsynced entry of the leader's.
+  A single-node group commits at the next tick's top, after that sync.
+- Every sync is a no-op when nothing was written since the last one, and all
+  of them run on the tick thread. A failed fsync is sticky: the tick raises,
+  nothing is acknowledged again, and the group elects another leader.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Callable
 
@@ -47,9 +86,16 @@ from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
+from kvs.raft.journal import fsync_file_and_directory
+from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
+from kvs.raft.read_index import ReadIndex
+
 
 _SYN_RETRIES = 2
 _USER_TIMEOUT_MS = 5000
+
+# Raft messages that reflect (acknowledge) this replica's log: sent only once the journal is synced.
+_SYNC_BEFORE_SENDING = frozenset({"next_node_idx", "request_vote", "response_vote"})
 
 
 class _RaftConnection(TcpConnection):
@@ -82,6 +128,16 @@ class RaftTransport(TCPTransport):
         if host and host not in ("0.0.0.0", "::"):
             conn.source_ip = host
 
+    # -- durability: no acknowledgement leaves before the journal is synced ------
+
+    def send(self, node: Any, message: Any) -> bool:
+        """Every Raft message goes through here (`SyncObj.__transport.send`); see "Durability" above."""
+        if isinstance(message, dict) and message.get("type") in _SYNC_BEFORE_SENDING:
+            sync = getattr(self._syncObj, "_sync_journal", None)
+            if sync is not None:
+                sync()
+        return super().send(node, message)
+
 
 class Replica(SyncObj):
     def __init__(self, self_address: str, peers: list[str], state: Any, conf: SyncObjConf,
@@ -91,9 +147,12 @@ class Replica(SyncObj):
         self._sent_log_index = 0
         self._sent_commit_index = 0
         self._wakeup: PipeNotifier | None = None
+        self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
         super().__init__(self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
         self.addOnTickCallback(self._replicate_now)
+        self.addOnTickCallback(self._sync_after_replication)     # after _replicate_now: see "Durability"
+        self.addOnTickCallback(self._read_index.on_tick)
 
     @replicated
     def _apply(self, command: Any) -> Any:
@@ -105,6 +164,17 @@ class Replica(SyncObj):
     def submit(self, command: Any, callback: Callable[[Any, int], None]) -> None:
         """Propose `command`; `callback(result, fail_reason)` runs on the tick thread."""
         self._apply(command, callback=callback)
+
+    def read_index(self, callback: Callable[[bool], None]) -> None:
+        """Ask for a linearizable read (kvs.raft.read_index); `callback(ok)` runs on the tick thread once
+        this replica's state may be read (True), or when it may not now (False: retry)."""
+        self._read_index.request(callback)
+        if self._wakeup is not None:
+            self._wakeup.notify()
+
+    def fail_reads(self) -> None:
+        """After the tick thread has ended: every waiting read is told False."""
+        self._read_index.fail_all()
 
     # -- change 1: wake the tick thread -----------------------------------------
 
@@ -128,6 +198,9 @@ class Replica(SyncObj):
     # -- change 3: never move nextIndex backwards on success ---------------------
 
     def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:
+        if message.get("type") in READ_INDEX_MESSAGES:
+            self._read_index.on_message(node, message)      # ours alone: PySyncObj never sees them
+            return
         furthest_sent = None
         if message.get("type") == "next_node_idx" and message.get("success") and not message.get("reset"):
             furthest_sent = self._SyncObj__raftNextIndex.get(node)
@@ -136,3 +209,36 @@ class Replica(SyncObj):
             next_index = self._SyncObj__raftNextIndex
             if node in next_index and next_index[node] < furthest_sent:
                 next_index[node] = furthest_sent
+
+    # -- durability: group commit (see "Durability" in the module docstring) -----
+
+    def _sync_journal(self) -> None:
+        """Fsync the journal if anything was written since the last sync (tick thread only)."""
+        sync = getattr(getattr(self, "_SyncObj__raftLog", None), "sync", None)  # MemoryJournal has none
+        if sync is not None:
+            sync()
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
+        self._sync_journal()
+        super()._onTick(timeToWait)
+
+    def _sync_after_replication(self) -> None:
+        # A tick callback registered after _replicate_now: the AppendEntries are already on their way,
+        # so the leader's fsync overlaps the followers' instead of delaying the next tick.
+        self._sync_journal()
+
+    def _SyncObj__onBecomeLeader(self) -> None:
+        # The no-op it appends may be counted in the same tick (single-node group: the election and
+        # the commit count both run at the top of _onTick, after our sync there).
+        SyncObj._SyncObj__onBecomeLeader(self)
+        self._sync_journal()
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
+        # clearJournal: a snapshot received from the leader was just renamed into place, unsynced;
+        # make it durable before PySyncObj clears the journal and acknowledges the snapshot.
+        journal = getattr(self, "_SyncObj__raftLog", None)
+        path = self.conf.fullDumpFile
+        if clearJournal and getattr(journal, "fsync", False) and path and os.path.exists(path):
+            fsync_file_and_directory(path)
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)

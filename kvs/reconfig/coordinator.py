@@ -7,7 +7,7 @@ each phase in the metadata group (`kvs.fsm.meta`):
 1. prepare: commit the plan as pending; every node of both views learns it and
    starts the replicas of the new groups it belongs to.
 2. copy: every moving range is exported from its source group (after a read
-   barrier) and installed into its destination through the destination's own
+   index) and installed into its destination through the destination's own
    log, with its slice of the deduplication table, while the source serves
    (`kvs.reconfig.copy`).
 3. catch up, freeze, catch up: sources number every write of a moving key

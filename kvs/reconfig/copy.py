@@ -1,6 +1,6 @@
 """RangeCopy: moving one range of keys from its source group into its destination group.
 
-A copy is read from the source after a read barrier (`Remote.export`) and
+A copy is read from the source after a read index (`Remote.export`) and
 installed into the destination through the destination's own log, in
 `Install` commands of about CHUNK_BYTES each (with the keys' slice of the
 deduplication table, so a retried write is still recognised after the move).

@@ -12,7 +12,7 @@ fields. The group commands themselves are `kvs.fsm.commands`.
     GET  /internal/epochs                 KnownEpochs: what this node's metadata replica knows
     POST /internal/metadata               MetadataMembership: join or leave the metadata group
     POST /internal/groups/<id>/commands   {"command": AdminCommand} -> {"result": int | bool}
-    POST /internal/groups/<id>/export     ExportRequest -> Exported: the moving keys, after a read barrier
+    POST /internal/groups/<id>/export     ExportRequest -> Exported: the moving keys, after a read index
     POST /internal/groups/<id>/changes    ExportRequest with since -> Exported: only what changed since
 """
 

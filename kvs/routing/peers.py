@@ -124,6 +124,29 @@ def verify(secret: str, header: str | None, method: str, path: str, request_id: 
         raise Unauthorized("bad signature")
 
 
+def forwarded_headers(secret: str | None, method: str, path: str, request_id: str, body: bytes,
+                      remaining: float) -> dict[str, str]:
+    """The headers of a node-to-node request: marked forwarded, its deadline, its id, and signed."""
+    headers = {
+        FORWARDED: "1",
+        DEADLINE: str(max(1, int(remaining * 1000))),
+        REQUEST_ID: request_id,
+        "Content-Type": "application/json",
+    }
+    if secret:
+        headers[SIGNATURE] = sign(secret, method, unquote(path), request_id, body)
+    return headers
+
+
+def peer_response(address: str, status: int, raw: bytes, leader_hint: str | None) -> PeerResponse:
+    """A peer's answer as routing reads it (PeerUnreachable if it is not a JSON body)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise PeerUnreachable(f"{address}: answered {status} without JSON") from None
+    return PeerResponse(status, data if isinstance(data, dict) else {}, leader_hint)
+
+
 class _SourceAddressAdapter(HTTPAdapter):
     """Connections leave from the node's own IP, as its Raft connections do (see kvs.raft.replica)."""
 
@@ -158,21 +181,10 @@ class Forwarder:
         if remaining <= 0:
             raise PeerUnreachable(f"{address}: no time left")
         body = b"" if payload is None else json.dumps(payload).encode()
-        headers = {
-            FORWARDED: "1",
-            DEADLINE: str(int(remaining * 1000)),
-            REQUEST_ID: request_id,
-            "Content-Type": "application/json",
-        }
-        if self._secret:
-            headers[SIGNATURE] = sign(self._secret, method, unquote(path), request_id, body)
+        headers = forwarded_headers(self._secret, method, path, request_id, body, remaining)
         try:
             resp = self._session().request(method, f"http://{address}{path}", data=body or None, headers=headers,
                                            timeout=(min(CONNECT_TIMEOUT, remaining), remaining))
         except requests.RequestException as exc:
             raise PeerUnreachable(f"{address}: {exc.__class__.__name__}") from None
-        try:
-            data = resp.json()
-        except ValueError:
-            raise PeerUnreachable(f"{address}: answered {resp.status_code} without JSON") from None
-        return PeerResponse(resp.status_code, data if isinstance(data, dict) else {}, resp.headers.get(LEADER_HINT))
+        return peer_response(address, resp.status_code, resp.content, resp.headers.get(LEADER_HINT))

@@ -228,10 +228,19 @@ class ProcessDriver(ClusterDriver):
         for rule in self._isolation_rules(node):
             _iptables("-D", self._chain, *rule, check=False)
 
-    def _isolation_rules(self, node: str) -> list[tuple[str, ...]]:
-        ip = node.split(":")[0]
-        others = {other.split(":")[0] for other in self.all_nodes()} - {ip}
-        return [rule for other in sorted(others)
+    def isolate_together(self, nodes: list[str]) -> None:
+        """Cut `nodes` off from every other node, but not from each other (a minority partition)."""
+        for rule in self._isolation_rules(*nodes):
+            _iptables("-A", self._chain, *rule)
+
+    def heal_together(self, nodes: list[str]) -> None:
+        for rule in self._isolation_rules(*nodes):
+            _iptables("-D", self._chain, *rule, check=False)
+
+    def _isolation_rules(self, *inside: str) -> list[tuple[str, ...]]:
+        ips = sorted({node.split(":")[0] for node in inside})
+        others = {other.split(":")[0] for other in self.all_nodes()} - set(ips)
+        return [rule for ip in ips for other in sorted(others)
                 for rule in (("-s", ip, "-d", other, "-j", "DROP"), ("-s", other, "-d", ip, "-j", "DROP"))]
 
     def logs(self, node: str, lines: int | None = 200) -> str:

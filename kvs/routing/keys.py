@@ -1,0 +1,189 @@
+"""KeyRouter: the key requests on the event loop, key -> shard -> the replica that serves it.
+
+* This node is a replica of the key's shard:
+  - a read runs here, after a ReadIndex round (`kvs.raft.read_index`): the
+    leader confirms it still leads; a follower asks the leader for the index
+    and reads its own state once it has applied it. Every replica serves reads.
+  - a write is proposed here if this replica leads (batched with the writes
+    around it, `kvs.raft.loop`). A follower sends it to the leader with the
+    other writes of the same loop iteration, in one request over a pooled
+    keep-alive connection (`kvs.routing.write_batches`); if the leader cannot
+    take it, the follower proposes it itself (PySyncObj then hands it to
+    whoever leads). The client sees the same reply either way.
+* Otherwise the request is forwarded to the shard's replicas, the last known
+  leader first, until one answers or the deadline passes; the reply then
+  names the replica that served it in "address".
+
+Every retry and hop carries the same request id, so a write is applied at most
+once however often it is retried. Fencing: a group refuses a key it does not
+own (or that is moving away) with NotOwned(epoch); a forwarded request is never
+forwarded again to another shard (its receiver answers 421 naming that
+epoch), and the node that took the client's request waits until it knows that
+epoch and routes again, until the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import quote
+
+from kvs.errors import BadRequest, NotMember, Unavailable, WrongGroup
+from kvs.fsm.base import Invalid
+from kvs.fsm.shard import NotOwned
+from kvs.node import Node
+from kvs.raft.group import RaftGroup
+from kvs.raft.loop import LoopGroup
+from kvs.routing import replies
+from kvs.routing.aio_peers import AsyncForwarder, until_one_answers
+from kvs.routing.peers import LEADER_HINT, PeerUnreachable, TryNext
+from kvs.routing.replies import Reply
+from kvs.routing.write_batches import LeaderChannel
+
+FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
+ATTEMPT_SECONDS = 2.0     # one replica may take this long before the next is tried (a paused peer)
+ROUND_PAUSE = 0.05        # pause after every replica of a shard failed once
+EPOCH_WAIT = 0.2          # wait this long for a newer epoch before routing a refused key again
+EPOCH_POLL = 0.01
+
+
+class KeyRouter:
+    def __init__(self, node: Node, forwarder: AsyncForwarder, loop: asyncio.AbstractEventLoop):
+        self._node = node
+        self._forwarder = forwarder
+        self._loop = loop
+        self._groups: dict[int, LoopGroup] = {}      # id(RaftGroup) -> its LoopGroup
+        self._leader_hints: dict[str, str] = {}      # shard id -> HTTP address that answered last
+        self._channel = LeaderChannel(forwarder, loop)
+
+    async def key_request(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
+                          forwarded: bool) -> Reply:
+        while True:
+            try:
+                return await self._route(method, key, value, request_id, deadline, forwarded)
+            except WrongGroup as exc:
+                if forwarded:
+                    raise
+                known = self._node.epoch.number if self._node.epoch is not None else 0
+                wanted = exc.epoch if exc.epoch > known else known + 1
+                await self._epoch(wanted, min(deadline, time.monotonic() + EPOCH_WAIT))
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"key {key!r} is moving and epoch {wanted} did not arrive in time")
+
+    async def _epoch(self, number: int, until: float) -> None:
+        """Until this node knows epoch `number` (polled: epochs change a few times a day)."""
+        while time.monotonic() < until:
+            epoch = self._node.epoch
+            if epoch is not None and epoch.number >= number:
+                return
+            await asyncio.sleep(EPOCH_POLL)
+
+    async def _route(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
+                     forwarded: bool) -> Reply:
+        epoch = self._node.epoch
+        if epoch is None:
+            raise NotMember("this node does not know the cluster configuration")
+        shard_id = epoch.shard_for_key(key)
+        group = self._node.group(shard_id)
+        path = f"/kvs/keys/{quote(key, safe='')}"
+        if group is not None:
+            reply = await self._serve(group, shard_id, method, key, value, path, request_id, deadline, forwarded)
+            if forwarded:
+                leader = self._node.leader_address(shard_id)
+                if leader:
+                    reply.headers[LEADER_HINT] = leader
+            return reply
+        if forwarded:
+            raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
+        payload = None if value is None else {"value": value}
+        return await self._forward(shard_id, list(epoch.replicas(shard_id)), method, path, payload, request_id,
+                                   deadline)
+
+    async def _serve(self, group: RaftGroup, shard_id: str, method: str, key: str, value: str | None, path: str,
+                     request_id: str, deadline: float, forwarded: bool) -> Reply:
+        replica = self._loop_group(group)
+        if method == "GET":
+            return replies.get_reply(_checked(await replica.read(lambda state: state.read(key), deadline)))
+        if method not in ("PUT", "DELETE"):
+            raise BadRequest(f"method {method} is not supported")
+        command = ("put", request_id, key, value) if method == "PUT" else ("delete", request_id, key)
+        result = None
+        if not forwarded and not group.is_leader():
+            leader = self._node.leader_address(shard_id)
+            if leader is not None and leader != self._node.settings.address:
+                result = await self._channel.write(leader, shard_id, command, deadline - FORWARD_MARGIN)
+        if result is None:
+            result = await replica.execute(command, deadline)
+        result = _checked(result)
+        return replies.put_reply(result) if method == "PUT" else replies.delete_reply(result)
+
+    async def write_batch(self, shard_id: str, commands: list[tuple], deadline: float) -> list:
+        """A follower's batch (kvs.routing.write_batches), proposed here: one result per command, or
+        the Unavailable it met. WrongGroup if this node runs no replica of the shard."""
+        group = self._node.group(shard_id)
+        if group is None:
+            epoch = self._node.epoch
+            raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number if epoch else 0)
+        replica = self._loop_group(group)
+        return await asyncio.gather(*(replica.execute(c, deadline) for c in commands), return_exceptions=True)
+
+    async def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,
+                       request_id: str, deadline: float) -> Reply:
+        hint = self._leader_hints.get(shard_id)
+        if hint in replicas:
+            replicas.remove(hint)
+            replicas.insert(0, hint)
+        unavailable: list[Reply] = []
+
+        async def attempt(address: str, attempt_deadline: float) -> Reply:
+            try:
+                resp = await self._forwarder.send(address, method, path, payload, request_id, attempt_deadline)
+            except PeerUnreachable:
+                if self._leader_hints.get(shard_id) == address:
+                    del self._leader_hints[shard_id]
+                raise
+            if resp.leader_hint in replicas:
+                self._leader_hints[shard_id] = resp.leader_hint
+            if resp.status == 421:
+                raise WrongGroup(f"{address} does not serve shard {shard_id}", _epoch_of(resp.body))
+            if resp.status == 503:
+                unavailable.append(Reply(resp.status, resp.body))
+                raise TryNext("503")
+            resp.body["address"] = address
+            return Reply(resp.status, resp.body)
+
+        try:
+            return await until_one_answers(replicas, attempt, deadline - FORWARD_MARGIN, what=f"shard {shard_id}",
+                                           attempt_seconds=ATTEMPT_SECONDS, pause=ROUND_PAUSE)
+        except Unavailable:
+            if unavailable:
+                return unavailable[-1]      # the replicas' own 503, with its body
+            raise Unavailable(f"no replica of shard {shard_id} answered in time") from None
+
+    def _loop_group(self, group: RaftGroup) -> LoopGroup:
+        replica = self._groups.get(id(group))
+        if replica is None or replica.group is not group:
+            replica = self._groups[id(group)] = LoopGroup(group, self._loop)
+            live = {id(g) for g in self._node.hosted_groups()}
+            for stale in [k for k in self._groups if k not in live]:
+                self._groups.pop(stale).close()
+        return replica
+
+    def close(self) -> None:
+        for replica in self._groups.values():
+            replica.close()
+        self._groups.clear()
+
+
+def _epoch_of(body: dict) -> int:
+    epoch = body.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
+
+
+def _checked(result: object) -> object:
+    """The state machine's result, or the kvs error it stands for."""
+    if isinstance(result, NotOwned):
+        raise WrongGroup("this group does not serve the key at its epoch", result.epoch)
+    if isinstance(result, Invalid):
+        raise BadRequest(result.reason)
+    return result

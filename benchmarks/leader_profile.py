@@ -27,11 +27,12 @@ from harness import (fmt, kvs_cluster, kvs_pids, log_tails, progress, record_com
                      start_kvs)
 
 # (layer, substring of a frame's "function (path:line)" as py-spy prints it), first match wins
-LAYERS = (("waitress (HTTP parsing, I/O)", "waitress/"), ("flask/werkzeug", "flask/"), ("flask/werkzeug", "werkzeug/"),
+LAYERS = (("kvs: HTTP server (asyncio, httptools)", "kvs/http/aio/"), ("uvloop/asyncio", "uvloop/"),
+          ("uvloop/asyncio", "asyncio/"), ("flask/werkzeug", "flask/"), ("flask/werkzeug", "werkzeug/"),
           ("pysyncobj (Raft)", "pysyncobj/"), ("cryptography (Raft encryption)", "cryptography/"),
           ("kvs: raft glue", "kvs/raft/"), ("kvs: state machines", "kvs/fsm/"), ("kvs: routing", "kvs/routing/"),
-          ("kvs: HTTP API", "kvs/http/"),
-          ("kvs: other", "kvs/"), ("json", "json/"), ("socket/select", "selectors.py"), ("socket/select", "socket.py"),
+          ("kvs: HTTP API", "kvs/http/"), ("kvs: other", "kvs/"), ("json", "json/"),
+          ("socket/select", "selectors.py"), ("socket/select", "socket.py"),
           ("threading/queue", "threading.py"), ("threading/queue", "queue.py"), ("logging", "logging/"))
 
 

@@ -78,34 +78,54 @@ def result_from_json(row: object) -> object | None:
 
 
 class LeaderChannel:
-    """Batches of one follower's writes to the leaders of its shards."""
+    """Batches of one follower's writes to the leaders of its shards.
+
+    At most IN_FLIGHT batches per (leader, shard) are on the wire at a time; writes that arrive
+    meanwhile wait for the next one (group commit, as a disk does): under light load a write leaves
+    at once, under heavy load each request carries everything that arrived during the last round
+    trip, so the number of requests, not the number of writes, stays bounded."""
+
+    IN_FLIGHT = 2
 
     def __init__(self, forwarder: AsyncForwarder, loop: asyncio.AbstractEventLoop):
         self._forwarder = forwarder
         self._loop = loop
-        self._pending: dict[tuple[str, str], list[tuple[tuple, asyncio.Future]]] = {}
+        self._pending: dict[tuple[str, str], list[tuple[tuple, asyncio.Future, float]]] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}
         self._flush_scheduled = False
 
     async def write(self, leader: str, shard_id: str, command: tuple, deadline: float) -> object | None:
         """The leader's result for `command`, or None if the leader did not take it."""
         future = self._loop.create_future()
-        self._pending.setdefault((leader, shard_id), []).append((command, future))
+        self._pending.setdefault((leader, shard_id), []).append((command, future, deadline))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush, deadline)
+            self._loop.call_soon(self._flush)
         return await future
 
-    def _flush(self, deadline: float) -> None:
+    def _flush(self) -> None:
         self._flush_scheduled = False
-        pending, self._pending = self._pending, {}
-        for (leader, shard_id), writes in pending.items():
-            for start in range(0, len(writes), MAX_BATCH):
-                self._loop.create_task(self._send(leader, shard_id, writes[start:start + MAX_BATCH], deadline))
+        for target in list(self._pending):
+            self._send_next(target)
 
-    async def _send(self, leader: str, shard_id: str, writes: list, deadline: float) -> None:
+    def _send_next(self, target: tuple[str, str]) -> None:
+        writes = self._pending.get(target)
+        if not writes or self._in_flight.get(target, 0) >= self.IN_FLIGHT:
+            return
+        batch, rest = writes[:MAX_BATCH], writes[MAX_BATCH:]
+        if rest:
+            self._pending[target] = rest
+        else:
+            del self._pending[target]
+        self._in_flight[target] = self._in_flight.get(target, 0) + 1
+        self._loop.create_task(self._send(target, batch))
+
+    async def _send(self, target: tuple[str, str], writes: list) -> None:
+        leader, shard_id = target
         results: list = [None] * len(writes)
         try:
-            body = json.dumps({"commands": [command_to_json(c) for c, _ in writes]}).encode()
+            body = json.dumps({"commands": [command_to_json(c) for c, _, _ in writes]}).encode()
+            deadline = max(d for _, _, d in writes)
             resp = await self._forwarder.send(leader, "POST", route(shard_id), None, uuid.uuid4().hex,
                                               max(deadline, time.monotonic() + 0.5), body=body)
             rows = resp.body.get("results") if resp.status == 200 else None
@@ -114,6 +134,8 @@ class LeaderChannel:
         except PeerUnreachable:
             pass
         finally:
-            for (_, future), result in zip(writes, results):
+            for (_, future, _), result in zip(writes, results):
                 if not future.done():
                     future.set_result(result)
+            self._in_flight[target] -= 1
+            self._send_next(target)

@@ -26,7 +26,7 @@ from typing import Callable
 from kvs.http.aio import HttpClient, HttpServer, new_event_loop
 from kvs.http.common import Services
 from kvs.http.keys import KeyRequests, is_fast, refusal
-from kvs.http.public import create_app
+from kvs.http.public import INTERNAL_BODY_BYTES, create_app
 from kvs.node import Node
 from kvs.reconfig.coordinator import ViewChange
 from kvs.reconfig.epoch_sync import EpochSync
@@ -62,7 +62,7 @@ class NodeServer:
         self.keys = KeyRouter(self.node, AsyncForwarder(self._client, settings.secret), self.loop)
         self.http = HttpServer(KeyRequests(settings, self.keys), app, fast_paths=is_fast,
                                max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
-                               refusal=refusal)
+                               refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)])
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = [
             ("kvs-supervisor", self.node.supervise),
             ("kvs-takeover", TakeoverWatcher(self.node, self.view_change, remote).run),

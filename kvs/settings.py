@@ -19,6 +19,7 @@ setting (KVS_RAFT_PORT_OFFSET): every node must use the same value.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from kvs.errors import BadRequest
@@ -31,16 +32,27 @@ REQUEST_TIMEOUT_SECONDS = 5.0
 METADATA_SLOT = 0
 
 
+MAX_VIEW_NODES = 1024           # a view change naming more nodes is refused before any work
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+                   r"|\[[0-9A-Fa-f:.]{2,45}\]")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def parse_address(text: str) -> tuple[str, int]:
-    """Split 'host:port' (port defaults to 13800); raise BadRequest if malformed."""
+    """Split 'host:port' (port defaults to 13800); raise BadRequest unless it is exactly a host name,
+    an IPv4 address or a bracketed IPv6 address, and a port: nothing a URL could smuggle in."""
+    if not isinstance(text, str):
+        raise BadRequest("an address must be a 'host:port' string")
     text = text.strip()
     if not text:
         raise BadRequest("empty address")
+    if len(text) > 260:
+        raise BadRequest(f"malformed address {text[:40]!r}...: longer than a host name and a port")
     host, sep, port = text.rpartition(":")
     if not sep:
-        return text, DEFAULT_PORT
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadRequest(f"malformed address {text!r}: expected host:port")
+        host, port = text, str(DEFAULT_PORT)
+    if not _HOST.fullmatch(host) or len(host) > 253 or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise BadRequest(f"malformed address {text[:80]!r}: expected host:port")
     return host, int(port)
 
 
@@ -50,7 +62,9 @@ def normalize_address(text: str) -> str:
 
 
 def parse_view(text: str) -> tuple[str, ...]:
-    """Parse a comma-separated VIEW, keeping order and dropping duplicates."""
+    """Parse a comma-separated VIEW, keeping order and dropping duplicates (at most MAX_VIEW_NODES)."""
+    if text.count(",") >= MAX_VIEW_NODES:
+        raise BadRequest(f"a view has at most {MAX_VIEW_NODES} nodes")
     seen: dict[str, None] = {}
     for part in text.split(","):
         if part.strip():

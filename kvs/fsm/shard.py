@@ -190,9 +190,9 @@ class ShardState(StateMachine):
         data = dict(self._data)     # one C-level copy: the tick thread may be applying meanwhile
         h = hashlib.sha256()
         for key in sorted(data):
-            h.update(key.encode())
+            h.update(key.encode("utf-8", "surrogatepass"))
             h.update(b"\0")
-            h.update(data[key].encode())
+            h.update(data[key].encode("utf-8", "surrogatepass"))
             h.update(b"\1")
         return h.hexdigest()
 
@@ -202,7 +202,8 @@ class ShardState(StateMachine):
         refused = self._refuse(key)
         if refused is not None:
             return refused
-        fingerprint = ("put", key, value)
+        # A digest, not the value: the table keeps 100,000 entries, and values may be 1 MiB each.
+        fingerprint = ("put", key, hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest())
         seen = self._seen(request_id, fingerprint)
         if seen is not None:
             return seen

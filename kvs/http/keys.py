@@ -130,4 +130,8 @@ def _value(method: str, key: str, body: dict) -> str | None:
         raise BadRequest("Value is missing")
     if not isinstance(value, str):
         raise BadRequest("Value must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("Value must be valid Unicode (a lone surrogate such as \\ud800 is not)") from None
     return value

@@ -24,13 +24,17 @@ from kvs.http.common import Services, error_reply, is_forwarded, json_response, 
 from kvs.http.internal import internal
 from kvs.routing import peers
 
+INTERNAL_BODY_BYTES = 256 << 20   # node-to-node transfers: installs, write batches (kvs.server)
+
 shards = Blueprint("shards", __name__)
 ops = Blueprint("ops", __name__)
 
 
 def create_app(svc: Services) -> Flask:
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = svc.node.settings.max_body_bytes
+    # The server refuses what is too large for its path before Flask reads it (the client limit for
+    # the public API, a larger one for /internal/); Flask's own limit is that larger one.
+    app.config["MAX_CONTENT_LENGTH"] = max(svc.node.settings.max_body_bytes, INTERNAL_BODY_BYTES)
     app.extensions["kvs"] = svc
     app.register_blueprint(shards)
     app.register_blueprint(ops)

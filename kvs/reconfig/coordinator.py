@@ -190,7 +190,11 @@ class ViewChange:
     # -- the change ----------------------------------------------------------------------------
 
     def _carry_out(self, plan: Plan, current: ConfigEpoch) -> list[dict]:
-        """Prepare, copy, commit and clean up `plan` (or roll it back); the new shards with key counts."""
+        """Prepare, copy, commit and clean up `plan` (or roll it back); the new shards with key counts.
+        A plan that changes nothing (the current layout, sent again) is no change: no new epoch."""
+        if not plan.moves and not plan.new_groups and not plan.retired_groups \
+                and plan.epoch.shards == current.shards and plan.epoch.view == current.view:
+            return settle.shard_report(self._remote, current)
         settle.check_reachable(self._remote, plan.epoch, current)
         if not self._busy.acquire(blocking=False):
             raise Conflict("a view change is in progress on this node")

@@ -44,11 +44,12 @@ Rules of `plan_layout`, and why:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
 from kvs.errors import BadRequest
-from kvs.settings import normalize_address
+from kvs.settings import MAX_VIEW_NODES, normalize_address
 from kvs.config.epoch import FIRST_SHARD_SLOT, ConfigEpoch
 from kvs.config.ring import HashRange, HashRing, moved_ranges
 
@@ -130,8 +131,10 @@ def _validate_layout(groups: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], 
 
 
 def _addresses(entries: Sequence[str], where: str) -> tuple[str, ...]:
+    if len(entries) > MAX_VIEW_NODES:
+        raise BadRequest(f"{where} has {len(entries)} nodes; at most {MAX_VIEW_NODES}")
     addresses = tuple(_normalised(entry) for entry in entries)
-    duplicates = sorted({a for a in addresses if addresses.count(a) > 1})
+    duplicates = sorted(a for a, n in Counter(addresses).items() if n > 1)
     if duplicates:
         raise BadRequest(f"duplicate addresses in {where}: {', '.join(duplicates)}")
     return addresses

@@ -32,7 +32,8 @@ class AsyncForwarder:
         if remaining <= 0:
             raise PeerUnreachable(f"{address}: no time left")
         if body is None:
-            body = b"" if payload is None else json.dumps(payload).encode()
+            # UTF-8, not \\u escapes: a value a client could send fits the receiver's limit as well
+            body = b"" if payload is None else json.dumps(payload, ensure_ascii=False).encode()
         headers = forwarded_headers(self._secret, method, path, request_id, body, remaining)
         status, response_headers, raw = await self._client.request(address, method, path, headers, body, deadline)
         return peer_response(address, status, raw, response_headers.get(LEADER_HINT))

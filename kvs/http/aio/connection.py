@@ -69,6 +69,7 @@ class Connection(asyncio.Protocol):
         self.body_size = 0
         self.method = ""
         self.keep_alive = True
+        self.body_limit = self.server.max_body_bytes
 
     # -- transport callbacks ------------------------------------------------------------------------------------
 
@@ -169,8 +170,9 @@ class Connection(asyncio.Protocol):
         self.keep_alive = parser.should_keep_alive()
         fields = self.fields
         length = fields.get("content-length")
-        if length is not None and int(length) > self.server.max_body_bytes:
-            raise _Refused(413, f"Request body larger than {self.server.max_body_bytes} bytes")
+        self.body_limit = self.server.body_limit(self.url)
+        if length is not None and int(length) > self.body_limit:
+            raise _Refused(413, f"Request body larger than {self.body_limit} bytes")
         expect = fields.get("expect")
         if expect is not None and expect.lower() == "100-continue" and parser.get_http_version() == "1.1":
             if self.current is None and not self.queue:
@@ -180,8 +182,8 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
-        if self.body_size > self.server.max_body_bytes:
-            raise _Refused(413, f"Request body larger than {self.server.max_body_bytes} bytes")
+        if self.body_size > self.body_limit:
+            raise _Refused(413, f"Request body larger than {self.body_limit} bytes")
         self.body.append(chunk)
 
     def on_message_complete(self) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 from kvs.http.aio.connection import Connection
 from kvs.http.aio.messages import Request, Response, error_response
@@ -69,7 +69,8 @@ class HttpServer:
                  wsgi_threads: int = 16, max_header_bytes: int = 64 * 1024, max_headers: int = 100,
                  max_connections: int = 1000, idle_timeout: float = 75.0, max_pipelined: int = 32,
                  write_buffer_bytes: int = 256 * 1024, ident: str = "kvs",
-                 refusal: Callable[[int, str, str, str], Response] | None = None):
+                 refusal: Callable[[int, str, str, str], Response] | None = None,
+                 body_limits: Sequence[tuple[str, int]] = ()):
         if fast_handler is None and fast_paths is not _never:
             raise ValueError("fast_paths without a fast_handler")
         self._fast_handler = fast_handler
@@ -86,6 +87,9 @@ class HttpServer:
         # The body of a request refused before it reached a handler (413, 400, ...):
         # refusal(status, error, method, raw path) -> Response; kvs's error body by default.
         self.refusal = refusal or (lambda status, error, method, path: error_response(status, error, method))
+        # (path prefix, limit) pairs that replace max_body_bytes for requests whose raw target starts so
+        # (node-to-node transfers carry more than a client may send in one request).
+        self._body_limits = [(prefix.encode("latin-1"), limit) for prefix, limit in body_limits]
         self._wsgi_threads = wsgi_threads
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
@@ -108,6 +112,12 @@ class HttpServer:
                                ident=self.ident)
         self._drained = asyncio.Event()
         self._sweeper = self.loop.create_task(self._sweep())
+
+    def body_limit(self, raw_target: bytes) -> int:
+        for prefix, limit in self._body_limits:
+            if raw_target.startswith(prefix):
+                return limit
+        return self.max_body_bytes
 
     def is_fast(self, method: str, path: str) -> bool:
         return self._fast_handler is not None and self._fast_paths(method, path)

@@ -1,0 +1,148 @@
+"""Bad and unusual input from the network, on real processes: a clear 4xx or the right answer, never a
+500, and every node gives the same answer for the same key.
+
+Each case is a defect an outside review found (issue 11): non-ASCII keys failed when forwarded (the
+receiver read the path as latin-1, the sender signed UTF-8), a key of 26 "é" was "too long", the
+keys "." and ".." answered 404 through a node that does not own them (the forwarded URL was
+normalised), and several inputs answered 500: JSON nested 1,000 deep, odd X-Kvs-Deadline-Ms values,
+a signature timestamp of 400 digits, a 2,000-character host, a value with a lone surrogate, signed
+malformed bodies on the internal endpoints, a malformed epoch; a view entry with a path made a node
+send requests elsewhere, and resending the current view made a new epoch.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import uuid
+
+import pytest
+import requests
+
+from kvs.routing.peers import FORWARDED, REQUEST_ID, SIGNATURE, sign
+
+from .conftest import TEST_SECRET, start_cluster
+
+NON_ASCII_KEYS = ["café", "über", "☃snow", "😀x", "é" * 26]
+
+
+def raw_request(address: str, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One request with the path sent exactly as given (no client-side normalisation)."""
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body=body or None,
+                     headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def signed(method: str, path: str, body: bytes) -> dict:
+    rid = uuid.uuid4().hex
+    return {FORWARDED: "1", REQUEST_ID: rid, SIGNATURE: sign(TEST_SECRET, method, path, rid, body)}
+
+
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory):
+    """3 shards of 1 node: almost every key request is forwarded by two nodes of three."""
+    c = start_cluster(str(tmp_path_factory.mktemp("three")), 3, 1)
+    yield c
+    c.stop()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("key", NON_ASCII_KEYS)
+def test_non_ascii_keys_are_written_and_read_through_every_node(three_shards, key):
+    quoted = requests.utils.quote(key, safe="")
+    nodes = three_shards.view
+    status, body = raw_request(nodes[0], "PUT", f"/kvs/keys/{quoted}", json.dumps({"value": key}).encode())
+    assert status == 201, body
+    for node in nodes:
+        assert raw_request(node, "GET", f"/kvs/keys/{quoted}")[1]["value"] == key
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("key", [".", ".."])
+def test_dot_keys_get_the_same_answer_through_every_node(three_shards, key):
+    nodes = three_shards.view
+    status, body = raw_request(nodes[1], "PUT", f"/kvs/keys/{key}", json.dumps({"value": "dots"}).encode())
+    assert status in (200, 201), body
+    for node in nodes:
+        status, body = raw_request(node, "GET", f"/kvs/keys/{key}")
+        assert (status, body.get("value")) == (200, "dots"), (node, body)
+
+
+@pytest.mark.cluster
+def test_deeply_nested_json_is_a_400_everywhere(cluster):
+    deep = b"[" * 5000 + b"]" * 5000
+    node = cluster.view[0]
+    for method, path in (("PUT", "/kvs/keys/deep"), ("PUT", "/kvs/view-change"), ("PUT", "/kvs/reshard"),
+                         ("PUT", "/kvs/view-change/add-member")):
+        status, body = raw_request(node, method, path, deep)
+        assert status == 400, (path, status, body)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("deadline", ["²", "9" * 5000, "-5", "1e9", ""])
+def test_an_odd_deadline_header_is_ignored_not_a_500(cluster, deadline):
+    status, _ = raw_request(cluster.view[0], "PUT", "/kvs/keys/deadline-odd", json.dumps({"value": "v"}).encode(),
+                            {"X-Kvs-Deadline-Ms": deadline})
+    assert status in (200, 201)
+
+
+@pytest.mark.cluster
+def test_a_signature_with_a_huge_timestamp_is_a_401(cluster):
+    status, body = raw_request(cluster.view[0], "GET", "/kvs/keys/anything",
+                               headers={FORWARDED: "1", SIGNATURE: "t=" + "9" * 400 + ",s=0"})
+    assert status == 401, body
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("entry", ["h" * 2000 + ":13800", "127.0.0.1:23890/x?y=:1", "127.0.0.1:99999",
+                                   "http://127.0.0.1:1", "127.0.0.1: 5"])
+def test_malformed_addresses_in_a_view_change_are_a_400(cluster, entry):
+    node = cluster.view[0]
+    view = ",".join(cluster.view + [entry])
+    status, body = raw_request(node, "PUT", "/kvs/view-change", json.dumps({"view": view, "repl-factor": 3}).encode())
+    assert status == 400, body
+    status, body = raw_request(node, "PUT", "/kvs/view-change/add-member",
+                               json.dumps({"address": entry, "shard-id": "1"}).encode())
+    assert status == 400, body
+
+
+@pytest.mark.cluster
+def test_a_value_with_a_lone_surrogate_is_a_400_and_digests_still_work(cluster):
+    node = cluster.view[0]
+    status, body = raw_request(node, "PUT", "/kvs/keys/surrogate", b'{"value": "\\ud800"}')
+    assert status == 400 and "Unicode" in body["error"]
+    status, body = raw_request(node, "GET", "/kvs/status?digest=1")
+    assert status == 200 and all("digest" in g for name, g in body["groups"].items() if name.startswith("shard-"))
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path, body", [
+    ("/internal/groups/1/commands", b'{"command": ["install", 1, 2, 3, 4, 5, "x"]}'),
+    ("/internal/groups/1/commands", b'{"command": {"op": "freeze", "epoch": 3, "new_ring": 7}}'),
+    ("/internal/groups/1/export", b'{"source": 1}'),
+    ("/internal/groups/1/changes", b'{"source": "1", "old_ring": {}, "since": "x"}'),
+    ("/internal/epochs", b'{"active": {"number": 99}}'),
+    ("/internal/epochs", b'[1, 2]'),
+    ("/internal/metadata", b'{"member": "yes"}'),
+    ("/internal/writes/1", b'{"commands": [["drop", "r", "k"]]}'),
+])
+def test_signed_malformed_bodies_on_internal_endpoints_are_a_400(cluster, path, body):
+    node = cluster.replicas_of("1")[0]
+    status, reply = raw_request(node, "POST", path, body, signed("POST", path, body))
+    assert status == 400, reply
+
+
+@pytest.mark.cluster
+def test_resending_the_current_view_is_a_no_op(cluster):
+    node = cluster.view[0]
+    before = requests.get(f"http://{node}/kvs/view-change", timeout=5).json()["epoch"]
+    status, body = raw_request(node, "PUT", "/kvs/view-change",
+                               json.dumps({"view": ",".join(cluster.view), "repl-factor": 3}).encode())
+    assert status == 200 and [s["shard-id"] for s in body["shards"]] == ["1", "2"]
+    assert requests.get(f"http://{node}/kvs/view-change", timeout=5).json()["epoch"] == before

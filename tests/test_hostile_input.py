@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import uuid
 
 import pytest
@@ -146,3 +147,17 @@ def test_resending_the_current_view_is_a_no_op(cluster):
                                json.dumps({"view": ",".join(cluster.view), "repl-factor": 3}).encode())
     assert status == 200 and [s["shard-id"] for s in body["shards"]] == ["1", "2"]
     assert requests.get(f"http://{node}/kvs/view-change", timeout=5).json()["epoch"] == before
+
+
+@pytest.mark.cluster
+def test_a_view_of_a_thousand_unknown_nodes_is_refused_quickly_and_keys_keep_working(cluster):
+    node = cluster.view[0]
+    view = ",".join(cluster.view + [f"127.1.{i // 250}.{i % 250 + 1}:1" for i in range(994)])
+    started = time.monotonic()
+    status, body = raw_request(node, "PUT", "/kvs/view-change", json.dumps({"view": view, "repl-factor": 1}).encode())
+    assert status == 400 and "unreachable" in body["error"]
+    assert time.monotonic() - started < 10          # a bound on the answer, not a speed target
+    assert raw_request(node, "PUT", "/kvs/keys/after-huge-view", b'{"value": "v"}')[0] in (200, 201)
+    too_many = ",".join(f"127.1.{i // 250}.{i % 250 + 1}:1" for i in range(2000))
+    status, body = raw_request(node, "PUT", "/kvs/view-change", json.dumps({"view": too_many}).encode())
+    assert status == 400 and "at most" in body["error"]

@@ -195,3 +195,14 @@ def test_invalid_rings_raise_value_error(groups, vnodes):
 def test_a_bare_string_is_not_a_group_list():
     with pytest.raises(TypeError):
         HashRing("123")
+
+
+def test_rings_of_many_groups_keep_to_the_token_budget_and_lowering_vnodes_moves_few_keys():
+    from kvs.config.ring import TOKEN_BUDGET, ring_vnodes
+    assert ring_vnodes(3) == DEFAULT_VNODES and ring_vnodes(64) == DEFAULT_VNODES
+    assert ring_vnodes(1000) * 1000 <= TOKEN_BUDGET + 64 * 1000 and ring_vnodes(10**6) == 64
+    groups = [str(i) for i in range(1, 71)]
+    before, after = HashRing(groups, 1024), HashRing(groups, ring_vnodes(len(groups)))
+    moved = sum(r.length for r, _, _ in moved_ranges(before, after)) / RING_SIZE
+    dropped = 1 - after.vnodes / before.vnodes                   # the share of tokens that go away
+    assert after.vnodes < 1024 and moved < 1.25 * dropped          # about their keys, no others

@@ -227,3 +227,17 @@ def test_an_install_that_starts_over_clears_only_after_an_unfinished_copy():
     # the coordinator died mid-copy and the next one starts the copy of the same move over
     destination.apply(("install", 2, "1", OLD, NEW, [(arriving[0], "again")], [], True))
     assert sorted(destination.snapshot()["data"].items()) == [(arriving[0], "again")]
+
+
+def test_the_deduplication_table_keeps_a_digest_of_a_value_not_the_value():
+    state = ShardState()
+    big = "x" * (1 << 20)
+    for i in range(5):
+        assert state.apply(("put", f"rid-{i}", "k", big + str(i))) in (Written(False), Written(True))
+    state.apply(("delete", "rid-d", "k"))
+    assert state.key_count() == 0
+    held = sum(len(part) for _, (fingerprint, _, _) in state.snapshot()["dedup"] for part in fingerprint)
+    assert held < 1000                              # five 1 MiB values once took 5 MiB here
+    # a retry is still recognised, and a different value under the same id still refused
+    assert state.apply(("put", "rid-0", "k", big + "0")) == Written(False)
+    assert isinstance(state.apply(("put", "rid-0", "k", big + "9")), Invalid)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Hashable, Iterable, TypeVar
 
@@ -31,6 +32,24 @@ L = TypeVar("L", bound=Hashable)
 
 RING_SIZE = 2**64
 DEFAULT_VNODES = 1024
+TOKEN_BUDGET = 65536        # rings of many groups: about this many tokens in all (see ring_vnodes)
+
+
+def ring_vnodes(groups: int, current: int = DEFAULT_VNODES) -> int:
+    """Virtual nodes per group for a ring of `groups` groups: `current` (1024 by default) up to 64
+    groups, then fewer, so that a ring never holds much more than TOKEN_BUDGET tokens and planning
+    a change of 1,000 groups stays under a second. A group's tokens are "g#0" .. "g#(v-1)", so
+    lowering v only drops a few tokens of every group: the keys near them move, no others."""
+    return min(current, max(64, TOKEN_BUDGET // max(1, groups)))
+
+
+@lru_cache(maxsize=4096)
+def _tokens(group: str, vnodes: int) -> tuple[tuple[int, str], ...]:
+    """A group's (position, group) tokens: a pure function of (group, vnodes), so cached (the planner
+    builds the old and the new ring, which share most groups)."""
+    blake = hashlib.blake2b
+    return tuple((int.from_bytes(blake(f"{group}#{i}".encode("utf-8"), digest_size=8).digest(), "big"), group)
+                 for i in range(vnodes))
 
 
 def key_hash(key: str) -> int:
@@ -82,7 +101,7 @@ class HashRing:
         self.groups: tuple[str, ...] = tuple(names)
         self.vnodes: int = vnodes
 
-        tokens = sorted((key_hash(f"{g}#{i}"), g) for g in names for i in range(vnodes))
+        tokens = sorted(t for g in names for t in _tokens(g, vnodes))
         # One entry per distinct position; on a collision the smallest group wins.
         self._hashes: list[int] = []
         self._owners: list[str] = []
@@ -140,13 +159,24 @@ def moved_ranges(old: HashRing, new: HashRing) -> list[tuple[HashRange, str, str
     owner in both; pieces that changed owner are kept and adjacent pieces with
     the same (old_group, new_group) are merged. `arc.group` is the new owner.
     Arcs are in ring order; a key moves iff its hash lies in one of them.
+    One walk over both sorted token lists: the owner of a point is the first
+    token at or after it, and the points only grow.
     """
     points = sorted(set(old._hashes) | set(new._hashes))
+    oh, oo, nh, no = old._hashes, old._owners, new._hashes, new._owners
+    i = j = 0
     pieces = []
-    for i, end in enumerate(points):
-        src, dst = old.group_for_hash(end), new.group_for_hash(end)
+    previous = points[-1]
+    for end in points:
+        while i < len(oh) and oh[i] < end:
+            i += 1
+        while j < len(nh) and nh[j] < end:
+            j += 1
+        src = oo[i] if i < len(oo) else oo[0]
+        dst = no[j] if j < len(no) else no[0]
         if src != dst:
-            pieces.append((points[i - 1], end, (src, dst)))
+            pieces.append((previous, end, (src, dst)))
+        previous = end
     return [(HashRange(start, end, dst), src, dst) for start, end, (src, dst) in _merge(pieces)]
 
 

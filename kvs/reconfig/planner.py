@@ -51,7 +51,7 @@ from typing import Sequence
 from kvs.errors import BadRequest
 from kvs.settings import MAX_VIEW_NODES, normalize_address
 from kvs.config.epoch import FIRST_SHARD_SLOT, ConfigEpoch
-from kvs.config.ring import HashRange, HashRing, moved_ranges
+from kvs.config.ring import HashRange, HashRing, moved_ranges, ring_vnodes
 
 PENDING = "pending"
 
@@ -225,7 +225,7 @@ def plan_layout(current: ConfigEpoch, groups: Sequence[Sequence[str]]) -> Plan:
             slots[sid] = {a: _lowest_free_slot(used_slots.get(a, set())) for a in group}
         shards[sid] = group
 
-    ring = HashRing(shards, current.ring.vnodes)
+    ring = HashRing(shards, ring_vnodes(len(shards), current.ring.vnodes))
     view = tuple(a for group in groups for a in group)
     epoch = ConfigEpoch(
         number=current.number + 1,

@@ -161,3 +161,39 @@ def test_a_view_of_a_thousand_unknown_nodes_is_refused_quickly_and_keys_keep_wor
     too_many = ",".join(f"127.1.{i // 250}.{i % 250 + 1}:1" for i in range(2000))
     status, body = raw_request(node, "PUT", "/kvs/view-change", json.dumps({"view": too_many}).encode())
     assert status == 400 and "at most" in body["error"]
+
+
+class _MakesADirectory:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+        return (os.mkdir, (self.path,))
+
+
+@pytest.mark.cluster
+def test_a_pickle_sent_to_a_raft_port_runs_no_code(tmp_path):
+    import pickle
+    import socket
+    import struct
+    import zlib
+
+    from kvs.settings import DEFAULT_RAFT_PORT_OFFSET
+    from kvs.testing.cluster import LocalCluster, find_free_base_port
+
+    cluster = LocalCluster(1, 1, str(tmp_path / "unsecured"), base_port=find_free_base_port(3), secret=None)
+    cluster.start()
+    try:
+        cluster.wait_healthy(timeout=60)
+        host, port = cluster.view[0].rsplit(":", 1)
+        marker = tmp_path / "created-by-a-pickle"
+        payload = zlib.compress(pickle.dumps(_MakesADirectory(str(marker)), 2))
+        with socket.create_connection((host, int(port) + DEFAULT_RAFT_PORT_OFFSET), timeout=10) as sock:
+            sock.sendall(struct.pack("i", len(payload)) + payload)
+            assert sock.recv(1) == b""          # the node read the message and dropped the connection
+        assert not marker.exists()
+        assert "refused to unpickle posix.mkdir" in cluster.log_tail(cluster.view[0], 50)
+        assert cluster.healthy(cluster.view[0])
+    finally:
+        cluster.stop()

@@ -35,6 +35,8 @@ from typing import Any
 
 from pysyncobj.journal import Journal
 
+from kvs.raft import codec
+
 log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal"
@@ -291,7 +293,7 @@ class DurableJournal(Journal):
     def _load_meta(self) -> dict:
         try:
             with open(self._meta_path, "rb") as f:
-                return pickle.loads(f.read())
+                return codec.loads(f.read())
         except FileNotFoundError:
             return {}
 

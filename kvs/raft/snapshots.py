@@ -42,6 +42,8 @@ from typing import Any
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.serializer import Serializer
 
+from kvs.raft import codec
+
 log = logging.getLogger(__name__)
 
 SNAPSHOT_NAME = "snapshot"
@@ -204,10 +206,10 @@ class SnapshotCodec:
                 self._job.superseded = True
                 self._job.cancel.set()
         with open(path, "rb") as f:
-            header = pickle.load(f)
+            header = codec.load(f)
             fmt = header.get("format", SNAPSHOT_FORMAT_WHOLE)
             if fmt == SNAPSHOT_FORMAT_WHOLE:
-                snapshot = pickle.load(f)
+                snapshot = codec.load(f)
             elif fmt == SNAPSHOT_FORMAT_SLICED:
                 snapshot = _read_slices(f)
             else:
@@ -310,7 +312,7 @@ class SnapshotCodec:
 def _read_slices(f: Any) -> dict:
     snapshot: dict = {}
     while True:                     # ends at the "end" record; a truncated file raises EOFError
-        kind, name, payload = pickle.load(f)
+        kind, name, payload = codec.load(f)
         if kind == "end":
             return snapshot
         if kind == "value":
@@ -389,7 +391,7 @@ def read_snapshot_boundary(path: str) -> tuple[tuple, tuple] | None:
     """The (prev, last) boundary entries of the snapshot at `path`, if there is one."""
     try:
         with open(path, "rb") as f:
-            header = pickle.load(f)
+            header = codec.load(f)
     except FileNotFoundError:
         return None
     return tuple(header["prev"]), tuple(header["last"])

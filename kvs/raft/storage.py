@@ -47,6 +47,7 @@ import os
 import pysyncobj.syncobj
 from pysyncobj.journal import Journal, MemoryJournal
 
+from kvs.raft import codec
 from kvs.raft.journal import JOURNAL_NAME, DurableJournal
 from kvs.raft.snapshots import (SNAPSHOT_FORMAT_SLICED, SNAPSHOT_NAME, TEMP_SUFFIX, BackgroundSerializer,
                                 SnapshotCodec, read_snapshot_boundary)
@@ -73,5 +74,6 @@ def install() -> None:
 
     Both are module globals that SyncObj.__init__ looks up; a SyncObj without
     a journal file or without a SnapshotCodec behaves exactly as before."""
+    codec.install()
     pysyncobj.syncobj.createJournal = create_journal
     pysyncobj.syncobj.Serializer = BackgroundSerializer

@@ -49,7 +49,9 @@ def local_up(args: argparse.Namespace) -> int:
 
     data_root = args.data_dir or tempfile.mkdtemp(prefix="kvs-local-")
     secret = args.secret or os.environ.get("KVS_SECRET") or secrets.token_hex(16)
-    cluster = LocalCluster(args.shards, args.replicas, data_root, base_port=args.base_port, secret=secret)
+    token = os.environ.get("KVS_ADMIN_TOKEN") or secrets.token_hex(16)
+    cluster = LocalCluster(args.shards, args.replicas, data_root, base_port=args.base_port, secret=secret,
+                           env={"KVS_ADMIN_TOKEN": token})
     signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops the nodes too, like Ctrl-C
     cluster.start()
     try:
@@ -58,6 +60,7 @@ def local_up(args: argparse.Namespace) -> int:
         for shard in range(1, args.shards + 1):
             print(f"  shard {shard}: " + "  ".join(f"http://{a}" for a in cluster.replicas_of(str(shard))))
         print(f"  try: python -m kvs put hello world --node {cluster.view[0]}")
+        print(f"  view changes need the admin token: export KVS_ADMIN_TOKEN={token}")
         print("Ctrl-C stops every node.", flush=True)
         for node in cluster.nodes.values():
             node.process.wait()
@@ -98,21 +101,21 @@ def view_change(args: argparse.Namespace) -> int:
     body = {"view": args.view}
     if args.repl_factor is not None:
         body["repl-factor"] = args.repl_factor
-    return _change_with_progress(args.node, "/kvs/view-change", body)
+    return _change_with_progress(args.node, "/kvs/view-change", body, args.token)
 
 
 def add_member(args: argparse.Namespace) -> int:
     """PUT /kvs/view-change/add-member: an idle node joins a shard (a view change, with its progress)."""
     return _change_with_progress(args.node, "/kvs/view-change/add-member",
-                                 {"address": args.address, "shard-id": args.shard_id})
+                                 {"address": args.address, "shard-id": args.shard_id}, args.token)
 
 
 def remove_member(args: argparse.Namespace) -> int:
     """PUT /kvs/view-change/remove-member: a node leaves the view (a view change, with its progress)."""
-    return _change_with_progress(args.node, "/kvs/view-change/remove-member", {"address": args.address})
+    return _change_with_progress(args.node, "/kvs/view-change/remove-member", {"address": args.address}, args.token)
 
 
-def _change_with_progress(node: str, path: str, body: dict) -> int:
+def _change_with_progress(node: str, path: str, body: dict, token: str | None = None) -> int:
     """PUT a view change to `node`, drawing the coordinator's progress bar until it answers."""
     import threading
 
@@ -122,7 +125,8 @@ def _change_with_progress(node: str, path: str, body: dict) -> int:
 
     def change() -> None:
         try:
-            resp = requests.put(f"http://{node}{path}", json=body, timeout=600)
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            resp = requests.put(f"http://{node}{path}", json=body, headers=headers, timeout=600)
             outcome["status"], outcome["body"] = resp.status_code, resp.json()
         except (requests.RequestException, ValueError) as exc:
             outcome["status"], outcome["body"] = 0, {"error": str(exc)}
@@ -179,17 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("view", help="comma-separated addresses of the new view")
     vc.add_argument("--repl-factor", type=int, help="replicas per shard (default: keep)")
     vc.add_argument("--node", default=default_node, help="host:port of any node of the current view")
+    vc.add_argument("--token", default=os.environ.get("KVS_ADMIN_TOKEN"),
+                        help="the cluster's admin token (KVS_ADMIN_TOKEN)")
     vc.set_defaults(run=view_change)
 
     am = sub.add_parser("add-member", help="add an idle node to a shard (a view change), with a progress bar")
     am.add_argument("address", help="host:port of the idle node")
     am.add_argument("--shard-id", required=True, help="the shard it joins")
     am.add_argument("--node", default=default_node, help="host:port of any node of the current view")
+    am.add_argument("--token", default=os.environ.get("KVS_ADMIN_TOKEN"),
+                        help="the cluster's admin token (KVS_ADMIN_TOKEN)")
     am.set_defaults(run=add_member)
 
     rm = sub.add_parser("remove-member", help="take a node out of the view (a view change), with a progress bar")
     rm.add_argument("address", help="host:port of the node that leaves")
     rm.add_argument("--node", default=default_node, help="host:port of any node of the current view")
+    rm.add_argument("--token", default=os.environ.get("KVS_ADMIN_TOKEN"),
+                        help="the cluster's admin token (KVS_ADMIN_TOKEN)")
     rm.set_defaults(run=remove_member)
 
     h = sub.add_parser("health", help="check this node's /health (port from ADDRESS); for HEALTHCHECK")

@@ -80,6 +80,8 @@ class NodeServer:
         if not self.settings.secured:
             log.warning("KVS_SECRET is not set: Raft ports accept unauthenticated pickles and "
                         "node-to-node HTTP is not authenticated")
+        if not self.settings.admin_token:
+            log.warning("KVS_ADMIN_TOKEN is not set: anyone who reaches this node can change the cluster's view")
         for name, body in self._workers:
             thread = threading.Thread(target=body, args=(self.stopping,), name=name, daemon=True)
             thread.start()

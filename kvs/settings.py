@@ -94,6 +94,7 @@ class NodeSettings:
     repl_factor: int
     data_dir: str
     secret: str | None = None
+    admin_token: str | None = None         # KVS_ADMIN_TOKEN: view changes need "Authorization: Bearer <it>"
     raft_port_offset: int = DEFAULT_RAFT_PORT_OFFSET
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout: float = REQUEST_TIMEOUT_SECONDS
@@ -158,6 +159,7 @@ class NodeSettings:
             raise BadRequest(f"VIEW has {len(view)} nodes, not a multiple of REPL_FACTOR={repl_factor}")
         data_dir = str(pick("data_dir", "DATA_DIR", os.path.join("data", address.replace(":", "_"))))
         secret = pick("secret", "KVS_SECRET", None)
+        admin_token = pick("admin_token", "KVS_ADMIN_TOKEN", None)
         fsync = str(pick("fsync", "KVS_FSYNC", "on")).strip().lower()
         if fsync not in ("on", "off"):
             raise BadRequest(f"KVS_FSYNC must be 'on' or 'off', not {fsync!r}")
@@ -167,6 +169,7 @@ class NodeSettings:
             repl_factor=repl_factor,
             data_dir=data_dir,
             secret=str(secret) if secret else None,
+            admin_token=str(admin_token) if admin_token else None,
             raft_port_offset=offset,
             max_body_bytes=max_body,
             compaction_entries=compaction,

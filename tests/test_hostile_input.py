@@ -197,3 +197,21 @@ def test_a_pickle_sent_to_a_raft_port_runs_no_code(tmp_path):
         assert cluster.healthy(cluster.view[0])
     finally:
         cluster.stop()
+
+
+@pytest.mark.cluster
+def test_with_an_admin_token_a_view_change_needs_it(tmp_path):
+    cluster = start_cluster(str(tmp_path / "token"), 1, 1, KVS_ADMIN_TOKEN="admin-secret")
+    try:
+        node = cluster.view[0]
+        body = json.dumps({"view": node, "repl-factor": 1}).encode()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "admin-secret"}):
+            status, reply = raw_request(node, "PUT", "/kvs/view-change", body, headers)
+            assert status == 401 and "KVS_ADMIN_TOKEN" in reply["error"], headers
+        for path in ("/kvs/reshard", "/kvs/view-change/add-member", "/kvs/view-change/remove-member"):
+            assert raw_request(node, "PUT", path, b"{}")[0] == 401
+        status, reply = raw_request(node, "PUT", "/kvs/view-change", body, {"Authorization": "Bearer admin-secret"})
+        assert status == 200 and reply["shards"][0]["shard-id"] == "1"
+        assert raw_request(node, "PUT", "/kvs/keys/k", b'{"value": "v"}')[0] == 201     # keys need no token
+    finally:
+        cluster.stop()

@@ -14,12 +14,13 @@ cannot stop a change half way.
 
 from __future__ import annotations
 
+import hmac
 import uuid
 
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from kvs.errors import BadRequest, PayloadTooLarge
+from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
 from kvs.http.common import Services, error_reply, is_forwarded, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
 from kvs.routing import peers
@@ -45,6 +46,16 @@ def create_app(svc: Services) -> Flask:
 
 def _deadline() -> float:
     return request_deadline(services().node.settings, request.headers)
+
+
+def _admin() -> None:
+    """With KVS_ADMIN_TOKEN set, a change of the cluster needs `Authorization: Bearer <token>` (401)."""
+    token = services().node.settings.admin_token
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode("latin-1", "replace"), f"Bearer {token}".encode()):
+        raise Unauthorized("this cluster's changes need 'Authorization: Bearer <KVS_ADMIN_TOKEN>'")
 
 
 def _json_object() -> dict:
@@ -82,6 +93,7 @@ def shard_info(shard_id: str) -> Response:
 
 @shards.route("/kvs/view-change", methods=["PUT"])
 def view_change() -> Response:
+    _admin()
     body = _json_object()
     vc = services().view_change
     return _view_changed(vc.submit(lambda: vc.run(body.get("view"), body.get("repl-factor"))))
@@ -89,6 +101,7 @@ def view_change() -> Response:
 
 @shards.route("/kvs/view-change/add-member", methods=["PUT"])
 def add_member() -> Response:
+    _admin()
     body = _json_object()
     vc = services().view_change
     return _view_changed(vc.submit(lambda: vc.add_member(body.get("address"), body.get("shard-id"))))
@@ -96,6 +109,7 @@ def add_member() -> Response:
 
 @shards.route("/kvs/view-change/remove-member", methods=["PUT"])
 def remove_member() -> Response:
+    _admin()
     body = _json_object()
     vc = services().view_change
     return _view_changed(vc.submit(lambda: vc.remove_member(body.get("address"))))
@@ -103,6 +117,7 @@ def remove_member() -> Response:
 
 @shards.route("/kvs/reshard", methods=["PUT"])
 def reshard() -> Response:
+    _admin()
     body = _json_object()
     vc = services().view_change
     shard_list = vc.submit(lambda: vc.reshard(body.get("shard-count")))

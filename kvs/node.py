@@ -300,6 +300,18 @@ class Node:
                 return address
         return None
 
+    def trusts_host(self, host: str) -> bool:
+        """Whether `host` is the host of a node this node knows: its VIEW, the active and pending
+        epochs' views, the metadata members (node-to-node requests of an unsecured cluster)."""
+        known = set(self.settings.view) | {self.settings.address}
+        epoch = self._epoch
+        if epoch is not None:
+            known.update(epoch.view)
+            known.update(epoch.metadata_members)
+        pending = self._pushed.get("pending") or {}
+        known.update(pending.get("view") or ())
+        return host in {address.rsplit(":", 1)[0] for address in known}
+
     def hosted_groups(self) -> list[RaftGroup]:
         """This node's shard replicas (not the metadata replica)."""
         with self._lock:

@@ -60,7 +60,7 @@ class NodeServer:
         source_ip = settings.bind_host if settings.bind_host not in ("", "0.0.0.0", "::") else None
         self._client = HttpClient(source_ip=source_ip, max_idle_per_address=CLIENT_POOL)
         self.keys = KeyRouter(self.node, AsyncForwarder(self._client, settings.secret), self.loop)
-        self.http = HttpServer(KeyRequests(settings, self.keys), app, fast_paths=is_fast,
+        self.http = HttpServer(KeyRequests(settings, self.keys, self.node.trusts_host), app, fast_paths=is_fast,
                                max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
                                refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)])
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = [

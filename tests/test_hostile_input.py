@@ -215,3 +215,26 @@ def test_with_an_admin_token_a_view_change_needs_it(tmp_path):
         assert raw_request(node, "PUT", "/kvs/keys/k", b'{"value": "v"}')[0] == 201     # keys need no token
     finally:
         cluster.stop()
+
+
+@pytest.mark.cluster
+def test_without_a_secret_node_to_node_requests_come_only_from_the_nodes_hosts(tmp_path):
+    from kvs.testing.cluster import LocalCluster, find_free_base_port
+
+    cluster = LocalCluster(2, 1, str(tmp_path / "open"), base_port=find_free_base_port(1), secret=None,
+                           distinct_hosts=True)            # nodes on 127.0.0.10 and .11; this client is 127.0.0.1
+    cluster.start()
+    try:
+        cluster.wait_healthy(timeout=60)
+        node = cluster.view[0]
+        forged = {FORWARDED: "1"}
+        assert raw_request(node, "GET", "/internal/status", headers=forged)[0] == 401
+        assert raw_request(node, "POST", "/internal/groups/1/commands", b'{"command": {"op": "drop", "epoch": 1}}',
+                           forged)[0] == 401
+        assert raw_request(node, "GET", "/kvs/keys/x", headers=forged)[0] == 401
+        # the nodes themselves still forward to each other: every key works through every node
+        for i in range(20):
+            assert raw_request(cluster.view[i % 2], "PUT", f"/kvs/keys/open-{i}", b'{"value": "v"}')[0] == 201
+            assert raw_request(cluster.view[(i + 1) % 2], "GET", f"/kvs/keys/open-{i}")[1]["value"] == "v"
+    finally:
+        cluster.stop()

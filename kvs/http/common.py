@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from flask import Response, current_app
 from werkzeug.exceptions import HTTPException
 
-from kvs.errors import BadRequest, KvsError, NotMember, Unavailable, WrongGroup
+from kvs.errors import BadRequest, KvsError, NotMember, Unauthorized, Unavailable, WrongGroup
 from kvs.node import Node
 from kvs.reconfig.coordinator import ViewChange
 from kvs.routing import peers
@@ -55,13 +55,20 @@ def request_deadline(settings: NodeSettings, headers: Mapping[str, str]) -> floa
     return peers.deadline_from(headers, settings.request_timeout)
 
 
-def is_forwarded(settings: NodeSettings, headers: Mapping[str, str], method: str, path: str, raw: bytes) -> bool:
-    """True for an authenticated node-to-node request (Unauthorized if its signature is bad)."""
+def is_forwarded(settings: NodeSettings, headers: Mapping[str, str], method: str, path: str, raw: bytes,
+                 sender: str | None = None, trusted: Callable[[str], bool] | None = None) -> bool:
+    """True for an authenticated node-to-node request; Unauthorized if it claims to be one and is not.
+
+    With a secret, the signature decides. Without one, the cluster is unauthenticated (and says so
+    at start), but a node still answers node-to-node requests only from the hosts of its view
+    (`trusted(sender host)`), so that a header alone opens nothing from elsewhere."""
     if headers.get(peers.FORWARDED) != "1":
         return False
     if settings.secret:
         peers.verify(settings.secret, headers.get(peers.SIGNATURE), method, path,
                      headers.get(peers.REQUEST_ID, ""), raw)
+    elif trusted is not None and (sender is None or not trusted(sender)):
+        raise Unauthorized("node-to-node requests of an unsecured cluster come only from its nodes' hosts")
     return True
 
 

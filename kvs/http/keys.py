@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
+from typing import Callable
 from urllib.parse import unquote
 
 from kvs.errors import BadRequest, Unauthorized
@@ -59,9 +60,10 @@ def refusal(status: int, error: str, method: str, raw_path: str) -> Response:
 
 
 class KeyRequests:
-    def __init__(self, settings: NodeSettings, router: KeyRouter):
+    def __init__(self, settings: NodeSettings, router: KeyRouter, trusted: Callable[[str], bool] | None = None):
         self._settings = settings
         self._router = router
+        self._trusted = trusted           # without a secret: which hosts may send node-to-node requests
         # Request ids: unique per node incarnation, cheaper than a uuid4 per request.
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
@@ -75,7 +77,8 @@ class KeyRequests:
         """POST /internal/writes/<shard>: a follower's writes, proposed here (kvs.routing.write_batches)."""
         path = decoded_path(request.path) or request.path
         try:
-            if not is_forwarded(self._settings, request.headers, request.method, path, request.body):
+            if not is_forwarded(self._settings, request.headers, request.method, path, request.body,
+                                _host(request), self._trusted):
                 raise Unauthorized("internal endpoints are for nodes only")
             try:
                 commands = [write_batches.command_from_json(row) for row in parse_body(request.body)["commands"]]
@@ -105,7 +108,8 @@ class KeyRequests:
                 if not isinstance(given, dict):
                     raise BadRequest("causal-context must be a JSON object")
                 context = given
-                forwarded = is_forwarded(self._settings, headers, method, path, request.body)
+                forwarded = is_forwarded(self._settings, headers, method, path, request.body, _host(request),
+                                         self._trusted)
                 key = path[len(KEYS_PREFIX):]
                 reply = await self._router.key_request(method, key, _value(method, key, body),
                                                        headers.get(peers.REQUEST_ID) or self._new_id(),
@@ -118,6 +122,10 @@ class KeyRequests:
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
+
+
+def _host(request: Request) -> str | None:
+    return request.peer[0] if request.peer else None
 
 
 def _value(method: str, key: str, body: dict) -> str | None:

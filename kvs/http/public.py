@@ -82,8 +82,9 @@ def shard_list() -> Response:
 
 @shards.route("/kvs/shards/<shard_id>", methods=["GET"])
 def shard_info(shard_id: str) -> Response:
-    forwarded = is_forwarded(services().node.settings, request.headers, request.method, request.path,
-                             request.get_data(cache=True))
+    node = services().node
+    forwarded = is_forwarded(node.settings, request.headers, request.method, request.path,
+                             request.get_data(cache=True), request.remote_addr, node.trusts_host)
     reply = services().shards.shard_info(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
                                          _deadline(), forwarded)
     return json_response(reply.status, reply.body, reply.headers)

@@ -192,6 +192,7 @@ class Connection(asyncio.Protocol):
         request = Request(self.method, path, query, Headers._of(self.fields),
                           body[0] if len(body) == 1 else b"".join(body), self.keep_alive,
                           self.parser.get_http_version())
+        request.peer = self.peer
         self.continue_owed = self.in_message = False
         self._reset_message()
         self.queue.append(request)

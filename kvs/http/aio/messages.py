@@ -65,7 +65,7 @@ class Request:
     `query` what follows the "?" (without it), both read as latin-1; `version` is "1.0" or "1.1";
     `keep_alive` says whether the connection stays open after the response."""
 
-    __slots__ = ("method", "path", "query", "headers", "body", "keep_alive", "version")
+    __slots__ = ("method", "path", "query", "headers", "body", "keep_alive", "version", "peer")
 
     def __init__(self, method: str, path: str, query: str, headers: Headers, body: bytes,
                  keep_alive: bool = True, version: str = "1.1"):
@@ -76,6 +76,7 @@ class Request:
         self.body = body
         self.keep_alive = keep_alive
         self.version = version
+        self.peer: tuple | None = None      # (host, port) of the client, set by the server
 
     def __repr__(self) -> str:
         query = f"?{self.query}" if self.query else ""

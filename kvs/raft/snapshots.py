@@ -43,6 +43,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.serializer import Serializer
 
 from kvs.raft import codec
+from kvs.raft.journal import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class SnapshotCodec:
             self._discard(job)
             return
         try:
-            _fsync_directory(directory or ".")
+            fsync_directory(directory or ".")
         except OSError as exc:
             # Renamed but maybe not durable: no compaction; the journal still holds every entry.
             log.error("snapshot %s: directory fsync failed: %r", self._path, exc)
@@ -323,14 +324,6 @@ def _read_slices(f: Any) -> dict:
             snapshot.setdefault(name, []).extend(payload)
         else:
             raise ValueError(f"unknown snapshot record {kind!r}")
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_stale_temporary_files(path: str) -> None:

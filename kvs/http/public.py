@@ -92,36 +92,32 @@ def shard_info(shard_id: str) -> Response:
 
 # -- operations ---------------------------------------------------------------------------------------------
 
-@shards.route("/kvs/view-change", methods=["PUT"])
-def view_change() -> Response:
+def _change(job) -> list[dict]:
+    """An admin change: the token checked, the body parsed, `job(view_change, body)` run as a job."""
     _admin()
     body = _json_object()
     vc = services().view_change
-    return _view_changed(vc.submit(lambda: vc.run(body.get("view"), body.get("repl-factor"))))
+    return vc.submit(lambda: job(vc, body))
+
+
+@shards.route("/kvs/view-change", methods=["PUT"])
+def view_change() -> Response:
+    return _view_changed(_change(lambda vc, body: vc.run(body.get("view"), body.get("repl-factor"))))
 
 
 @shards.route("/kvs/view-change/add-member", methods=["PUT"])
 def add_member() -> Response:
-    _admin()
-    body = _json_object()
-    vc = services().view_change
-    return _view_changed(vc.submit(lambda: vc.add_member(body.get("address"), body.get("shard-id"))))
+    return _view_changed(_change(lambda vc, body: vc.add_member(body.get("address"), body.get("shard-id"))))
 
 
 @shards.route("/kvs/view-change/remove-member", methods=["PUT"])
 def remove_member() -> Response:
-    _admin()
-    body = _json_object()
-    vc = services().view_change
-    return _view_changed(vc.submit(lambda: vc.remove_member(body.get("address"))))
+    return _view_changed(_change(lambda vc, body: vc.remove_member(body.get("address"))))
 
 
 @shards.route("/kvs/reshard", methods=["PUT"])
 def reshard() -> Response:
-    _admin()
-    body = _json_object()
-    vc = services().view_change
-    shard_list = vc.submit(lambda: vc.reshard(body.get("shard-count")))
+    shard_list = _change(lambda vc, body: vc.reshard(body.get("shard-count")))
     return json_response(200, {"message": "Resharding done successfully", "shards": shard_list})
 
 

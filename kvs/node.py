@@ -44,8 +44,10 @@ def _valid_epoch(epoch: object) -> bool:
 
 
 def _valid_pushed(record: object) -> bool:
+    revision = record.get("revision", 0) if isinstance(record, dict) else None
     return (isinstance(record, dict) and (not record or _valid_epoch(record.get("active")))
-            and (record.get("pending") is None or _valid_epoch(record["pending"])))
+            and (record.get("pending") is None or _valid_epoch(record["pending"]))
+            and isinstance(revision, int) and not isinstance(revision, bool) and revision >= 0)
 
 
 def _valid_metadata(record: object) -> bool:
@@ -162,18 +164,18 @@ class Node:
             self._write_json(_METADATA_FILE, record)
 
     def _reconcile(self, active: dict | None, pending: dict | None) -> None:
-        """Run the groups of the active and pending epochs; retire the rest once no change is pending."""
+        """Run the groups of the active and pending epochs, and only those.
+
+        Groups of neither are closed first, before any new group starts: a plan that was rolled back
+        (or one this node only heard of from a lagging member) may have put a group on the Raft slot
+        that the next plan gives to another group, and two groups must never share a port."""
+        adopt = None
         if active is not None and (self._epoch is None or active["number"] > self._epoch.number):
-            epoch = ConfigEpoch.from_dict(active)
-            self._start_groups(epoch)
-            with self._epoch_changed:
-                self._epoch = epoch
-                self._epoch_changed.notify_all()
-            log.info("%s adopted epoch %d", self.settings.address, epoch.number)
-        if pending is not None:
-            self._start_groups(ConfigEpoch.from_dict(pending))
-        elif self._epoch is not None:
-            keep = {sid for sid, replicas in self._epoch.shards.items() if self.settings.address in replicas}
+            adopt = ConfigEpoch.from_dict(active)
+        upcoming = ConfigEpoch.from_dict(pending) if pending is not None else None
+        wanted = [e for e in (adopt or self._epoch, upcoming) if e is not None]
+        if wanted:
+            keep = {sid for e in wanted for sid, replicas in e.shards.items() if self.settings.address in replicas}
             with self._lock:
                 retired = {sid: g for sid, g in self._groups.items() if sid not in keep}
                 for sid in retired:
@@ -181,6 +183,14 @@ class Node:
             for sid, group in retired.items():
                 log.info("%s retires its replica of shard %s", self.settings.address, sid)
                 group.close()
+        if adopt is not None:
+            self._start_groups(adopt)
+            with self._epoch_changed:
+                self._epoch = adopt
+                self._epoch_changed.notify_all()
+            log.info("%s adopted epoch %d", self.settings.address, adopt.number)
+        if upcoming is not None:
+            self._start_groups(upcoming)
 
     def _start_groups(self, epoch: ConfigEpoch) -> None:
         s = self.settings
@@ -201,13 +211,16 @@ class Node:
 
     # -- epochs pushed by a view change coordinator ---------------------------------------
 
-    def learn(self, active: dict, pending: dict | None) -> None:
-        """Take epochs from a coordinator (for nodes outside the metadata group); kept on disk."""
+    def learn(self, active: dict, pending: dict | None, revision: int = 0) -> None:
+        """Take epochs from a coordinator or a metadata member (for nodes outside the metadata group);
+        kept on disk. Older news than this node has (a lower revision) is ignored."""
         with self._lock:
             known = self._pushed.get("active")
             if known is not None and active["number"] < known["number"]:
                 return
-            self._pushed = {"active": active, "pending": pending}
+            if revision < self._pushed.get("revision", 0):
+                return
+            self._pushed = {"active": active, "pending": pending, "revision": revision}
             self._write_json(_PUSHED_FILE, self._pushed)
         self._meta_changed.set()
 
@@ -238,6 +251,15 @@ class Node:
     @property
     def pushed_pending(self) -> dict | None:
         return self._pushed.get("pending")
+
+    @property
+    def pushed_revision(self) -> int:
+        return self._pushed.get("revision", 0)
+
+    def decisions(self) -> tuple[int, dict | None, dict | None] | None:
+        """(revision, active, pending) as this node's metadata replica knows them; None on non-members."""
+        meta = self._meta
+        return meta.state.decisions() if meta is not None else None
 
     @property
     def has_metadata_replica(self) -> bool:

@@ -55,6 +55,9 @@ class FakeNode:
         self.proposed.append(command)
         return True
 
+    def decisions(self) -> tuple[int, dict | None, dict | None] | None:
+        return len(self.proposed), self._epoch.to_dict(), None
+
 
 class ScriptedForwarder:
     """Answers every request with (status, body); None: the peer is unreachable."""

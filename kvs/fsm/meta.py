@@ -45,6 +45,12 @@ class MetadataState(StateMachine):
         # The largest shard id any prepared plan used, committed or not: a plan rolled back left journals
         # of its new groups on their nodes, so their ids must not come back either.
         self._max_shard_id = 0
+        # Bumped by every decision about epochs (init, prepare, commit, abort, finish): nodes outside the
+        # group are told (active, pending) with it, and take only a newer one, so a lagging member or a
+        # late push can never bring back a plan that was rolled back (its groups would squat on the
+        # Raft slots of the next plan's).
+        self._revision = 0
+        self._decisions: tuple[int, dict | None, dict | None] = (0, None, None)
         self._handlers = {"init": self._init, "prepare": self._prepare, "advance": self._advance,
                           "commit": self._commit, "abort": self._abort, "finish": self._finish,
                           "claim": self._claim}
@@ -53,13 +59,15 @@ class MetadataState(StateMachine):
 
     def snapshot(self) -> dict:
         return {"epochs": dict(self._epochs), "active": self._active, "change": self._change,
-                "max_shard_id": self._max_shard_id}
+                "max_shard_id": self._max_shard_id, "revision": self._revision}
 
     def restore(self, snapshot: dict) -> None:
         self._epochs = dict(snapshot["epochs"])
         self._active = int(snapshot["active"])
         self._change = snapshot.get("change")
         self._max_shard_id = int(snapshot.get("max_shard_id", 0))
+        self._revision = int(snapshot.get("revision", 0))
+        self._publish()
 
     # -- reads -------------------------------------------------------------
 
@@ -78,6 +86,21 @@ class MetadataState(StateMachine):
         """A recent epoch by number (the last few are kept)."""
         return self._epochs.get(number)
 
+    def decisions(self) -> tuple[int, dict | None, dict | None]:
+        """(revision, active epoch, pending epoch): one consistent view, safe to read from any thread
+        (it is replaced whole, in one assignment, after each decision)."""
+        return self._decisions
+
+    def _decided(self, result: object) -> object:
+        self._revision += 1
+        self._publish()
+        return result
+
+    def _publish(self) -> None:
+        change = self._change
+        pending = change["plan"]["epoch"] if change is not None and change["phase"] != "committed" else None
+        self._decisions = (self._revision, self._epochs.get(self._active), pending)
+
     def change(self) -> dict | None:
         """The view change in progress (plan, phase, coordinator, steps), if any."""
         return None if self._change is None else dict(self._change)
@@ -92,7 +115,7 @@ class MetadataState(StateMachine):
         self._epochs[1] = epoch
         self._active = 1
         self._max_shard_id = _max_shard_id(epoch)
-        return self._active
+        return self._decided(self._active)
 
     def _prepare(self, plan: dict, coordinator: str) -> int | Invalid:
         number = int(plan["epoch"]["number"])
@@ -108,7 +131,7 @@ class MetadataState(StateMachine):
         self._max_shard_id = max(self._max_shard_id, _max_shard_id(plan["epoch"]))
         self._change = {"plan": plan, "number": number, "phase": "prepared", "coordinator": coordinator,
                         "steps": 0}
-        return number
+        return self._decided(number)
 
     def _advance(self, number: int, phase: str, coordinator: str) -> str | Invalid:
         change = self._change
@@ -133,7 +156,7 @@ class MetadataState(StateMachine):
         for old in sorted(self._epochs)[:-EPOCHS_KEPT]:
             del self._epochs[old]
         change.update(phase="committed", steps=change["steps"] + 1)
-        return number
+        return self._decided(number)
 
     def _abort(self, number: int) -> bool | Invalid:
         change = self._change
@@ -142,14 +165,14 @@ class MetadataState(StateMachine):
         if change["phase"] == "committed":
             return Invalid("a committed view change cannot be rolled back")
         self._change = None
-        return True
+        return self._decided(True)
 
     def _finish(self, number: int) -> bool:
         change = self._change
         if change is None or change["number"] != number or change["phase"] != "committed":
             return False
         self._change = None
-        return True
+        return self._decided(True)
 
     def _claim(self, number: int, coordinator: str, steps: int, me: str) -> bool:
         change = self._change

@@ -62,18 +62,23 @@ def node_status() -> Response:
 @internal.route("/epochs", methods=["POST"])
 def learn_epochs() -> Response:
     epochs = _checked(Epochs.from_json)
-    services().node.learn(epochs.active, epochs.pending)
+    services().node.learn(epochs.active, epochs.pending, epochs.revision)
     return json_response(200, {"epoch": epochs.active["number"]})
 
 
 @internal.route("/epochs", methods=["GET"])
 def known_epochs() -> Response:
-    """The active epoch and any pending one, as this node's metadata replica knows them."""
+    """The active epoch and any pending one, as this node's metadata replica knows them (with the
+    revision of that knowledge); a node outside the metadata group says what it was told."""
     node = services().node
-    epoch, change = node.epoch, node.change()
-    pending = change["plan"]["epoch"] if change is not None and change["phase"] != "committed" else None
-    known = KnownEpochs(epoch.to_dict() if epoch is not None else None, pending, node.has_metadata_replica,
-                        node.shard_id_floor())
+    decisions = node.decisions()
+    if decisions is not None:
+        revision, active, pending = decisions
+        known = KnownEpochs(active, pending, True, node.shard_id_floor(), revision)
+    else:
+        epoch = node.epoch
+        known = KnownEpochs(epoch.to_dict() if epoch is not None else None, node.pushed_pending, False, 0,
+                            node.pushed_revision)
     return json_response(200, known.to_json())
 
 

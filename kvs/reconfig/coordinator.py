@@ -75,6 +75,8 @@ class CoordinatedNode(Protocol):
 
     def propose_meta(self, command: tuple, deadline: float) -> object: ...
 
+    def decisions(self) -> tuple[int, dict | None, dict | None] | None: ...
+
 
 @dataclass
 class Progress:
@@ -252,7 +254,7 @@ class ViewChange:
 
     def _prepare_and_copy(self, plan: Plan, current: ConfigEpoch) -> None:
         n = plan.epoch.number
-        self._remote.push_epochs(_all_nodes(current, plan.epoch), Epochs(current.to_dict(), plan.epoch.to_dict()))
+        self._push_decisions(current, plan)
         for shard_id in plan.new_groups:
             settle.wait_for_leader(self._remote, plan.epoch, shard_id)
         self._advance(n, "copying")
@@ -288,7 +290,7 @@ class ViewChange:
     def clean_up(self, plan: Plan, current: ConfigEpoch) -> None:
         n = plan.epoch.number
         self.progress.phase = "cleaning up"
-        self._remote.push_epochs(_all_nodes(current, plan.epoch), Epochs(plan.epoch.to_dict(), None))
+        self._push_decisions(current, plan)
         new_ring = plan.epoch.ring.to_dict()
         kept = [sid for sid in plan.epoch.shards if sid in current.shards]
         for shard_id in kept:
@@ -325,7 +327,7 @@ class ViewChange:
             except KvsError as exc:
                 log.error("could not clean shard %s: %s", destination, exc.message)
         self._meta(("abort", n))
-        self._remote.push_epochs(_all_nodes(current, plan.epoch), Epochs(current.to_dict(), None))
+        self._push_decisions(current, plan)
         self.progress.phase = "rolled back"
 
     def _advance(self, number: int, phase: str) -> None:
@@ -333,6 +335,19 @@ class ViewChange:
         result = self._meta(("advance", number, phase, self._node.settings.address))
         if isinstance(result, Invalid):
             raise Unavailable(f"cannot record phase {phase}: {result.reason}")
+
+    def _push_decisions(self, current: ConfigEpoch, plan: Plan) -> None:
+        """Tell every node of both views what the metadata group has decided, as this node's replica of
+        it knows right after our last step (it applied that step before `_meta` returned): the epochs
+        together with their revision, so that a node keeps only the newest news, whatever the order in
+        which pushes and pulls reach it."""
+        decisions = self._node.decisions()
+        if decisions is None or decisions[1] is None:
+            # it left the metadata group meanwhile: nodes outside the group pull from a member instead
+            log.warning("no metadata replica here to push epochs from; nodes learn them by pulling")
+            return
+        revision, active, pending = decisions
+        self._remote.push_epochs(_all_nodes(current, plan.epoch), Epochs(active, pending, revision))
 
     def _meta(self, command: tuple) -> object:
         return self._node.propose_meta(command, time.monotonic() + STEP_SECONDS)

@@ -2,9 +2,10 @@
 
 Members of the metadata group learn every epoch from their own replica. Other
 nodes are told by the coordinator (`Remote.push_epochs`); one that was down
-then asks a metadata member every SYNC_PERIOD. It only ever moves forward: a
-newer active epoch, or a pending one it lacks. A pending epoch is never
-dropped by a pull (a member that lags could report none mid-change).
+then asks a metadata member every SYNC_PERIOD. It only ever moves forward: it
+takes what the member knows only if the metadata group's revision of it is
+newer than its own, so a member that lags (one just restarted, replaying its
+log) can neither drop a pending epoch nor bring back one that was rolled back.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ class EpochSync:
             known = self._remote.known_epochs(address)
             if known is None or not known.metadata_member or known.active is None:
                 continue
-            newer = known.active["number"] > epoch.number
-            if newer or (known.pending is not None and known.pending != self._node.pushed_pending):
-                self._node.learn(known.active, known.pending)
+            if known.revision > self._node.pushed_revision:
+                self._node.learn(known.active, known.pending, known.revision)
             return

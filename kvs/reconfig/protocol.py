@@ -49,13 +49,24 @@ def _epoch(value: object, what: str) -> dict:
     return value
 
 
+def _revision(value: object) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2 ** 63:
+        raise ValueError("revision must be a non-negative integer")
+    return value
+
+
 @dataclass(frozen=True)
 class Epochs:
+    """What the metadata group has decided: the active epoch, the pending one, and the revision of that
+    decision (`MetadataState.decisions`), by which a receiver tells newer news from older."""
     active: dict
     pending: dict | None
+    revision: int = 0
 
     def to_json(self) -> dict:
-        return {"active": self.active, "pending": self.pending}
+        return {"active": self.active, "pending": self.pending, "revision": self.revision}
 
     @classmethod
     def from_json(cls, body: object) -> "Epochs":
@@ -66,7 +77,7 @@ class Epochs:
             _epoch(pending, "pending")
             if pending["number"] <= active["number"]:
                 raise ValueError("pending must be newer than active")
-        return cls(active, pending)
+        return cls(active, pending, _revision(b.get("revision")))
 
 
 @dataclass(frozen=True)
@@ -75,10 +86,11 @@ class KnownEpochs:
     pending: dict | None
     metadata_member: bool
     max_shard_id: int
+    revision: int = 0
 
     def to_json(self) -> dict:
         return {"active": self.active, "pending": self.pending, "metadata-member": self.metadata_member,
-                "max-shard-id": self.max_shard_id}
+                "max-shard-id": self.max_shard_id, "revision": self.revision}
 
     @classmethod
     def from_json(cls, body: object) -> "KnownEpochs":
@@ -87,7 +99,7 @@ class KnownEpochs:
         pending = b.get("pending")
         return cls(_epoch(active, "active") if active is not None else None,
                    _epoch(pending, "pending") if pending is not None else None,
-                   bool(b.get("metadata-member")), int(b.get("max-shard-id") or 0))
+                   bool(b.get("metadata-member")), int(b.get("max-shard-id") or 0), _revision(b.get("revision")))
 
 
 @dataclass(frozen=True)

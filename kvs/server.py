@@ -24,7 +24,7 @@ import threading
 from typing import Callable
 
 from kvs.http.aio import HttpClient, HttpServer, new_event_loop
-from kvs.http.common import Services
+from kvs.http.common import PeerAuth, Services
 from kvs.http.keys import KeyRequests, is_fast, refusal
 from kvs.http.public import INTERNAL_BODY_BYTES, create_app
 from kvs.node import Node
@@ -56,11 +56,13 @@ class NodeServer:
         forwarder = Forwarder(settings.secret, settings.bind_host)
         remote = Remote(forwarder)
         self.view_change = ViewChange(self.node, remote)
-        app = create_app(Services(self.node, ShardQueries(self.node, forwarder), self.view_change))
+        # One per node: the key path and the Flask apps must share the memory of accepted nonces.
+        peer_auth = PeerAuth(settings.secret, self.node.trusts_host)
+        app = create_app(Services(self.node, ShardQueries(self.node, forwarder), self.view_change, peer_auth))
         source_ip = settings.bind_host if settings.bind_host not in ("", "0.0.0.0", "::") else None
         self._client = HttpClient(source_ip=source_ip, max_idle_per_address=CLIENT_POOL)
         self.keys = KeyRouter(self.node, AsyncForwarder(self._client, settings.secret), self.loop)
-        self.http = HttpServer(KeyRequests(settings, self.keys, self.node.trusts_host), app, fast_paths=is_fast,
+        self.http = HttpServer(KeyRequests(settings, self.keys, peer_auth), app, fast_paths=is_fast,
                                max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
                                refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)])
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import logging
 import pathlib
@@ -773,6 +774,35 @@ def test_the_client_sends_again_on_a_new_connection_when_the_peer_closed_a_poole
     finally:
         peer.close()
     assert statuses == [200, 200] and opened == 2
+
+
+def test_a_request_sent_again_after_a_closed_pooled_connection_gets_headers_made_anew(serve):
+    """A signed request must not go out twice with the same nonce: the receiver would refuse it."""
+    running = serve()
+    received: list[bytes] = []
+
+    def script(sock, index):
+        received.append(_read_request(sock))
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if index == 0:
+            received.append(_read_request(sock))        # read, then closed unanswered
+        sock.close()
+
+    peer = ScriptedPeer(script)
+    made = itertools.count(1)
+
+    async def scenario():
+        client = HttpClient()
+        for _ in range(2):
+            await client.request(peer.address, "PUT", "/k", lambda: {"X-Made": str(next(made))}, b"{}",
+                                 time.monotonic() + WAIT)
+        client.close()
+
+    try:
+        running.call(scenario())
+    finally:
+        peer.close()
+    assert [request.split(b"X-Made: ")[1][:1] for request in received] == [b"1", b"2", b"3"]
 
 
 def test_the_client_connects_from_its_source_ip(serve):

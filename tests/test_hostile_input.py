@@ -5,9 +5,10 @@ Each case is a defect an outside review found (issue 11): non-ASCII keys failed 
 receiver read the path as latin-1, the sender signed UTF-8), a key of 26 "é" was "too long", the
 keys "." and ".." answered 404 through a node that does not own them (the forwarded URL was
 normalised), and several inputs answered 500: JSON nested 1,000 deep, odd X-Kvs-Deadline-Ms values,
-a signature timestamp of 400 digits, a 2,000-character host, a value with a lone surrogate, signed
-malformed bodies on the internal endpoints, a malformed epoch; a view entry with a path made a node
-send requests elsewhere, and resending the current view made a new epoch.
+a signature timestamp of 400 digits, a signature of non-ASCII digits, a 2,000-character host, a
+value with a lone surrogate, signed malformed bodies on the internal endpoints, a malformed epoch; a
+view entry with a path made a node send requests elsewhere, and resending the current view made a
+new epoch. Replayed and altered signed requests: tests/test_replay.py.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def raw_request(address: str, method: str, path: str, body: bytes = b"", headers
 
 
 def signed(method: str, path: str, body: bytes) -> dict:
-    rid = uuid.uuid4().hex
-    return {FORWARDED: "1", REQUEST_ID: rid, SIGNATURE: sign(TEST_SECRET, method, path, rid, body)}
+    headers = {FORWARDED: "1", REQUEST_ID: uuid.uuid4().hex}
+    headers[SIGNATURE] = sign(TEST_SECRET, method, path, headers, body)
+    return headers
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,21 @@ def test_a_signature_with_a_huge_timestamp_is_a_401(cluster):
     status, body = raw_request(cluster.view[0], "GET", "/kvs/keys/anything",
                                headers={FORWARDED: "1", SIGNATURE: "t=" + "9" * 400 + ",s=0"})
     assert status == 401, body
+
+
+@pytest.mark.cluster
+def test_a_signature_with_non_ascii_digits_is_a_401(cluster):
+    forged = f"t={int(time.time())},n={'0' * 32},s={'é' * 64}".encode("latin-1")   # hmac's comparison raised
+    host, port = cluster.view[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest("GET", "/internal/status")
+        conn.putheader(FORWARDED, "1")
+        conn.putheader(SIGNATURE, forged)
+        conn.endheaders()
+        assert conn.getresponse().status == 401
+    finally:
+        conn.close()
 
 
 @pytest.mark.cluster

@@ -16,6 +16,7 @@ from kvs.errors import BadRequest, KvsError, NotMember, Unauthorized, Unavailabl
 from kvs.node import Node
 from kvs.reconfig.coordinator import ViewChange
 from kvs.routing import peers
+from kvs.routing.nonces import NonceCache
 from kvs.routing.replies import Reply
 from kvs.routing.shards import ShardQueries
 from kvs.settings import NodeSettings
@@ -25,12 +26,43 @@ log = logging.getLogger(__name__)
 MAX_JSON_DEPTH = 64
 
 
+class PeerAuth:
+    """Tells a node-to-node request from a client's, and refuses one that only pretends.
+
+    One per node, built by `kvs.server` and shared by the key path (on the event loop) and the Flask
+    apps (on worker threads): with a secret it owns the node's memory of accepted nonces
+    (`kvs.routing.nonces`), which must be one for a replay to be refused whichever path it takes."""
+
+    def __init__(self, secret: str | None, trusted: Callable[[str], bool] | None = None):
+        self._secret = secret
+        self._trusted = trusted
+        self.nonces = NonceCache(peers.SIGNATURE_WINDOW) if secret else None
+
+    def is_forwarded(self, headers: Mapping[str, str], method: str, path: str, query: str, raw: bytes,
+                     sender: str | None = None) -> bool:
+        """True for an authenticated node-to-node request; Unauthorized if it claims to be one and is not.
+        `path` is percent-decoded, `query` as received (without the "?").
+
+        With a secret, the signature decides (`kvs.routing.peers.verify`). Without one, the cluster is
+        unauthenticated (and says so at start), but a node still answers node-to-node requests only
+        from the hosts of its view (`trusted(sender host)`), so that a header alone opens nothing from
+        elsewhere."""
+        if headers.get(peers.FORWARDED) != "1":
+            return False
+        if self.nonces is not None:
+            peers.verify(self._secret, headers, method, path, query, raw, self.nonces)
+        elif self._trusted is not None and (sender is None or not self._trusted(sender)):
+            raise Unauthorized("node-to-node requests of an unsecured cluster come only from its nodes' hosts")
+        return True
+
+
 @dataclass(frozen=True)
 class Services:
     """What the HTTP layer calls: built once by `kvs.server`, kept in `app.extensions["kvs"]`."""
     node: Node
     shards: ShardQueries
     view_change: ViewChange
+    peer_auth: PeerAuth
 
 
 def services() -> Services:
@@ -53,23 +85,6 @@ def parse_body(raw: bytes) -> dict:
 def request_deadline(settings: NodeSettings, headers: Mapping[str, str]) -> float:
     """The deadline of a client or forwarded request: the request timeout, or less if the sender has less."""
     return peers.deadline_from(headers, settings.request_timeout)
-
-
-def is_forwarded(settings: NodeSettings, headers: Mapping[str, str], method: str, path: str, raw: bytes,
-                 sender: str | None = None, trusted: Callable[[str], bool] | None = None) -> bool:
-    """True for an authenticated node-to-node request; Unauthorized if it claims to be one and is not.
-
-    With a secret, the signature decides. Without one, the cluster is unauthenticated (and says so
-    at start), but a node still answers node-to-node requests only from the hosts of its view
-    (`trusted(sender host)`), so that a header alone opens nothing from elsewhere."""
-    if headers.get(peers.FORWARDED) != "1":
-        return False
-    if settings.secret:
-        peers.verify(settings.secret, headers.get(peers.SIGNATURE), method, path,
-                     headers.get(peers.REQUEST_ID, ""), raw)
-    elif trusted is not None and (sender is None or not trusted(sender)):
-        raise Unauthorized("node-to-node requests of an unsecured cluster come only from its nodes' hosts")
-    return True
 
 
 def error_reply(exc: Exception, method: str, path: str, causal_context: dict | None = None) -> Reply:

@@ -17,7 +17,7 @@ from flask import Blueprint, Response, request
 from kvs.errors import BadRequest, NotFound, Unauthorized
 from kvs.fsm.base import Invalid
 from kvs.fsm.commands import command_from_json
-from kvs.http.common import is_forwarded, json_response, parse_body, services
+from kvs.http.common import json_response, parse_body, services
 from kvs.reconfig.protocol import Epochs, Exported, ExportRequest, KnownEpochs, MetadataMembership
 from kvs.reconfig.remote import STEP_SECONDS, StepRefused
 from kvs.routing import peers
@@ -29,9 +29,9 @@ _SLICE_ROWS = 2000
 
 @internal.before_request
 def _authenticate() -> None:
-    node = services().node
-    if not is_forwarded(node.settings, request.headers, request.method, request.path, request.get_data(cache=True),
-                        request.remote_addr, node.trusts_host):
+    if not services().peer_auth.is_forwarded(request.headers, request.method, request.path,
+                                             request.query_string.decode("latin-1"), request.get_data(cache=True),
+                                             request.remote_addr):
         raise Unauthorized("internal endpoints are for nodes only")
 
 

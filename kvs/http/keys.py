@@ -19,12 +19,11 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from typing import Callable
 from urllib.parse import unquote
 
 from kvs.errors import BadRequest, Unauthorized
 from kvs.http.aio import Request, Response
-from kvs.http.common import error_reply, is_forwarded, parse_body, request_deadline
+from kvs.http.common import PeerAuth, error_reply, parse_body, request_deadline
 from kvs.routing import peers, write_batches
 from kvs.routing.keys import KeyRouter
 from kvs.routing.replies import Reply
@@ -60,10 +59,10 @@ def refusal(status: int, error: str, method: str, raw_path: str) -> Response:
 
 
 class KeyRequests:
-    def __init__(self, settings: NodeSettings, router: KeyRouter, trusted: Callable[[str], bool] | None = None):
+    def __init__(self, settings: NodeSettings, router: KeyRouter, peer_auth: PeerAuth):
         self._settings = settings
         self._router = router
-        self._trusted = trusted           # without a secret: which hosts may send node-to-node requests
+        self._peer_auth = peer_auth       # the node's one instance: the Flask apps share its nonces
         # Request ids: unique per node incarnation, cheaper than a uuid4 per request.
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
@@ -77,8 +76,8 @@ class KeyRequests:
         """POST /internal/writes/<shard>: a follower's writes, proposed here (kvs.routing.write_batches)."""
         path = decoded_path(request.path) or request.path
         try:
-            if not is_forwarded(self._settings, request.headers, request.method, path, request.body,
-                                _host(request), self._trusted):
+            if not self._peer_auth.is_forwarded(request.headers, request.method, path, request.query,
+                                                request.body, _host(request)):
                 raise Unauthorized("internal endpoints are for nodes only")
             try:
                 commands = [write_batches.command_from_json(row) for row in parse_body(request.body)["commands"]]
@@ -108,8 +107,8 @@ class KeyRequests:
                 if not isinstance(given, dict):
                     raise BadRequest("causal-context must be a JSON object")
                 context = given
-                forwarded = is_forwarded(self._settings, headers, method, path, request.body, _host(request),
-                                         self._trusted)
+                forwarded = self._peer_auth.is_forwarded(headers, method, path, request.query, request.body,
+                                                         _host(request))
                 key = path[len(KEYS_PREFIX):]
                 reply = await self._router.key_request(method, key, _value(method, key, body),
                                                        headers.get(peers.REQUEST_ID) or self._new_id(),

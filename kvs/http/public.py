@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
-from kvs.http.common import Services, error_reply, is_forwarded, json_response, parse_body, request_deadline, services
+from kvs.http.common import Services, error_reply, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
 from kvs.routing import peers
 
@@ -82,9 +82,9 @@ def shard_list() -> Response:
 
 @shards.route("/kvs/shards/<shard_id>", methods=["GET"])
 def shard_info(shard_id: str) -> Response:
-    node = services().node
-    forwarded = is_forwarded(node.settings, request.headers, request.method, request.path,
-                             request.get_data(cache=True), request.remote_addr, node.trusts_host)
+    forwarded = services().peer_auth.is_forwarded(request.headers, request.method, request.path,
+                                                  request.query_string.decode("latin-1"),
+                                                  request.get_data(cache=True), request.remote_addr)
     reply = services().shards.shard_info(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
                                          _deadline(), forwarded)
     return json_response(reply.status, reply.body, reply.headers)

@@ -28,13 +28,16 @@ class AsyncForwarder:
     async def send(self, address: str, method: str, path: str, payload: dict | None, request_id: str,
                    deadline: float, body: bytes | None = None) -> PeerResponse:
         """`body` (already encoded JSON) is sent as is when given, else `payload` encoded."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if deadline - time.monotonic() <= 0:
             raise PeerUnreachable(f"{address}: no time left")
         if body is None:
             # UTF-8, not \\u escapes: a value a client could send fits the receiver's limit as well
             body = b"" if payload is None else json.dumps(payload, ensure_ascii=False).encode()
-        headers = forwarded_headers(self._secret, method, path, request_id, body, remaining)
+
+        def headers() -> dict[str, str]:
+            # made for each transmission: if the client sends it again, it goes with a new nonce
+            return forwarded_headers(self._secret, method, path, request_id, body, deadline - time.monotonic())
+
         status, response_headers, raw = await self._client.request(address, method, path, headers, body, deadline)
         return peer_response(address, status, raw, response_headers.get(LEADER_HINT))
 

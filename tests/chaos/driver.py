@@ -109,7 +109,8 @@ class ClusterDriver(ABC):
         """{"active", "pending", "metadata-member"} as `node` knows them (GET /internal/epochs,
         signed with the cluster secret as a node would), or None if it does not answer."""
         path, request_id = "/internal/epochs", uuid.uuid4().hex
-        headers = {FORWARDED: "1", REQUEST_ID: request_id, SIGNATURE: sign(SECRET, "GET", path, request_id, b"")}
+        headers = {FORWARDED: "1", REQUEST_ID: request_id}
+        headers[SIGNATURE] = sign(SECRET, "GET", path, headers, b"")
         try:
             resp = requests.get(f"http://{self.client_address(node)}{path}", headers=headers, timeout=timeout)
             return resp.json() if resp.status_code == 200 else None

@@ -12,7 +12,9 @@ request comes from sees the node's own address). A connection goes back to the
 address's pool (at most `max_idle_per_address` idle ones, most recent first)
 only after a complete keep-alive response; a timed-out, cancelled or failed
 exchange closes it. A request sent on a pooled connection that the peer had
-already closed (nothing was received) is sent once more on a new connection.
+already closed (nothing was received) is sent once more on a new connection;
+`headers` may be a function, called for each transmission, so that a signed
+request is signed anew (a receiver refuses a signature's nonce twice).
 
 One client belongs to one event loop; requests may run concurrently (each
 takes its own connection).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import httptools
 
@@ -45,18 +47,23 @@ class HttpClient:
         self._idle: dict[str, deque[_ClientConnection]] = {}
         self.connections_opened = 0         # for tests and metrics
 
-    async def request(self, address: str, method: str, path: str, headers: Mapping[str, str] | None,
+    async def request(self, address: str, method: str, path: str,
+                      headers: Mapping[str, str] | Callable[[], Mapping[str, str]] | None,
                       body: bytes, deadline: float) -> tuple[int, Headers, bytes]:
-        """One request; `path` as sent (percent-encoded, with its query); `deadline` in time.monotonic()."""
+        """One request; `path` as sent (percent-encoded, with its query); `deadline` in time.monotonic();
+        `headers` a mapping, or a function that makes them for each transmission."""
         if time.monotonic() >= deadline:
             raise PeerUnreachable(f"{address}: no time left")
-        data = _encode_request(address, method, path, headers or {}, body)
+        make = headers if callable(headers) else None
+        data = _encode_request(address, method, path, make() if make else headers or {}, body)
         conn = self._pooled(address)
         if conn is not None:
             try:
                 return await self._exchange(address, conn, data, method, deadline)
             except _Stale:
-                pass                        # the peer closed it while idle: one more try, on a new connection
+                # the peer closed it while idle: one more try, on a new connection (with headers made anew)
+                if make is not None:
+                    data = _encode_request(address, method, path, make(), body)
         conn = await self._connect(address, deadline)
         try:
             return await self._exchange(address, conn, data, method, deadline)

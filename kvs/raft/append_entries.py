@@ -94,7 +94,7 @@ def screen(message: dict, entries_from: Callable[[int], list]) -> Screened:
     local = entries_from(prev)
     if not local or local[0][2] != prev_term:
         return Screened(message)                     # PySyncObj answers "reset": the leader goes back
-    matched = 0
+    matched = 0          # indexes line up (both consecutive from prev); same term = same entry (Log Matching)
     while matched < len(entries) and matched + 1 < len(local) and local[matched + 1][2] == entries[matched][2]:
         matched += 1
     verified = prev + len(entries)                   # the message proves the log up to here, no further

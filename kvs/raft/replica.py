@@ -5,7 +5,7 @@ for the tick thread to wake (`autoTickPeriod`), then for the next batch of
 AppendEntries (`appendEntriesPeriod`), so a write takes ~100 ms with the
 defaults. Its unbatched mode is fast but makes followers truncate and rewrite
 already-acknowledged entries. This subclass keeps batching on and removes the
-waiting instead, with three documented changes that touch PySyncObj internals
+waiting instead, with four documented changes that touch PySyncObj internals
 (name-mangled attributes of SyncObj; re-check them when upgrading):
 
 1. Wake-up: submitting a command writes to a pipe the tick thread polls, so the
@@ -17,9 +17,21 @@ waiting instead, with three documented changes that touch PySyncObj internals
 3. No nextIndex regression: on a successful AppendEntries reply PySyncObj sets
    the follower's nextIndex back to the acknowledged position even when newer
    entries are already in flight, so it re-sends them with an older
-   prevLogIndex and the follower truncates and re-appends entries it had
-   acknowledged. We keep nextIndex at the furthest point already sent; a
-   follower that really lacks entries answers with `reset`, which still works.
+   prevLogIndex (the follower then had to skip what it already holds, see 4).
+   We keep nextIndex at the furthest point already sent; a follower that
+   really lacks entries answers with `reset`, which still works. matchIndex
+   never moves back either: PySyncObj raises it only.
+4. Truncation only on a real conflict (`kvs.raft.append_entries`): PySyncObj
+   deletes every entry after an AppendEntries' prevLogIndex whenever the
+   follower's log is longer, so a late or duplicated message made a follower
+   drop entries it had acknowledged. Every `append_entries` of the current
+   term is screened before PySyncObj's handler sees it: the entries the
+   follower holds are skipped, so PySyncObj truncates at the first entry of
+   another term or not at all; when all match and the log goes on, PySyncObj
+   gets the message without prevLogIndex (it then does the term, leader,
+   timer and commit part only) and we answer success up to the last verified
+   entry ourselves. The commit index a message sets is capped at the last
+   entry it verified, and a snapshot chunk commits nothing.
 
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
@@ -49,8 +61,9 @@ count toward a commit:
 - Followers: their only acknowledgement is the `next_node_idx` answer, which
   PySyncObj sends in one place (`__sendNextNodeIdx`, reached from the
   `append_entries` handler for appended entries, a truncation or an installed
-  snapshot) through `self.__transport.send`, i.e. `RaftTransport.send`, which
-  syncs the journal before any message in `_SYNC_BEFORE_SENDING` leaves. One
+  snapshot, and from change 4's own answer) through `self.__transport.send`,
+  i.e. `RaftTransport.send`, which syncs the journal before any message in
+  `_SYNC_BEFORE_SENDING` leaves. One
   AppendEntries message (one batch) costs one fsync. Vote requests and votes
   are synced too (term and vote are fsynced by the journal itself), following
   the rule "persist, then send": cheap, as elections are rare.
@@ -81,11 +94,13 @@ import os
 import socket
 from typing import Any, Callable
 
+import pysyncobj.pickle
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
+from kvs.raft.append_entries import Screened, complete_transmission, screen
 from kvs.raft.journal import fsync_file_and_directory
 from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
 from kvs.raft.read_index import ReadIndex
@@ -201,6 +216,9 @@ class Replica(SyncObj):
         if message.get("type") in READ_INDEX_MESSAGES:
             self._read_index.on_message(node, message)      # ours alone: PySyncObj never sees them
             return
+        if message.get("type") == "append_entries":
+            self._on_append_entries(node, message)          # change 4
+            return
         furthest_sent = None
         if message.get("type") == "next_node_idx" and message.get("success") and not message.get("reset"):
             furthest_sent = self._SyncObj__raftNextIndex.get(node)
@@ -209,6 +227,41 @@ class Replica(SyncObj):
             next_index = self._SyncObj__raftNextIndex
             if node in next_index and next_index[node] < furthest_sent:
                 next_index[node] = furthest_sent
+
+    # -- change 4: a follower truncates only on a real conflict -----------------
+
+    def _on_append_entries(self, node: Any, message: dict) -> None:
+        term = message.get("term")
+        if not isinstance(term, int) or term < self.raftCurrentTerm:
+            # PySyncObj ignores an older term (no answer, no change): nothing to screen, nothing to send.
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+            return
+        screened = self._screen_append_entries(message)
+        SyncObj._SyncObj__onMessageReceived(self, node, screened.message)
+        if screened.message is not message and "commit_index" in message:
+            # Only the commit decision is capped: PySyncObj's readiness check and status keep the leader's.
+            self._SyncObj__leaderCommitIndex = message["commit_index"]
+        if screened.answer is not None:
+            # Every entry matched and the log goes on: PySyncObj saw no prevLogIdx and did not answer.
+            # Through __sendNextNodeIdx and RaftTransport.send, like its own answer: synced first.
+            self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=screened.answer, success=True)
+
+    def _screen_append_entries(self, message: dict) -> Screened:
+        if "prevLogIdx" not in message:
+            commit = message.get("commit_index")
+            if "serialized" in message and isinstance(commit, int) and commit > self.raftCommitIndex:
+                # A snapshot chunk verifies no entry of the log it is about to replace, but PySyncObj
+                # would commit up to that log's end. An installed snapshot needs no commit index (it sets
+                # last-applied); the next AppendEntries, which verifies entries, moves the commit index.
+                return Screened({**message, "commit_index": self.raftCommitIndex})
+            return Screened(message)
+        if message.get("transmission") == "finish":
+            regular = complete_transmission(message, self._SyncObj__recvTransmission, pysyncobj.pickle.loads)
+            if regular is None:
+                return Screened(message)
+            self._SyncObj__recvTransmission = ""            # as PySyncObj does once it has the entry
+            message = regular
+        return screen(message, self._SyncObj__getEntries)
 
     # -- durability: group commit (see "Durability" in the module docstring) -----
 

@@ -99,14 +99,19 @@ def test_add_member_to_a_shard_under_load(make_cluster):
     keys = preload(a)
 
     hot = tuple(f"hot-{i}" for i in range(10))
-    spec = WorkloadSpec(addresses=(a, b), keys=hot, clients=4, duration=10.0, seed=11)
+    # The clients run until the change has ended (at most 120 s), so the history covers all of it.
+    stop = threading.Event()
+    spec = WorkloadSpec(addresses=(a, b), keys=hot, clients=4, duration=120.0, seed=11, stop=stop)
     history: list = []
     worker = threading.Thread(target=lambda: history.extend(run_workload(spec)))
     worker.start()
     wait_until(lambda: any(KvsClient(a).get(k)[0] == 200 for k in hot), 10, message="the clients have written")
-    status, body = add_member(b, joining, "1")
-    assert worker.is_alive(), "the change outlasted the clients: the history does not cover it"
+    try:
+        status, body = add_member(b, joining, "1")
+    finally:
+        stop.set()
     worker.join(60)
+    assert not worker.is_alive(), "the clients did not stop"
     assert status == 200, body
     assert body["message"] == "View change successful"
     # shard 1 became the new group 3 (the thin form); shard 2 kept its id and Raft group

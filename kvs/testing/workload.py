@@ -37,6 +37,9 @@ class WorkloadSpec:
     delete_share: float = 0.1
     # Where to reach a node right now (containers may move to a new host port when restarted).
     resolve: Callable[[str], str] | None = None
+    # Set: the clients stop at their next operation (before `duration`), e.g. once a change under test
+    # has ended, so that the history covers the whole change however long it took.
+    stop: threading.Event | None = None
 
 
 def _interpret(kind: str, status: int, body: dict) -> tuple[str, object]:
@@ -61,7 +64,7 @@ def _client(spec: WorkloadSpec, name: str, seed: int, stop_at: float, out: list[
     rng = random.Random(seed)
     session = requests.Session()
     n = 0
-    while time.monotonic() < stop_at:
+    while time.monotonic() < stop_at and not (spec.stop is not None and spec.stop.is_set()):
         n += 1
         key = rng.choice(spec.keys)
         address = rng.choice(spec.addresses)

@@ -58,6 +58,10 @@ class Unavailable(KvsError):
     status = 503
 
 
+class ReplicaHalted(Unavailable):
+    """This node's replica of the group halted (its journal failed: a full disk); its others may serve."""
+
+
 class NotMember(Unavailable):
     """This node is idle: it is not part of any configuration yet."""
 

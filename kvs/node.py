@@ -12,27 +12,30 @@ replica's tick thread when the thread that created it ends, so replicas are
 never created from request threads. The supervisor wakes when the metadata
 state machine applies an entry (or every `_SUPERVISE_PERIOD` to retry a
 proposal) and adopts the newest epoch. Its thread is started and stopped by
-the process's owner, `kvs.server.NodeServer`.
+the process's owner, `kvs.server.NodeServer`. It also closes a group whose
+journal failed (a full disk) and reopens it from disk once the disk takes
+writes again (`kvs.raft.recovery`); the node's other groups run on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 
 from kvs.errors import NotMember
 from kvs.raft.group import RaftGroup, RaftTiming
+from kvs.raft.hosting import METADATA_GROUP, GroupFactory
+from kvs.raft.recovery import GroupRecovery
 from kvs.fsm.meta import MetadataState
-from kvs.fsm.shard import ShardState
-from kvs.settings import METADATA_SLOT, NodeSettings
+from kvs.settings import NodeSettings
 from kvs.config.epoch import ConfigEpoch
+from kvs.config.records import load_record, write_record
 
 log = logging.getLogger(__name__)
 
 _SUPERVISE_PERIOD = 0.5
+_META = METADATA_GROUP      # the metadata group's key in the recovery (shard ids are numbers)
 
 
 def _valid_epoch(epoch: object) -> bool:
@@ -78,6 +81,8 @@ class Node:
         self._proposal_pending = False
         self._supervisor_running = False
         self._supervisor_error: str | None = None
+        self._build = GroupFactory(settings, self._timing, on_metadata_applied=self._meta_changed.set)
+        self._recovery = GroupRecovery()     # groups whose journal failed, closed until their disk heals
 
     # -- life cycle (threads are started and stopped by kvs.server) --------------------------------
 
@@ -112,6 +117,7 @@ class Node:
         self._meta_changed.set()
 
     def _supervise_once(self) -> None:
+        self._close_halted_groups()
         self._follow_metadata_membership()
         active, pending = self._pushed.get("active"), self._pushed.get("pending")
         if self._meta is not None:
@@ -131,17 +137,50 @@ class Node:
                 pending = change["plan"]["epoch"]
             elif change is None and pending and active and pending["number"] <= active["number"]:
                 pending = None
+        self._reopen_healed_groups(active, pending)
         self._reconcile(active, pending)
+
+    # -- groups whose journal failed (a full disk, EIO): closed, reopened from disk (kvs.raft.recovery) --
+
+    def _close_halted_groups(self) -> None:
+        with self._lock:
+            halted = {sid: g for sid, g in self._groups.items() if g.failure is not None}
+        if self._meta is not None and self._meta.failure is not None:
+            halted[_META] = self._meta
+        for key, group in halted.items():
+            self._recovery.take(key, group)         # listed as down before it leaves this node's groups
+        with self._lock:
+            self._groups = {sid: g for sid, g in self._groups.items() if sid not in halted}
+        if _META in halted:
+            self._meta = None
+
+    def _reopen_healed_groups(self, active: dict | None, pending: dict | None) -> None:
+        """Take back the halted groups the recovery reopened: those that this node's epochs still give it.
+        (`active` is None while the metadata replica itself is down: the adopted epoch counts too.)"""
+        if not self._recovery.holds_any():
+            return
+        epochs = [e for e in [self._epoch] + [ConfigEpoch.from_dict(d) for d in (active, pending) if d] if e]
+
+        def reopen(key: str) -> RaftGroup | None:
+            if key == _META:
+                member = self._metadata.get("member", self.settings.is_member)
+                return self._build.metadata_group(self._metadata.get("peers")) if member else None
+            epoch = next((e for e in epochs if self.settings.address in e.shards.get(key, ())), None)
+            return self._build.shard_group(epoch, key) if epoch is not None else None
+
+        for key, group in self._recovery.reopen_due(reopen).items():
+            with self._lock:
+                if key == _META:
+                    self._meta = group
+                else:
+                    self._groups[key] = group
 
     def _follow_metadata_membership(self) -> None:
         """Open or close this node's metadata replica as it was told; remember the members it sees."""
         s = self.settings
         member = self._metadata.get("member", s.is_member)
-        if member and self._meta is None:
-            peers = self._metadata.get("peers") or [s.raft_address(a, METADATA_SLOT) for a in s.view]
-            self._meta = RaftGroup("meta", s.raft_address(s.address, METADATA_SLOT), peers, MetadataState(),
-                                   os.path.join(s.data_dir, "meta"), s.secret, self._timing,
-                                   on_applied=self._meta_changed.set, bind_host=s.bind_host)
+        if member and self._meta is None and not self._recovery.holds(_META):
+            self._meta = self._build.metadata_group(self._metadata.get("peers"))
         elif not member and self._meta is not None:
             log.info("%s leaves the metadata group", s.address)
             meta, self._meta = self._meta, None
@@ -195,17 +234,9 @@ class Node:
     def _start_groups(self, epoch: ConfigEpoch) -> None:
         s = self.settings
         for shard_id, replicas in epoch.shards.items():
-            if s.address not in replicas or self.group(shard_id) is not None:
-                continue
-            slot = epoch.slot(shard_id, s.address)
-            peers = [s.raft_address(a, epoch.slot(shard_id, a)) for a in replicas]
-            # The group's starting ownership is its creation epoch's, not the one this node happens to know
-            # now: a replica re-created later replays the same log from the same state as its peers.
-            origin_number, origin_ring = epoch.origin(shard_id)
-            ownership = (origin_number, shard_id, origin_ring)
-            group = RaftGroup(f"shard-{shard_id}", s.raft_address(s.address, slot), peers, ShardState(ownership),
-                              os.path.join(s.data_dir, f"shard-{shard_id}"), s.secret, self._timing,
-                              bind_host=s.bind_host)
+            if s.address not in replicas or self.group(shard_id) is not None or self._recovery.holds(shard_id):
+                continue                # (a halted one is reopened by the recovery, after a disk probe)
+            group = self._build.shard_group(epoch, shard_id)
             with self._lock:
                 self._groups[shard_id] = group
 
@@ -225,28 +256,10 @@ class Node:
         self._meta_changed.set()
 
     def _write_json(self, name: str, record: dict) -> None:
-        os.makedirs(self.settings.data_dir, exist_ok=True)
-        path = os.path.join(self.settings.data_dir, name)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f)
-        os.replace(path + ".tmp", path)
+        write_record(self.settings.data_dir, name, record)
 
     def _load_json(self, name: str, valid) -> dict:
-        """A record this node wrote before; a damaged one is set aside (logged), never a crash loop."""
-        path = os.path.join(self.settings.data_dir, name)
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            if valid(record):
-                return record
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, RecursionError):
-            pass
-        log.error("%s is damaged; it is set aside as %s.bad and ignored (the node learns again from its "
-                  "peers)", path, name)
-        os.replace(path, path + ".bad")
-        return {}
+        return load_record(self.settings.data_dir, name, valid)
 
     @property
     def pushed_pending(self) -> dict | None:
@@ -357,9 +370,10 @@ class Node:
             shard_groups = dict(self._groups)
         for shard_id, group in sorted(shard_groups.items()):
             groups[f"shard-{shard_id}"] = group.status()
-            if digest:
+            if digest and group.failure is None:
                 groups[f"shard-{shard_id}"].update({"key-count": group.state.key_count(),
                                                     "digest": group.state.digest()})
+        groups.update(self._recovery.status())          # halted groups, closed until their disk heals
         return {
             "address": self.settings.address,
             "member": self.settings.is_member or (epoch is not None and self.settings.address in epoch.view),
@@ -380,6 +394,9 @@ class Node:
             if not self.settings.is_member and self._meta is None:
                 return False, "idle: this node is not in any configuration"
             return False, "the cluster configuration is not known yet"
+        for name, failure in [(g.name, g.failure) for g in self._all_groups()] + self._recovery.failures():
+            if failure is not None:
+                return False, f"group {name} is down: {failure.summary()}"
         for group in self._all_groups():
             if group.leader() is None:
                 return False, f"group {group.name} has no leader"

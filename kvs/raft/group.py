@@ -15,6 +15,10 @@ deadline, `execute(command)` and `read(fn)`, and the kvs exception tree:
   leads, shared by every read that arrived meanwhile; a follower asks the
   leader) and runs `fn` on the local state once that index is applied here:
   no log entry per read, and followers serve reads too.
+* A replica whose journal failed (a full disk, EIO) has halted: `failure`
+  says why and since when, `status()` says "failed", and it is never the
+  leader (`kvs.raft.replica`, "Disk faults"); its node closes it and reopens
+  it from disk later (`kvs.raft.recovery`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pysyncobj.config import FAIL_REASON
 
 from kvs.errors import Unavailable
 from kvs.raft import storage
-from kvs.raft.journal import set_fsync
+from kvs.raft.journal import JournalFailure, set_fsync
 from kvs.raft.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ class RaftGroup:
         self.name = name
         self.self_address = self_address
         self.state = state
+        self._directory = directory
         os.makedirs(directory, exist_ok=True)
         journal_path, snapshot_path = storage.group_files(directory)
         set_fsync(journal_path, timing.fsync)      # read by the journal PySyncObj opens below
@@ -199,13 +204,27 @@ class RaftGroup:
 
     def leader(self) -> str | None:
         node = self._replica._getLeader()
-        return node.id if node is not None else None
+        return node.id if node is not None and self.failure is None else None
 
     def is_leader(self) -> bool:
-        return self._replica._isLeader()
+        return self.failure is None and self._replica._isLeader()    # a halted leader's state is frozen
+
+    @property
+    def failure(self) -> JournalFailure | None:
+        """Set once this replica's journal failed (a full disk, EIO): it has halted and acknowledges
+        nothing more; its node closes it and reopens it from disk (kvs.raft.recovery)."""
+        return self._replica.journal_failure
+
+    @property
+    def directory(self) -> str:
+        return self._directory
 
     def status(self) -> dict:
         s = self._replica.getStatus()
+        failure = self.failure
+        if failure is not None:
+            return {"role": "failed", "leader": None, "raft-address": self.self_address,
+                    "members": self.members(), "failure": failure.describe()}
         return {
             "role": _ROLES.get(s["state"], str(s["state"])),
             "leader": s["leader"].id if s["leader"] is not None else None,

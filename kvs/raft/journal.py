@@ -19,9 +19,21 @@ before any acknowledgement leaves a follower and before the leader counts
 itself toward a commit, so one fsync covers a whole batch of entries. Every
 file replaced by rename (compaction, `.meta`) is fsynced before the rename and
 its directory after, and a newly created journal's directory is fsynced once.
-The switch is per journal path (`set_fsync`, filled by `RaftGroup` from the
-`KVS_FSYNC` setting before PySyncObj calls the journal factory, which takes
-only a path); a journal whose path was never registered fsyncs.
+The switch is per journal path (`kvs.raft.disk.set_fsync`, filled by
+`RaftGroup` from `KVS_FSYNC` before PySyncObj calls the journal factory,
+which takes only a path); a journal whose path was never registered fsyncs.
+
+Disk faults (a full disk, a size limit, EIO). Every change is all or nothing:
+an append loops over short writes and, if one fails, cuts the file back to the
+last whole record, so no later append can land behind a torn one; a failed
+compaction or `.meta` write leaves the old file (and no `.tmp`). Any failure
+then fails the journal for good (`failure`, sticky like a failed fsync): every
+later change and sync raises, so its replica acknowledges, votes and sends
+nothing (`kvs.raft.replica`), and its node closes the group and reopens it
+from disk once the disk takes writes again (`kvs.raft.recovery`). What no
+successful sync covered is cut off first (`JournalFailure.trusted_end`): it
+was never acknowledged, and after a failed fsync the page cache may show
+data the disk never got. The reopened replica catches up from its leader.
 """
 
 from __future__ import annotations
@@ -36,6 +48,11 @@ from typing import Any
 from pysyncobj.journal import Journal
 
 from kvs.raft import codec
+from kvs.raft.disk import (FailStop, JournalError, JournalFailure, JournalSyncError, JournalWriteError, cut_file,
+                           fsync_directory, fsync_enabled, replace_file, set_fsync, write_all)
+
+__all__ = ["DurableJournal", "JournalError", "JournalFailure", "JournalSyncError", "JournalWriteError", "set_fsync",
+           "fsync_enabled"]
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +63,7 @@ META_SUFFIX = ".meta"
 _HEADER = struct.Struct("<IIQQ")
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)     # macOS has no fdatasync
-
-# journal path (absolute) -> fsync on or off; see `set_fsync`.
-_FSYNC_BY_PATH: dict[str, bool] = {}
+_write = os.write                                   # a seam for tests that make writes fail
 
 Entry = tuple  # (command: bytes, index: int, term: int), as PySyncObj uses them
 
@@ -61,58 +76,7 @@ def _encode(command: bytes, index: int, term: int) -> bytes:
     return _HEADER.pack(len(command), _checksum(command, index, term), index, term) + command
 
 
-def set_fsync(journal_path: str, enabled: bool) -> None:
-    """Choose whether the journal at `journal_path` fsyncs (the default for an unregistered path is on).
-
-    PySyncObj builds its journal through `kvs.raft.storage.create_journal(path)`,
-    a factory that receives nothing but the path, so the choice travels in this
-    registry: `RaftGroup` registers its journal path here before it creates its
-    SyncObj, and `DurableJournal` looks its path up when it opens. Registering
-    again (a group re-created in the same directory) replaces the old choice."""
-    _FSYNC_BY_PATH[os.path.abspath(journal_path)] = bool(enabled)
-
-
-def fsync_enabled(journal_path: str) -> bool:
-    return _FSYNC_BY_PATH.get(os.path.abspath(journal_path), True)
-
-
-def fsync_directory(directory: str) -> None:
-    """Make the names in `directory` (a rename, a new file) durable."""
-    fd = os.open(directory or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file_and_directory(path: str) -> None:
-    """Make the file at `path`, and its name, durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_directory(os.path.dirname(path))
-
-
-def _write_atomically(path: str, payload: bytes, fsync: bool) -> None:
-    """Replace `path` by `payload`: a crash leaves the old or the new file, durably so when `fsync`."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())    # the data before the name: never a renamed empty file
-    os.replace(tmp, path)
-    if fsync:
-        fsync_directory(os.path.dirname(path))
-
-
-class JournalSyncError(OSError):
-    """An fsync of the journal failed: nothing written since the last good sync can be trusted."""
-
-
-class DurableJournal(Journal):
+class DurableJournal(FailStop, Journal):
     """An append-only, checksummed Raft log file with atomic compaction and group-commit fsync.
 
     `fsync` None means "as registered for this path" (`set_fsync`; on if never registered)."""
@@ -126,18 +90,26 @@ class DurableJournal(Journal):
         self._offsets: list[int] = []       # file offset of each entry's record
         self._meta = self._load_meta()
         self._meta_dirty = False
-        self._dirty = False                 # written (appended, truncated) since the last sync
-        self._sync_error: OSError | None = None
         self.synced_index = 0               # index of the last entry the last sync covered (0: none)
         self.sync_count = 0                 # fdatasync calls made by sync()
+        self._fd: int | None = None
         created = not os.path.exists(path)
         self._load()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._end = os.fstat(self._fd).st_size
-        if created and self._fsync:
-            fsync_directory(os.path.dirname(path))
-        if snapshot_boundary is not None:
-            self._align_to_snapshot(*snapshot_boundary)
+        try:
+            self._end = os.fstat(self._fd).st_size
+            # What is on disk at open is trusted, as after any restart; but it may still sit unsynced in
+            # the page cache (the previous process died, or its group was closed, before its next sync):
+            # the journal starts dirty, so the first acknowledgement is preceded by one fdatasync.
+            self._synced_end = self._end
+            self._dirty = True
+            if created and self._fsync:
+                fsync_directory(os.path.dirname(path))
+            if snapshot_boundary is not None:
+                self._align_to_snapshot(*snapshot_boundary)
+        except BaseException:
+            self._close_fd()
+            raise
 
     # -- opening -------------------------------------------------------------
 
@@ -160,7 +132,6 @@ class DurableJournal(Journal):
         if offset != len(blob):
             log.warning("journal %s: dropping %d bytes of a torn tail", self._path, len(blob) - offset)
             os.truncate(self._path, offset)
-            self._dirty = True
 
     def _align_to_snapshot(self, prev: Entry, last: Entry) -> None:
         """Make the journal start at the snapshot's boundary entries (prev, last)."""
@@ -180,46 +151,68 @@ class DurableJournal(Journal):
             log.info("journal %s: dropping %d entries already in the snapshot", self._path, pos)
             self.deleteEntriesTo(pos)
 
+    def _trusted_end(self) -> int:
+        """For FailStop: the file offset up to which a successful sync (or the open) covered the file."""
+        return self._synced_end if self._fsync else self._end
+
     # -- the Journal interface ------------------------------------------------
 
     def add(self, command: bytes, idx: int, term: int) -> None:
+        self._check()
         command = bytes(command)
         record = _encode(command, idx, term)
-        os.write(self._fd, record)
+        try:
+            write_all(self._fd, record, _write)
+        except OSError as exc:
+            # All or nothing: cut the prefix that did reach the file, so that no later append lands behind
+            # a torn record (on reload the checksum scan would stop there and drop everything after it).
+            # Best effort: if the cut fails too, the torn bytes are past `trusted_end` and cut on reopen.
+            try:
+                os.ftruncate(self._fd, self._end)
+            except OSError:
+                pass
+            raise self._fail("append", exc, JournalWriteError) from exc
         self._dirty = True
         self._entries.append((command, idx, term))
         self._offsets.append(self._end)
         self._end += len(record)
 
-    def clear(self) -> None:
-        os.ftruncate(self._fd, 0)
+    def _truncate(self, end: int) -> None:
+        self._check()
+        try:
+            os.ftruncate(self._fd, end)
+        except OSError as exc:
+            raise self._fail("truncate", exc, JournalWriteError) from exc
         self._dirty = True
+        self._end = end
+        self._synced_end = min(self._synced_end, end)
+
+    def clear(self) -> None:
+        self._truncate(0)
         self.synced_index = 0
         self._entries = []
         self._offsets = []
-        self._end = 0
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         if entryFrom >= len(self._entries):
             return
-        self._end = self._offsets[entryFrom]
-        os.ftruncate(self._fd, self._end)
-        self._dirty = True
+        self._truncate(self._offsets[entryFrom])
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
         self.synced_index = min(self.synced_index, self._entries[-1][1] if self._entries else 0)
 
     def deleteEntriesTo(self, entryTo: int) -> None:
+        self._check()
         kept = self._entries[entryTo:]
         records = [_encode(*entry) for entry in kept]
         # With fsync on, the new file is fsynced before the rename and the directory after: every
-        # kept entry is then durable, whatever the old file's unsynced tail held.
-        _write_atomically(self._path, b"".join(records), self._fsync)
-        if self._fsync:
-            self._dirty = False
-            self.synced_index = kept[-1][1] if kept else 0
-        os.close(self._fd)
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+        # kept entry is then durable, whatever the old file's unsynced tail held. A failure before
+        # the rename leaves the old file whole (and no .tmp).
+        try:
+            replace_file(self._path, b"".join(records), self._fsync)
+        except OSError as exc:
+            raise self._fail("compaction", exc, JournalWriteError) from exc
+        # The new file is in place: from here on every offset refers to it, also if what follows fails.
         self._entries = kept
         self._offsets = []
         offset = 0
@@ -227,6 +220,19 @@ class DurableJournal(Journal):
             self._offsets.append(offset)
             offset += len(record)
         self._end = offset
+        if self._fsync:
+            self._dirty = False
+            self._synced_end = offset
+            self.synced_index = kept[-1][1] if kept else 0
+        else:
+            self._synced_end = min(self._synced_end, offset)
+        try:
+            self._close_fd()
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+            if self._fsync:
+                fsync_directory(os.path.dirname(self._path))
+        except OSError as exc:
+            raise self._fail("compaction", exc, JournalSyncError) from exc
 
     def __getitem__(self, item: Any) -> Any:
         return self._entries[item]
@@ -235,12 +241,34 @@ class DurableJournal(Journal):
         return len(self._entries)
 
     def _destroy(self) -> None:
+        if self._failure is None:
+            try:
+                self.sync()
+                self._store_meta()
+            except JournalError:
+                pass                        # logged by _fail; the group reports the failure
+        failure = self._failure
+        if failure is not None:
+            # Leave no untrusted tail for whoever opens this file next (this process's recovery, which
+            # cuts again if this fails, or the next process after a restart).
+            try:
+                cut_file(self._path, failure.trusted_end, self._fsync)
+            except OSError as exc:
+                log.error("journal %s: cannot cut its unsynced tail yet: %r", self._path, exc)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # A journal whose opening failed half-way (PySyncObj's first append, on a full disk) is dropped
+        # without _destroy: do not leak its descriptor.
         try:
-            self.sync()
-        except OSError:
-            log.exception("journal %s: final sync failed", self._path)
-        self._store_meta()
-        os.close(self._fd)
+            self._close_fd()
+        except (OSError, AttributeError):
+            pass
 
     def flush(self) -> None:
         pass
@@ -254,7 +282,7 @@ class DurableJournal(Journal):
 
     @property
     def dirty(self) -> bool:
-        """Whether something was written since the last sync."""
+        """Whether something was written since the last sync (or since opening: see __init__)."""
         return self._dirty
 
     def sync(self) -> bool:
@@ -262,10 +290,9 @@ class DurableJournal(Journal):
 
         Group commit: appends and truncations only mark the journal dirty; the
         caller syncs once per batch, before it acknowledges any of its entries.
-        A failed fdatasync is sticky (`JournalSyncError` from then on): after a
-        failure the kernel may have dropped the dirty pages and a retry would
-        report success for data that never reached the disk, so the node must
-        not acknowledge anything again; it stops until restarted.
+        Any failure of the journal is sticky (`failure`): from then on this
+        raises the same error class, so the node acknowledges nothing again
+        until the group is reopened from disk.
 
         With fsync disabled (`KVS_FSYNC=off`) this does nothing. Entries then
         reach only the page cache: they survive the death of the process
@@ -273,17 +300,15 @@ class DurableJournal(Journal):
         acknowledged entries on every replica that failed at once, and, since
         `.meta` is not fsynced either, the term and vote, so a restarted node
         may vote twice in one term. Use it for tests and benchmarks only."""
-        if self._sync_error is not None:
-            raise JournalSyncError(f"journal {self._path}: an earlier fsync failed") from self._sync_error
+        self._check()
         if not self._dirty or not self._fsync:
             return False
         try:
             _fdatasync(self._fd)
         except OSError as exc:
-            self._sync_error = exc
-            log.critical("journal %s: fsync failed (%r); this replica acknowledges nothing more", self._path, exc)
-            raise JournalSyncError(f"journal {self._path}: fsync failed") from exc
+            raise self._fail("fsync", exc, JournalSyncError) from exc
         self._dirty = False
+        self._synced_end = self._end
         self.synced_index = self._entries[-1][1] if self._entries else 0
         self.sync_count += 1
         return True
@@ -300,7 +325,14 @@ class DurableJournal(Journal):
     def _store_meta(self) -> None:
         # Fsynced (file, then directory) whenever fsync is on, also for the lazy commit-index writes:
         # a rename of an unsynced file could leave an empty .meta, losing the term and vote with it.
-        _write_atomically(self._meta_path, pickle.dumps(self._meta), self._fsync)
+        # A failure fails the journal: a term or vote that may not be on disk must not be acted on.
+        self._check()
+        try:
+            replace_file(self._meta_path, pickle.dumps(self._meta), self._fsync)
+            if self._fsync:
+                fsync_directory(os.path.dirname(self._meta_path))
+        except OSError as exc:
+            raise self._fail("store of term, vote and commit index", exc, JournalWriteError) from exc
         self._meta_dirty = False
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
@@ -314,7 +346,9 @@ class DurableJournal(Journal):
 
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
         # Raft needs term and vote on disk before any message that reflects them: written and fsynced
-        # here, on the tick thread, before PySyncObj sends the vote request or the vote.
+        # here, on the tick thread, before PySyncObj sends the vote request or the vote; if that fails,
+        # this raises and PySyncObj sends neither.
+        self._check()
         self._meta["term"] = term
         self._meta["voted_for"] = votedForNodeId
         self._store_meta()
@@ -326,5 +360,5 @@ class DurableJournal(Journal):
         return self._meta.get("voted_for")
 
     def onOneSecondTimer(self) -> None:
-        if self._meta_dirty:
+        if self._meta_dirty and self._failure is None:
             self._store_meta()

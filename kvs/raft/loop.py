@@ -18,7 +18,10 @@ and a Raft log entry per request; instead:
   waiting read runs on the local state.
 
 Deadlines are enforced by one sweep per group every SWEEP_SECONDS rather than
-a timer per request.
+a timer per request. The same sweep fails every waiting request at once with
+`ReplicaHalted` when the replica has halted (its journal failed, see
+`kvs.raft.replica`): it would never answer them, and the router sends them to
+the group's other replicas instead (`kvs.routing.keys`).
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from typing import Any, Callable
 
 from pysyncobj.config import FAIL_REASON
 
-from kvs.errors import Unavailable
+from kvs.errors import ReplicaHalted, Unavailable
 from kvs.raft.group import RaftGroup
 
 MAX_BATCH = 512            # commands per log entry
 SWEEP_SECONDS = 0.05
 _RETRY_BACKOFF = (0.005, 0.2)
 _TIMED_OUT = -1            # an outcome code of ours: the deadline passed while waiting
+_HALTED = -2               # another: the replica halted while the request waited
 
 
 class LoopGroup:
@@ -64,6 +68,7 @@ class LoopGroup:
         while True:
             if time.monotonic() >= deadline:
                 raise Unavailable(f"group {self.name}: no commit before the deadline")
+            self._check_running()
             future = self._loop.create_future()
             self._writes.append((command, future, deadline))
             self._schedule_flush()
@@ -72,6 +77,7 @@ class LoopGroup:
                 return result
             if error == _TIMED_OUT:
                 raise Unavailable(f"group {self.name}: no commit before the deadline")
+            self._check_running()
             await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, _RETRY_BACKOFF[1])
 
@@ -83,6 +89,7 @@ class LoopGroup:
         while True:
             if time.monotonic() >= deadline:
                 raise Unavailable(f"group {self.name}: no read index before the deadline")
+            self._check_running()
             future = self._loop.create_future()
             self._reads.append((future, deadline))
             self._schedule_flush()
@@ -91,8 +98,13 @@ class LoopGroup:
                 return fn(self.group.state)
             if error == _TIMED_OUT:
                 raise Unavailable(f"group {self.name}: no read index before the deadline")
+            self._check_running()
             await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, _RETRY_BACKOFF[1])
+
+    def _check_running(self) -> None:
+        if self.group.failure is not None:
+            raise ReplicaHalted(f"group {self.name}: this replica halted ({self.group.failure.error})")
 
     # -- on the loop: batching ------------------------------------------------------------------
 
@@ -141,12 +153,12 @@ class LoopGroup:
 
     def _sweep(self) -> None:
         """Fail what waits past its deadline (its command may still be applied: a retry is safe)."""
-        now = time.monotonic()
-        expired = [item for item in self._waiting if item[1] <= now]
+        now, halted = time.monotonic(), self.group.failure is not None
+        expired = [item for item in self._waiting if halted or item[1] <= now]
         for item in expired:
             self._waiting.discard(item)
             if not item[0].done():
-                item[0].set_result((None, _TIMED_OUT))
+                item[0].set_result((None, _HALTED if halted else _TIMED_OUT))
         self._sweeper = None
         if self._waiting or self._writes or self._reads:
             self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)

@@ -84,14 +84,26 @@ count toward a commit:
   so a commit computed there never counts an unsynced entry of the leader's.
   A single-node group commits at the next tick's top, after that sync.
 - Every sync is a no-op when nothing was written since the last one, and all
-  of them run on the tick thread. A failed fsync is sticky: the tick raises,
-  nothing is acknowledged again, and the group elects another leader.
+  of them run on the tick thread.
+
+Disk faults (a full disk, EIO; see `DurableJournal.failure`): once a write,
+truncation or fsync of the journal or its `.meta` has failed, the journal
+refuses every change and this replica halts: `_onTick` catches the error
+(the journal logged it once, CRITICAL; PySyncObj would log a traceback on
+every tick, onto the full disk) and from then on every tick only idles, so
+no heartbeat, AppendEntries answer, vote or ReadIndex round leaves, and
+`RaftTransport.send` drops any message still on its way. The others elect a
+leader among themselves (this replica can neither campaign nor vote: it
+cannot persist a term). `RaftGroup.failure` tells the node, whose supervisor
+closes the group and reopens it from disk once the disk takes writes again
+(`kvs.raft.recovery`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any, Callable
 
 import pysyncobj.pickle
@@ -101,7 +113,7 @@ from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from kvs.raft.append_entries import Screened, complete_transmission, screen
-from kvs.raft.journal import fsync_file_and_directory
+from kvs.raft.disk import JournalFailure, fsync_file_and_directory
 from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
 from kvs.raft.read_index import ReadIndex
 
@@ -147,6 +159,8 @@ class RaftTransport(TCPTransport):
 
     def send(self, node: Any, message: Any) -> bool:
         """Every Raft message goes through here (`SyncObj.__transport.send`); see "Durability" above."""
+        if getattr(self._syncObj, "journal_failure", None) is not None:
+            return False            # a halted replica says nothing (see "Disk faults")
         if isinstance(message, dict) and message.get("type") in _SYNC_BEFORE_SENDING:
             sync = getattr(self._syncObj, "_sync_journal", None)
             if sync is not None:
@@ -184,8 +198,7 @@ class Replica(SyncObj):
         """Ask for a linearizable read (kvs.raft.read_index); `callback(ok)` runs on the tick thread once
         this replica's state may be read (True), or when it may not now (False: retry)."""
         self._read_index.request(callback)
-        if self._wakeup is not None:
-            self._wakeup.notify()
+        self._wake()
 
     def fail_reads(self) -> None:
         """After the tick thread has ended: every waiting read is told False."""
@@ -195,8 +208,14 @@ class Replica(SyncObj):
 
     def _applyCommand(self, command: Any, callback: Any, commandType: Any = None) -> None:
         super()._applyCommand(command, callback, commandType)
+        self._wake()
+
+    def _wake(self) -> None:
         if self._wakeup is not None:
-            self._wakeup.notify()
+            try:
+                self._wakeup.notify()
+            except BlockingIOError:
+                pass        # the pipe is full: a wake-up is pending already (a tick thread that lags or halted)
 
     # -- change 2: replicate at the end of the tick ------------------------------
 
@@ -271,10 +290,25 @@ class Replica(SyncObj):
         if sync is not None:
             sync()
 
+    @property
+    def journal_failure(self) -> JournalFailure | None:
+        """Why this replica halted (its journal failed; see "Disk faults"), or None while it runs."""
+        return getattr(getattr(self, "_SyncObj__raftLog", None), "failure", None)
+
     def _onTick(self, timeToWait: float = 0.0) -> None:
-        # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
-        self._sync_journal()
-        super()._onTick(timeToWait)
+        if self.journal_failure is not None:
+            # Halted: nothing runs until the node closes this replica. Idle one tick period, as PySyncObj
+            # does while its transport is not ready (pacing PySyncObj's own loop, not a synchronisation).
+            time.sleep(timeToWait)
+            return
+        try:
+            # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
+            self._sync_journal()
+            super()._onTick(timeToWait)
+        except Exception:
+            if self.journal_failure is None:
+                raise       # not a disk fault: PySyncObj logs it and ticks again, as before
+            # A disk fault, logged once by the journal: from the next tick on, this replica idles.
 
     def _sync_after_replication(self) -> None:
         # A tick callback registered after _replicate_now: the AppendEntries are already on their way,

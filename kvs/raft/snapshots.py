@@ -43,7 +43,7 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.serializer import Serializer
 
 from kvs.raft import codec
-from kvs.raft.journal import fsync_directory
+from kvs.raft.disk import fsync_directory
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@
     whoever leads). The client sees the same reply either way.
 * Otherwise the request is forwarded to the shard's replicas, the last known
   leader first, until one answers or the deadline passes; the reply then
-  names the replica that served it in "address".
+  names the replica that served it in "address". So is a request for a shard
+  whose replica on this node is down (`kvs.raft.recovery`), to its others.
 
 Every retry and hop carries the same request id, so a write is applied at most
 once however often it is retried. Fencing: a group refuses a key it does not
@@ -28,7 +29,7 @@ import asyncio
 import time
 from urllib.parse import quote
 
-from kvs.errors import BadRequest, NotMember, Unavailable, WrongGroup
+from kvs.errors import BadRequest, NotMember, ReplicaHalted, Unavailable, WrongGroup
 from kvs.fsm.base import Invalid
 from kvs.fsm.shard import NotOwned
 from kvs.node import Node
@@ -61,6 +62,10 @@ class KeyRouter:
         while True:
             try:
                 return await self._route(method, key, value, request_id, deadline, forwarded)
+            except ReplicaHalted:
+                if forwarded or time.monotonic() >= deadline:
+                    raise           # 503: the sender tries the next replica
+                continue            # this node's replica halted under the request: route again, to the others
             except WrongGroup as exc:
                 if forwarded:
                     raise
@@ -86,18 +91,23 @@ class KeyRouter:
         shard_id = epoch.shard_for_key(key)
         group = self._node.group(shard_id)
         path = f"/kvs/keys/{quote(key, safe='')}"
-        if group is not None:
+        if group is not None and group.failure is None:
             reply = await self._serve(group, shard_id, method, key, value, path, request_id, deadline, forwarded)
             if forwarded:
                 leader = self._node.leader_address(shard_id)
                 if leader:
                     reply.headers[LEADER_HINT] = leader
             return reply
+        # This node runs no replica of the shard, or its replica is down (its journal failed: a full disk,
+        # kvs.raft.recovery): the other replicas serve the request; a forwarded one gets 503, so that its
+        # sender tries the next replica, rather than 421 (this node does belong to the shard).
+        others = [address for address in epoch.replicas(shard_id) if address != self._node.settings.address]
+        if forwarded and len(others) < len(epoch.replicas(shard_id)):
+            raise Unavailable(f"this node's replica of shard {shard_id} is not running")
         if forwarded:
             raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
         payload = None if value is None else {"value": value}
-        return await self._forward(shard_id, list(epoch.replicas(shard_id)), method, path, payload, request_id,
-                                   deadline)
+        return await self._forward(shard_id, others, method, path, payload, request_id, deadline)
 
     async def _serve(self, group: RaftGroup, shard_id: str, method: str, key: str, value: str | None, path: str,
                      request_id: str, deadline: float, forwarded: bool) -> Reply:

@@ -32,6 +32,8 @@ class ShardQueries:
         """(shard id, key count) of this node's own shard."""
         shard_id = self._node.own_shard()
         group = self._node.group(shard_id) if shard_id is not None else None
+        if group is None and shard_id is not None:
+            raise Unavailable(f"this node's replica of shard {shard_id} is not running (see /health)")
         if group is None:
             raise NotMember("this node is not a replica of any shard")
         return shard_id, group.read(ShardState.key_count, deadline)
@@ -45,6 +47,9 @@ class ShardQueries:
             count = group.read(ShardState.key_count, deadline)
             return Reply(200, {"message": "Shard information retrieved successfully", "shard-id": shard_id,
                                "key-count": count, "replicas": list(epoch.replicas(shard_id))})
+        others = [a for a in epoch.replicas(shard_id) if a != self._node.settings.address]
+        if forwarded and len(others) < len(epoch.replicas(shard_id)):
+            raise Unavailable(f"this node's replica of shard {shard_id} is not running")   # down: try the next
         if forwarded:
             raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
         path = f"/kvs/shards/{quote(shard_id, safe='')}"
@@ -56,8 +61,7 @@ class ShardQueries:
             return Reply(resp.status, resp.body)
 
         try:
-            return until_one_answers(list(epoch.replicas(shard_id)), attempt, deadline - FORWARD_MARGIN,
-                                     what=f"shard {shard_id}")
+            return until_one_answers(others, attempt, deadline - FORWARD_MARGIN, what=f"shard {shard_id}")
         except Unavailable:
             raise Unavailable(f"no replica of shard {shard_id} answered in time") from None
 

@@ -15,7 +15,9 @@ Every node container is attached to two bridge networks:
 Spare nodes (`spares=k`) are containers like the others, with the next IPs, started with
 the same VIEW, which does not contain them: they stay idle until a view change names them.
 
-Each node keeps its data in a named volume on /data, so kill + start_node keeps it.
+Each node keeps its data in a named volume on /data, so kill + start_node keeps it; or, for
+the nodes given in `data_tmpfs` (node index -> size, e.g. {2: "16m"}), in a tmpfs of that
+size, which a test can fill up (a full disk) and which a restart of the container empties.
 Everything the driver creates carries the label `kvs.chaos=<run name>`; `stop` removes
 what carries it, so it is safe after a partial start and when called twice.
 """
@@ -33,6 +35,7 @@ from .driver import SECRET, ClusterDriver
 
 HTTP_PORT = 13800
 UNREACHABLE_PORT = 9          # "discard": nothing listens there
+IMAGE_UID = 10001             # the image's kvs user (Dockerfile): owner of a tmpfs /data
 LABEL = "kvs.chaos"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "docker" / "build-image.sh"
@@ -97,9 +100,11 @@ def _free_subnet(client) -> ipaddress.IPv4Network:
 class DockerDriver(ClusterDriver):
     """`shards` x `replicas` kvs containers of `image`, plus `spares` idle ones; `env` goes to every container."""
 
-    def __init__(self, shards: int, replicas: int, image: str = "kvs:test", spares: int = 0, **env: str):
+    def __init__(self, shards: int, replicas: int, image: str = "kvs:test", spares: int = 0,
+                 data_tmpfs: dict[int, str] | None = None, **env: str):
         self.shards, self.replicas = shards, replicas
         self.image = image
+        self.data_tmpfs = dict(data_tmpfs or {})              # node index (0-based) -> tmpfs size
         self.env = {k: str(v) for k, v in env.items()}
         self.name = f"kvs-chaos-{os.getpid()}-{secrets.token_hex(3)}"
         self._docker = _client()
@@ -131,12 +136,16 @@ class DockerDriver(ClusterDriver):
             options={"com.docker.network.bridge.enable_icc": "false"})
         api = self._docker.api
         for i, (node, ip) in enumerate(zip(self.all_nodes(), self._ips), start=1):
-            volume = self._docker.volumes.create(f"{self.name}-n{i}", labels=labels)
             environment = {**self.env, "ADDRESS": node, "VIEW": ",".join(self._view),
                            "REPL_FACTOR": str(self.replicas), "KVS_SECRET": SECRET}
+            if i - 1 in self.data_tmpfs:
+                data = {"tmpfs": {"/data": f"size={self.data_tmpfs[i - 1]},uid={IMAGE_UID}"}}
+            else:
+                volume = self._docker.volumes.create(f"{self.name}-n{i}", labels=labels)
+                data = {"binds": {volume.name: {"bind": "/data", "mode": "rw"}}}
             host_config = api.create_host_config(
                 port_bindings={HTTP_PORT: ("127.0.0.1",)},      # random free host port
-                binds={volume.name: {"bind": "/data", "mode": "rw"}})
+                **data)
             # Created on the client network (which then carries the published port),
             # then joined to the cluster network with its fixed IP.
             created = api.create_container(

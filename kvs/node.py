@@ -30,34 +30,13 @@ from kvs.raft.recovery import GroupRecovery
 from kvs.fsm.meta import MetadataState
 from kvs.settings import NodeSettings
 from kvs.config.epoch import ConfigEpoch
-from kvs.config.records import load_record, write_record
+from kvs.config.records import (METADATA_FILE, PUSHED_FILE, load_record, valid_metadata, valid_pushed,
+                                write_record)
 
 log = logging.getLogger(__name__)
 
 _SUPERVISE_PERIOD = 0.5
 _META = METADATA_GROUP      # the metadata group's key in the recovery (shard ids are numbers)
-
-
-def _valid_epoch(epoch: object) -> bool:
-    try:
-        ConfigEpoch.from_dict(epoch)
-        return True
-    except Exception:           # any shape error of a damaged file
-        return False
-
-
-def _valid_pushed(record: object) -> bool:
-    revision = record.get("revision", 0) if isinstance(record, dict) else None
-    return (isinstance(record, dict) and (not record or _valid_epoch(record.get("active")))
-            and (record.get("pending") is None or _valid_epoch(record["pending"]))
-            and isinstance(revision, int) and not isinstance(revision, bool) and revision >= 0)
-
-
-def _valid_metadata(record: object) -> bool:
-    return isinstance(record, dict) and isinstance(record.get("member", True), bool) and \
-        isinstance(record.get("peers", []), list) and all(isinstance(p, str) for p in record.get("peers", []))
-_PUSHED_FILE = "epochs.json"
-_METADATA_FILE = "metadata.json"
 
 
 class Node:
@@ -70,8 +49,8 @@ class Node:
         self._epoch: ConfigEpoch | None = None
         self._meta_changed = threading.Event()
         self._epoch_changed = threading.Condition()
-        self._pushed: dict = self._load_json(_PUSHED_FILE, _valid_pushed)       # {"active", "pending"}
-        self._metadata: dict = self._load_json(_METADATA_FILE, _valid_metadata)  # {"member", "peers"}
+        self._pushed: dict = self._load_json(PUSHED_FILE, valid_pushed)       # {"active", "pending"}
+        self._metadata: dict = self._load_json(METADATA_FILE, valid_metadata)  # {"member", "peers"}
         # Nodes of the initial view propose the initial configuration (only the first "init" takes
         # effect, so a proposal after an epoch exists changes nothing); a node that joined the
         # metadata group later, or left it, proposes nothing.
@@ -137,8 +116,8 @@ class Node:
                 pending = change["plan"]["epoch"]
             elif change is None and pending and active and pending["number"] <= active["number"]:
                 pending = None
-        self._reopen_healed_groups(active, pending)
         self._reconcile(active, pending)
+        self._reopen_healed_groups(pending)     # after: a slot's retired group is closed first (_reconcile)
 
     # -- groups whose journal failed (a full disk, EIO): closed, reopened from disk (kvs.raft.recovery) --
 
@@ -147,6 +126,8 @@ class Node:
             halted = {sid: g for sid, g in self._groups.items() if g.failure is not None}
         if self._meta is not None and self._meta.failure is not None:
             halted[_META] = self._meta
+        if not halted:
+            return
         for key, group in halted.items():
             self._recovery.take(key, group)         # listed as down before it leaves this node's groups
         with self._lock:
@@ -154,12 +135,11 @@ class Node:
         if _META in halted:
             self._meta = None
 
-    def _reopen_healed_groups(self, active: dict | None, pending: dict | None) -> None:
-        """Take back the halted groups the recovery reopened: those that this node's epochs still give it.
-        (`active` is None while the metadata replica itself is down: the adopted epoch counts too.)"""
+    def _reopen_healed_groups(self, pending: dict | None) -> None:
+        """Take back the halted groups the recovery reopened: those the epochs this node runs still give it."""
         if not self._recovery.holds_any():
             return
-        epochs = [e for e in [self._epoch] + [ConfigEpoch.from_dict(d) for d in (active, pending) if d] if e]
+        epochs = [e for e in (self._epoch, ConfigEpoch.from_dict(pending) if pending else None) if e is not None]
 
         def reopen(key: str) -> RaftGroup | None:
             if key == _META:
@@ -200,7 +180,7 @@ class Node:
     def _save_metadata(self, record: dict) -> None:
         with self._lock:
             self._metadata = record
-            self._write_json(_METADATA_FILE, record)
+            self._write_json(METADATA_FILE, record)
 
     def _reconcile(self, active: dict | None, pending: dict | None) -> None:
         """Run the groups of the active and pending epochs, and only those.
@@ -252,7 +232,7 @@ class Node:
             if revision < self._pushed.get("revision", 0):
                 return
             self._pushed = {"active": active, "pending": pending, "revision": revision}
-            self._write_json(_PUSHED_FILE, self._pushed)
+            self._write_json(PUSHED_FILE, self._pushed)
         self._meta_changed.set()
 
     def _write_json(self, name: str, record: dict) -> None:

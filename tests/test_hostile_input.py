@@ -7,13 +7,15 @@ keys "." and ".." answered 404 through a node that does not own them (the forwar
 normalised), and several inputs answered 500: JSON nested 1,000 deep, odd X-Kvs-Deadline-Ms values,
 a signature timestamp of 400 digits, a 2,000-character host, a value with a lone surrogate, signed
 malformed bodies on the internal endpoints, a malformed epoch; a view entry with a path made a node
-send requests elsewhere, and resending the current view made a new epoch.
+send requests elsewhere, and resending the current view made a new epoch. The fuzzer
+(tests/test_fuzz.py) then found: a request line without a version got an "HTTP/0.9" status line.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 import uuid
 
@@ -163,6 +165,23 @@ def test_a_view_of_a_thousand_unknown_nodes_is_refused_quickly_and_keys_keep_wor
     assert status == 400 and "at most" in body["error"]
 
 
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", ["/health", "/kvs/keys/no-version"])
+def test_a_request_without_an_http_version_is_answered_in_http_1_0(cluster, path):
+    # found by tests/test_fuzz.py: "GET /x" (HTTP/0.9 to the parser) got "HTTP/0.9 200 OK" and headers,
+    # a status line no client reads; waitress answers such a request in HTTP/1.0
+    host, port = cluster.view[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {path}\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line.split(b" ")[0] == b"HTTP/1.0", data
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
 class _MakesADirectory:
     def __init__(self, path: str):
         self.path = path
@@ -175,7 +194,6 @@ class _MakesADirectory:
 @pytest.mark.cluster
 def test_a_pickle_sent_to_a_raft_port_runs_no_code(tmp_path):
     import pickle
-    import socket
     import struct
     import zlib
 

@@ -8,7 +8,8 @@ normalised), and several inputs answered 500: JSON nested 1,000 deep, odd X-Kvs-
 a signature timestamp of 400 digits, a 2,000-character host, a value with a lone surrogate, signed
 malformed bodies on the internal endpoints, a malformed epoch; a view entry with a path made a node
 send requests elsewhere, and resending the current view made a new epoch. The fuzzer
-(tests/test_fuzz.py) then found: a request line without a version got an "HTTP/0.9" status line.
+(tests/test_fuzz.py) then found two more: a path with "//" got a 308 HTML redirect built from the
+Host header, and a request line without a version an "HTTP/0.9" status line.
 """
 
 from __future__ import annotations
@@ -163,6 +164,23 @@ def test_a_view_of_a_thousand_unknown_nodes_is_refused_quickly_and_keys_keep_wor
     too_many = ",".join(f"127.1.{i // 250}.{i % 250 + 1}:1" for i in range(2000))
     status, body = raw_request(node, "PUT", "/kvs/view-change", json.dumps({"view": too_many}).encode())
     assert status == 400 and "at most" in body["error"]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", ["/kvs/shards//1", "/kvs//shards", "/kvs/view-change//add-member"])
+def test_a_path_with_a_double_slash_is_a_json_404_not_a_redirect(cluster, path):
+    # found by tests/test_fuzz.py: Flask merged the slashes with a 308 HTML redirect whose Location
+    # was built from the client's Host header
+    host, port = cluster.view[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("PUT" if "view-change" in path else "GET", path, headers={"Host": "elsewhere.example"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert (resp.status, resp.getheader("Location")) == (404, None), body
+        assert resp.getheader("Content-Type") == "application/json" and "error" in json.loads(body)
+    finally:
+        conn.close()
 
 
 @pytest.mark.cluster

@@ -249,7 +249,9 @@ def test_random_admin_info_and_internal_requests_are_refused_or_answered_in_time
         assert len(answers) == 1, answers
         path = split_target(request.target)[0]
         if request.method == "PUT" and path in fz.ADMIN_PATHS:
-            assert answers[0].status == 401, answers      # never acted on: the token is never right
+            # never acted on, the token never being right: 401, or refused earlier (413 for the body's size;
+            # 405 or 400 from Werkzeug's routing for a websocket upgrade, which no route takes)
+            assert 400 <= answers[0].status < 500, answers
 
     run()
     assert_intact(fuzzed)

@@ -8,13 +8,16 @@ normalised), and several inputs answered 500: JSON nested 1,000 deep, odd X-Kvs-
 a signature timestamp of 400 digits, a signature of non-ASCII digits, a 2,000-character host, a
 value with a lone surrogate, signed malformed bodies on the internal endpoints, a malformed epoch; a
 view entry with a path made a node send requests elsewhere, and resending the current view made a
-new epoch. Replayed and altered signed requests: tests/test_replay.py.
+new epoch. Replayed and altered signed requests: tests/test_replay.py. The fuzzer
+(tests/test_fuzz.py) then found two more: a path with "//" got a 308 HTML redirect built from the
+Host header, and a request line without a version an "HTTP/0.9" status line.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 import uuid
 
@@ -180,6 +183,40 @@ def test_a_view_of_a_thousand_unknown_nodes_is_refused_quickly_and_keys_keep_wor
     assert status == 400 and "at most" in body["error"]
 
 
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", ["/kvs/shards//1", "/kvs//shards", "/kvs/view-change//add-member"])
+def test_a_path_with_a_double_slash_is_a_json_404_not_a_redirect(cluster, path):
+    # found by tests/test_fuzz.py: Flask merged the slashes with a 308 HTML redirect whose Location
+    # was built from the client's Host header
+    host, port = cluster.view[0].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("PUT" if "view-change" in path else "GET", path, headers={"Host": "elsewhere.example"})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert (resp.status, resp.getheader("Location")) == (404, None), body
+        assert resp.getheader("Content-Type") == "application/json" and "error" in json.loads(body)
+    finally:
+        conn.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("path", ["/health", "/kvs/keys/no-version"])
+def test_a_request_without_an_http_version_is_answered_in_http_1_0(cluster, path):
+    # found by tests/test_fuzz.py: "GET /x" (HTTP/0.9 to the parser) got "HTTP/0.9 200 OK" and headers,
+    # a status line no client reads; waitress answers such a request in HTTP/1.0
+    host, port = cluster.view[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET {path}\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line.split(b" ")[0] == b"HTTP/1.0", data
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
 class _MakesADirectory:
     def __init__(self, path: str):
         self.path = path
@@ -192,7 +229,6 @@ class _MakesADirectory:
 @pytest.mark.cluster
 def test_a_pickle_sent_to_a_raft_port_runs_no_code(tmp_path):
     import pickle
-    import socket
     import struct
     import zlib
 

@@ -37,6 +37,9 @@ def create_app(svc: Services) -> Flask:
     # the public API, a larger one for /internal/); Flask's own limit is that larger one.
     app.config["MAX_CONTENT_LENGTH"] = max(svc.node.settings.max_body_bytes, INTERNAL_BODY_BYTES)
     app.extensions["kvs"] = svc
+    # Werkzeug answers "/kvs/shards//1" with a 308 HTML redirect to a URL built from the client's Host
+    # header; every answer here is JSON, and a path no route has is a 404.
+    app.url_map.merge_slashes = False
     app.register_blueprint(shards)
     app.register_blueprint(ops)
     app.register_blueprint(internal)

@@ -189,9 +189,13 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         body = self.body
         path, query = split_target(self.url)
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            # "GET /x" without a version is HTTP/0.9 to the parser; answer in a version we speak, as waitress does
+            # (a status line "HTTP/0.9 ..." is one no client can read).
+            version = "1.0"
         request = Request(self.method, path, query, Headers._of(self.fields),
-                          body[0] if len(body) == 1 else b"".join(body), self.keep_alive,
-                          self.parser.get_http_version())
+                          body[0] if len(body) == 1 else b"".join(body), self.keep_alive, version)
         request.peer = self.peer
         self.continue_owed = self.in_message = False
         self._reset_message()

@@ -64,7 +64,8 @@ class NodeServer:
         self.keys = KeyRouter(self.node, AsyncForwarder(self._client, settings.secret), self.loop)
         self.http = HttpServer(KeyRequests(settings, self.keys, peer_auth), app, fast_paths=is_fast,
                                max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
-                               refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)])
+                               refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)],
+                               large_body_gate=peer_auth.may_be_peer, large_bodies_bytes=2 * INTERNAL_BODY_BYTES)
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = [
             ("kvs-supervisor", self.node.supervise),
             ("kvs-takeover", TakeoverWatcher(self.node, self.view_change, remote).run),

@@ -365,6 +365,41 @@ def test_a_chunked_body_that_grows_past_the_limit_gets_413(serve):
     assert raw.at_eof() and running.fast.calls == 0
 
 
+def test_a_path_s_larger_body_limit_applies_only_to_requests_its_gate_admits(serve):
+    def gate(headers, peer):
+        return headers.get("X-Peer") == "yes" and peer is not None and peer[0] == "127.0.0.1"
+
+    running = serve(max_body_bytes=10, body_limits=[("/fast/echo/large/", 1000)], large_body_gate=gate)
+    body = b"x" * 500
+    refused = requests.put(running.base + "/fast/echo/large/a", data=body, timeout=WAIT)
+    assert refused.status_code == 413 and refused.json()["error"] == "Request body larger than 10 bytes"
+    admitted = requests.put(running.base + "/fast/echo/large/a", data=body, headers={"X-Peer": "yes"}, timeout=WAIT)
+    assert admitted.status_code == 200 and admitted.json()["body"] == body.decode()
+    running.wait_until(lambda: running.server.large_bodies_in_flight == 0, "the budget is given back")
+
+
+def test_large_bodies_held_at_once_are_bounded_and_the_budget_is_given_back(serve):
+    running = serve(max_body_bytes=10, body_limits=[("/fast/echo/large/", 1000)], large_body_gate=lambda h, p: True,
+                    large_bodies_bytes=1500)
+    held = Raw(running.port)                 # 800 bytes of a 900-byte body: held while the rest is awaited
+    held.send(b"PUT /fast/echo/large/a HTTP/1.1\r\nHost: t\r\nContent-Length: 900\r\n\r\n" + b"x" * 800)
+    running.wait_until(lambda: running.server.large_bodies_in_flight == 800, "the first body is held")
+    over = Raw(running.port)
+    status, _, body, _ = over.send(b"PUT /fast/echo/large/b HTTP/1.1\r\nHost: t\r\nContent-Length: 900\r\n\r\n"
+                                   + b"y" * 900).response()
+    assert status == 503 and json.loads(body)["error"] == "Too many large transfers at once"
+    assert running.server.large_bodies_in_flight == 800
+    status, _, body, _ = held.send(b"x" * 100).response()      # the first one completes and is answered
+    assert status == 200 and len(json.loads(body)["body"]) == 900
+    running.wait_until(lambda: running.server.large_bodies_in_flight == 0, "the budget is given back")
+    held.sock.close()
+    cut = Raw(running.port)                  # a client that goes away mid-body gives its share back too
+    cut.send(b"PUT /fast/echo/large/c HTTP/1.1\r\nHost: t\r\nContent-Length: 900\r\n\r\n" + b"z" * 400)
+    running.wait_until(lambda: running.server.large_bodies_in_flight == 400, "the cut body is held")
+    cut.sock.close()
+    running.wait_until(lambda: running.server.large_bodies_in_flight == 0, "a lost connection gives it back")
+
+
 @pytest.mark.parametrize("garbage", [b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
                                      b"GET / HTTP/9.9\r\n\r\n", b"GET /a b HTTP/1.1\r\n\r\n",
                                      b"GET /\xc3\xa9 HTTP/1.1\r\n\r\n",    # waitress refuses raw UTF-8 too

@@ -24,6 +24,7 @@ import uuid
 import pytest
 import requests
 
+from kvs.client import KvsClient
 from kvs.routing.peers import FORWARDED, REQUEST_ID, SIGNATURE, sign
 
 from .conftest import TEST_SECRET, start_cluster
@@ -160,6 +161,20 @@ def test_signed_malformed_bodies_on_internal_endpoints_are_a_400(cluster, path, 
 
 
 @pytest.mark.cluster
+def test_only_a_request_signed_like_a_node_s_may_send_an_internal_body_over_the_client_limit(cluster):
+    """/internal/ takes node-to-node transfers of up to 256 MiB; anyone else is held to the client's 1 MiB
+    before the body is read (found by the fuzzer's review: a node read 256 MiB before it could refuse)."""
+    node = cluster.replicas_of("1")[0]
+    body = b'{"pad": "' + b"a" * (1536 << 10) + b'"}'
+    forged = {FORWARDED: "1", REQUEST_ID: "r", SIGNATURE: "t=1,s=0"}
+    for headers in ({}, forged):
+        status, reply = raw_request(node, "POST", "/internal/epochs", body, headers)
+        assert status == 413, reply
+    status, reply = raw_request(node, "POST", "/internal/epochs", body, signed("POST", "/internal/epochs", body))
+    assert status == 400 and "active" in reply["error"], reply     # read, authenticated, then refused
+
+
+@pytest.mark.cluster
 def test_resending_the_current_view_is_a_no_op(cluster):
     node = cluster.view[0]
     before = requests.get(f"http://{node}/kvs/view-change", timeout=5).json()["epoch"]
@@ -291,3 +306,37 @@ def test_without_a_secret_node_to_node_requests_come_only_from_the_nodes_hosts(t
             assert raw_request(cluster.view[(i + 1) % 2], "GET", f"/kvs/keys/open-{i}")[1]["value"] == "v"
     finally:
         cluster.stop()
+
+
+@pytest.mark.cluster
+def test_the_largest_value_a_client_may_write_survives_view_changes_and_is_read_through_every_node(make_cluster):
+    """Issue 11 defect 2: a value just under the 1 MiB body limit (non-ASCII, so JSON escaping would
+    triple it) is read through every node, moves in two view changes, and once deleted leaves nothing
+    behind that breaks a later change (the deduplication table keeps a digest, not the value)."""
+    cluster = make_cluster(3, 1)
+    value = "é" * 520_000                           # 1,040,000 bytes of UTF-8: just under the limit
+    keys = [f"big-{i}" for i in range(3)]           # whichever shards they fall in, some move below
+    writer = KvsClient(cluster.view[0])
+    body = json.dumps({"value": value, "causal-context": {}}, ensure_ascii=False).encode()
+    assert len(body) < 1 << 20
+    for key in keys:
+        resp = requests.put(f"http://{cluster.view[0]}/kvs/keys/{key}", data=body,
+                            headers={"Content-Type": "application/json"}, timeout=30)
+        assert resp.status_code == 201, resp.text
+
+    def readable_everywhere() -> None:
+        for node in cluster.view:
+            for key in keys:
+                status, body = KvsClient(node).get(key)
+                assert status == 200 and body["value"] == value, (node, key, status)
+
+    readable_everywhere()
+    for shard_count in (1, 3):                      # every key moves at least once
+        resp = requests.put(f"http://{cluster.view[1]}/kvs/reshard", json={"shard-count": shard_count}, timeout=120)
+        assert resp.status_code == 200, resp.text
+        readable_everywhere()
+    for key in keys:
+        assert writer.delete(key)[0] == 200
+    resp = requests.put(f"http://{cluster.view[2]}/kvs/reshard", json={"shard-count": 1}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert sum(s["key-count"] for s in resp.json()["shards"]) == 0

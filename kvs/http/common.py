@@ -55,6 +55,16 @@ class PeerAuth:
             raise Unauthorized("node-to-node requests of an unsecured cluster come only from its nodes' hosts")
         return True
 
+    def may_be_peer(self, headers: Mapping[str, str], peer: tuple | None) -> bool:
+        """Before its body is read: whether a request may be a node's (so may carry a node-to-node
+        transfer's large body). With a secret: marked forwarded, with a well-formed signature of the
+        window (it is verified, body included, once read); without: marked, from a host of the view."""
+        if headers.get(peers.FORWARDED) != "1":
+            return False
+        if self.nonces is not None:
+            return peers.plausible_signature(headers.get(peers.SIGNATURE))
+        return self._trusted is None or (peer is not None and self._trusted(str(peer[0])))
+
 
 @dataclass(frozen=True)
 class Services:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from typing import Any
 
@@ -57,11 +58,14 @@ class Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         self.continue_owed = False
         self.messages = 0
+        self.large_receiving = 0            # bytes of a large body being read, counted in the server's budget
         self._reset_message()
         self.in_head = self.in_message = False
         self.head_bytes = self.head_reads = 0
 
     def _reset_message(self) -> None:
+        self._drop_receiving()
+        self.large = False                  # the body may exceed max_body_bytes (see HttpServer.body_limit)
         self.url = b""
         self.fields: dict[str, str] = {}
         self.field_count = 0
@@ -87,6 +91,7 @@ class Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=server.write_buffer_bytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._drop_receiving()
         self.lost = self.closing = True
         self.queue.clear()
         self.server.forget(self)
@@ -170,7 +175,8 @@ class Connection(asyncio.Protocol):
         self.keep_alive = parser.should_keep_alive()
         fields = self.fields
         length = fields.get("content-length")
-        self.body_limit = self.server.body_limit(self.url)
+        self.body_limit = self.server.body_limit(self.url, Headers._of(fields), self.peer)
+        self.large = self.body_limit > self.server.max_body_bytes
         if length is not None and int(length) > self.body_limit:
             raise _Refused(413, f"Request body larger than {self.body_limit} bytes")
         expect = fields.get("expect")
@@ -184,6 +190,10 @@ class Connection(asyncio.Protocol):
         self.body_size += len(chunk)
         if self.body_size > self.body_limit:
             raise _Refused(413, f"Request body larger than {self.body_limit} bytes")
+        if self.large:
+            if not self.server.hold_large(len(chunk)):
+                raise _Refused(503, "Too many large transfers at once")
+            self.large_receiving += len(chunk)
         self.body.append(chunk)
 
     def on_message_complete(self) -> None:
@@ -197,6 +207,11 @@ class Connection(asyncio.Protocol):
         request = Request(self.method, path, query, Headers._of(self.fields),
                           body[0] if len(body) == 1 else b"".join(body), self.keep_alive, version)
         request.peer = self.peer
+        if self.large_receiving:
+            # held in the budget for as long as the request (and so its body) lives: until it is answered
+            # or dropped, whichever path that takes
+            weakref.finalize(request, self.server.release_large, self.large_receiving)
+            self.large_receiving = 0
         self.continue_owed = self.in_message = False
         self._reset_message()
         self.queue.append(request)
@@ -289,11 +304,17 @@ class Connection(asyncio.Protocol):
             else:
                 self.transport.resume_reading()
 
+    def _drop_receiving(self) -> None:
+        if self.large_receiving:
+            self.server.release_large(self.large_receiving)
+            self.large_receiving = 0
+
     # -- refusing and closing ----------------------------------------------------------------------------------
 
     def _refuse(self, status: int, error: str) -> None:
         """Answer `status` after the requests already complete, then close; read no further request."""
         self.closing = True
+        self._drop_receiving()
         self.continue_owed = self.in_message = self.in_head = False
         self.queue.append(_Refusal(status, error, self.method, split_target(self.url)[0] if self.url else ""))
         if self.current is None:

@@ -65,7 +65,8 @@ class Request:
     `query` what follows the "?" (without it), both read as latin-1; `version` is "1.0" or "1.1";
     `keep_alive` says whether the connection stays open after the response."""
 
-    __slots__ = ("method", "path", "query", "headers", "body", "keep_alive", "version", "peer")
+    # __weakref__: the server ties the budget of a large body to the request's life (weakref.finalize)
+    __slots__ = ("method", "path", "query", "headers", "body", "keep_alive", "version", "peer", "__weakref__")
 
     def __init__(self, method: str, path: str, query: str, headers: Headers, body: bytes,
                  keep_alive: bool = True, version: str = "1.1"):

@@ -37,9 +37,10 @@ handler whose client hangs up is not cancelled: its response is dropped.
 from __future__ import annotations
 
 import asyncio
+import threading
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from kvs.http.aio.connection import Connection
 from kvs.http.aio.messages import Request, Response, error_response
@@ -70,7 +71,9 @@ class HttpServer:
                  max_connections: int = 1000, idle_timeout: float = 75.0, max_pipelined: int = 32,
                  write_buffer_bytes: int = 256 * 1024, ident: str = "kvs",
                  refusal: Callable[[int, str, str, str], Response] | None = None,
-                 body_limits: Sequence[tuple[str, int]] = ()):
+                 body_limits: Sequence[tuple[str, int]] = (),
+                 large_body_gate: Callable[[Mapping[str, str], tuple | None], bool] | None = None,
+                 large_bodies_bytes: int = 512 << 20):
         if fast_handler is None and fast_paths is not _never:
             raise ValueError("fast_paths without a fast_handler")
         self._fast_handler = fast_handler
@@ -90,6 +93,14 @@ class HttpServer:
         # (path prefix, limit) pairs that replace max_body_bytes for requests whose raw target starts so
         # (node-to-node transfers carry more than a client may send in one request).
         self._body_limits = [(prefix.encode("latin-1"), limit) for prefix, limit in body_limits]
+        # A limit above max_body_bytes applies only to a request `large_body_gate(headers, peer)` admits
+        # (one that looks like it comes from a node, checked before its body is read: the signature itself
+        # covers the body), and all such bodies being read at once hold at most `large_bodies_bytes`, so
+        # that nobody can make a node hold many huge bodies before it can tell they are forged.
+        self._large_body_gate = large_body_gate
+        self.large_bodies_bytes = large_bodies_bytes
+        self.large_bodies_in_flight = 0
+        self._large_lock = threading.Lock()     # released by finalizers, maybe on a WSGI worker thread
         self._wsgi_threads = wsgi_threads
         self.loop: asyncio.AbstractEventLoop | None = None
         self.executor: ThreadPoolExecutor | None = None
@@ -113,11 +124,26 @@ class HttpServer:
         self._drained = asyncio.Event()
         self._sweeper = self.loop.create_task(self._sweep())
 
-    def body_limit(self, raw_target: bytes) -> int:
+    def body_limit(self, raw_target: bytes, headers: Mapping[str, str] | None = None, peer: tuple | None = None) -> int:
         for prefix, limit in self._body_limits:
             if raw_target.startswith(prefix):
+                if limit > self.max_body_bytes and self._large_body_gate is not None \
+                        and not self._large_body_gate(headers or {}, peer):
+                    return self.max_body_bytes
                 return limit
         return self.max_body_bytes
+
+    def hold_large(self, size: int) -> bool:
+        """Count `size` more bytes of large bodies held at once; False (nothing counted) over the budget."""
+        with self._large_lock:
+            if self.large_bodies_in_flight + size > self.large_bodies_bytes:
+                return False
+            self.large_bodies_in_flight += size
+            return True
+
+    def release_large(self, size: int) -> None:
+        with self._large_lock:
+            self.large_bodies_in_flight -= size
 
     def is_fast(self, method: str, path: str) -> bool:
         return self._fast_handler is not None and self._fast_paths(method, path)

@@ -224,12 +224,14 @@ class Node:
 
     def learn(self, active: dict, pending: dict | None, revision: int = 0) -> None:
         """Take epochs from a coordinator or a metadata member (for nodes outside the metadata group);
-        kept on disk. Older news than this node has (a lower revision) is ignored."""
+        kept on disk. Older news than this node has is ignored: an older active epoch, or for the same
+        active epoch a lower revision (a rolled-back plan from a lagging member, a late push)."""
         with self._lock:
             known = self._pushed.get("active")
             if known is not None and active["number"] < known["number"]:
                 return
-            if revision < self._pushed.get("revision", 0):
+            newer_epoch = known is None or active["number"] > known["number"]
+            if not newer_epoch and revision < self._pushed.get("revision", 0):
                 return
             self._pushed = {"active": active, "pending": pending, "revision": revision}
             self._write_json(PUSHED_FILE, self._pushed)

@@ -127,3 +127,52 @@ def test_a_pushed_revision_must_be_a_non_negative_integer():
         except ValueError:
             continue
         raise AssertionError(f"revision {bad!r} was accepted")
+
+
+def test_the_revision_is_the_decision_s_log_index_so_replicas_agree_whatever_snapshot_they_restored():
+    first = ConfigEpoch.initial(("127.0.0.1:1",), 1)
+    plan = plan_view_change(first, ["127.0.0.1:1", "127.0.0.1:2"], 1)
+    replayed = MetadataState()
+    replayed.log_index = 3
+    replayed.apply(("init", first.to_dict()))
+    snapshot = replayed.snapshot()
+    del snapshot["revision"]                        # written by the previous version, before revisions
+    restored = MetadataState()
+    restored.restore(snapshot)
+    for state in (replayed, restored):
+        state.log_index = 40
+        state.apply(("prepare", plan.to_dict(), "127.0.0.1:1"))
+    assert replayed.decisions() == restored.decisions() and replayed.decisions()[0] == 40
+
+
+def test_a_newer_active_epoch_is_taken_whatever_its_revision(tmp_path):
+    node, address = idle_node(tmp_path)
+    first = ConfigEpoch.initial(("127.0.0.1:1",), 1)
+    second = plan_view_change(first, ["127.0.0.1:1", address], 1).epoch
+    node.learn(first.to_dict(), None, 50)
+    node.learn(second.to_dict(), None, 7)          # a member whose revisions predate an upgrade
+    assert node.pushed_revision == 7 and node._pushed["active"]["number"] == 2
+
+
+def test_a_replica_ignores_raft_messages_of_another_group_at_its_peers_address(tmp_path):
+    """Defense in depth for the same bug: were a stale replica of an old group still running at an
+    address the new group uses, the new group's replica must not take its log (same secret)."""
+    from kvs.fsm.shard import ShardState
+    from kvs.raft.group import RaftGroup, RaftTiming
+
+    ports = [free_http_port(), free_http_port()]
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    timing = RaftTiming(fsync=False)
+    old = RaftGroup("shard-3", addresses[0], addresses, ShardState(), str(tmp_path / "old"), "s", timing)
+    new = RaftGroup("shard-4", addresses[1], addresses, ShardState(), str(tmp_path / "new"), "s", timing)
+    try:
+        # Each campaigns at the other's address; were the other's vote counted, one would lead.
+        def term(group) -> int:
+            return group._replica._SyncObj__raftCurrentTerm
+
+        wait_until(lambda: term(old) >= 4 and term(new) >= 4, 30, interval=0.05,
+                   message="both replicas have campaigned several times")
+        assert old.leader() is None and new.leader() is None
+    finally:
+        old.close()
+        new.close()

@@ -4,7 +4,7 @@ The review sent the same signed request three times within the old +-300 s
 window and all three were accepted; the query string, X-Kvs-Deadline-Ms and
 X-Kvs-Forwarded were not signed. Now every signature carries a fresh nonce that
 a node accepts once, covers everything that changes a request's meaning, and is
-valid for SIGNATURE_WINDOW (30 s). A retry (the same Idempotency-Key, signed
+valid for SIGNATURE_WINDOW (60 s). A retry (the same Idempotency-Key, signed
 anew) is still accepted, and still applied once.
 
 The first tests are units (sign/verify, the nonce cache); the rest run against

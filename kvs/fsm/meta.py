@@ -45,11 +45,13 @@ class MetadataState(StateMachine):
         # The largest shard id any prepared plan used, committed or not: a plan rolled back left journals
         # of its new groups on their nodes, so their ids must not come back either.
         self._max_shard_id = 0
-        # Bumped by every decision about epochs (init, prepare, commit, abort, finish): nodes outside the
-        # group are told (active, pending) with it, and take only a newer one, so a lagging member or a
-        # late push can never bring back a plan that was rolled back (its groups would squat on the
-        # Raft slots of the next plan's).
+        # The log index of the last decision about epochs (init, prepare, commit, abort, finish): nodes
+        # outside the group are told (active, pending) with it, and take only newer news, so a lagging
+        # member or a late push can never bring back a plan that was rolled back (its groups would squat
+        # on the Raft slots of the next plan's). A log index, not a count: the same on every replica
+        # whatever snapshots each restored (a count restarts from a snapshot that predates it).
         self._revision = 0
+        self.log_index = 0          # set by the Raft adapter to the index of the entry being applied
         self._decisions: tuple[int, dict | None, dict | None] = (0, None, None)
         self._handlers = {"init": self._init, "prepare": self._prepare, "advance": self._advance,
                           "commit": self._commit, "abort": self._abort, "finish": self._finish,
@@ -92,7 +94,9 @@ class MetadataState(StateMachine):
         return self._decisions
 
     def _decided(self, result: object) -> object:
-        self._revision += 1
+        # log_index is part of the log (the entry's position), so this stays a pure function of it; without
+        # an adapter (tests) each decision still moves the revision on.
+        self._revision = max(self._revision + 1, self.log_index)
         self._publish()
         return result
 

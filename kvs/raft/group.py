@@ -121,7 +121,7 @@ class RaftGroup:
             dynamicMembershipChange=True,
         )
         peers = [p for p in peers if p != self_address]
-        self._replica = Replica(self_address, peers, state, conf, on_applied)
+        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name)
 
     # -- commands and reads ------------------------------------------------------
 

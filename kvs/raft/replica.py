@@ -86,6 +86,14 @@ count toward a commit:
 - Every sync is a no-op when nothing was written since the last one, and all
   of them run on the tick thread.
 
+One group per address: every Raft message carries the name of the group that
+sent it (`GROUP_FIELD`), and a replica ignores messages of another group. Two
+groups must never share an address (`kvs.node` closes a node's stale groups
+before starting new ones), but a replica that outlived its group elsewhere (a
+node that learns late that a plan was rolled back, a member replaying its
+metadata log) could otherwise make a new group's replicas take its log, with
+the same secret. Untagged messages (from a previous version) are accepted.
+
 Disk faults (a full disk, EIO; see `DurableJournal.failure`): once a write,
 truncation or fsync of the journal or its `.meta` has failed, the journal
 refuses every change and this replica halts: `_onTick` catches the error
@@ -101,6 +109,7 @@ closes the group and reopens it from disk once the disk takes writes again
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -118,11 +127,16 @@ from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
 from kvs.raft.read_index import ReadIndex
 
 
+log = logging.getLogger(__name__)
+
 _SYN_RETRIES = 2
 _USER_TIMEOUT_MS = 5000
 
 # Raft messages that reflect (acknowledge) this replica's log: sent only once the journal is synced.
 _SYNC_BEFORE_SENDING = frozenset({"next_node_idx", "request_vote", "response_vote"})
+
+# Every Raft message names its group; a replica drops another group's (see "One group per address").
+GROUP_FIELD = "g"
 
 
 class _RaftConnection(TcpConnection):
@@ -161,16 +175,22 @@ class RaftTransport(TCPTransport):
         """Every Raft message goes through here (`SyncObj.__transport.send`); see "Durability" above."""
         if getattr(self._syncObj, "journal_failure", None) is not None:
             return False            # a halted replica says nothing (see "Disk faults")
-        if isinstance(message, dict) and message.get("type") in _SYNC_BEFORE_SENDING:
-            sync = getattr(self._syncObj, "_sync_journal", None)
-            if sync is not None:
-                sync()
+        if isinstance(message, dict):
+            if message.get("type") in _SYNC_BEFORE_SENDING:
+                sync = getattr(self._syncObj, "_sync_journal", None)
+                if sync is not None:
+                    sync()
+            group = getattr(self._syncObj, "group", "")
+            if group:
+                message[GROUP_FIELD] = group        # see "One group per address" above
         return super().send(node, message)
 
 
 class Replica(SyncObj):
     def __init__(self, self_address: str, peers: list[str], state: Any, conf: SyncObjConf,
-                 on_applied: Callable[[], None] | None = None):
+                 on_applied: Callable[[], None] | None = None, group: str = ""):
+        self.group = group
+        self._foreign_logged = False
         self._state = state
         self._on_applied = on_applied
         self._sent_log_index = 0
@@ -185,6 +205,8 @@ class Replica(SyncObj):
 
     @replicated
     def _apply(self, command: Any) -> Any:
+        if hasattr(self._state, "log_index"):
+            self._state.log_index = self.raftLastApplied + 1     # this entry's index (PySyncObj counts after)
         result = self._state.apply(command)
         if self._on_applied is not None:
             self._on_applied()
@@ -232,6 +254,13 @@ class Replica(SyncObj):
     # -- change 3: never move nextIndex backwards on success ---------------------
 
     def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:
+        sender_group = message.get(GROUP_FIELD)
+        if sender_group is not None and sender_group != self.group:
+            if not self._foreign_logged:             # once: a stale replica may keep sending for a while
+                self._foreign_logged = True
+                log.warning("group %s at %s: ignoring Raft messages of group %s from %s (a replica of a group "
+                            "this node's peers no longer run there)", self.group, self.selfNode, sender_group, node)
+            return
         if message.get("type") in READ_INDEX_MESSAGES:
             self._read_index.on_message(node, message)      # ours alone: PySyncObj never sees them
             return

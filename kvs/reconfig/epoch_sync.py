@@ -3,8 +3,8 @@
 Members of the metadata group learn every epoch from their own replica. Other
 nodes are told by the coordinator (`Remote.push_epochs`); one that was down
 then asks a metadata member every SYNC_PERIOD. It only ever moves forward: it
-takes what the member knows only if the metadata group's revision of it is
-newer than its own, so a member that lags (one just restarted, replaying its
+takes what the member knows only if it names a newer active epoch, or the same
+one with a newer revision (the log index of the metadata group's decision), so a member that lags (one just restarted, replaying its
 log) can neither drop a pending epoch nor bring back one that was rolled back.
 """
 
@@ -37,6 +37,6 @@ class EpochSync:
             known = self._remote.known_epochs(address)
             if known is None or not known.metadata_member or known.active is None:
                 continue
-            if known.revision > self._node.pushed_revision:
+            if known.active["number"] > epoch.number or known.revision > self._node.pushed_revision:
                 self._node.learn(known.active, known.pending, known.revision)
             return

@@ -52,9 +52,10 @@ SIGNATURE = "X-Kvs-Signature"
 LEADER_HINT = "X-Kvs-Leader"
 REQUEST_ID = "Idempotency-Key"
 # How far a signature's time may be from the receiver's clock. A cluster's nodes are expected to keep
-# NTP-synced clocks (well within a second), and a request is verified milliseconds after it is signed;
-# the rest is margin. The nonces of every accepted signature are kept this long, and no longer.
-SIGNATURE_WINDOW = 30
+# NTP-synced clocks (well within a second); a request is verified once its body is read and a worker
+# thread takes it, so a large transfer on a loaded node may take most of a view-change step's 30 s:
+# twice that is the margin. The nonces of every accepted signature are kept this long, and no longer.
+SIGNATURE_WINDOW = 60
 CONNECT_TIMEOUT = 0.5
 
 

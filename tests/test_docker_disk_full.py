@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from tests.chaos.docker_driver import DockerDriver, docker_available, ensure_image
+from tests.chaos.docker_driver import DockerDriver, docker_available, ensure_image, healthy_cluster
 
 from .disk_full import DiskFullScenario
 
@@ -31,17 +31,8 @@ pytestmark = [pytest.mark.docker,
 @pytest.fixture
 def cluster():
     ensure_image(IMAGE)
-    driver = DockerDriver(1, 3, image=IMAGE, data_tmpfs={2: TMPFS_SIZE})
-    try:
-        driver.start()
-        try:
-            driver.wait_healthy(timeout=90)
-        except TimeoutError:
-            pytest.fail("cluster not healthy:\n" + "\n".join(f"--- {n}\n{driver.logs(n)[-3000:]}"
-                                                               for n in driver.nodes()))
+    with healthy_cluster(DockerDriver(1, 3, image=IMAGE, data_tmpfs={2: TMPFS_SIZE})) as driver:
         yield driver
-    finally:
-        driver.stop()
 
 
 def available_kib(container) -> int:

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from kvs.testing.cluster import wait_until
-from tests.chaos.docker_driver import DockerDriver, docker_available, ensure_image
+from tests.chaos.docker_driver import DockerDriver, docker_available, ensure_image, healthy_cluster
 
 IMAGE = "kvs:test"
 
@@ -90,17 +90,9 @@ def test_single_container_health_user_and_volume(single):
 @pytest.fixture
 def cluster(image):
     driver = DockerDriver(1, 3, image=image)
-    try:
-        driver.start()
-        try:
-            driver.wait_healthy(timeout=90)
-        except TimeoutError:
-            pytest.fail("cluster not healthy:\n" + "\n".join(f"--- {n}\n{driver.logs(n)[-3000:]}"
-                                                               for n in driver.nodes()))
+    with healthy_cluster(driver):
         yield driver
-    finally:
-        driver.stop()
-        driver.stop()                      # idempotent
+    driver.stop()                          # idempotent
 
 
 def write_succeeds(address: str, key: str, value: str) -> bool:

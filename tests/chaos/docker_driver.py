@@ -24,6 +24,7 @@ what carries it, so it is safe after a partial start and when called twice.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
@@ -239,3 +240,21 @@ class DockerDriver(ClusterDriver):
 
     def logs(self, node: str, lines: int | None = 200) -> str:
         return self.container(node).logs(tail=lines if lines is not None else "all").decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def healthy_cluster(driver: DockerDriver, timeout: float = 90):
+    """Start `driver`'s cluster for a test, fail the test (with the nodes' last log lines) if it does not
+    become healthy within `timeout`, and stop it whatever happens."""
+    import pytest                   # only the tests use this; the chaos soak script imports the module too
+
+    try:
+        driver.start()
+        try:
+            driver.wait_healthy(timeout=timeout)
+        except TimeoutError:
+            pytest.fail("cluster not healthy:\n" + "\n".join(f"--- {n}\n{driver.logs(n)[-3000:]}"
+                                                               for n in driver.nodes()))
+        yield driver
+    finally:
+        driver.stop()

@@ -139,12 +139,18 @@ class FailingWrites:
         monkeypatch.setattr(journal_module, "_write", write)
 
 
-def test_a_failed_journal_refuses_every_change_and_logs_it_once(tmp_path, monkeypatch, caplog):
+def synced_journal(tmp_path, entries: int) -> tuple[str, DurableJournal]:
+    """A fsyncing journal holding `entries` synced records of 100 bytes (indexes 1..entries, term 1)."""
     path = str(tmp_path / "journal")
     journal = DurableJournal(path, fsync=True)
-    for i in range(1, 6):
+    for i in range(1, entries + 1):
         journal.add(b"x" * 100, i, 1)
     journal.sync()
+    return path, journal
+
+
+def test_a_failed_journal_refuses_every_change_and_logs_it_once(tmp_path, monkeypatch, caplog):
+    path, journal = synced_journal(tmp_path, 5)
     failing = FailingWrites(monkeypatch)
     failing.fds.add(journal._fd)
     with caplog.at_level(logging.CRITICAL):
@@ -165,11 +171,7 @@ def test_a_failed_journal_refuses_every_change_and_logs_it_once(tmp_path, monkey
 def test_after_a_failed_fsync_only_what_a_good_sync_covered_is_kept(tmp_path, monkeypatch):
     # "fsyncgate": after a failed fsync the page cache may show entries the disk never got; they were
     # never acknowledged, and a reopened journal must not acknowledge them later as if they were durable.
-    path = str(tmp_path / "journal")
-    journal = DurableJournal(path, fsync=True)
-    for i in range(1, 6):
-        journal.add(b"x" * 100, i, 1)
-    journal.sync()
+    path, journal = synced_journal(tmp_path, 5)
     for i in range(6, 9):
         journal.add(b"y" * 100, i, 1)
 
@@ -186,11 +188,7 @@ def test_after_a_failed_fsync_only_what_a_good_sync_covered_is_kept(tmp_path, mo
 
 
 def test_a_compaction_that_fails_leaves_the_old_journal_whole_and_no_tmp_file(tmp_path, monkeypatch):
-    path = str(tmp_path / "journal")
-    journal = DurableJournal(path, fsync=True)
-    for i in range(1, 11):
-        journal.add(b"x" * 100, i, 1)
-    journal.sync()
+    path, journal = synced_journal(tmp_path, 10)
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
@@ -269,16 +267,22 @@ def put(groups: list[RaftGroup], key: str) -> None:
     wait_until(attempt, 30, message=f"put {key}")
 
 
+class FullDisk:
+    """The recovery's disk probe fails (ENOSPC) until `full` is set False."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.full = True
+        monkeypatch.setattr(recovery_module, "probe_directory", self.probe)
+
+    def probe(self, directory: str) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_a_replica_whose_journal_fails_halts_the_group_goes_on_and_it_catches_up_once_reopened(
         tmp_path, monkeypatch, caplog):
     failing = FailingWrites(monkeypatch)
-    disk_full = True
-
-    def probe(directory: str) -> None:
-        if disk_full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(recovery_module, "probe_directory", probe)
+    disk = FullDisk(monkeypatch)
     groups = start_groups(tmp_path, 3)
     addresses = sorted(g.self_address for g in groups)
     try:
@@ -308,7 +312,7 @@ def test_a_replica_whose_journal_fails_halts_the_group_goes_on_and_it_catches_up
         assert recovery.reopen_due(reopen) == {}            # not due yet (backoff): not even probed
         assert recovery.status()["disk"]["reopen-attempts"] == 1
         failing.fds.clear()
-        disk_full = False                                   # space returns
+        disk.full = False                                   # space returns
         reopened = wait_until(lambda: recovery.reopen_due(reopen), 10, message="the halted replica reopened")
         groups.append(reopened["victim"])
         put(groups, "after")
@@ -325,13 +329,7 @@ def test_a_replica_whose_journal_fails_halts_the_group_goes_on_and_it_catches_up
 def test_a_node_closes_its_halted_groups_and_reopens_them_even_while_its_metadata_replica_is_down(
         tmp_path, monkeypatch):
     failing = FailingWrites(monkeypatch)
-    disk_full = True
-
-    def probe(directory: str) -> None:
-        if disk_full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(recovery_module, "probe_directory", probe)
+    disk = FullDisk(monkeypatch)
     address = f"127.0.0.1:{find_free_base_port(1)}"
     node = Node(NodeSettings.load(environ={"ADDRESS": address, "VIEW": address, "DATA_DIR": str(tmp_path)}))
     stopping = threading.Event()
@@ -352,7 +350,7 @@ def test_a_node_closes_its_halted_groups_and_reopens_them_even_while_its_metadat
         assert "No space left" in groups["shard-1"]["failure"]["error"]
 
         failing.fds.clear()
-        disk_full = False                                   # space returns: both come back, from disk
+        disk.full = False                                   # space returns: both come back, from disk
         wait_until(lambda: node.health() == (True, "ok"), 30, message="both groups reopened")
         assert node.group("1").read(lambda s: s.read("k"), time.monotonic() + 10) == "v"
         assert set(node.status()["groups"]) == {"meta", "shard-1"}

@@ -70,7 +70,30 @@ def summarise(raw: str, top: int = 15) -> dict:
             "top_stack_tails_pct": {k: round(100 * v / total, 1) for k, v in tails.most_common(top)}}
 
 
-def run(root: str, value: str, op: str, clients: int, seconds: float) -> dict:
+def _record(py_spy: str, pid: int, out_path: str, seconds: float) -> tuple[list[str], threading.Thread, dict]:
+    """Start `py-spy record` on `pid` in a thread; returns the command, the thread and its result holder."""
+    cmd = [py_spy, "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate", "250",
+           "--duration", str(int(seconds)), "--format", "raw", "--output", out_path]
+    record_command(cmd)
+    result: dict = {}
+    spy = threading.Thread(target=lambda: result.update(
+        r=subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)))
+    spy.start()
+    return cmd, spy, result
+
+
+def _collect(spy: threading.Thread, result: dict, out_path: str, seconds: float) -> dict:
+    spy.join(seconds + 70)
+    r = result.get("r")
+    if r is None or r.returncode != 0 or not os.path.exists(out_path):
+        raise RuntimeError(f"py-spy failed: {r.stderr if r else 'no result'}")
+    with open(out_path) as f:
+        return summarise(f.read())
+
+
+def run(root: str, value: str, op: str, clients: int, seconds: float, via: str = "leader") -> dict:
+    """Profile the leader while hey sends `op` to it (`via` "leader"), or to a follower (`via`
+    "follower": the follower that takes the requests is profiled too, in `entry_gil_profile`)."""
     py_spy = os.path.join(os.path.dirname(sys.executable), "py-spy")   # the venv's, from PyPI
     if not os.path.exists(py_spy):
         py_spy = shutil.which("py-spy") or "py-spy"
@@ -78,31 +101,32 @@ def run(root: str, value: str, op: str, clients: int, seconds: float) -> dict:
     cluster = kvs_cluster(os.path.join(root, "kvs"), shards=1, replicas=3)
     try:
         leader = start_kvs(cluster)["1"]
+        entry = leader if via == "leader" else next(a for a in cluster.view if a != leader)
         body = json.dumps({"value": value})
         requests.put(f"http://{leader}/kvs/keys/bench-read", data=body,
                      headers={"Content-Type": "application/json"}, timeout=5).raise_for_status()
         pid = cluster.nodes[leader].process.pid
+        progress(f"profile: py-spy on the leader {leader} (pid {pid}) during hey {op} x{clients} via the {via} "
+                 f"{entry} for {seconds:g}s")
         out_path = os.path.join(root, "profile.raw")
-        cmd = [py_spy, "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate", "250",
-               "--duration", str(int(seconds)), "--format", "raw", "--output", out_path]
-        record_command(cmd)
-        progress(f"profile: py-spy on the leader {leader} (pid {pid}) during hey {op} x{clients} for {seconds:g}s")
-        spy_out: dict = {}
-        spy = threading.Thread(target=lambda: spy_out.update(
-            r=subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)))
-        spy.start()
-        url = f"http://{leader}/kvs/keys/" + ("bench-write" if op == "write" else "bench-read")
+        _, spy, spy_out = _record(py_spy, pid, out_path, seconds)
+        if entry != leader:
+            entry_path = os.path.join(root, "entry.raw")
+            _, entry_spy, entry_out = _record(py_spy, cluster.nodes[entry].process.pid, entry_path, seconds)
+        url = f"http://{entry}/kvs/keys/" + ("bench-write" if op == "write" else "bench-read")
         load = run_hey(url, "PUT" if op == "write" else "GET", body if op == "write" else "", clients, seconds,
                        list(kvs_pids(cluster).values()))
-        spy.join(seconds + 70)
-        r = spy_out.get("r")
-        if r is None or r.returncode != 0 or not os.path.exists(out_path):
-            raise RuntimeError(f"py-spy failed: {r.stderr if r else 'no result'}")
-        with open(out_path) as f:
-            summary = summarise(f.read())
-        progress(f"profile: {fmt(load['ok_rps'], 0)} req/s under the profiler; GIL self time by layer: "
+        summary = _collect(spy, spy_out, out_path, seconds)
+        report = {"op": op, "clients": clients, "via": via, "leader": leader, "entry": entry, "load": load,
+                  "gil_profile": summary}
+        if entry != leader:
+            report["entry_gil_profile"] = _collect(entry_spy, entry_out, entry_path, seconds)
+        progress(f"profile: {fmt(load['ok_rps'], 0)} req/s under the profiler; leader's GIL self time by layer: "
                  + ", ".join(f"{k} {v}%" for k, v in list(summary["self_pct"].items())[:6]))
-        return {"op": op, "clients": clients, "leader": leader, "load": load, "gil_profile": summary}
+        if entry != leader:
+            progress("profile: the follower's GIL self time by layer: " + ", ".join(
+                f"{k} {v}%" for k, v in list(report["entry_gil_profile"]["self_pct"].items())[:6]))
+        return report
     except Exception:
         log_tails(cluster)
         raise

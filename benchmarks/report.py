@@ -257,17 +257,42 @@ def view_change_table(payload: dict) -> list[str]:
 
 def profile_table(payload: dict) -> list[str]:
     rows = []
+    layers = lambda d: ", ".join(f"{k} {v}" for k, v in list(d.items())[:7])    # noqa: E731
     for p in payload["profiles"]:
-        g = p["gil_profile"]
-        layers = lambda d: ", ".join(f"{k} {v}" for k, v in list(d.items())[:7])    # noqa: E731
-        rows.append([f"{p['op']} x{p['clients']}", fmt(p["load"]["ok_rps"], 0), str(g["samples"]),
-                     layers(g["self_pct"]), layers(g["inclusive_pct"])])
-    t = _table(["load on the leader", "req/s while profiled", "GIL samples", "self % by layer",
+        via = p.get("via", "leader")
+        for who, key in (("leader", "gil_profile"), ("follower taking the requests", "entry_gil_profile")):
+            g = p.get(key)
+            if g:
+                rows.append([f"{p['op']} x{p['clients']} via the {via}", who, fmt(p["load"]["ok_rps"], 0),
+                             str(g["samples"]), layers(g["self_pct"]), layers(g["inclusive_pct"])])
+    t = _table(["load", "process profiled", "req/s while profiled", "GIL samples", "self % by layer",
                 "inclusive % by layer"], rows)
     for p in payload["profiles"]:
-        t += ["", f"Hottest leaf functions ({p['op']}), % of GIL samples: " +
-              "; ".join(f"`{k}` {v}" for k, v in list(p["gil_profile"]["top_leaf_functions_pct"].items())[:8]) + "."]
+        for who, key in (("the leader", "gil_profile"), ("the follower", "entry_gil_profile")):
+            if p.get(key):
+                t += ["", f"Hottest leaf functions of {who} ({p['op']} via the {p.get('via', 'leader')}), % of GIL "
+                      "samples: " + "; ".join(f"`{k}` {v}" for k, v in list(p[key]["top_leaf_functions_pct"].items())[:8]) + "."]
     return t
+
+
+def rounds_table(payload: dict) -> list[str]:
+    """Every round's rate of the target cells, when the run had several (`--repeat`)."""
+    systems = payload["systems"]
+    rows = []
+    for entry in ("leader", "follower"):
+        for n in (16, 64):
+            for op in ("write", "read"):
+                k = (systems.get(f"kvs-{entry}") or {}).get("results", {}).get(f"{op}@{n}") or {}
+                e = (systems.get(f"etcd-{entry}") or {}).get("results", {}).get(f"{op}@{n}") or {}
+                ks, es = k.get("rounds_ok_rps"), e.get("rounds_ok_rps")
+                if ks and es:
+                    rows.append([f"{op} x{n} via the {entry}", ", ".join(fmt(x, 0) for x in ks),
+                                 ", ".join(fmt(x, 0) for x in es),
+                                 ", ".join(fmt(_ratio(a, b), 2) for a, b in zip(ks, es))])
+    if not rows:
+        return []
+    return ["Every round of the run (each figure above is the median round's):", ""] + _table(
+        ["cell", "kvs req/s by round", "etcd req/s by round", "kvs/etcd by round"], rows) + [""]
 
 
 def commands_block(payload: dict, limit: int = 8) -> list[str]:
@@ -311,6 +336,7 @@ def readme_section(results: dict, plots: list[str]) -> str:
         lines += [f"### {title}", "", _run_line(results[name]) + f"; raw numbers in `results/{name}.json`.", ""]
         lines += table(results[name]) + [""] + commands_block(results[name]) + [""]
         if name == "throughput":
+            lines += rounds_table(results[name])
             lines += ["Where the CPU of one request goes (16 clients):", ""] + cpu_per_op_table(results[name]) + [""]
     if plots:
         lines += ["### Plots", ""] + [f"![{os.path.splitext(p)[0]}](results/{p})" for p in plots] + [""]

@@ -60,8 +60,13 @@ def cmd_throughput(args: argparse.Namespace) -> None:
         systems = [s for s in systems if not s.startswith("etcd")]
     payload = header(args, machine())
     payload["settings"].update(clients=clients, warmup_seconds=args.warmup)
-    payload["systems"] = throughput.run(temp_root("kvs-suite-tp-"), random_value(args.value_size), clients,
-                                        args.seconds, systems, args.warmup)
+    value = random_value(args.value_size)
+    rounds = []
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            progress(f"throughput: round {i + 1} of {args.repeat}")
+        rounds.append(throughput.run(temp_root("kvs-suite-tp-"), value, clients, args.seconds, systems, args.warmup))
+    payload["systems"] = throughput.combine(rounds) if len(rounds) > 1 else rounds[0]
     write_result("throughput", payload, args.out)
 
 
@@ -135,8 +140,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     import leader_profile
     payload = header(args, machine())
     payload["profiles"] = [leader_profile.run(temp_root("kvs-suite-prof-"), random_value(args.value_size), op,
-                                              args.profile_clients, args.seconds)
-                           for op in args.profile_ops.split(",")]
+                                              args.profile_clients, args.seconds, via)
+                           for via in args.profile_via.split(",") for op in args.profile_ops.split(",")]
     write_result("profile", payload, args.out)
 
 
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--warmup", type=float, default=harness.WARMUP_SECONDS, help="warm-up thrown away before each")
         p.add_argument("--value-size", type=int, default=256, help="value size in bytes, every system")
         p.add_argument("--clients", default="1,4,16,64", help="throughput: concurrent clients")
+        p.add_argument("--repeat", type=int, default=1,
+                       help="throughput: rounds of the whole sequence; each cell reports the median round")
         p.add_argument("--systems", default="kvs-leader,kvs-follower,etcd-leader,etcd-follower,flask-dict",
                        help="throughput: which systems and entry points")
         p.add_argument("--groups", default="1,2,3", help="scaling: group counts")
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--vc-baseline", type=float, default=8.0, help="view-change: seconds of load before it")
         p.add_argument("--profile-ops", default="write,read", help="profile: operations to profile")
         p.add_argument("--profile-clients", type=int, default=16, help="profile: hey clients")
+        p.add_argument("--profile-via", default="leader", help="profile: leader, follower or both (comma-separated)")
         p.add_argument("--skip-etcd", action="store_true", help="measure kvs (and Flask) only")
         p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<scenario>.json)")
         p.add_argument("--no-report", action="store_true", help="do not regenerate plots and README afterwards")

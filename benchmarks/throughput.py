@@ -15,6 +15,11 @@ measures the per-request path (HTTP, Raft, apply), which is what bounds one grou
 over groups are the `scaling` scenario's business (wrk).
 The systems run one after the other, never at the same time; the same value (256 B by default)
 and the same hey flags are used for all of them.
+
+This machine is shared and noisy: the same cell of the same code measured minutes apart has moved
+by up to 50 % (etcd's as much as kvs's). `--repeat N` runs the whole sequence N times (every system
+started afresh each round, so the systems alternate in time) and `combine` keeps, for each system
+and cell, the round with the median throughput, and every round's figure beside it.
 """
 
 from __future__ import annotations
@@ -128,6 +133,20 @@ def bench_flask(root: str, value: str, clients: list[int], seconds: float, warmu
     finally:
         progress("flask-dict: stopping")
         shielded(lambda: stop_processes([process]))
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One result per system and cell from several rounds of `run`: the median round's (so that its
+    rate, latencies and CPU stay one measurement's), with `rounds_ok_rps` listing every round's rate."""
+    out: dict = {}
+    for system in rounds[0]:
+        cells = {}
+        for cell in rounds[0][system]["results"]:
+            each = [r[system]["results"][cell] for r in rounds if cell in r.get(system, {}).get("results", {})]
+            ranked = sorted(each, key=lambda r: r["ok_rps"])
+            cells[cell] = {**ranked[(len(ranked) - 1) // 2], "rounds_ok_rps": [r["ok_rps"] for r in each]}
+        out[system] = {**rounds[0][system], "results": cells}
+    return out
 
 
 def run(root: str, value: str, clients: list[int], seconds: float, systems: list[str],

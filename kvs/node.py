@@ -30,8 +30,7 @@ from kvs.raft.recovery import GroupRecovery
 from kvs.fsm.meta import MetadataState
 from kvs.settings import NodeSettings
 from kvs.config.epoch import ConfigEpoch
-from kvs.config.records import (METADATA_FILE, PUSHED_FILE, load_record, valid_metadata, valid_pushed,
-                                write_record)
+from kvs.config.records import METADATA_FILE, EpochNews, load_record, valid_metadata, write_record
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,12 @@ class Node:
         self._groups: dict[str, RaftGroup] = {}      # shard id -> this node's replica
         self._meta: RaftGroup | None = None
         self._epoch: ConfigEpoch | None = None
+        self._pending: ConfigEpoch | None = None        # the plan of a change in progress, if any
+        self._directories = threading.Lock()     # a replica is started, or its directory deleted, under it
         self._meta_changed = threading.Event()
         self._epoch_changed = threading.Condition()
-        self._pushed: dict = self._load_json(PUSHED_FILE, valid_pushed)       # {"active", "pending"}
-        self._metadata: dict = self._load_json(METADATA_FILE, valid_metadata)  # {"member", "peers"}
+        self._news = EpochNews(settings.data_dir)          # epochs pushed to this node
+        self._metadata: dict = load_record(settings.data_dir, METADATA_FILE, valid_metadata)  # {"member", "peers"}
         # Nodes of the initial view propose the initial configuration (only the first "init" takes
         # effect, so a proposal after an epoch exists changes nothing); a node that joined the
         # metadata group later, or left it, proposes nothing.
@@ -98,7 +99,7 @@ class Node:
     def _supervise_once(self) -> None:
         self._close_halted_groups()
         self._follow_metadata_membership()
-        active, pending = self._pushed.get("active"), self._pushed.get("pending")
+        active, pending = self._news.active, self._news.pending
         if self._meta is not None:
             state: MetadataState = self._meta.state
             if self._initial is not None and state.active_number == 0 and not self._proposal_pending:
@@ -180,7 +181,7 @@ class Node:
     def _save_metadata(self, record: dict) -> None:
         with self._lock:
             self._metadata = record
-            self._write_json(METADATA_FILE, record)
+            write_record(self.settings.data_dir, METADATA_FILE, record)
 
     def _reconcile(self, active: dict | None, pending: dict | None) -> None:
         """Run the groups of the active and pending epochs, and only those.
@@ -192,6 +193,7 @@ class Node:
         if active is not None and (self._epoch is None or active["number"] > self._epoch.number):
             adopt = ConfigEpoch.from_dict(active)
         upcoming = ConfigEpoch.from_dict(pending) if pending is not None else None
+        self._pending = upcoming
         wanted = [e for e in (adopt or self._epoch, upcoming) if e is not None]
         if wanted:
             keep = {sid for e in wanted for sid, replicas in e.shards.items() if self.settings.address in replicas}
@@ -203,53 +205,52 @@ class Node:
                 log.info("%s retires its replica of shard %s", self.settings.address, sid)
                 group.close()
         if adopt is not None:
-            self._start_groups(adopt)
+            self._start_groups(adopt, self._epoch)
             with self._epoch_changed:
                 self._epoch = adopt
                 self._epoch_changed.notify_all()
             log.info("%s adopted epoch %d", self.settings.address, adopt.number)
         if upcoming is not None:
-            self._start_groups(upcoming)
+            self._start_groups(upcoming, self._epoch)
 
-    def _start_groups(self, epoch: ConfigEpoch) -> None:
+    def _start_groups(self, epoch: ConfigEpoch, current: ConfigEpoch | None) -> None:
         s = self.settings
         for shard_id, replicas in epoch.shards.items():
             if s.address not in replicas or self.group(shard_id) is not None or self._recovery.holds(shard_id):
                 continue                # (a halted one is reopened by the recovery, after a disk probe)
-            group = self._build.shard_group(epoch, shard_id)
-            with self._lock:
-                self._groups[shard_id] = group
+            with self._directories:
+                group = self._build.shard_group(epoch, shard_id, current)
+                with self._lock:
+                    self._groups[shard_id] = group
+
+    def delete_replica_directory(self, shard_id: str) -> bool:
+        """Delete this node's directory of `shard_id` unless it runs (or holds, halted) a replica of it;
+        the caller has made sure that the latest decided epochs give it none (kvs.reconfig.shard_membership)."""
+        with self._directories:
+            if self.group(shard_id) is not None or self._recovery.holds(shard_id):
+                return False
+            self._build.delete_shard_directory(shard_id)
+            return True
+
+    def replica_directories(self) -> list[str]:
+        """Shard ids of the replica directories in DATA_DIR, run or not."""
+        return self._build.shard_directories()
 
     # -- epochs pushed by a view change coordinator ---------------------------------------
 
     def learn(self, active: dict, pending: dict | None, revision: int = 0) -> None:
         """Take epochs from a coordinator or a metadata member (for nodes outside the metadata group);
-        kept on disk. Older news than this node has is ignored: an older active epoch, or for the same
-        active epoch a lower revision (a rolled-back plan from a lagging member, a late push)."""
-        with self._lock:
-            known = self._pushed.get("active")
-            if known is not None and active["number"] < known["number"]:
-                return
-            newer_epoch = known is None or active["number"] > known["number"]
-            if not newer_epoch and revision < self._pushed.get("revision", 0):
-                return
-            self._pushed = {"active": active, "pending": pending, "revision": revision}
-            self._write_json(PUSHED_FILE, self._pushed)
-        self._meta_changed.set()
-
-    def _write_json(self, name: str, record: dict) -> None:
-        write_record(self.settings.data_dir, name, record)
-
-    def _load_json(self, name: str, valid) -> dict:
-        return load_record(self.settings.data_dir, name, valid)
+        kept on disk, newest news only (`EpochNews`)."""
+        if self._news.learn(active, pending, revision):
+            self._meta_changed.set()
 
     @property
     def pushed_pending(self) -> dict | None:
-        return self._pushed.get("pending")
+        return self._news.pending
 
     @property
     def pushed_revision(self) -> int:
-        return self._pushed.get("revision", 0)
+        return self._news.revision
 
     def decisions(self) -> tuple[int, dict | None, dict | None] | None:
         """(revision, active, pending) as this node's metadata replica knows them; None on non-members."""
@@ -291,6 +292,11 @@ class Node:
     def epoch(self) -> ConfigEpoch | None:
         return self._epoch
 
+    @property
+    def pending_epoch(self) -> ConfigEpoch | None:
+        """The plan of the change in progress as this node last heard of it (a hint)."""
+        return self._pending
+
     def wait_for_epoch(self, number: int, deadline: float) -> bool:
         """Block until this node knows epoch `number` (or newer); False at the deadline."""
         with self._epoch_changed:
@@ -325,14 +331,18 @@ class Node:
         if epoch is not None:
             known.update(epoch.view)
             known.update(epoch.metadata_members)
-        pending = self._pushed.get("pending") or {}
+        pending = self._news.pending or {}
         known.update(pending.get("view") or ())
         return host in {address.rsplit(":", 1)[0] for address in known}
 
+    def shard_groups(self) -> dict[str, RaftGroup]:
+        """This node's shard replicas by shard id."""
+        with self._lock:
+            return dict(self._groups)
+
     def hosted_groups(self) -> list[RaftGroup]:
         """This node's shard replicas (not the metadata replica)."""
-        with self._lock:
-            return list(self._groups.values())
+        return list(self.shard_groups().values())
 
     def _all_groups(self) -> list[RaftGroup]:
         with self._lock:
@@ -354,7 +364,8 @@ class Node:
             groups[f"shard-{shard_id}"] = group.status()
             if digest and group.failure is None:
                 groups[f"shard-{shard_id}"].update({"key-count": group.state.key_count(),
-                                                    "digest": group.state.digest()})
+                                                    "digest": group.state.digest(),
+                                                    "ownership-epoch": group.state.epoch})
         groups.update(self._recovery.status())          # halted groups, closed until their disk heals
         return {
             "address": self.settings.address,

@@ -32,6 +32,7 @@ from kvs.reconfig.coordinator import ViewChange
 from kvs.reconfig.epoch_sync import EpochSync
 from kvs.reconfig.membership import MetadataMembership
 from kvs.reconfig.remote import Remote
+from kvs.reconfig.shard_membership import ShardMembership
 from kvs.reconfig.takeover import TakeoverWatcher
 from kvs.routing.aio_peers import AsyncForwarder
 from kvs.routing.keys import KeyRouter
@@ -71,6 +72,7 @@ class NodeServer:
             ("kvs-takeover", TakeoverWatcher(self.node, self.view_change, remote).run),
             ("kvs-epoch-sync", EpochSync(self.node, remote).run),
             ("kvs-metadata-membership", MetadataMembership(self.node, remote).run),
+            ("kvs-shard-membership", ShardMembership(self.node, remote).run),
         ]
         self._threads: list[threading.Thread] = []
 

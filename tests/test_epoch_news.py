@@ -151,7 +151,7 @@ def test_a_newer_active_epoch_is_taken_whatever_its_revision(tmp_path):
     second = plan_view_change(first, ["127.0.0.1:1", address], 1).epoch
     node.learn(first.to_dict(), None, 50)
     node.learn(second.to_dict(), None, 7)          # a member whose revisions predate an upgrade
-    assert node.pushed_revision == 7 and node._pushed["active"]["number"] == 2
+    assert node.pushed_revision == 7 and node._news.active["number"] == 2
 
 
 def test_a_replica_ignores_raft_messages_of_another_group_at_its_peers_address(tmp_path):

@@ -114,9 +114,9 @@ def test_add_member_to_a_shard_under_load(make_cluster):
     assert not worker.is_alive(), "the clients did not stop"
     assert status == 200, body
     assert body["message"] == "View change successful"
-    # shard 1 became the new group 3 (the thin form); shard 2 kept its id and Raft group
-    assert [(s["shard-id"], s["replicas"]) for s in body["shards"]] == [("2", [b]), ("3", [a, joining])]
-    assert body["shards"][0]["address"] == b
+    # shard 1 grew in place: same id, same Raft group, no key moved; shard 2 untouched
+    assert [(s["shard-id"], s["replicas"]) for s in body["shards"]] == [("1", [a, joining]), ("2", [b])]
+    assert body["shards"][1]["address"] == b
 
     result = check_history(history)
     assert result.ok, result.summary() + "; " + "; ".join(k.explanation for k in result.failures()[:3])
@@ -135,8 +135,8 @@ def test_remove_a_dead_replica_of_a_three_replica_shard(make_cluster):
     assert done.returncode == 0, done.stdout + done.stderr
     body = json.loads(done.stdout)
     assert body["message"] == "View change successful"
-    # the shard's replica set changed: the new group 2 took every key of shard 1, which retired
-    assert body["shards"] == [{"shard-id": "2", "key-count": PRELOADED, "replicas": [a, b]}]
+    # the shard's group shrank in place: same id, every key still there
+    assert body["shards"] == [{"shard-id": "1", "key-count": PRELOADED, "replicas": [a, b]}]
     assert_preloaded_readable(b)
     assert_nodes_agree(body["shards"], keys, [a, b])
 
@@ -162,8 +162,8 @@ def test_remove_the_sole_replica_of_a_shard_then_add_it_back(make_cluster):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "keys moved" in done.stderr
     body = json.loads(done.stdout)
-    # a new group; id 2 is never reused (b still keeps the retired shard 2's journal)
-    assert [(s["shard-id"], s["replicas"]) for s in body["shards"]] == [("3", [a, b])]
+    # b joins shard 1's group in place (shard 2 stays retired: its id is never reused)
+    assert [(s["shard-id"], s["replicas"]) for s in body["shards"]] == [("1", [a, b])]
     assert_nodes_agree(body["shards"], keys, [a, b])
     assert_preloaded_readable(b)
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from typing import Callable
 
 from kvs.config.epoch import ConfigEpoch
@@ -75,3 +76,40 @@ def load_record(data_dir: str, name: str, valid: Callable[[object], bool]) -> di
               "peers)", path, name)
     os.replace(path, path + ".bad")
     return {}
+
+
+class EpochNews:
+    """The epochs this node was told of (PUSHED_FILE), newest news only, kept on disk.
+
+    Older news than this node has is ignored: an older active epoch, or for the same active epoch a
+    lower revision (a rolled-back plan from a lagging member, a late push)."""
+
+    def __init__(self, data_dir: str):
+        self._data_dir = data_dir
+        self._lock = threading.Lock()
+        self._record: dict = load_record(data_dir, PUSHED_FILE, valid_pushed)   # {"active", "pending", "revision"}
+
+    def learn(self, active: dict, pending: dict | None, revision: int = 0) -> bool:
+        """Take the news if it is newer than what is known; True if it was taken."""
+        with self._lock:
+            known = self._record.get("active")
+            if known is not None and active["number"] < known["number"]:
+                return False
+            newer_epoch = known is None or active["number"] > known["number"]
+            if not newer_epoch and revision < self._record.get("revision", 0):
+                return False
+            self._record = {"active": active, "pending": pending, "revision": revision}
+            write_record(self._data_dir, PUSHED_FILE, self._record)
+            return True
+
+    @property
+    def active(self) -> dict | None:
+        return self._record.get("active")
+
+    @property
+    def pending(self) -> dict | None:
+        return self._record.get("pending")
+
+    @property
+    def revision(self) -> int:
+        return self._record.get("revision", 0)

@@ -22,6 +22,8 @@ from kvs.reconfig.protocol import Epochs, Exported, ExportRequest, KnownEpochs, 
 from kvs.reconfig.remote import STEP_SECONDS, StepRefused
 from kvs.routing import peers
 
+FRESH_READ_SECONDS = 2.0     # GET /internal/epochs?fresh=1: a ReadIndex round of the metadata group
+
 internal = Blueprint("internal", __name__, url_prefix="/internal")
 
 _SLICE_ROWS = 2000
@@ -72,6 +74,10 @@ def known_epochs() -> Response:
     revision of that knowledge); a node outside the metadata group says what it was told."""
     node = services().node
     decisions = node.decisions()
+    meta = node.metadata_group
+    if meta is not None and request.args.get("fresh") == "1":
+        # linearizable: what the metadata group has decided by now, not what this replica has applied
+        decisions = meta.read(lambda state: state.decisions(), time.monotonic() + FRESH_READ_SECONDS)
     if decisions is not None:
         revision, active, pending = decisions
         known = KnownEpochs(active, pending, True, node.shard_id_floor(), revision)

@@ -23,6 +23,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
 from kvs.http.common import Services, error_reply, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
+from kvs.reconfig.planner import Plan
 from kvs.routing import peers
 
 INTERNAL_BODY_BYTES = 256 << 20   # node-to-node transfers: installs, write batches (kvs.server)
@@ -135,6 +136,7 @@ def view_change_status() -> Response:
     epoch = node.epoch
     return json_response(200, {"epoch": epoch.number if epoch else None,
                                "phase": change["phase"] if change else None,
+                               "plan": Plan.from_dict(change["plan"]).summary() if change else None,
                                "progress": services().view_change.progress.to_dict()})
 
 

@@ -82,7 +82,8 @@ class RaftGroup:
 
     def __init__(self, name: str, self_address: str, peers: list[str], state: Any, directory: str,
                  secret: str | None, timing: RaftTiming = RaftTiming(),
-                 on_applied: Callable[[], None] | None = None, bind_host: str | None = None):
+                 on_applied: Callable[[], None] | None = None, bind_host: str | None = None,
+                 joining: bool = False):
         self.name = name
         self.self_address = self_address
         self.state = state
@@ -121,7 +122,8 @@ class RaftGroup:
             dynamicMembershipChange=True,
         )
         peers = [p for p in peers if p != self_address]
-        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name)
+        # joining: this replica joins a running group; it campaigns only once it has heard the leader
+        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name, joining=joining)
 
     # -- commands and reads ------------------------------------------------------
 
@@ -234,6 +236,7 @@ class RaftGroup:
             "log-length": s["log_len"],
             "raft-address": self.self_address,
             "members": self.members(),
+            "joining": self._replica.joining,
         }
 
     def close(self) -> None:

@@ -32,6 +32,12 @@ waiting instead, with four documented changes that touch PySyncObj internals
    timer and commit part only) and we answer success up to the last verified
    entry ourselves. The commit index a message sets is capped at the last
    entry it verified, and a snapshot chunk commits nothing.
+5. A joining replica holds its election timer until it has heard a leader
+   (`joining`): a node added to a running group (`kvs.reconfig.shard_membership`)
+   opens its replica when it learns the plan, possibly before the leader has
+   appended its membership entry; PySyncObj has no pre-vote, so its
+   campaigns with an empty log would bump the term and depose the leader
+   again and again while it waits to be added. It still votes.
 
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
@@ -188,8 +194,9 @@ class RaftTransport(TCPTransport):
 
 class Replica(SyncObj):
     def __init__(self, self_address: str, peers: list[str], state: Any, conf: SyncObjConf,
-                 on_applied: Callable[[], None] | None = None, group: str = ""):
+                 on_applied: Callable[[], None] | None = None, group: str = "", joining: bool = False):
         self.group = group
+        self._joining = joining                     # change 5; before the tick thread starts
         self._foreign_logged = False
         self._state = state
         self._on_applied = on_applied
@@ -330,6 +337,8 @@ class Replica(SyncObj):
             # does while its transport is not ready (pacing PySyncObj's own loop, not a synchronisation).
             time.sleep(timeToWait)
             return
+        if self._joining:
+            self._hold_election()
         try:
             # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
             self._sync_journal()
@@ -338,6 +347,18 @@ class Replica(SyncObj):
             if self.journal_failure is None:
                 raise       # not a disk fault: PySyncObj logs it and ticks again, as before
             # A disk fault, logged once by the journal: from the next tick on, this replica idles.
+
+    # -- change 5: a joining replica waits for its leader --------------------------
+
+    def _hold_election(self) -> None:
+        if self._getLeader() is not None:
+            self._joining = False               # heard a leader: a member now, like any other
+        else:
+            self._SyncObj__raftElectionDeadline = time.monotonic() + self.conf.raftMaxTimeout
+
+    @property
+    def joining(self) -> bool:
+        return self._joining
 
     def _sync_after_replication(self) -> None:
         # A tick callback registered after _replicate_now: the AppendEntries are already on their way,

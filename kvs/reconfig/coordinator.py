@@ -86,12 +86,15 @@ class Progress:
     moves_done: int = 0
     keys_moved: int = 0
     keys_total: int = 0        # keys in the bulk copies read so far: the total once moves-done = moves-total
+    members_total: int = 0     # kept shards whose replicas change in place
+    members_done: int = 0
     error: str | None = None
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "phase": self.phase, "moves-total": self.moves_total,
                 "moves-done": self.moves_done, "keys-moved": self.keys_moved,
-                "keys-total": self.keys_total, "error": self.error}
+                "keys-total": self.keys_total, "member-changes-total": self.members_total,
+                "member-changes-done": self.members_done, "error": self.error}
 
 
 class ViewChange:
@@ -194,14 +197,14 @@ class ViewChange:
     def _carry_out(self, plan: Plan, current: ConfigEpoch) -> list[dict]:
         """Prepare, copy, commit and clean up `plan` (or roll it back); the new shards with key counts.
         A plan that changes nothing (the current layout, sent again) is no change: no new epoch."""
-        if not plan.moves and not plan.new_groups and not plan.retired_groups \
+        if not plan.moves and not plan.new_groups and not plan.retired_groups and not plan.members \
                 and plan.epoch.shards == current.shards and plan.epoch.view == current.view:
             return settle.shard_report(self._remote, current)
         settle.check_reachable(self._remote, plan.epoch, current)
         if not self._busy.acquire(blocking=False):
             raise Conflict("a view change is in progress on this node")
         try:
-            self._start(plan.epoch.number, "preparing", len(plan.moves))
+            self._start(plan.epoch.number, "preparing", len(plan.moves), len(plan.members))
             result = self._meta(("prepare", plan.to_dict(), self._node.settings.address))
             if isinstance(result, Invalid):
                 raise Conflict(result.reason)
@@ -246,9 +249,9 @@ class ViewChange:
         finally:
             self._busy.release()
 
-    def _start(self, number: int, phase: str, moves: int) -> None:
+    def _start(self, number: int, phase: str, moves: int, members: int = 0) -> None:
         self._copy.copied_keys.clear()
-        fresh = Progress(epoch=number, phase=phase, moves_total=moves)
+        fresh = Progress(epoch=number, phase=phase, moves_total=moves, members_total=members)
         for name, value in vars(fresh).items():     # in place: the copier counts into the same object
             setattr(self.progress, name, value)
 
@@ -257,6 +260,11 @@ class ViewChange:
         self._push_decisions(current, plan)
         for shard_id in plan.new_groups:
             settle.wait_for_leader(self._remote, plan.epoch, shard_id)
+        # Kept shards whose replicas change: their leaders move the Raft members (kvs.reconfig.shard_membership)
+        self.progress.phase = "changing members"
+        for change in plan.members:
+            settle.wait_for_members(self._remote, self._node.settings, plan.epoch, change)
+            self.progress.members_done += 1
         self._advance(n, "copying")
         new_ring = plan.epoch.ring.to_dict()
         sources = sorted({m.source for m in plan.moves})
@@ -293,7 +301,9 @@ class ViewChange:
         self._push_decisions(current, plan)
         new_ring = plan.epoch.ring.to_dict()
         kept = [sid for sid in plan.epoch.shards if sid in current.shards]
-        for shard_id in kept:
+        # With the ring unchanged (replicas changed in place, or nothing) every kept group owns what
+        # it owned: no command enters its log, so a shard the change did not touch does no work.
+        for shard_id in kept if plan.moves or plan.epoch.ring != current.ring else ():
             self._remote.command(plan.epoch, shard_id, Own(n, shard_id, new_ring))
         for shard_id in sorted({m.source for m in plan.moves} & set(kept)):
             copied = self._copy.copied_keys.get((n, shard_id))

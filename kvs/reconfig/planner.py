@@ -19,20 +19,28 @@ unequal sizes. The requests are thin callers that only build that list:
 
 Rules of `plan_layout`, and why:
 
-- A group whose set of replicas equals that of a shard of the current epoch
-  keeps the shard's id and the slots of its replicas. Its Raft group keeps
-  running untouched, and since the ring is a function of the shard ids, the
-  keys it keeps owning do not move.
-- Every other group is a new Raft group, numbered with consecutive integers
-  after the largest id ever used (`ConfigEpoch.max_shard_id`), in layout
-  order. Ids are never reused: nodes keep a group's Raft journal under its id,
-  and a retired group's journal must not become a new group's.
-- A replica of a new group takes the lowest slot >= 1 that its node does not
-  use in the current epoch. Slots fix Raft ports (`kvs.settings`), so old and
-  new groups can run side by side on one node while keys are copied.
-- Shards of the current epoch that no group keeps are retired; all their
-  ranges move. The moves are exactly `moved_ranges(old ring, new ring)`,
+- Groups are matched to the current shards by the replicas they share, most
+  shared first (ties in layout order, then shard order); the groups left over
+  are matched to the shards left over in order, up to the smaller count. A
+  matched group keeps the shard's id, its Raft group and the slots of the
+  replicas that stay: its replica set changes in place, by Raft membership
+  changes inside the group (`kvs.reconfig.shard_membership`), one node at a
+  time, new members catching up from the leader's snapshot and log. The ring
+  is a function of the shard ids, so when the shard count does not change no
+  key moves at all: adding, removing or replacing replicas, raising or
+  lowering repl-factor on the same shard count. `Plan.members` lists these
+  changes.
+- Only when the number of shards changes do keys move: groups left without a
+  shard are new Raft groups, numbered with consecutive integers after the
+  largest id ever used (`ConfigEpoch.max_shard_id`), in layout order; shards
+  left without a group are retired. Ids are never reused: nodes keep a group's
+  Raft journal under its id, and a retired group's journal must not become a
+  new group's. The moves are exactly `moved_ranges(old ring, new ring)`,
   grouped by (old owner, new owner): a key moves iff it is in one of them.
+- A replica that joins a group (new or kept) takes the lowest slot >= 1 that
+  its node does not use in the current epoch. Slots fix Raft ports
+  (`kvs.settings`), so a node can leave one group and join another in the same
+  change, and old and new groups run side by side while keys are copied.
 - The view is the groups' addresses in layout order. repl_factor is the size
   of the smallest group: the replication every key is guaranteed. With equal
   groups that is the requested repl_factor; it is also what a later view change
@@ -73,11 +81,27 @@ class Move:
 
 
 @dataclass(frozen=True)
+class MemberChange:
+    """A kept shard whose replica set changes in place (Raft membership changes, no key moves)."""
+    shard: str
+    added: tuple[str, ...]           # HTTP addresses, in the new epoch's order
+    removed: tuple[str, ...]         # HTTP addresses, in the current epoch's order
+
+    def to_dict(self) -> dict:
+        return {"shard": self.shard, "added": list(self.added), "removed": list(self.removed)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemberChange":
+        return cls(shard=str(d["shard"]), added=tuple(d["added"]), removed=tuple(d["removed"]))
+
+
+@dataclass(frozen=True)
 class Plan:
     epoch: ConfigEpoch               # number = current.number + 1, status = "pending"
     moves: tuple[Move, ...]          # sorted by (source, destination)
     new_groups: tuple[str, ...]      # shard ids that do not exist in the current epoch
     retired_groups: tuple[str, ...]  # shard ids of the current epoch that the new one drops
+    members: tuple[MemberChange, ...] = ()   # kept shards whose replicas change, by shard id
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +109,7 @@ class Plan:
             "moves": [m.to_dict() for m in self.moves],
             "new_groups": list(self.new_groups),
             "retired_groups": list(self.retired_groups),
+            "members": [m.to_dict() for m in self.members],
         }
 
     @classmethod
@@ -94,7 +119,15 @@ class Plan:
             moves=tuple(Move.from_dict(m) for m in d["moves"]),
             new_groups=tuple(d["new_groups"]),
             retired_groups=tuple(d["retired_groups"]),
+            members=tuple(MemberChange.from_dict(m) for m in d.get("members", ())),
         )
+
+    def summary(self) -> dict:
+        """What the plan does, for GET /kvs/view-change: in place (membership) or moving keys."""
+        return {"epoch": self.epoch.number, "moves-keys": bool(self.moves), "moves": len(self.moves),
+                "new-groups": list(self.new_groups), "retired-groups": list(self.retired_groups),
+                "member-changes": [{"shard-id": m.shard, "add": list(m.added), "remove": list(m.removed)}
+                                   for m in self.members]}
 
 
 def _validate(view: Sequence[str], repl_factor: int) -> tuple[str, ...]:
@@ -161,14 +194,8 @@ def plan_view_change(current: ConfigEpoch, view: Sequence[str], repl_factor: int
 
 
 def plan_add_member(current: ConfigEpoch, address: str, shard_id: str) -> Plan:
-    """Plan adding one node, not in the view, to shard `shard_id`.
-
-    The thin form: the shard's replica set changes, so under the rules of `plan_layout` it becomes a
-    new Raft group with a new id. The ring is keyed by shard ids, so all of the old shard's keys move
-    (to the new group and to the others) and the new group takes its share from the others too:
-    about 2/n of the keys for n shards, where a Raft membership change inside the group would move
-    none. Acceptable for a rare administrative step, and it reuses the view change unchanged.
-    """
+    """Plan adding one node, not in the view, to shard `shard_id`: a Raft membership change of the
+    shard's group (it keeps its id, its ring place and its keys; the node catches up from the leader)."""
     address = _normalised(address)
     if shard_id not in current.shards:
         raise BadRequest(f"shard {shard_id} does not exist (shards: {', '.join(current.shard_ids())})")
@@ -180,10 +207,10 @@ def plan_add_member(current: ConfigEpoch, address: str, shard_id: str) -> Plan:
 
 
 def plan_remove_member(current: ConfigEpoch, address: str) -> Plan:
-    """Plan taking one node out of the view.
+    """Plan taking one node, alive or dead, out of the view.
 
-    Its shard shrinks by one (a new group, as in `plan_add_member`), or, if the node was its only
-    replica, the shard is retired and its keys move to the other shards.
+    Its shard's group shrinks by one in place (a membership change, no key moves), or, if the node
+    was its only replica, the shard is retired and its keys move to the other shards.
     """
     address = _normalised(address)
     if address not in current.view:
@@ -204,25 +231,31 @@ def _groups_in_view_order(current: ConfigEpoch) -> list[tuple[str, tuple[str, ..
 def plan_layout(current: ConfigEpoch, groups: Sequence[Sequence[str]]) -> Plan:
     """Plan the change from `current` to the explicit layout `groups` (see the module docstring)."""
     groups = _validate_layout(groups)
-    existing = {frozenset(replicas): sid for sid, replicas in current.shards.items()}
     used_slots: dict[str, set[int]] = {}
     for slots in current.slots.values():
         for address, slot in slots.items():
             used_slots.setdefault(address, set()).add(slot)
     next_number = max([current.max_shard_id] + [_shard_number(sid) for sid in current.shards]) + 1
+    kept = _match(current, groups)
 
     shards: dict[str, tuple[str, ...]] = {}
     slots: dict[str, dict[str, int]] = {}
     new_groups: list[str] = []
-    for group in groups:
-        sid = existing.get(frozenset(group))
-        if sid is not None:
-            slots[sid] = {a: current.slots[sid][a] for a in group}
-        else:
+    members: list[MemberChange] = []
+    for i, group in enumerate(groups):
+        sid = kept.get(i)
+        if sid is None:
             sid = str(next_number)
             next_number += 1
             new_groups.append(sid)
             slots[sid] = {a: _lowest_free_slot(used_slots.get(a, set())) for a in group}
+        else:
+            old = current.slots[sid]
+            slots[sid] = {a: old[a] if a in old else _lowest_free_slot(used_slots.get(a, set())) for a in group}
+            added = tuple(a for a in group if a not in old)
+            removed = tuple(a for a in current.shards[sid] if a not in group)
+            if added or removed:
+                members.append(MemberChange(sid, added, removed))
         shards[sid] = group
 
     ring = HashRing(shards, ring_vnodes(len(shards), current.ring.vnodes))
@@ -246,7 +279,32 @@ def plan_layout(current: ConfigEpoch, groups: Sequence[Sequence[str]]) -> Plan:
         grouped.setdefault((source, destination), []).append(arc)
     moves = tuple(Move(s, d, tuple(arcs)) for (s, d), arcs in sorted(grouped.items()))
     retired = tuple(sid for sid in current.shard_ids() if sid not in shards)
-    return Plan(epoch=epoch, moves=moves, new_groups=tuple(new_groups), retired_groups=retired)
+    return Plan(epoch=epoch, moves=moves, new_groups=tuple(new_groups), retired_groups=retired,
+                members=tuple(sorted(members, key=lambda m: (len(m.shard), m.shard))))
+
+
+def _match(current: ConfigEpoch, groups: tuple[tuple[str, ...], ...]) -> dict[int, str]:
+    """{index of a group in the layout: the current shard id it keeps}. Most shared replicas first
+    (ties: layout order, then shard order), then the rest in order: each shard to one group at most."""
+    order = current.shard_ids()
+    replicas = {sid: set(current.shards[sid]) for sid in order}
+    pairs = sorted(((len(replicas[sid].intersection(group)), i, rank)
+                    for i, group in enumerate(groups) for rank, sid in enumerate(order)),
+                   key=lambda p: (-p[0], p[1], p[2]))
+    kept: dict[int, str] = {}
+    taken: set[str] = set()
+    for shared, i, rank in pairs:
+        if shared and i not in kept and order[rank] not in taken:
+            kept[i] = order[rank]
+            taken.add(order[rank])
+    rest = (sid for sid in order if sid not in taken)
+    for i in range(len(groups)):
+        if i not in kept:
+            sid = next(rest, None)
+            if sid is None:
+                break
+            kept[i] = sid
+    return kept
 
 
 def _lowest_free_slot(used: set[int]) -> int:

@@ -124,6 +124,16 @@ class MetadataMembership:
 class GroupStatus:
     leader: str | None         # Raft address of the leader this replica sees, if any
     members: list[str]         # Raft addresses of the group's members
+    role: str = ""             # "leader", "follower", "candidate", "failed"
+    commit_index: int = 0
+    last_applied: int = 0
+
+    @classmethod
+    def from_json(cls, g: dict) -> "GroupStatus":
+        number = lambda v: v if isinstance(v, int) and not isinstance(v, bool) else 0     # noqa: E731
+        return cls(g.get("leader") if isinstance(g.get("leader"), str) else None, list(g.get("members") or []),
+                   g.get("role") if isinstance(g.get("role"), str) else "", number(g.get("commit-index")),
+                   number(g.get("last-applied")))
 
 
 @dataclass(frozen=True)
@@ -144,8 +154,7 @@ class NodeStatus:
             raise ValueError("groups must be an object")
         return cls(b.get("epoch") if isinstance(b.get("epoch"), int) else None,
                    str(b["shard-id"]) if b.get("shard-id") else None,
-                   {str(name): GroupStatus(g.get("leader"), list(g.get("members") or []))
-                    for name, g in groups.items() if isinstance(g, dict)})
+                   {str(name): GroupStatus.from_json(g) for name, g in groups.items() if isinstance(g, dict)})
 
 
 @dataclass(frozen=True)

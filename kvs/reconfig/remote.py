@@ -127,6 +127,16 @@ class Remote:
         except (PeerUnreachable, TypeError, ValueError):
             return None
 
+    def decided_epochs(self, address: str) -> KnownEpochs | None:
+        """The active and pending epochs as a metadata member reads them linearizably (a ReadIndex
+        round of the metadata group); None if the node is not a member or does not answer."""
+        try:
+            resp = self._send(address, "GET", protocol.EPOCHS + "?fresh=1", None, time.monotonic() + PROBE_SECONDS)
+            known = KnownEpochs.from_json(resp.body) if resp.status == 200 else None
+        except (PeerUnreachable, TypeError, ValueError):
+            return None
+        return known if known is not None and known.metadata_member else None
+
     def push_epochs(self, nodes: list[str], epochs: Epochs) -> None:
         """Tell every node the epochs, all at once and best effort: a node that is down learns them when
         it is back (from the metadata group, or from its copy on disk and the next push)."""

@@ -13,6 +13,7 @@ import logging
 import time
 
 from kvs.config.epoch import ConfigEpoch
+from kvs.reconfig.planner import MemberChange
 from kvs.errors import BadRequest, Unavailable
 from kvs.reconfig.remote import Remote
 from kvs.routing.peers import PeerUnreachable
@@ -21,6 +22,7 @@ from kvs.settings import METADATA_SLOT, NodeSettings
 log = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
+MEMBERS_SECONDS = 300.0   # a group's members follow the plan, new ones caught up (a snapshot), within this
 MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
 REACH_SECONDS = 3.0
 
@@ -50,6 +52,34 @@ def wait_for_leader(remote: Remote, epoch: ConfigEpoch, shard_id: str) -> None:
 
     if not remote.until_status(epoch.replicas(shard_id), SETTLE_SECONDS, elected):
         raise Unavailable(f"new shard {shard_id} elected no leader within {SETTLE_SECONDS}s")
+
+
+def wait_for_members(remote: Remote, settings: NodeSettings, epoch: ConfigEpoch, change: MemberChange) -> None:
+    """Until the group's leader has the plan's replicas as its Raft members (its leader moves them
+    there, `kvs.reconfig.shard_membership`) and every added replica has applied what the leader had
+    committed at that moment: caught up, it counts toward the quorum without slowing it down."""
+    sid, name = change.shard, f"shard-{change.shard}"
+    target = sorted(settings.raft_address(a, epoch.slot(sid, a)) for a in epoch.replicas(sid))
+    deadline = time.monotonic() + MEMBERS_SECONDS
+    committed: list[int] = []
+
+    def settled(status) -> bool:
+        group = status.groups.get(name)
+        if group is not None and group.role == "leader" and sorted(group.members) == target:
+            committed.append(group.commit_index)
+            return True
+        return False
+
+    if not remote.until_status(epoch.replicas(sid), MEMBERS_SECONDS, settled):
+        raise Unavailable(f"shard {sid} did not reach members {', '.join(epoch.replicas(sid))} "
+                          f"within {MEMBERS_SECONDS:g}s")
+    for address in change.added:
+        def caught_up(status) -> bool:
+            group = status.groups.get(name)
+            return group is not None and bool(group.leader) and group.last_applied >= committed[0]
+
+        if not remote.until_status([address], max(0.0, deadline - time.monotonic()), caught_up):
+            raise Unavailable(f"{address} did not catch up with shard {sid} within {MEMBERS_SECONDS:g}s")
 
 
 def wait_for_epoch(remote: Remote, epoch: ConfigEpoch) -> None:

@@ -12,6 +12,7 @@ the same through every node, and every replica of a shard has the same digest.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
 from typing import Callable
@@ -49,6 +50,13 @@ def view_change(node: str, view: list[str], repl_factor: int) -> Callable[[], tu
 def group_status(node: str, shard_id: str) -> dict | None:
     body = requests.get(f"http://{node}/kvs/status?digest=1", timeout=10).json()
     return body["groups"].get(f"shard-{shard_id}")
+
+
+def assert_directory_deleted(cluster: LocalCluster, node: str, shard_id: str) -> None:
+    """A replica removed by a committed epoch loses its data directory (once the metadata group's
+    decided epochs, read linearizably, give its node no replica of the shard)."""
+    path = os.path.join(cluster.nodes[node].data_dir, f"shard-{shard_id}")
+    wait_until(lambda: not os.path.exists(path), 60, message=f"{node} deletes its directory of shard {shard_id}")
 
 
 class Store:
@@ -137,6 +145,7 @@ def test_add_a_node_remove_a_live_replica_and_remove_a_killed_one_move_no_key(ma
     assert store.untouched("2", layout["2"]) == before
     wait_until(lambda: not any(n.startswith("shard-") for n in KvsClient(a1).status()[1]["groups"]), 30,
                message="the removed node closes its replica")
+    assert_directory_deleted(cluster, a1, "1")
 
     cluster.kill(b3)
     before = store.untouched("1", layout["1"])
@@ -162,6 +171,9 @@ def test_repl_factor_up_and_down_and_a_shard_replaced_node_by_node_move_no_key(m
     body = store.change_under_load([a1, b1], view_change(b2, [a1, a2, a3, b1, b2, b3], 3))
     layout = {"1": [a1, a2, a3], "2": [b1, b2, b3]}
     store.check(body, layout, [a1, a2, a3, b1, b2, b3])
+
+    for spare in spares[:2]:
+        assert_directory_deleted(cluster, spare, "1" if spare == spares[0] else "2")
 
     # every node of shard 2 replaced, one at a time; shard 1 does nothing meanwhile
     before = store.untouched("1", layout["1"])

@@ -114,7 +114,7 @@ class Node:
                 active = state.active_epoch()
             change = state.change()
             if change is not None and change["phase"] != "committed":
-                pending = change["plan"]["epoch"]
+                pending = state.decisions()[2]          # the plan's epoch ("pending" or "unwinding")
             elif change is None and pending and active and pending["number"] <= active["number"]:
                 pending = None
         self._reconcile(active, pending)
@@ -201,9 +201,11 @@ class Node:
                 retired = {sid: g for sid, g in self._groups.items() if sid not in keep}
                 for sid in retired:
                     del self._groups[sid]
-            for sid, group in retired.items():
-                log.info("%s retires its replica of shard %s", self.settings.address, sid)
-                group.close()
+            with self._directories:             # not while the janitor may delete its directory
+                for sid, group in retired.items():
+                    log.info("%s retires its replica of shard %s", self.settings.address, sid)
+                    group.close()
+                    self._build.mark_retired(sid)
         if adopt is not None:
             self._start_groups(adopt, self._epoch)
             with self._epoch_changed:
@@ -296,6 +298,13 @@ class Node:
     def pending_epoch(self) -> ConfigEpoch | None:
         """The plan of the change in progress as this node last heard of it (a hint)."""
         return self._pending
+
+    def leaving(self, shard_id: str) -> bool:
+        """Whether the change in progress takes this node's replica of `shard_id` out of its group:
+        the replica may be removed at any moment, so requests are better served by the others."""
+        pending, me = self._pending, self.settings.address
+        return pending is not None and pending.status == "pending" and shard_id in pending.shards \
+            and me not in pending.replicas(shard_id)
 
     def wait_for_epoch(self, number: int, deadline: float) -> bool:
         """Block until this node knows epoch `number` (or newer); False at the deadline."""

@@ -32,6 +32,7 @@ from kvs.reconfig.coordinator import ViewChange
 from kvs.reconfig.epoch_sync import EpochSync
 from kvs.reconfig.membership import MetadataMembership
 from kvs.reconfig.remote import Remote
+from kvs.reconfig.retired_replicas import RetiredReplicas
 from kvs.reconfig.shard_membership import ShardMembership
 from kvs.reconfig.takeover import TakeoverWatcher
 from kvs.routing.aio_peers import AsyncForwarder
@@ -73,6 +74,7 @@ class NodeServer:
             ("kvs-epoch-sync", EpochSync(self.node, remote).run),
             ("kvs-metadata-membership", MetadataMembership(self.node, remote).run),
             ("kvs-shard-membership", ShardMembership(self.node, remote).run),
+            ("kvs-retired-replicas", RetiredReplicas(self.node, remote).run),
         ]
         self._threads: list[threading.Thread] = []
 

@@ -82,3 +82,30 @@ def test_a_plan_may_not_reuse_the_shard_id_of_a_rolled_back_plan():
     floored = plan_view_change(replace(first, max_shard_id=m.max_shard_id), [a, b, c])
     assert floored.new_groups == ("4",)
     assert m.apply(("prepare", floored.to_dict(), a)) == 2
+
+
+def test_a_rollback_unwinds_before_it_aborts_and_nodes_are_told():
+    """While kept shards' members go back ("unwinding"), the plan stays published, as "unwinding", so
+    nodes keep its replicas running; it can neither go on nor commit; the abort ends it."""
+    m = started()
+    m.apply(("prepare", plan(2), "a"))
+    m.apply(("advance", 2, "copying", "a"))
+    revision = m.decisions()[0]
+    assert m.apply(("advance", 2, "unwinding", "b")) == "unwinding"
+    assert m.apply(("advance", 2, "unwinding", "c")) == "unwinding"          # a takeover unwinds again
+    new_revision, active, pending = m.decisions()
+    assert new_revision > revision and active["number"] == 1
+    assert pending["number"] == 2 and pending["status"] == "unwinding"
+    assert m.change()["plan"]["epoch"]["status"] == "pending"                # the plan itself is untouched
+    assert isinstance(m.apply(("advance", 2, "caught-up", "b")), Invalid)
+    assert isinstance(m.apply(("commit", 2)), Invalid)
+    assert m.apply(("abort", 2)) is True and m.decisions()[2] is None and m.active_number == 1
+
+
+def test_a_committed_change_cannot_unwind():
+    m = started()
+    m.apply(("prepare", plan(2), "a"))
+    m.apply(("advance", 2, "caught-up", "a"))
+    m.apply(("commit", 2))
+    assert isinstance(m.apply(("advance", 2, "unwinding", "a")), Invalid)
+    assert m.decisions()[2] is None

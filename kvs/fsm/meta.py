@@ -18,6 +18,12 @@ dies. Phases, in order:
     caught-up  destinations hold everything the sources held at freeze time
     committed  epoch N+1 is active: ownership switched (cleanup follows)
 
+and, instead of going on, before commit:
+
+    unwinding  the change is being rolled back: kept shards' Raft members go back to the active
+               epoch's replicas while the plan's replicas still run (the pending epoch is
+               published with status "unwinding"); an abort follows once they are back
+
 Commands (results are values; an impossible step returns Invalid):
     ("init", epoch_dict)                      -> active epoch number
     ("prepare", plan_dict, coordinator)       -> N+1
@@ -34,6 +40,7 @@ from __future__ import annotations
 from kvs.fsm.base import Invalid, StateMachine
 
 PHASES = ("prepared", "copying", "frozen", "caught-up", "committed")
+UNWINDING = "unwinding"
 EPOCHS_KEPT = 8
 
 
@@ -103,6 +110,8 @@ class MetadataState(StateMachine):
     def _publish(self) -> None:
         change = self._change
         pending = change["plan"]["epoch"] if change is not None and change["phase"] != "committed" else None
+        if pending is not None and change["phase"] == UNWINDING:
+            pending = dict(pending, status=UNWINDING)
         self._decisions = (self._revision, self._epochs.get(self._active), pending)
 
     def change(self) -> dict | None:
@@ -141,6 +150,13 @@ class MetadataState(StateMachine):
         change = self._change
         if change is None or change["number"] != number:
             return Invalid(f"no view change to epoch {number} in progress")
+        if phase == UNWINDING:
+            if change["phase"] == "committed":
+                return Invalid("a committed view change cannot be rolled back")
+            change.update(phase=phase, coordinator=coordinator, steps=change["steps"] + 1)
+            return self._decided(phase)         # nodes must learn it: their shard leaders act on it
+        if change["phase"] == UNWINDING:
+            return Invalid(f"the view change to epoch {number} is being rolled back")
         if phase not in PHASES[1:-1] or PHASES.index(phase) < PHASES.index(change["phase"]):
             return Invalid(f"cannot go from {change['phase']} to {phase}")
         change.update(phase=phase, coordinator=coordinator, steps=change["steps"] + 1)

@@ -198,6 +198,13 @@ class RaftGroup:
         """Ask the most caught-up follower to take over (best effort; the caller checks `leader()`)."""
         self._replica.transferLeadership(None, None)
 
+    def lagging_members(self, slack: int) -> list[str]:
+        """On the leader: the members whose log is more than `slack` entries behind its commit index
+        (a new member still catching up). A hint read off the tick thread's dicts."""
+        commit = self._replica.raftCommitIndex
+        match = dict(self._replica._SyncObj__raftMatchIndex)
+        return sorted(node.id for node, index in match.items() if index < commit - slack)
+
     def members(self) -> list[str]:
         """Raft addresses of the members as this replica's configuration has them."""
         return sorted([self.self_address] + [n.id for n in self._replica.otherNodes])

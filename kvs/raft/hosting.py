@@ -10,6 +10,7 @@ replays its log from the same state as its peers.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Callable
@@ -18,10 +19,12 @@ from kvs.config.epoch import ConfigEpoch
 from kvs.fsm.meta import MetadataState
 from kvs.fsm.shard import ShardState
 from kvs.raft.group import RaftGroup, RaftTiming
-from kvs.raft.storage import group_files
 from kvs.settings import METADATA_SLOT, NodeSettings
 
 METADATA_GROUP = "meta"
+RETIRED_MARK = "retired"      # in a replica's directory: closed because no epoch gave it to its node
+
+log = logging.getLogger(__name__)
 
 
 class GroupFactory:
@@ -46,24 +49,39 @@ class GroupFactory:
             return []
         return sorted(n[len("shard-"):] for n in names if n.startswith("shard-"))
 
+    def mark_retired(self, shard_id: str) -> None:
+        """Note in the directory of a replica just closed for good that it is no member any more."""
+        directory = os.path.join(self._settings.data_dir, f"shard-{shard_id}")
+        if os.path.isdir(directory):
+            with open(os.path.join(directory, RETIRED_MARK), "w"):
+                pass
+
     def delete_shard_directory(self, shard_id: str) -> None:
         shutil.rmtree(os.path.join(self._settings.data_dir, f"shard-{shard_id}"), ignore_errors=True)
 
     def shard_group(self, epoch: ConfigEpoch, shard_id: str, current: ConfigEpoch | None = None) -> RaftGroup:
         """This node's replica of `shard_id`, as `epoch` (any epoch that has the group) places it.
 
-        A replica with nothing on disk of a group that `epoch` did not create joins a running group
-        (added by a membership change, or its data was lost): it catches up from the leader and
-        campaigns only once it has heard it (`kvs.raft.replica`, change 5). It starts with the
-        members of `current` (the epoch the group runs at) and itself, so that it accepts the
-        leader's connection; the leader's log or snapshot then gives it the group's configuration.
-        A founding replica of a new group, or one with a journal, campaigns as usual (a whole group
-        restarted must elect) and starts with `epoch`'s members, its log replaying the changes."""
+        A replica of a group that runs in `current` (the active epoch this node knows) without this
+        node joins it (a membership change adds it): it starts with `current`'s members and itself,
+        so that it accepts the leader's connection (the leader's log or snapshot then gives it the
+        group's configuration), and campaigns only once it has heard the leader (`kvs.raft.replica`,
+        change 5), also after a restart before the change committed: its own member list may be
+        behind the group's. Any other replica (a founder of a new group, a member of `current`)
+        starts with `epoch`'s members, its log replaying the changes, and campaigns as usual."""
         s = self._settings
         directory = os.path.join(s.data_dir, f"shard-{shard_id}")
-        journal, _ = group_files(directory)
-        joining = epoch.origin(shard_id)[0] < epoch.number and not os.path.exists(journal)
-        base = current if joining and current is not None and shard_id in current.shards else epoch
+        joining = current is not None and shard_id in current.shards and s.address not in current.replicas(shard_id)
+        retired = os.path.join(directory, RETIRED_MARK)
+        if joining and os.path.exists(retired):
+            # What a replica retired earlier left (it was no member by then): its journal's term may be
+            # above the group's, and PySyncObj ignores a leader of a lower term without answering, so the
+            # joiner would wait for its leader forever. It joins empty, as a new member does.
+            log.info("%s joins shard %s again: its retired replica's data is set aside", s.address, shard_id)
+            shutil.rmtree(directory, ignore_errors=True)
+        elif os.path.exists(retired):
+            os.remove(retired)              # a member again: its data is its group's once more
+        base = current if joining else epoch
         peers = [s.raft_address(a, base.slot(shard_id, a)) for a in base.replicas(shard_id)]
         peers.append(s.raft_address(s.address, epoch.slot(shard_id, s.address)))
         # The group's starting ownership is its creation epoch's, not the one this node happens to know

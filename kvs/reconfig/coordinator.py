@@ -5,7 +5,10 @@ reshard) plans epoch N+1 (`kvs.reconfig.planner`) and drives it, recording
 each phase in the metadata group (`kvs.fsm.meta`):
 
 1. prepare: commit the plan as pending; every node of both views learns it and
-   starts the replicas of the new groups it belongs to.
+   starts the replicas of the new groups it belongs to, and of the kept groups
+   it joins; kept shards' leaders move their Raft members to the plan's
+   replicas (`kvs.reconfig.shard_membership`) and the coordinator waits until
+   they have, new members caught up.
 2. copy: every moving range is exported from its source group (after a read
    index) and installed into its destination through the destination's own
    log, with its slice of the deduplication table, while the source serves
@@ -21,8 +24,9 @@ each phase in the metadata group (`kvs.fsm.meta`):
 5. clean up: kept groups take the new ownership, sources drop the keys they
    gave away, retired groups stop, and the change is finished.
 
-A failure before commit rolls back: sources thaw, the pending epoch is
-aborted, nodes forget it. Every step is idempotent (commands are keyed by the
+A failure before commit rolls back: kept shards' members go back first
+("unwinding", the plan's replicas still running), sources thaw, the pending
+epoch is aborted, nodes forget it. Every step is idempotent (commands are keyed by the
 epoch number), so steps may be retried. A change runs as a background job of
 the node (`submit`): the HTTP request that asked for it only waits for it.
 A coordinator that dies mid-change is replaced by `kvs.reconfig.takeover`.
@@ -43,7 +47,8 @@ from kvs.fsm.base import Invalid
 from kvs.fsm.commands import Drop, DropKeys, Freeze, Own, Thaw, Track
 from kvs.reconfig import settle
 from kvs.reconfig.copy import RangeCopy
-from kvs.reconfig.planner import Plan, plan_add_member, plan_remove_member, plan_view_change
+from kvs.fsm.meta import UNWINDING
+from kvs.reconfig.planner import MemberChange, Plan, plan_add_member, plan_remove_member, plan_view_change
 from kvs.reconfig.protocol import Epochs
 from kvs.reconfig.remote import STEP_SECONDS, Remote
 from kvs.settings import NodeSettings, normalize_address, parse_view
@@ -165,7 +170,7 @@ class ViewChange:
         return self.run(",".join(current.view), len(current.view) // shard_count)
 
     def add_member(self, address: object, shard_id: object) -> list[dict]:
-        """An idle node joins shard `shard_id`, which becomes a new group."""
+        """An idle node joins shard `shard_id`'s Raft group (in place: no key moves)."""
         address = _address_field(address)
         if isinstance(shard_id, int) and not isinstance(shard_id, bool):
             shard_id = str(shard_id)            # shard ids are strings; a JSON number is clear enough
@@ -177,8 +182,8 @@ class ViewChange:
         return self._carry_out(plan, current)
 
     def remove_member(self, address: object) -> list[dict]:
-        """A node leaves the view; its shard shrinks by one (a new group), or is retired if the node was
-        its only replica. The node may be down (taking a dead replica out is what this is for)."""
+        """A node leaves the view; its shard's group shrinks by one in place, or the shard is retired if
+        the node was its only replica. The node may be down (taking a dead replica out is what this is for)."""
         current = self._settled_epoch()
         return self._carry_out(plan_remove_member(current, _address_field(address)), current)
 
@@ -240,7 +245,7 @@ class ViewChange:
             log.warning("%s takes over the view change to epoch %d (phase %s) from %s",
                         me, n, change["phase"], change["coordinator"])
             plan = Plan.from_dict(change["plan"])
-            self._start(n, change["phase"], len(plan.moves))
+            self._start(n, change["phase"], len(plan.moves), len(plan.members))
             if change["phase"] == "committed":
                 self.clean_up(plan, self._node.meta_epoch(n - 1) or plan.epoch)
                 self.progress.phase = "done"
@@ -261,11 +266,13 @@ class ViewChange:
         for shard_id in plan.new_groups:
             settle.wait_for_leader(self._remote, plan.epoch, shard_id)
         # Kept shards whose replicas change: their leaders move the Raft members (kvs.reconfig.shard_membership)
-        self.progress.phase = "changing members"
+        if plan.members:
+            self.progress.phase = "changing members"
         for change in plan.members:
             settle.wait_for_members(self._remote, self._node.settings, plan.epoch, change)
             self.progress.members_done += 1
         self._advance(n, "copying")
+        current = _members_moved(current, plan)     # sources are reached at their replicas of now
         new_ring = plan.epoch.ring.to_dict()
         sources = sorted({m.source for m in plan.moves})
         for source in sources:
@@ -325,14 +332,27 @@ class ViewChange:
         n = plan.epoch.number
         log.warning("view change to epoch %d failed; rolling back: %s", n, self.progress.error)
         self.progress.phase = "rolling back"
+        if plan.members:
+            # The plan's replicas keep running while kept shards' members go back to the current ones
+            # (the abort would close them while they may still count toward a quorum). Not back in
+            # time: Unavailable, the change stays "unwinding", and a takeover tries again later.
+            result = self._meta(("advance", n, UNWINDING, self._node.settings.address))
+            if isinstance(result, Invalid):
+                raise Unavailable(f"cannot roll back epoch {n}: {result.reason}")
+            self._push_decisions(current, plan)
+            for change in plan.members:
+                settle.wait_for_members(self._remote, self._node.settings, current,
+                                        MemberChange(change.shard, added=change.removed, removed=change.added))
         for source in sorted({m.source for m in plan.moves}):
             try:
                 self._remote.command(current, source, Thaw(n))
             except KvsError as exc:
                 log.error("could not thaw shard %s: %s", source, exc.message)
-        # kept destinations may hold part of a copy: keys they do not own at the current epoch
+        # kept destinations may hold part of a copy: keys they do not own at the current epoch (a group
+        # whose ring did not change since an earlier epoch still owns at that one: Own first)
         for destination in sorted({m.destination for m in plan.moves} & set(current.shards)):
             try:
+                self._remote.command(current, destination, Own(current.number, destination, current.ring.to_dict()))
                 self._remote.command(current, destination, Drop(current.number))
             except KvsError as exc:
                 log.error("could not clean shard %s: %s", destination, exc.message)
@@ -361,6 +381,14 @@ class ViewChange:
 
     def _meta(self, command: tuple) -> object:
         return self._node.propose_meta(command, time.monotonic() + STEP_SECONDS)
+
+
+def _members_moved(current: ConfigEpoch, plan: Plan) -> ConfigEpoch:
+    """`current` with each kept shard's replicas as the plan has them: once members have moved (before
+    any copy), a source's commands and exports go to its replicas of now, not to removed ones."""
+    shards = {sid: plan.epoch.shards.get(sid, replicas) for sid, replicas in current.shards.items()}
+    slots = {sid: plan.epoch.slots.get(sid, s) for sid, s in current.slots.items()}
+    return replace(current, shards=shards, slots=slots, _shard_by_node={})
 
 
 def _address_field(value: object) -> str:

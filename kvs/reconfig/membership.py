@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
+from typing import Sequence
 
 from kvs.errors import KvsError
 from kvs.node import Node
@@ -35,6 +37,28 @@ log = logging.getLogger(__name__)
 
 PERIOD = 0.5            # seconds between two comparisons on the leader
 STEP_SECONDS = 15.0     # one membership change must commit within this
+
+
+@dataclass(frozen=True)
+class Step:
+    """One membership change of a group's leader: "add" or "remove" `member`, or "hand over" (the
+    leader itself must leave: it transfers its leadership to a caught-up follower first)."""
+    op: str
+    member: str | None = None
+
+
+def next_step(members: list[str], target: list[str], leader: str, lagging: Sequence[str] = ()) -> Step | None:
+    """The next single change that moves `members` toward `target` (None: there already). Adds first,
+    so the group never has fewer members than either set; removes only once no member that stays is
+    `lagging` (still catching up: the group would need its acknowledgements for a quorum)."""
+    to_add = [m for m in target if m not in members]
+    if to_add:
+        return Step("add", to_add[0])
+    to_remove = [m for m in members if m not in target]
+    if not to_remove or any(m in target for m in lagging):
+        return None
+    others = [m for m in to_remove if m != leader]
+    return Step("remove", others[0]) if others else Step("hand over")
 
 
 class MetadataMembership:
@@ -68,26 +92,24 @@ class MetadataMembership:
         if meta is None or target is None or not meta.is_leader() or self._node.change() is not None:
             return False
         members = meta.members()
-        to_add = [m for m in target if m not in members]
-        to_remove = [m for m in members if m not in target]
+        step = next_step(members, target, meta.self_address)
         deadline = time.monotonic() + STEP_SECONDS
-        if to_add:
-            joining = to_add[0]
+        if step is not None and step.op == "add":
+            joining = step.member
             peers = sorted(members + [joining])
             log.info("metadata group: adding %s", joining)
             meta.change_members("add", joining, deadline,
                                 on_appended=lambda: self._tell(joining, True, peers))
             self._tell(joining, True, peers)     # again, in case it was down a moment ago
             return True
-        if to_remove:
-            leaving = [m for m in to_remove if m != meta.self_address]
-            if not leaving:
-                log.info("metadata group: %s must leave; handing leadership over", meta.self_address)
-                meta.transfer_leadership()
-                return True
-            log.info("metadata group: removing %s", leaving[0])
-            meta.change_members("remove", leaving[0], deadline, on_appended=lambda: None)
-            self._tell(leaving[0], False, [])
+        if step is not None and step.op == "hand over":
+            log.info("metadata group: %s must leave; handing leadership over", meta.self_address)
+            meta.transfer_leadership()
+            return True
+        if step is not None:
+            log.info("metadata group: removing %s", step.member)
+            meta.change_members("remove", step.member, deadline, on_appended=lambda: None)
+            self._tell(step.member, False, [])
             return True
         self._retell()
         return False

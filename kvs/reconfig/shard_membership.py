@@ -7,7 +7,8 @@ shard's group: no new group, no key moves. Who should be a member is a pure
 function of what the metadata group decided:
 
     the pending epoch's replicas of the shard while a change that has it is in
-    progress, else the active epoch's.
+    progress, else the active epoch's (also while a change is being rolled
+    back: its plan is then published with status "unwinding").
 
 The leader of each shard group compares that target with its group's Raft
 configuration every PERIOD and takes one step at a time (PySyncObj's rule),
@@ -17,23 +18,24 @@ as the metadata group does for its own members (`kvs.reconfig.membership`):
   learned the plan; that replica waits for the leader before it campaigns,
   `kvs.raft.replica` change 5) and wait for the commit; it catches up from the
   leader's log or snapshot;
-* then remove one member that is not the leader; a leader that must leave
-  first hands leadership to a caught-up follower, which continues.
+* then, once every member that stays has caught up, remove one member that
+  is not the leader; a leader that must leave first hands leadership to a
+  caught-up follower, which continues.
 
 Adds before removes: the group never has fewer members than either replica
 set. The coordinator waits until the members match and the new ones caught up
-before it commits the epoch (`settle.wait_for_members`); a rollback clears the
-pending epoch, so the same loop moves the members back. The state of the
+before it commits the epoch (`settle.wait_for_members`). A rollback first
+records "unwinding" (the plan's replicas keep running, the target is the
+active epoch's replicas again), waits until the members are back, and only
+then aborts the plan, so no replica that still counts toward a quorum closes. The state of the
 reconciliation is nothing but the decided epochs and the group's own
 configuration: a leader or coordinator that dies midway leaves nothing to
 repair. Each node's knowledge of the epochs is a hint that may lag (pushes and
 pulls arrive late), so a step is taken only after the target is confirmed by a
 linearizable read of the metadata group's decisions.
 
-The same thread deletes the directories of replicas this node no longer runs
-once the decided epochs, read the same way, give this node no replica of them
-(retired groups, replicas removed from a group): until then they stay, so a
-rolled-back change loses nothing.
+The directories of replicas a node no longer runs are deleted by
+`kvs.reconfig.retired_replicas`, with the same linearizable read.
 """
 
 from __future__ import annotations
@@ -44,60 +46,43 @@ import time
 
 from kvs.config.epoch import ConfigEpoch
 from kvs.errors import KvsError, Unavailable
+from kvs.fsm.meta import UNWINDING
 from kvs.node import Node
+from kvs.reconfig.membership import next_step
 from kvs.reconfig.remote import Remote
 
 log = logging.getLogger(__name__)
 
 PERIOD = 0.5              # seconds between two comparisons
+CAUGHT_UP_SLACK = 64      # a member this close to the leader's commit index has caught up
 STEP_SECONDS = 15.0       # one membership change must commit within this
 READ_SECONDS = 3.0        # the linearizable read of the decided epochs
-JANITOR_EVERY = 20        # rounds between two looks for directories to delete
 
 
 class ShardMembership:
     def __init__(self, node: Node, remote: Remote):
         self._node = node
         self._remote = remote
-        self._rounds = 0
 
     def run(self, stopping: threading.Event) -> None:
         """The thread body: one round per PERIOD until `stopping` is set."""
         while not stopping.wait(PERIOD):
-            self._rounds += 1
             try:
                 self.step()
-                if self._rounds % JANITOR_EVERY == 0:
-                    self.delete_retired_directories()
             except KvsError as exc:
                 log.warning("shard membership: %s", exc.message)
 
     # -- the target -----------------------------------------------------------------------------
 
     def target(self, shard_id: str, active: ConfigEpoch | None, pending: ConfigEpoch | None) -> list[str] | None:
-        """Raft addresses the group of `shard_id` should have (None: no epoch has the shard)."""
-        epoch = pending if pending is not None and shard_id in pending.shards else active
+        """Raft addresses the group of `shard_id` should have (None: no epoch has the shard). A change
+        being rolled back (status "unwinding") has its members go back to the active epoch's."""
+        moving = pending is not None and pending.status != UNWINDING and shard_id in pending.shards
+        epoch = pending if moving else active
         if epoch is None or shard_id not in epoch.shards:
             return None
         s = self._node.settings
         return sorted(s.raft_address(a, epoch.slot(shard_id, a)) for a in epoch.replicas(shard_id))
-
-    def decided(self) -> tuple[ConfigEpoch | None, ConfigEpoch | None]:
-        """(active, pending) as the metadata group has decided them, read linearizably; Unavailable
-        if no metadata member can say."""
-        deadline = time.monotonic() + READ_SECONDS
-        meta = self._node.metadata_group
-        if meta is not None:
-            _, active, pending = meta.read(lambda state: state.decisions(), deadline)
-        else:
-            epoch = self._node.epoch
-            members = epoch.metadata_members if epoch is not None else ()
-            known = next((k for k in map(self._remote.decided_epochs, members) if k is not None), None)
-            if known is None:
-                raise Unavailable("no metadata member answered with the decided epochs")
-            active, pending = known.active, known.pending
-        return (ConfigEpoch.from_dict(active) if active else None,
-                ConfigEpoch.from_dict(pending) if pending else None)
 
     # -- the leader's steps ---------------------------------------------------------------------
 
@@ -110,50 +95,42 @@ class ShardMembership:
                      if self.target(sid, hint_active, hint_pending) not in (None, g.members())}
         if not differing:
             return 0
-        active, pending = self.decided()
+        active, pending = decided_epochs(self._node, self._remote)
         steps = 0
         for sid, group in differing.items():
             target = self.target(sid, active, pending)
-            if target is not None and self._step(sid, group, target):
-                steps += 1
+            try:
+                steps += target is not None and self._step(sid, group, target)
+            except KvsError as exc:             # one stuck group does not hold the others up
+                log.warning("shard %s membership: %s", sid, exc.message)
         return steps
 
     def _step(self, shard_id: str, group, target: list[str]) -> bool:
-        members = group.members()
-        to_add = [m for m in target if m not in members]
-        to_remove = [m for m in members if m not in target]
-        deadline = time.monotonic() + STEP_SECONDS
-        if to_add:
-            log.info("shard %s: adding %s to the group", shard_id, to_add[0])
-            group.change_members("add", to_add[0], deadline, on_appended=lambda: None)
+        step = next_step(group.members(), target, group.self_address, group.lagging_members(CAUGHT_UP_SLACK))
+        if step is None:
+            return False
+        if step.op == "hand over":
+            log.info("shard %s: %s must leave the group; handing leadership over", shard_id, group.self_address)
+            group.transfer_leadership()
             return True
-        if to_remove:
-            leaving = [m for m in to_remove if m != group.self_address]
-            if not leaving:
-                log.info("shard %s: %s must leave the group; handing leadership over", shard_id, group.self_address)
-                group.transfer_leadership()
-                return True
-            log.info("shard %s: removing %s from the group", shard_id, leaving[0])
-            group.change_members("remove", leaving[0], deadline, on_appended=lambda: None)
-            return True
-        return False
+        log.info("shard %s: %s %s", shard_id, "adding" if step.op == "add" else "removing", step.member)
+        group.change_members(step.op, step.member, time.monotonic() + STEP_SECONDS, on_appended=lambda: None)
+        return True
 
-    # -- directories of replicas this node no longer runs ------------------------------------------
 
-    def delete_retired_directories(self) -> list[str]:
-        """Delete the directories of replicas that neither decided epoch gives this node; returns
-        the shard ids deleted."""
-        hosted = set(self._node.shard_groups())
-        candidates = [sid for sid in self._node.replica_directories() if sid not in hosted]
-        if not candidates:
-            return []
-        active, pending = self.decided()
-        if active is None:
-            return []
-        me = self._node.settings.address
-        mine = {sid for e in (active, pending) if e is not None for sid, r in e.shards.items() if me in r}
-        deleted = [sid for sid in candidates if sid not in mine and self._node.delete_replica_directory(sid)]
-        for sid in deleted:
-            log.info("%s deleted its directory of shard %s: no decided epoch gives it a replica",
-                     me, sid)
-        return deleted
+def decided_epochs(node: Node, remote: Remote) -> tuple[ConfigEpoch | None, ConfigEpoch | None]:
+    """(active, pending) as the metadata group has decided them, read linearizably (this node's
+    metadata replica's ReadIndex, or a member's); Unavailable if no metadata member can say."""
+    deadline = time.monotonic() + READ_SECONDS
+    meta = node.metadata_group
+    if meta is not None:
+        _, active, pending = meta.read(lambda state: state.decisions(), deadline)
+    else:
+        epoch = node.epoch
+        members = epoch.metadata_members if epoch is not None else ()
+        known = next((k for k in map(remote.decided_epochs, members) if k is not None), None)
+        if known is None:
+            raise Unavailable("no metadata member answered with the decided epochs")
+        active, pending = known.active, known.pending
+    return (ConfigEpoch.from_dict(active) if active else None,
+            ConfigEpoch.from_dict(pending) if pending else None)

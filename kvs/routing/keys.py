@@ -91,7 +91,9 @@ class KeyRouter:
         shard_id = epoch.shard_for_key(key)
         group = self._node.group(shard_id)
         path = f"/kvs/keys/{quote(key, safe='')}"
-        if group is not None and group.failure is None:
+        # A replica that the change in progress takes out of its group may be removed at any moment
+        # (then it can neither read nor write): the group's other replicas serve instead.
+        if group is not None and group.failure is None and not self._node.leaving(shard_id):
             reply = await self._serve(group, shard_id, method, key, value, path, request_id, deadline, forwarded)
             if forwarded:
                 leader = self._node.leader_address(shard_id)
@@ -99,7 +101,7 @@ class KeyRouter:
                     reply.headers[LEADER_HINT] = leader
             return reply
         # This node runs no replica of the shard, or its replica is down (its journal failed: a full disk,
-        # kvs.raft.recovery): the other replicas serve the request; a forwarded one gets 503, so that its
+        # kvs.raft.recovery) or leaving: the other replicas serve the request; a forwarded one gets 503, so that its
         # sender tries the next replica, rather than 421 (this node does belong to the shard).
         others = [address for address in epoch.replicas(shard_id) if address != self._node.settings.address]
         if forwarded and len(others) < len(epoch.replicas(shard_id)):

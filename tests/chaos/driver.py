@@ -94,9 +94,15 @@ class ClusterDriver(ABC):
 
     def wait_healthy(self, nodes: list[str] | None = None, timeout: float = 60.0) -> None:
         """The given nodes healthy; without a list, every node started ready in its role."""
-        check = self.healthy if nodes is not None else self.ready
-        for node in nodes or self.all_nodes():
-            wait_until(lambda: check(node), timeout, message=f"{node} healthy")
+        if nodes is None:
+            self.wait_ready(self.all_nodes(), timeout)
+        for node in nodes or ():
+            wait_until(lambda: self.healthy(node), timeout, message=f"{node} healthy")
+
+    def wait_ready(self, nodes: list[str], timeout: float = 60.0) -> None:
+        """The given nodes ready in their role: healthy, or idle and answering."""
+        for node in nodes:
+            wait_until(lambda: self.ready(node), timeout, message=f"{node} healthy")
 
     def group_status(self, node: str, shard_id: str, digest: bool = False) -> dict | None:
         try:
@@ -153,8 +159,18 @@ class ClusterDriver(ABC):
 
     def change_view(self, node: str, view: list[str], repl_factor: int, timeout: float) -> tuple[int, dict]:
         """PUT /kvs/view-change to `node` (which coordinates it); blocks until it answers."""
-        resp = requests.put(f"http://{self.client_address(node)}/kvs/view-change",
-                            json={"view": ",".join(view), "repl-factor": repl_factor}, timeout=timeout)
+        return self._put(node, "/kvs/view-change", {"view": ",".join(view), "repl-factor": repl_factor}, timeout)
+
+    def remove_member(self, node: str, address: str, timeout: float) -> tuple[int, dict]:
+        """PUT /kvs/view-change/remove-member to `node`: `address` (alive or dead) leaves the view."""
+        return self._put(node, "/kvs/view-change/remove-member", {"address": address}, timeout)
+
+    def add_member(self, node: str, address: str, shard_id: str, timeout: float) -> tuple[int, dict]:
+        """PUT /kvs/view-change/add-member to `node`: the idle node `address` joins shard `shard_id`."""
+        return self._put(node, "/kvs/view-change/add-member", {"address": address, "shard-id": shard_id}, timeout)
+
+    def _put(self, node: str, path: str, body: dict, timeout: float) -> tuple[int, dict]:
+        resp = requests.put(f"http://{self.client_address(node)}{path}", json=body, timeout=timeout)
         try:
             return resp.status_code, resp.json()
         except ValueError:

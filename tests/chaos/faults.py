@@ -1,10 +1,12 @@
 """Faults of a chaos run: the seeded schedule, and the log of what was injected and healed.
 
 Two lanes of a run inject faults: the fault schedule (`make_schedule`) and the
-view-change lane (`view_changes.py`, which kills a change's coordinator). Both
-go through one `FaultLog`, which never lets two faults hold the same node at
-once: a node killed by one lane is neither paused nor killed again by the other
-(docker cannot kill a stopped container, and the heals would race).
+view-change lane (`view_changes.py`, which kills a change's coordinator, and a
+replica that it then replaces: `replacement.py`). Both go through one
+`FaultLog`, which never lets two faults hold the same node at once: a node
+killed by one lane is neither paused nor killed again by the other (docker
+cannot kill a stopped container, and the heals would race). A node killed and
+then taken out of the cluster is retired: it stays down, never healed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class FaultEvent:
     injected: float      # monotonic
     healed: float | None = None
     leader: bool = False  # a target was the shard's leader: the group had to elect a new one
+    retired: bool = False  # its nodes left the cluster while down: they stay down, unhealed
 
 
 def make_schedule(seed: int, duration: float, shards: int, kinds: tuple[str, ...] = FAULT_KINDS) -> list[Fault]:
@@ -131,9 +134,19 @@ class FaultLog:
         with self._lock:
             self._held.difference_update(event.nodes)
 
+    def retire(self, event: FaultEvent) -> None:
+        """The event's (killed) nodes were taken out of the cluster: they stay down for the rest of
+        the run, held, so that no fault takes them and `heal_everything` leaves them down."""
+        with self._lock:
+            event.retired = True
+
+    def retired_nodes(self) -> set[str]:
+        with self._lock:
+            return {node for e in self.events if e.retired for node in e.nodes}
+
     def heal_everything(self) -> None:
         with self._lock:
-            pending = [e for e in self.events if e.healed is None]
+            pending = [e for e in self.events if e.healed is None and not e.retired]
         for event in pending:
             self.heal(event)
 

@@ -18,8 +18,9 @@ def main(path: str) -> int:
     print(f"seed {saved['seed']}, {saved['duration']} s; rerun: KVS_CHAOS_SEED={saved['seed']} "
           f"KVS_CHAOS_SECONDS={saved['duration']} python -m pytest -q -m chaos tests/chaos")
     for fault in saved["faults"]:
+        healed = "never (retired)" if fault["healed"] is None else f"{fault['healed']}s"
         print(f"  {fault['kind']:17} shard {fault['shard']} nodes {fault['nodes']} "
-              f"at {fault['injected']}s, healed {fault['healed']}s")
+              f"at {fault['injected']}s, healed {healed}")
     for change in saved.get("view_changes", []):
         print(f"  view change      {change['description']}")
     if "final_epoch" in saved:

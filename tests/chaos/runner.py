@@ -8,7 +8,9 @@ modes), so a failing run can be replayed from its seed. Two lanes run side by si
   healed, and followed by a quiet gap; it hits a shard of the epoch the cluster
   runs at that moment;
 * view changes (`view_changes.py`), with spare nodes: a change in the middle of
-  the run, and a change whose coordinator is SIGKILLed (then restarted).
+  the run, a dead replica replaced by a spare (`replacement.py`: SIGKILL,
+  remove-member, add-member, in place), and a change whose coordinator is
+  SIGKILLed (then restarted).
 
 Checks after every run, by the epochs the cluster went through (`epochs.py`):
 * the recorded history is linearizable per key (kvs.testing.linearizability);
@@ -17,7 +19,8 @@ Checks after every run, by the epochs the cluster went through (`epochs.py`):
   answer implies; every node of the final view and every metadata member then
   routes by the final epoch, which GET /kvs/shards agrees with;
 * after healing, every replica of each group of the final epoch holds the same
-  data (digests at the same applied index);
+  data (digests at the same applied index); the final epoch's replicas, which a
+  replacement made differ from the initial layout (a replaced node stays down);
 * availability (`availability.py`): an operation may fail only if the node it
   was sent to was faulty, its key was moving in a view change, or its group
   was under a fault that takes its majority or leader (or had just healed).
@@ -46,7 +49,7 @@ from .availability import AvailabilityCheck
 from .driver import ClusterDriver
 from .epochs import EpochTimeline
 from .faults import FAULT_KINDS, Fault, FaultLog, make_schedule
-from .view_changes import ViewChangeLane, make_view_change_schedule
+from .view_changes import ViewChangeLane, grown_view, make_view_change_schedule
 
 CHANGE_LANE_LIMIT = 300.0   # the view-change lane ends within this after the clients (its steps are bounded)
 AGREE_LIMIT = 60.0          # after healing, every node routes by the final epoch within this
@@ -70,7 +73,8 @@ class ChaosReport:
 
     def summary(self) -> str:
         windows = {g: [f"{a:.1f}-{b:.1f}s" for a, b in w] for g, w in self.unavailability.items()}
-        faults = [f"{f['kind']}(shard {f['shard']}) {f['injected']}-{f['healed']}s" for f in self.faults]
+        faults = [f"{f['kind']}(shard {f['shard']}) {f['injected']}-"
+                  + (f"{f['healed']}s" if f["healed"] is not None else "end") for f in self.faults]
         return (f"chaos[{self.backend} seed={self.seed}]: ok={self.ops_ok} failed={self.ops_failed} "
                 f"unknown={self.ops_unknown} faults={len(self.faults)} {faults} "
                 f"view-changes={[c['description'] for c in self.view_changes]} final-epoch={self.final_epoch} "
@@ -85,11 +89,13 @@ class ChaosRun:
                  view_changes: tuple[str, ...] = (), artifacts_dir: str = "chaos-artifacts"):
         if view_changes and not driver.spare_nodes():
             raise ValueError("view changes need spare nodes to add (a driver made with spares=k)")
+        if "replace_dead_replica" in view_changes and len(driver.spare_nodes()) <= driver.replicas:
+            raise ValueError("a replacement needs a spare beyond the grown view's: spares > replicas")
         self.driver = driver
         self.report = ChaosReport(seed=seed, backend=backend)
         self.duration = duration
         self.clients = clients
-        largest = len(driver.all_nodes()) // driver.replicas
+        largest = len(grown_view(driver.nodes(), driver.spare_nodes(), driver.replicas)) // driver.replicas
         self.schedule = make_schedule(seed, duration, largest, kinds)
         self.view_change_schedule = make_view_change_schedule(seed, duration, len(driver.nodes()), view_changes)
         self.artifacts_dir = artifacts_dir
@@ -102,7 +108,8 @@ class ChaosRun:
         """The epoch a change to the grown view plans from the initial one (what moves in a change)."""
         if not self.driver.spare_nodes():
             return None
-        return plan_view_change(self.initial, self.driver.all_nodes(), self.driver.replicas).epoch
+        grown = grown_view(self.driver.nodes(), self.driver.spare_nodes(), self.driver.replicas)
+        return plan_view_change(self.initial, grown, self.driver.replicas).epoch
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -133,8 +140,9 @@ class ChaosRun:
         if lanes[1].is_alive():
             self.report.violations.append(f"the view-change lane still runs {CHANGE_LANE_LIMIT}s after the clients")
         self.faults.heal_everything()
-        try:
-            self.driver.wait_healthy(timeout=90)
+        try:                                    # every node but those replaced while dead (they stay down)
+            self.driver.wait_ready([n for n in self.driver.all_nodes() if n not in self.faults.retired_nodes()],
+                                   timeout=90)
         except TimeoutError as exc:             # recorded; the checks below show what it breaks
             self.report.violations.append(f"after healing: {exc}")
         final = self._final_epoch()
@@ -148,7 +156,7 @@ class ChaosRun:
         self.report.violations += self.faults.violations + self.changes.violations
         self.report.harness_errors = list(self.faults.harness_errors)
         self.report.faults = [asdict(e) | {"injected": round(e.injected - self.start, 2),
-                                           "healed": round((e.healed or 0) - self.start, 2)}
+                                           "healed": None if e.healed is None else round(e.healed - self.start, 2)}
                               for e in self.faults.events]
         self.report.view_changes = [asdict(c) | {"description": c.describe()} for c in self.changes.events]
         if self.report.violations:

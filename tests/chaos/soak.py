@@ -4,8 +4,9 @@
         --out benchmarks/results/soak-docker.json
 
 Each run is the CI chaos run (`tests/chaos/test_chaos.py`: 2 shards x 3
-replicas and 3 spares, kill / pause / isolate / whole-group faults, a view
-change mid-run and one whose coordinator is SIGKILLed), with its own seed.
+replicas and 4 spares, kill / pause / isolate / whole-group faults, a view
+change mid-run, a dead replica replaced by a spare, and a change whose
+coordinator is SIGKILLed), with its own seed.
 The summary is rewritten after every run, so an interrupted soak still
 records what it did; `--max-minutes` bounds the whole soak. "Lost" counts
 acknowledged write-once keys missing at the end; a write applied twice or a
@@ -28,7 +29,7 @@ from .docker_driver import DockerDriver, docker_available, ensure_image
 from .driver import ProcessDriver, iptables_usable
 from .runner import ChaosRun
 from .test_chaos import REPLICAS, SHARDS, SPARES
-from .view_changes import MODES
+from .view_changes import MODES, dead_replica_replaced
 
 
 def commit() -> str:
@@ -60,6 +61,7 @@ def one_run(backend: str, seed: int, seconds: float, image: str, workdir: str) -
         "faults": [f["kind"] for f in report.faults],
         "view-changes": [c["description"] for c in report.view_changes],
         "coordinator-killed": any(c.get("killed_in_phase") for c in report.view_changes),
+        "dead-replica-replaced": dead_replica_replaced(report.view_changes),
         "violations": report.violations[:10], "violation-count": len(report.violations), "lost": lost,
         "unavailable-seconds": round(sum(b - a for w in report.unavailability.values() for a, b in w), 1),
         "harness-errors": report.harness_errors[:5],
@@ -68,8 +70,8 @@ def one_run(backend: str, seed: int, seconds: float, image: str, workdir: str) -
 
 
 _EMPTY_RUN = {"seconds": 0.0, "ops-ok": 0, "ops-failed": 0, "ops-unknown": 0, "faults": [], "view-changes": [],
-              "coordinator-killed": False, "violations": [], "violation-count": 0, "lost": 0,
-              "unavailable-seconds": 0.0, "harness-errors": [], "artifacts": None}
+              "coordinator-killed": False, "dead-replica-replaced": False, "violations": [], "violation-count": 0,
+              "lost": 0, "unavailable-seconds": 0.0, "harness-errors": [], "artifacts": None}
 
 
 def summarize(backend: str, seconds: float, runs: list[dict], meta: dict) -> dict:
@@ -83,6 +85,7 @@ def summarize(backend: str, seconds: float, runs: list[dict], meta: dict) -> dic
         "faults": dict(faults), "faults-total": sum(faults.values()),
         "view-changes": sum(len(r["view-changes"]) for r in runs),
         "runs-with-coordinator-killed": sum(r["coordinator-killed"] for r in runs),
+        "runs-with-dead-replica-replaced": sum(r["dead-replica-replaced"] for r in runs),
         "violations": sum(r["violation-count"] for r in runs),
         "lost": sum(r["lost"] for r in runs),
         "unavailable-seconds": round(sum(r["unavailable-seconds"] for r in runs), 1),
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(args.out + ".tmp", args.out)
         last = runs[-1]
         print(f"run {len(runs)} seed {seed}: ok={last['ops-ok']} faults={len(last['faults'])} "
-              f"violations={last['violation-count']} lost={last['lost']}", flush=True)
+              f"replaced={last['dead-replica-replaced']} violations={last['violation-count']} "
+              f"lost={last['lost']}", flush=True)
     summary = summarize(args.backend, args.seconds, runs, meta)
     print(f"{summary['runs']} runs, {summary['operations']['ok']} ok ops, {summary['faults-total']} faults, "
           f"{summary['violations']} violations, {summary['lost']} lost")

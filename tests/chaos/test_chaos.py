@@ -1,10 +1,13 @@
 """Chaos runs: faults injected into a live cluster while clients record a history and the view changes.
 
-Every run starts 2 shards x 3 replicas plus 3 idle spare nodes, and its view-change
-lane makes two changes, each growing the view to 3 x 3 or shrinking it back: one in
-the middle of the run, then one whose coordinator is SIGKILLed while it runs (rolled
-back or finished by another node), while the fault schedule goes on. (When faults
-stall the first change for long, the second may come after the clients stopped.)
+Every run starts 2 shards x 3 replicas plus 4 idle spare nodes, and its view-change
+lane takes three steps while the fault schedule goes on: a change in the middle of
+the run growing the view to 3 x 3 (3 spares as shard 3), then a dead replica of
+shard 3 replaced by the fourth spare (SIGKILL, remove-member, add-member: the shard
+keeps its id), then a change back to 2 x 3 whose coordinator is SIGKILLed while it
+runs (rolled back or finished by another node). Each step toggles from the view the
+cluster runs then (a rolled-back step is tried the other way by the next). (When
+faults stall a step for long, the next may come after the clients stopped.)
 
 The process backend is the fast loop for developers; the Docker backend
 (marker `docker`, skipped where Docker is unavailable) is what CI runs. Length and seed come from the environment
@@ -24,7 +27,7 @@ import pytest
 from .docker_driver import DockerDriver, docker_available, ensure_image
 from .driver import ProcessDriver, iptables_usable
 from .runner import ChaosRun
-from .view_changes import MODES
+from .view_changes import MODES, dead_replica_replaced
 
 pytestmark = pytest.mark.chaos
 
@@ -32,7 +35,7 @@ RUNS = int(os.environ.get("KVS_CHAOS_RUNS", "1"))
 SECONDS = float(os.environ.get("KVS_CHAOS_SECONDS", "40"))
 FIRST_SEED = int(os.environ.get("KVS_CHAOS_SEED", "1"))
 IMAGE = os.environ.get("KVS_CHAOS_IMAGE", "kvs:test")
-SHARDS, REPLICAS, SPARES = 2, 3, 3
+SHARDS, REPLICAS, SPARES = 2, 3, 4          # 3 spares grow the view by a shard, 1 replaces a replica
 
 
 def run_and_check(driver, backend: str, seed: int, tmp_path) -> None:
@@ -53,6 +56,7 @@ def run_and_check(driver, backend: str, seed: int, tmp_path) -> None:
         "no view change while the clients ran\n" + report.summary()
     assert any(c["killed_in_phase"] for c in report.view_changes), \
         "no coordinator was killed while its change ran\n" + report.summary()
+    assert dead_replica_replaced(report.view_changes), "no dead replica was replaced\n" + report.summary()
 
 
 def save_logs(driver, directory) -> None:

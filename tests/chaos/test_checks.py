@@ -8,14 +8,15 @@ from kvs.reconfig.planner import plan_view_change
 
 from .availability import AvailabilityCheck
 from .epochs import SETTLE_GRACE, EpochTimeline, Transition
-from .faults import FaultEvent
+from .faults import FaultEvent, FaultLog
+from .replacement import victims
 from .runner import pick_keys
-from .view_changes import MODES, make_view_change_schedule
+from .view_changes import MODES, dead_replica_replaced, grown_view, make_view_change_schedule
 
 INITIAL_VIEW = tuple(f"10.0.0.{i}:13800" for i in range(2, 8))
-SPARES = tuple(f"10.0.0.{i}:13800" for i in range(8, 11))
+SPARES = tuple(f"10.0.0.{i}:13800" for i in range(8, 12))
 INITIAL = ConfigEpoch.initial(INITIAL_VIEW, 3)
-GROWN = plan_view_change(INITIAL, INITIAL_VIEW + SPARES, 3).epoch
+GROWN = plan_view_change(INITIAL, grown_view(list(INITIAL_VIEW), list(SPARES), 3), 3).epoch
 
 
 def test_the_view_change_schedule_is_a_pure_function_of_its_inputs():
@@ -26,9 +27,59 @@ def test_the_view_change_schedule_is_a_pure_function_of_its_inputs():
     for seed in range(1, 30):
         steps = make_view_change_schedule(seed, 40, 6, MODES)
         assert [s.at for s in steps] == sorted(s.at for s in steps)
-        assert all(8 <= s.at <= 40 * 0.6 and 0 <= s.coordinator < 6 for s in steps)
+        assert all(8 <= s.at <= 40 * 0.7 and 0 <= s.coordinator < 6 for s in steps)
         assert all((s.kill_at is not None) == (s.mode == "kill_coordinator") for s in steps)
+    assert len({s.victim for seed in range(1, 30) for s in make_view_change_schedule(seed, 40, 6, MODES)}) > 10
     assert make_view_change_schedule(1, 40, 6, ()) == []
+
+
+def test_the_grown_view_adds_one_shard_of_spares_and_leaves_the_others_idle():
+    assert GROWN.shards["3"] == SPARES[:3] and len(GROWN.shards) == 3
+    assert grown_view(list(INITIAL_VIEW), list(SPARES), 3, {SPARES[1]}) == \
+        list(INITIAL_VIEW) + [SPARES[0], SPARES[2], SPARES[3]]           # a replaced spare stays out
+
+
+def test_a_replacement_kills_a_replica_that_no_client_or_coordinator_uses():
+    members = list(INITIAL_VIEW)
+    assert victims(members, INITIAL) == []                                # the grown view gives it some
+    assert victims(members, GROWN) == [(node, "3") for node in SPARES[:3]]
+
+
+def test_a_replacement_counts_once_its_removal_and_its_addition_committed():
+    def change(request: str, outcome: str, mode: str = "replace_dead_replica") -> dict:
+        return {"mode": mode, "request": request, "outcome": outcome}
+
+    assert dead_replica_replaced([change("view-change", "committed", "change"), change("remove-member", "committed"),
+                                  change("add-member", "committed")])
+    assert not dead_replica_replaced([change("remove-member", "committed"), change("add-member", "rolled back")])
+    assert not dead_replica_replaced([change("remove-member", "rolled back")])
+
+
+class RecordingDriver:
+    """The fault actions of a ClusterDriver, recorded instead of done."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, action: str):
+        if action not in ("kill", "start_node", "pause", "resume", "isolate", "heal"):
+            raise AttributeError(action)
+        return lambda node: self.calls.append((action, node))
+
+    def wait_healthy(self, nodes: list[str], timeout: float) -> None:
+        pass
+
+
+def test_a_retired_node_stays_down_and_held_at_the_end_of_the_run():
+    driver = RecordingDriver()
+    faults = FaultLog(driver)
+    replaced = faults.inject("kill_to_replace", "3", [SPARES[0]], leader=False)
+    other = faults.inject("kill_follower", "1", [INITIAL_VIEW[0]], leader=False)
+    faults.retire(replaced)
+    faults.heal_everything()
+    assert driver.calls == [("kill", SPARES[0]), ("kill", INITIAL_VIEW[0]), ("start_node", INITIAL_VIEW[0])]
+    assert replaced.healed is None and other.healed is not None
+    assert faults.retired_nodes() == {SPARES[0]} and faults.under_fault(SPARES[0])
 
 
 def test_keys_are_picked_so_that_some_move_when_the_view_grows_and_the_others_do_not():

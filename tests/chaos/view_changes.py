@@ -1,6 +1,6 @@
 """The view-change lane of a chaos run: view changes while clients run and faults come and go.
 
-Two kinds of steps (`MODES`):
+Three kinds of steps (`MODES`):
 
 * "change": PUT /kvs/view-change to a node of the initial view in the middle of
   the run; it runs to its end while the fault schedule goes on.
@@ -12,13 +12,20 @@ Two kinds of steps (`MODES`):
   leaves the coordinator alone (it is reserved in the FaultLog), so that it is
   this kill that the change meets; the coordinator of a plain "change" gets no
   such protection and may meet any fault.
+* "replace_dead_replica" (`replacement.py`): a replica that serves a shard
+  from a spare node is SIGKILLed, taken out with remove-member and replaced
+  by an idle spare with add-member: two changes of the shard's Raft members
+  in place, the shard keeping its id.
 
-Every step toggles between the initial view and the initial view plus every
-spare node (for 2 x 3 and 3 spares: 2 shards x 3 replicas <-> 3 shards x 3
-replicas), computed from the epoch the cluster runs at that moment, so that a
-change rolled back is simply tried the other way next time. Only nodes of the
-initial view coordinate: they are the metadata members, and they are in every
-view of the toggle, so clients that use them are never sent to a node that left.
+The other steps toggle between the initial view and the grown view: the
+initial view plus one more shard of spares (`grown_view`; for 2 x 3 and 4
+spares: 2 shards x 3 replicas <-> 3 shards x 3 replicas, one spare left idle
+for a replacement), computed from the epoch the cluster runs at that moment,
+so that a change rolled back is simply tried the other way next time (after a
+replacement the view is neither: it shrinks back to the initial one). Only
+nodes of the initial view coordinate: they are the metadata members, and they
+are in every view of the toggle, so clients that use them are never sent to a
+node that left.
 
 A step has settled when GET /kvs/view-change shows no change on a majority of
 the metadata members that answer (a lagging member alone may show null before
@@ -28,7 +35,8 @@ a node that rolled back or finished a change for a dead coordinator still
 pushes epochs after the change settled, and answers 409 meanwhile. The lane
 checks what the answer implies: 200 means committed as planned, 503 means
 rolled back, a coordinator killed at "committed" means finished, never 400 or
-409 (the lane runs one change at a time, with a valid view).
+409 (the lane runs one change at a time, with a valid view). Every change is a
+`ViewChangeEvent` of the report and a `Transition` of the epoch timeline.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import requests
 
@@ -49,7 +58,7 @@ from .driver import ClusterDriver
 from .epochs import EpochTimeline, Transition
 from .faults import FaultLog
 
-MODES = ("change", "kill_coordinator")
+MODES = ("change", "replace_dead_replica", "kill_coordinator")
 KILL_PHASES = ("prepared", "copying", "frozen", "committed")   # "caught-up" lasts one metadata commit
 ANSWER_LIMIT = 120.0       # the PUT answers (or its coordinator dies) within this
 START_LIMIT = 30.0         # the change shows a phase (or the PUT answers) within this
@@ -67,6 +76,7 @@ class ViewChangeStep:
     coordinator: int       # index into the initial view (the next node not under a fault if it is)
     kill_at: str | None    # kill_coordinator: the coordinator dies at the first phase seen at or past this
     down: float            # kill_coordinator: seconds it stays down at least
+    victim: int = 0        # replace_dead_replica: index into the replicas that may be replaced
 
 
 @dataclass
@@ -76,8 +86,11 @@ class ViewChangeEvent:
     before: int                             # epoch number
     view: list[str]
     repl_factor: int
-    started: float                          # seconds into the run
-    during_clients: bool                    # the clients were still running when it started
+    started: float = 0.0                    # seconds into the run (when its PUT was sent)
+    during_clients: bool = True             # the clients were still running when it started
+    request: str = "view-change"            # or "remove-member", "add-member" (a replacement's changes)
+    member: str | None = None               # the node a member request removes or adds
+    shard: str | None = None                # the shard it leaves or joins
     answer: str = "none"                    # "200", "503 ...", or the client error
     killed_in_phase: str | None = None
     settled: float | None = None            # seconds into the run
@@ -93,9 +106,23 @@ class ViewChangeEvent:
         kill = f" coordinator killed at {self.killed_in_phase}" if self.killed_in_phase else ""
         kill += "" if self.during_clients else " after the clients"
         end = f"{self.settled:.1f}s" if self.settled is not None else "?"
-        return (f"{self.mode}({len(self.view)} nodes, epoch {self.before}->{self.after}{kill}) "
+        what = f"{len(self.view)} nodes" if self.member is None else \
+            f"{self.request} {self.member} {'from' if self.request == 'remove-member' else 'to'} shard {self.shard}"
+        return (f"{self.mode}({what}, epoch {self.before}->{self.after}{kill}) "
                 f"{self.started:.1f}-{end} {self.outcome}, answer {self.answer}"
                 + (f" ({self.note})" if self.note else ""))
+
+
+def grown_view(members: list[str], spares: list[str], replicas: int, retired: set[str] = frozenset()) -> list[str]:
+    """The initial view plus one shard of spares: the first `replicas` spares not retired (taken out
+    of the cluster while down). The spares after them stay idle, for a replacement to add."""
+    return members + [s for s in spares if s not in retired][:replicas]
+
+
+def dead_replica_replaced(view_changes: list[dict]) -> bool:
+    """A report's view changes (as dicts) include a replacement whose removal and addition committed."""
+    done = {c["request"] for c in view_changes if c["mode"] == "replace_dead_replica" and c["outcome"] == "committed"}
+    return done == {"remove-member", "add-member"}
 
 
 def make_view_change_schedule(seed: int, duration: float, members: int, modes: tuple[str, ...]) -> list[ViewChangeStep]:
@@ -112,8 +139,22 @@ def make_view_change_schedule(seed: int, duration: float, members: int, modes: t
         at = duration * (0.2 + 0.6 * i / len(modes)) + rng.uniform(0.0, 0.1 * duration)
         kill_at = rng.choice(KILL_PHASES) if mode == "kill_coordinator" else None
         steps.append(ViewChangeStep(at=round(at, 2), mode=mode, coordinator=rng.randrange(members),
-                                    kill_at=kill_at, down=round(rng.uniform(2.0, 6.0), 2) if kill_at else 0.0))
+                                    kill_at=kill_at, down=round(rng.uniform(2.0, 6.0), 2) if kill_at else 0.0,
+                                    victim=rng.randrange(1000) if mode == "replace_dead_replica" else 0))
     return steps
+
+
+@dataclass
+class RunningChange:
+    """A change whose PUT has been sent: what its settling and its record need."""
+    event: ViewChangeEvent
+    before: ConfigEpoch
+    planned: ConfigEpoch                    # by the product's planner, from the epoch before
+    started: float                          # monotonic
+    answered: threading.Event
+    observer: "PhaseObserver"
+    reply: dict = field(default_factory=dict)    # the body of the answer
+    settled: float | None = None            # monotonic
 
 
 class ViewChangeLane:
@@ -125,70 +166,102 @@ class ViewChangeLane:
         self.steps = steps
         self.start = start
         self.members = driver.nodes()
-        self.grown = driver.nodes() + driver.spare_nodes()
         self.events: list[ViewChangeEvent] = []
 
     @property
     def violations(self) -> list[str]:
         return [f"view change {e.describe()}: {p}" for e in self.events for p in e.problems]
 
+    def grown(self) -> list[str]:
+        return grown_view(self.members, self.driver.spare_nodes(), self.driver.replicas, self.faults.retired_nodes())
+
     def run(self, stop: threading.Event) -> None:
         """Every step, each at its time or as soon as the one before has settled. On a slow machine
         (a change stalled by faults for tens of seconds) a step may come after the clients have
         stopped (`stop`): it still runs then, so that the run still meets it, marked as such."""
+        from .replacement import replace_dead_replica     # here: that module builds on this one
+
         for step in self.steps:
             stop.wait(max(0.0, self.start + step.at - time.monotonic()))
-            self._step(step, stop)
+            if step.mode == "replace_dead_replica":
+                replace_dead_replica(self, step, stop)
+            else:
+                self.change_view(step, stop)
 
     # -- one change --------------------------------------------------------------------------
 
-    def _step(self, step: ViewChangeStep, stop: threading.Event) -> None:
+    def change_view(self, step: ViewChangeStep, stop: threading.Event,
+                    protect: bool = False) -> ViewChangeEvent | None:
+        """A change of the whole view, the toggle's next (None if skipped); with `protect` (or to kill
+        it), its coordinator is reserved in the FaultLog, so that no fault of the other lane takes it."""
         before = self.driver.current_epoch()
-        coordinator = self._member_from(step.coordinator, reserve=step.mode == "kill_coordinator")
+        coordinator = self.member_from(step.coordinator, reserve=protect or step.mode == "kill_coordinator")
         if before is None or coordinator is None:
             if coordinator is not None:
                 self.faults.release(coordinator)
-            return                                      # nobody to ask: skip this step
-        view = self.grown if set(before.view) == set(self.members) else self.members
+            return None                                 # nobody to ask: skip this step
+        view = self.grown() if set(before.view) == set(self.members) else self.members
         base = self.driver.planning_base() or before
         planned = plan_view_change(base, view, self.driver.replicas).epoch
-        busy = self._wait_until_idle(coordinator)
-        started = time.monotonic()
-        event = ViewChangeEvent(step.mode, coordinator, before.number, list(view), self.driver.replicas,
-                                started=round(started - self.start, 2), during_clients=not stop.is_set())
-        if busy:
-            event.add_note(busy)
-        self.events.append(event)
-        answered = threading.Event()
-
-        def put() -> None:
-            try:
-                status, body = self.driver.change_view(coordinator, view, self.driver.replicas, ANSWER_LIMIT)
-                event.answer = str(status) if status == 200 else f"{status} {body.get('error')} {body.get('cause', '')}"
-            except requests.RequestException as exc:
-                event.answer = type(exc).__name__          # its coordinator died, or it took too long
-            answered.set()
-
-        threading.Thread(target=put, name="chaos-view-change-put", daemon=True).start()
-        observer = PhaseObserver(self.driver, self.faults, [m for m in self.members if m != coordinator])
+        running = self.start_change(ViewChangeEvent(step.mode, coordinator, before.number, list(view),
+                                                    self.driver.replicas),
+                                    before, planned, stop,
+                                    lambda: self.driver.change_view(coordinator, view, self.driver.replicas,
+                                                                    ANSWER_LIMIT))
         killed = None
         if step.mode == "kill_coordinator":
-            killed = self._kill_coordinator(step, event, coordinator, before.shard_of_node(coordinator) or "?",
-                                            answered, observer)
-        settled = self._wait_settled(event, answered, observer)
+            killed = self._kill_coordinator(step, running.event, coordinator,
+                                            before.shard_of_node(coordinator) or "?",
+                                            running.answered, running.observer)
+        self.wait_settled(running)
         if killed is not None:
             # Down until the change settled without it, and at least `down` seconds (a hold, as
             # the fault schedule's; the end of the run cuts it short and heals everything).
             stop.wait(max(0.0, killed.injected + step.down - time.monotonic()))
             self.faults.heal(killed)
-        answered.wait(ANSWER_LIMIT)
+        elif protect:
+            self.faults.release(coordinator)
+        self.record(running)
+        return running.event
+
+    def start_change(self, event: ViewChangeEvent, before: ConfigEpoch, planned: ConfigEpoch,
+                     stop: threading.Event, put: Callable[[], tuple[int, dict]]) -> RunningChange:
+        """Once the event's coordinator is idle, send its change (`put`, the PUT request, in a thread)."""
+        busy = self._wait_until_idle(event.coordinator)
+        if busy:
+            event.add_note(busy)
+        started = time.monotonic()
+        event.started, event.during_clients = round(started - self.start, 2), not stop.is_set()
+        self.events.append(event)
+        others = [m for m in self.members if m != event.coordinator]
+        running = RunningChange(event, before, planned, started, threading.Event(),
+                                PhaseObserver(self.driver, self.faults, others))
+
+        def send() -> None:
+            try:
+                status, running.reply = put()
+                event.answer = str(status) if status == 200 else \
+                    f"{status} {running.reply.get('error')} {running.reply.get('cause', '')}"
+            except requests.RequestException as exc:
+                event.answer = type(exc).__name__          # its coordinator died, or it took too long
+            running.answered.set()
+
+        threading.Thread(target=send, name="chaos-view-change-put", daemon=True).start()
+        return running
+
+    def record(self, running: RunningChange) -> ConfigEpoch:
+        """Once the change settled (or could not): its outcome, checked against its answer, in the
+        event and the timeline; the epoch it settled on."""
+        event, before = running.event, running.before
+        running.answered.wait(ANSWER_LIMIT)
         after = self.driver.current_epoch() or before
         event.after = after.number
-        event.settled = None if settled is None else round(settled - self.start, 2)
-        if settled is not None:
+        if running.settled is not None:
+            event.settled = round(running.settled - self.start, 2)
             event.outcome = "committed" if after.number > before.number else "rolled back"
-        self._check_outcome(event, before, planned, after)
-        self.timeline.add(Transition(started, settled, before, planned, after))
+        self._check_outcome(event, before, running.planned, after)
+        self.timeline.add(Transition(running.started, running.settled, before, running.planned, after))
+        return after
 
     def _kill_coordinator(self, step: ViewChangeStep, event: ViewChangeEvent, coordinator: str, shard: str,
                           answered: threading.Event, observer: "PhaseObserver"):
@@ -219,17 +292,16 @@ class ViewChangeLane:
             event.killed_in_phase = seen[-1]
         return killed
 
-    def _wait_settled(self, event: ViewChangeEvent, answered: threading.Event,
-                      observer: "PhaseObserver") -> float | None:
+    def wait_settled(self, running: RunningChange) -> None:
         try:
             # The change shows in the metadata group, or the PUT answered (refused, or already done).
-            wait_until(lambda: answered.is_set() or observer.phase()[1] is not None,
+            wait_until(lambda: running.answered.is_set() or running.observer.phase()[1] is not None,
                        START_LIMIT, interval=0.02, message="the change under way")
             wait_until(self._no_change_on_a_majority, SETTLE_LIMIT, interval=0.2, message="no change in progress")
         except TimeoutError as exc:
-            event.problems.append(str(exc))
-            return None
-        return time.monotonic()
+            running.event.problems.append(str(exc))
+            return
+        running.settled = time.monotonic()
 
     def _check_outcome(self, event: ViewChangeEvent, before: ConfigEpoch, planned: ConfigEpoch,
                        after: ConfigEpoch) -> None:
@@ -269,7 +341,7 @@ class ViewChangeLane:
         waited = time.monotonic() - waited
         return f"{node} was busy with the previous change for {waited:.1f}s" if waited > 0.5 else None
 
-    def _member_from(self, index: int, reserve: bool) -> str | None:
+    def member_from(self, index: int, reserve: bool) -> str | None:
         """The index-th member, or the next one after it that no fault holds (reserved if asked)."""
         for i in range(len(self.members)):
             node = self.members[(index + i) % len(self.members)]

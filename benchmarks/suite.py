@@ -6,6 +6,7 @@
     python benchmarks/suite.py size        [--keys 100000,300000]
     python benchmarks/suite.py view-change [--keys 100000]        (runs benchmarks/view_change.py)
     python benchmarks/suite.py profile     [--seconds 10]          (py-spy on the leader under load)
+    python benchmarks/suite.py member-add  [--ma-keys 100000] [--copy-root DIR]   (a replica added: in place vs copy)
     python benchmarks/suite.py all         (each of the above, in that order)
     python benchmarks/suite.py report      (plots and the README section, from benchmarks/results/*.json)
 
@@ -145,6 +146,16 @@ def cmd_profile(args: argparse.Namespace) -> None:
     write_result("profile", payload, args.out)
 
 
+def cmd_member_add(args: argparse.Namespace) -> None:
+    import member_add
+    payload = header(args, machine())
+    payload["member_add"] = member_add.run(temp_root("kvs-suite-ma-"), args.ma_keys, args.ma_other_keys,
+                                           args.value_size, args.ma_baseline, args.ma_writers,
+                                           args.ma_readers, args.copy_root, args.copy_commit,
+                                           compaction_entries=args.ma_compaction_entries)
+    write_result("member_add", payload, args.out)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import report
     verdicts = report.generate(args.readme, RESULTS_DIR, with_plots=not args.no_plots)
@@ -154,7 +165,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 SCENARIOS = {"throughput": cmd_throughput, "scaling": cmd_scaling, "failover": cmd_failover, "size": cmd_size,
-             "view-change": cmd_view_change, "profile": cmd_profile}
+             "view-change": cmd_view_change, "profile": cmd_profile, "member-add": cmd_member_add}
 
 
 def cmd_all(args: argparse.Namespace) -> None:
@@ -180,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                               ("size", cmd_size, "RSS, snapshot size, restart time against keys"),
                               ("view-change", cmd_view_change, "benchmarks/view_change.py with CPU accounting"),
                               ("profile", cmd_profile, "py-spy on the leader under load: what bounds a group"),
+                              ("member-add", cmd_member_add, "one replica added to a shard: in place vs copy"),
                               ("all", cmd_all, "every scenario, then the report")):
         common.append(scenario(name, func, help_))
     for p in common:
@@ -200,6 +212,18 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--profile-ops", default="write,read", help="profile: operations to profile")
         p.add_argument("--profile-clients", type=int, default=16, help="profile: hey clients")
         p.add_argument("--profile-via", default="leader", help="profile: leader, follower or both (comma-separated)")
+        p.add_argument("--ma-keys", type=int, default=100_000, help="member-add: keys in the shard that grows")
+        p.add_argument("--ma-other-keys", type=int, default=None,
+                       help="member-add: keys in the other shard (default: as many as --ma-keys)")
+        p.add_argument("--ma-baseline", type=float, default=10.0, help="member-add: seconds of clients before it")
+        p.add_argument("--ma-writers", type=int, default=4, help="member-add: writer threads on the shard's keys")
+        p.add_argument("--ma-readers", type=int, default=4, help="member-add: reader threads on the shard's keys")
+        p.add_argument("--ma-compaction-entries", type=int, default=None,
+                       help="member-add: KVS_COMPACTION_ENTRIES of the nodes (default: the nodes' own default)")
+        p.add_argument("--copy-root", default=None,
+                       help="member-add: a checkout of the copy design's commit (its .venv is used if present); "
+                            "default: git archive of --copy-commit")
+        p.add_argument("--copy-commit", default="23bf04a", help="member-add: the copy design's commit")
         p.add_argument("--skip-etcd", action="store_true", help="measure kvs (and Flask) only")
         p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<scenario>.json)")
         p.add_argument("--no-report", action="store_true", help="do not regenerate plots and README afterwards")

@@ -81,3 +81,50 @@ def test_readme_section_is_replaced_in_place(results_dir, tmp_path):
     report.generate(str(readme), str(results_dir), with_plots=False)
     second = readme.read_text()
     assert second.count(report.BEGIN) == 1 and second.endswith("text after the section\n")
+
+
+def member_add_side(commit: str, seconds: float, keys_moved: int, shard_ids: list[str], p99: float,
+                    errors: dict[str, int]) -> dict:
+    def clients(p99_ms: float, error_codes: dict[str, int]) -> dict:
+        summary = {"ops": 1000, "ok": 1000 - sum(error_codes.values()), "errors": sum(error_codes.values()),
+                   "ok_per_s": 100.0, "p50_ms": 5.0, "p99_ms": p99_ms, "max_ms": p99_ms * 2,
+                   "error_codes": error_codes}
+        return {kind: summary for kind in ("write", "read", "all")}
+    cpu = {"other_cores": 0.05, "server_cores": 1.1}
+    derived = {"seconds": seconds, "keys_moved": keys_moved, "ring_moved_keys": keys_moved,
+               "leader_log_entries": 5000, "leader_snapshot_mib": 0.0, "network_mib": 40.0,
+               "network_raft_mib": 39.0, "network_http_mib": 1.0, "network_clients_share_mib": 4.0,
+               "network_net_mib": 36.0, "disk_mib": 50.0, "disk_clients_share_mib": 10.0, "disk_net_mib": 40.0,
+               "spare_data_dir_mib": 30.0, "data_dir_growth_mib": 31.0, "shard_ids_after": shard_ids,
+               "other_cores": 0.05, "busy": False, "checks_passed": True}
+    return {"tree": {"kvs_commit": commit, "kvs_uncommitted_changes": []}, "derived": derived,
+            "baseline": {"clients": clients(10.0, {}), "cpu": cpu},
+            "change": {"clients": clients(p99, errors), "cpu": cpu}}
+
+
+def test_member_add_table_puts_the_sides_side_by_side(results_dir, tmp_path):
+    settings = {"keys_in_shard": 100000, "keys_in_other_shard": 100000, "value_bytes": 256, "writers": 4,
+                "readers": 4, "hot_keys": 64, "baseline_s": 10.0}
+    payload = {"timestamp": "t", "command": "python benchmarks/suite.py member-add",
+               "machine": {"kvs_commit": "ea22d31aaaa", "kvs_uncommitted_changes": []},
+               "member_add": {"settings": settings, "sides": {
+                   "in place": member_add_side("ea22d31aaaa", 12.5, 0, ["1", "2"], 40.0, {}),
+                   "in place, later": dict(member_add_side("0abcdef", 12.5, 0, ["1", "2"], 40.0, {}),
+                                           tree={"kvs_commit": "0abcdef", "kvs_last_change": "ea22d31aaaa",
+                                                 "kvs_uncommitted_changes": ["M kvs/node.py"]}),
+                   "copy": member_add_side("23bf04abbbb", 150.25, 150123, ["2", "3"], 300.0, {"503": 3, "0": 1})}}}
+    with open(results_dir / "member_add.json", "w") as f:
+        json.dump(payload, f)
+    table = "\n".join(report.member_add_table(payload))
+    assert "|  | in place | in place, later | copy |" in table
+    assert ("| kvs commit run (kvs/ last changed in) | `ea22d31` | `0abcdef` (`ea22d31`) + uncommitted changes in "
+            "kvs/ | `23bf04a` |") in table
+    assert "| add-member: request to HTTP 200 (s) | 12.50 | 12.50 | 150.25 |" in table
+    assert "| keys moved (progress `keys-moved`) | 0 | 0 | 150,123 |" in table
+    assert "| shard ids after (before: 1, 2) | 1, 2 | 1, 2 | 2, 3 |" in table
+    assert "| client errors: during the change | 0 of 1,000 | 0 of 1,000 | 4 of 1,000 (3 x 503, 1 x no answer) |" in table
+    assert "| clients, during the change: p50 / p99 / max ms | 5.0 / 40.0 / 80.0 | 5.0 / 40.0 / 80.0 | 5.0 / 300.0 / 600.0 |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n")
+    report.generate(str(readme), str(results_dir), with_plots=False)
+    assert "### One replica added to a shard" in readme.read_text()

@@ -82,6 +82,7 @@ from kvs.config.epoch import ConfigEpoch
 from kvs.config.ring import HashRing
 from kvs.settings import DEFAULT_RAFT_PORT_OFFSET
 from kvs.testing.cluster import LocalCluster, find_free_base_port, wait_until
+from size import LOADER_LUA_TAIL
 
 COPY_COMMIT = "23bf04a"        # the last commit where add-member made a new group and copied keys
 SHARDS, REPLICAS = 2, 3
@@ -110,21 +111,7 @@ request = function()
   nxt = nxt + 1
   return wrk.format("PUT", "/kvs/keys/" .. keys[i], headers, bodies[i])
 end
-local announced = false
-response = function(status, headers, body)
-  if status < 300 then acked = acked + 1 end
-  if acked >= n + slack and not announced then    -- the harness interrupts wrk when it reads this line
-    announced = true
-    io.write("LOADED\\n")
-    io.flush()
-  end
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "status_errors": %%d, "transport": %%d}\\n',
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout))
-end
-"""
+""" + LOADER_LUA_TAIL
 
 
 # -- the two trees -----------------------------------------------------------------------------------

@@ -39,6 +39,24 @@ LOAD_CONNECTIONS = 64
 DEFAULT_STAGES = (100_000, 300_000)
 LOAD_RATE_FLOOR = 200          # keys/s: a load slower than this is abandoned (bounds the wrk run)
 
+# The end of every loader script: count acknowledgements, say LOADED once `n` (+ slack) were, and
+# print wrk's summary as JSON. A %-template like the scripts it ends (hence the doubled %%).
+LOADER_LUA_TAIL = """local announced = false
+response = function(status, headers, body)
+  if status < 300 then acked = acked + 1 end
+  if acked >= n + slack and not announced then    -- the harness interrupts wrk when it reads this line
+    announced = true
+    io.write("LOADED\\n")
+    io.flush()
+  end
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "status_errors": %%d, "transport": %%d}\\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
 _LOADER_LUA = """
 local first, n, slack = %(first)d, %(count)d, %(slack)d
 local system = %(system)s
@@ -70,21 +88,8 @@ request = function()
   end
   return wrk.format("POST", "/v3/kv/put", headers, '{"key": "' .. b64(key) .. '", "value": "' .. etcd_value .. '"}')
 end
-local announced = false
-response = function(status, headers, body)
-  if status < 300 then acked = acked + 1 end
-  if acked >= n + slack and not announced then    -- the harness interrupts wrk when it reads this line
-    announced = true
-    io.write("LOADED\\n")
-    io.flush()
-  end
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "status_errors": %%d, "transport": %%d}\\n',
-    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout))
-end
-"""
+""" + LOADER_LUA_TAIL
+
 
 
 def load_keys(root: str, system: str, base_url: str, first: int, count: int, value: str) -> dict:

@@ -158,34 +158,15 @@ def archived_tree(commit: str, into: str) -> Tree:
     return Tree(into, sys.executable, full, [], f"git archive {full} kvs", last)
 
 
-@dataclass
-class TreeCluster(LocalCluster):
-    """LocalCluster whose nodes run `python -m kvs serve` of another tree: that tree's Python, with the
-    tree as PYTHONPATH and as working directory (`-m` puts the working directory first on sys.path)."""
-    python: str = sys.executable
-    cwd: str | None = None
-
-    def start_node(self, address: str) -> None:           # LocalCluster.start_node with python and cwd
-        node = self.nodes[address]
-        os.makedirs(os.path.dirname(node.log_path), exist_ok=True)
-        env = dict(os.environ, ADDRESS=address, VIEW=node.view, REPL_FACTOR=str(self.replicas),
-                   DATA_DIR=node.data_dir, PYTHONUNBUFFERED="1", **self.env)
-        if self.secret:
-            env["KVS_SECRET"] = self.secret
-        else:
-            env.pop("KVS_SECRET", None)
-        with open(node.log_path, "ab") as log:
-            node.process = subprocess.Popen([self.python, "-m", "kvs", "serve"], env=env, cwd=self.cwd,
-                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def tree_cluster(root: str, tree: Tree, compaction_entries: int | None = None) -> TreeCluster:
+def tree_cluster(root: str, tree: Tree, compaction_entries: int | None = None) -> LocalCluster:
+    """A LocalCluster whose nodes run `tree`'s code: its Python, with the tree as PYTHONPATH and as working
+    directory (`-m` puts the working directory first on sys.path)."""
     base = find_free_base_port(SHARDS * REPLICAS + 1)          # + the spare
     env = {"PYTHONPATH": tree.root}
     if compaction_entries:
         env["KVS_COMPACTION_ENTRIES"] = str(compaction_entries)
-    cluster = TreeCluster(shards=SHARDS, replicas=REPLICAS, data_root=root, base_port=base,
-                          secret=secrets.token_hex(16), env=env, python=tree.python, cwd=tree.root)
+    cluster = LocalCluster(shards=SHARDS, replicas=REPLICAS, data_root=root, base_port=base,
+                           secret=secrets.token_hex(16), env=env, python=tree.python, cwd=tree.root)
     record_command(f"cd {tree.root} && {tree.python} -m kvs serve  (x{SHARDS * REPLICAS} + 1 idle spare, env "
                    f"ADDRESS=<one of> VIEW={','.join(cluster.view)} REPL_FACTOR={REPLICAS} "
                    "DATA_DIR=... KVS_SECRET=<random> " + " ".join(f"{k}={v}" for k, v in env.items()) + ")")

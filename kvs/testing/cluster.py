@@ -86,6 +86,10 @@ class LocalCluster:
     # on 127.0.0.1: lets a test cut one node off with packet filters on its IP.
     distinct_hosts: bool = False
     nodes: dict[str, LocalProcess] = field(default_factory=dict)
+    # The Python that runs `-m kvs serve`, and its working directory (first on sys.path for `-m`):
+    # another checkout's, to run its code (benchmarks compare two commits side by side).
+    python: str = sys.executable
+    cwd: str | None = None
 
     def __post_init__(self) -> None:
         count = self.shards * self.replicas
@@ -142,7 +146,7 @@ class LocalCluster:
         else:
             env.pop("KVS_SECRET", None)
         with open(node.log_path, "ab") as log:
-            node.process = subprocess.Popen([sys.executable, "-m", "kvs", "serve"], env=env,
+            node.process = subprocess.Popen([self.python, "-m", "kvs", "serve"], env=env, cwd=self.cwd,
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def signal(self, address: str, sig: int) -> None:

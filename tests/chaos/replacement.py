@@ -112,23 +112,15 @@ class Replacement:
 
     def _kill_victim(self) -> FaultEvent | None:
         """SIGKILL a victim, drawn by the step among those no fault holds (reserved, then killed)."""
-        chosen: list[tuple[str, str]] = []
-
-        def reserved() -> bool:
+        def candidates() -> list[tuple[str, str]]:
             epoch = self.driver.current_epoch()
-            candidates = victims(self.lane.members, epoch) if epoch is not None else []
-            for i in range(len(candidates)):
-                node, shard = candidates[(self.step.victim + i) % len(candidates)]
-                if self.faults.reserve(node):
-                    chosen.append((node, shard))
-                    return True
-            return False
+            found = victims(self.lane.members, epoch) if epoch is not None else []
+            return [found[(self.step.victim + i) % len(found)] for i in range(len(found))]
 
-        try:
-            wait_until(reserved, FIND_LIMIT, interval=0.2, message="a victim free of faults")
-        except TimeoutError:
+        chosen = _first(candidates, lambda c: self.faults.reserve(c[0]), "a victim free of faults")
+        if chosen is None:
             return None
-        victim, shard = chosen[0]
+        victim, shard = chosen
         status = self.driver.group_status(victim, shard) or {}
         return self.faults.inject("kill_to_replace", shard, [victim], leader=status.get("role") == "leader",
                                   reserved=True)
@@ -161,22 +153,10 @@ class Replacement:
     def _idle_spare(self, epoch: ConfigEpoch) -> str | None:
         """A spare outside the view, up and free of faults, that runs no replica (a node that left a view
         closes its replicas a moment later); the first in the driver's order."""
-        found: list[str] = []
         retired = self.faults.retired_nodes()
         candidates = [s for s in self.driver.spare_nodes() if s not in epoch.view and s not in retired]
-
-        def idle() -> bool:
-            for spare in candidates:
-                if not self.faults.under_fault(spare) and self._runs_no_replica(spare):
-                    found.append(spare)
-                    return True
-            return False
-
-        try:
-            wait_until(idle, FIND_LIMIT, interval=0.2, message="an idle spare")
-        except TimeoutError:
-            return None
-        return found[0]
+        return _first(lambda: candidates, lambda s: not self.faults.under_fault(s) and self._runs_no_replica(s),
+                      "an idle spare")
 
     def _runs_no_replica(self, node: str) -> bool:
         try:
@@ -192,3 +172,22 @@ class Replacement:
         """What did not go as scheduled, on the lane's latest event (the report shows it there)."""
         if self.lane.events:
             self.lane.events[-1].add_note(text)
+
+
+def _first(candidates, take, what: str):
+    """The first of `candidates()` that `take` accepts, looked for again every 0.2 s for FIND_LIMIT
+    seconds; None if there is none by then."""
+    found: list = []
+
+    def one() -> bool:
+        for candidate in candidates():
+            if take(candidate):
+                found.append(candidate)
+                return True
+        return False
+
+    try:
+        wait_until(one, FIND_LIMIT, interval=0.2, message=what)
+    except TimeoutError:
+        return None
+    return found[0]

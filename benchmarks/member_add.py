@@ -67,7 +67,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -77,19 +76,17 @@ from dataclasses import dataclass
 import requests
 
 from harness import (CpuMeter, REPO_ROOT, contaminated, cpu_line, fmt, log_tails, percentile, progress,
-                     record_command, shielded, stop_processes)
+                     record_command, shielded)
 from kvs.config.epoch import ConfigEpoch
 from kvs.config.ring import HashRing
 from kvs.settings import DEFAULT_RAFT_PORT_OFFSET
 from kvs.testing.cluster import LocalCluster, find_free_base_port, wait_until
-from size import LOADER_LUA_TAIL
+from size import LOAD_CONNECTIONS, LOADER_LUA_TAIL, run_loader
 
 COPY_COMMIT = "23bf04a"        # the last commit where add-member made a new group and copied keys
 SHARDS, REPLICAS = 2, 3
 SHARD = "1"                    # the shard that gets the replica
 HOT_KEYS = 64                  # the clients' keys: loaded keys of shard 1
-LOAD_CONNECTIONS = 64
-LOAD_RATE_FLOOR = 200          # keys/s: a load slower than this is abandoned (bounds the wrk run)
 CHANGE_TIMEOUT = 900           # seconds: the add-member request is given up after this
 CLIENT_TIMEOUT = 30            # seconds per client request
 NET_SAMPLE_S = 0.5             # seconds between two `ss` samples of the node-to-node sockets
@@ -200,26 +197,7 @@ def load_keys(root: str, name: str, base_url: str, keys: list[str], value_size: 
     script = os.path.join(root, f"{name}.lua")
     with open(script, "w") as f:
         f.write(_LOADER_LUA % {"path": json.dumps(key_file), "slack": LOAD_CONNECTIONS})
-    limit = max(30, len(keys) // LOAD_RATE_FLOOR)
-    cmd = ["wrk", "-t1", f"-c{LOAD_CONNECTIONS}", f"-d{limit}s", "--timeout", "10s", "-s", script, base_url]
-    record_command(cmd)
-    started = time.monotonic()
-    wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        for ln in wrk.stdout:                   # ends when wrk exits, after at most `limit` s
-            lines.append(ln)
-            if ln.strip() == "LOADED" and wrk.poll() is None:
-                wrk.send_signal(signal.SIGINT)
-        wrk.wait(timeout=limit + 60)
-    finally:
-        stop_processes([wrk])
-    took = time.monotonic() - started
-    line = next((ln for ln in lines if ln.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError("wrk loader printed no summary:\n" + "".join(lines))
-    return {"keys": len(keys), "seconds": round(took, 2), "keys_per_s": round(len(keys) / took),
-            **json.loads(line.split(" ", 1)[1])}
+    return run_loader(script, base_url, len(keys))
 
 
 def key_count(address: str) -> int:

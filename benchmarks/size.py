@@ -98,6 +98,11 @@ def load_keys(root: str, system: str, base_url: str, first: int, count: int, val
     with open(script, "w") as f:
         f.write(_LOADER_LUA % {"first": first, "count": count, "system": json.dumps(system),
                                "value": json.dumps(value), "slack": LOAD_CONNECTIONS})
+    return run_loader(script, base_url, count)
+
+
+def run_loader(script: str, base_url: str, count: int) -> dict:
+    """Run a loader script (ending with LOADER_LUA_TAIL) that writes `count` keys; the loader's summary."""
     limit = max(30, count // LOAD_RATE_FLOOR)
     cmd = ["wrk", "-t1", f"-c{LOAD_CONNECTIONS}", f"-d{limit}s", "--timeout", "10s", "-s", script, base_url]
     record_command(cmd)

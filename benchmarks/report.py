@@ -76,7 +76,7 @@ def targets(results: dict) -> list[dict]:
                                 f"kvs {fmt(k['p50_ms'])} ms, etcd {fmt(e['p50_ms'])} ms", _busy(k, e)))
         leader = (results["throughput"].get("systems") or {}).get("kvs-leader") or {}
         k = _result(results, "kvs-leader", "write@16")
-        pid = str(leader.get("leader_pid"))
+        pid = str((k or {}).get("leader_pid", leader.get("leader_pid")))     # a cell of --repeat: its round's
         if k and pid in (k["cpu"].get("cpu_s_by_server_pid") or {}) and k["ok"]:
             per_write = k["cpu"]["cpu_s_by_server_pid"][pid] / k["ok"] * 1000
             out.append(_verdict("leader CPU per write at 16 clients <= 0.2 ms", per_write, 0.2, "<=", "ms",
@@ -179,7 +179,7 @@ def cpu_per_op_table(payload: dict) -> list[str]:
             if not r or not r["ok"]:
                 continue
             by_pid = r["cpu"]["cpu_s_by_server_pid"]
-            leader_pid = str(systems[s].get("leader_pid"))
+            leader_pid = str(r.get("leader_pid", systems[s].get("leader_pid")))     # --repeat: the cell's round
             lead = by_pid.get(leader_pid, 0.0)
             others = sorted((v for p, v in by_pid.items() if p != leader_pid), reverse=True)
             rows.append([SYSTEM_LABELS[s], op, fmt(1000 * lead / r["ok"], 3),

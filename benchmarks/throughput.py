@@ -143,6 +143,8 @@ def combine(rounds: list[dict]) -> dict:
         cells = {}
         for cell in rounds[0][system]["results"]:
             each = [r[system]["results"][cell] for r in rounds if cell in r.get(system, {}).get("results", {})]
+            # each round's processes (and leader) are new: the cell keeps its own round's leader pid
+            each = [dict(r, leader_pid=rd[system]["leader_pid"]) for r, rd in zip(each, rounds)]
             ranked = sorted(each, key=lambda r: r["ok_rps"])
             cells[cell] = {**ranked[(len(ranked) - 1) // 2], "rounds_ok_rps": [r["ok_rps"] for r in each]}
         out[system] = {**rounds[0][system], "results": cells}

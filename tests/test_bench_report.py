@@ -128,3 +128,18 @@ def test_member_add_table_puts_the_sides_side_by_side(results_dir, tmp_path):
     readme.write_text("# Benchmarks\n")
     report.generate(str(readme), str(results_dir), with_plots=False)
     assert "### One replica added to a shard" in readme.read_text()
+
+
+def test_repeated_rounds_keep_the_median_round_with_its_own_leader():
+    """`--repeat`: every round starts new processes, so a cell's CPU is attributed to the leader of the
+    round it comes from (a round-0 pid would count the leader's CPU as a follower's)."""
+    import throughput
+
+    def round_(pid: int, rps: float) -> dict:
+        cpu = {"cpu_s_by_server_pid": {str(pid): 1.0, str(pid + 1): 0.5}}
+        return {"kvs-leader": {"leader_pid": pid, "results": {"write@16": {"ok_rps": rps, "ok": 100, "cpu": cpu}}}}
+
+    combined = throughput.combine([round_(10, 300.0), round_(20, 100.0), round_(30, 200.0)])
+    cell = combined["kvs-leader"]["results"]["write@16"]
+    assert cell["ok_rps"] == 200.0 and cell["rounds_ok_rps"] == [300.0, 100.0, 200.0]
+    assert cell["leader_pid"] == 30 and str(cell["leader_pid"]) in cell["cpu"]["cpu_s_by_server_pid"]

@@ -83,7 +83,7 @@ class RaftGroup:
     def __init__(self, name: str, self_address: str, peers: list[str], state: Any, directory: str,
                  secret: str | None, timing: RaftTiming = RaftTiming(),
                  on_applied: Callable[[], None] | None = None, bind_host: str | None = None,
-                 joining: bool = False):
+                 learner: bool = False):
         self.name = name
         self.self_address = self_address
         self.state = state
@@ -122,8 +122,8 @@ class RaftGroup:
             dynamicMembershipChange=True,
         )
         peers = [p for p in peers if p != self_address]
-        # joining: this replica joins a running group; it campaigns only once it has heard the leader
-        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name, joining=joining)
+        # learner: it only receives the log, without a vote, until the configuration names it.
+        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name, learner=learner)
 
     # -- commands and reads ------------------------------------------------------
 
@@ -203,11 +203,29 @@ class RaftGroup:
         (a new member still catching up). A hint read off the tick thread's dicts."""
         commit = self._replica.raftCommitIndex
         match = dict(self._replica._SyncObj__raftMatchIndex)
-        return sorted(node.id for node, index in match.items() if index < commit - slack)
+        members = self._replica.otherNodes          # not its learners (read-only peers, kvs.raft.replica change 5)
+        return sorted(node.id for node, index in match.items() if node in members and index < commit - slack)
 
     def members(self) -> list[str]:
-        """Raft addresses of the members as this replica's configuration has them."""
-        return sorted([self.self_address] + [n.id for n in self._replica.otherNodes])
+        """Raft addresses of the members as this replica's configuration has them (a learner is none)."""
+        others = [n.id for n in self._replica.otherNodes]
+        if self._replica.learner:
+            return sorted(others)
+        return sorted([self.self_address] + others)
+
+    @property
+    def learner(self) -> bool:
+        """A replica that receives the log without a vote (`kvs.raft.replica`, change 5); it serves nothing."""
+        return self._replica.learner
+
+    @property
+    def promoted(self) -> bool:
+        """A learner that the configuration names: its node reopens it as a voting replica."""
+        return self._replica.promoted
+
+    @property
+    def commit_index(self) -> int:
+        return self._replica.raftCommitIndex
 
     # -- hints (may be stale; never used for correctness) --------------------------
 
@@ -235,7 +253,7 @@ class RaftGroup:
             return {"role": "failed", "leader": None, "raft-address": self.self_address,
                     "members": self.members(), "failure": failure.describe()}
         return {
-            "role": _ROLES.get(s["state"], str(s["state"])),
+            "role": "learner" if self._replica.learner else _ROLES.get(s["state"], str(s["state"])),
             "leader": s["leader"].id if s["leader"] is not None else None,
             "term": s["raft_term"],
             "commit-index": s["commit_idx"],
@@ -243,7 +261,6 @@ class RaftGroup:
             "log-length": s["log_len"],
             "raft-address": self.self_address,
             "members": self.members(),
-            "joining": self._replica.joining,
         }
 
     def close(self) -> None:

@@ -59,35 +59,41 @@ class GroupFactory:
     def delete_shard_directory(self, shard_id: str) -> None:
         shutil.rmtree(os.path.join(self._settings.data_dir, f"shard-{shard_id}"), ignore_errors=True)
 
-    def shard_group(self, epoch: ConfigEpoch, shard_id: str, current: ConfigEpoch | None = None) -> RaftGroup:
+    def shard_group(self, epoch: ConfigEpoch, shard_id: str, current: ConfigEpoch | None = None,
+                    promoted_members: list[str] | None = None) -> RaftGroup:
         """This node's replica of `shard_id`, as `epoch` (any epoch that has the group) places it.
 
         A replica of a group that runs in `current` (the active epoch this node knows) without this
-        node joins it (a membership change adds it): it starts with `current`'s members and itself,
-        so that it accepts the leader's connection (the leader's log or snapshot then gives it the
-        group's configuration), and campaigns only once it has heard the leader (`kvs.raft.replica`,
-        change 5), also after a restart before the change committed: its own member list may be
-        behind the group's. Any other replica (a founder of a new group, a member of `current`)
-        starts with `epoch`'s members, its log replaying the changes, and campaigns as usual."""
+        node joins it as a learner (`kvs.raft.replica`, change 5): it receives the log and snapshots
+        without a vote until the shard's leader, seeing it caught up, adds it to the configuration
+        (`kvs.reconfig.shard_membership`); also after a restart before the change committed, when
+        its log then names it a member again within moments. It connects to both epochs' replicas:
+        the leader is among them even midway through a series of changes. A promoted learner reopens
+        as a voting replica on the same directory, with the members its log has (`promoted_members`); any other
+        replica (a founder of a new group, a member of `current`) starts with `epoch`'s members,
+        its log replaying the changes, and campaigns as usual."""
         s = self._settings
         directory = os.path.join(s.data_dir, f"shard-{shard_id}")
-        joining = current is not None and shard_id in current.shards and s.address not in current.replicas(shard_id)
+        joining = (promoted_members is None and current is not None and shard_id in current.shards
+                   and s.address not in current.replicas(shard_id))
         retired = os.path.join(directory, RETIRED_MARK)
         if joining and os.path.exists(retired):
             # What a replica retired earlier left (it was no member by then): its journal's term may be
             # above the group's, and PySyncObj ignores a leader of a lower term without answering, so the
-            # joiner would wait for its leader forever. It joins empty, as a new member does.
+            # learner would wait forever. It joins empty, as a new member does.
             log.info("%s joins shard %s again: its retired replica's data is set aside", s.address, shard_id)
             shutil.rmtree(directory, ignore_errors=True)
         elif os.path.exists(retired):
             os.remove(retired)              # a member again: its data is its group's once more
-        base = current if joining else epoch
-        peers = [s.raft_address(a, base.slot(shard_id, a)) for a in base.replicas(shard_id)]
-        peers.append(s.raft_address(s.address, epoch.slot(shard_id, s.address)))
+        me = s.raft_address(s.address, epoch.slot(shard_id, s.address))
+        if promoted_members is not None:
+            peers = promoted_members
+        else:
+            bases = [current, epoch] if joining else [epoch]
+            peers = sorted({s.raft_address(a, e.slot(shard_id, a)) for e in bases for a in e.replicas(shard_id)})
         # The group's starting ownership is its creation epoch's, not the one this node happens to know
         # now: a replica re-created later replays the same log from the same state as its peers.
         origin_number, origin_ring = epoch.origin(shard_id)
         ownership = (origin_number, shard_id, origin_ring)
-        return RaftGroup(f"shard-{shard_id}", s.raft_address(s.address, epoch.slot(shard_id, s.address)), peers,
-                         ShardState(ownership), directory, s.secret,
-                         self._timing, bind_host=s.bind_host, joining=joining)
+        return RaftGroup(f"shard-{shard_id}", me, [p for p in peers if p != me], ShardState(ownership), directory,
+                         s.secret, self._timing, bind_host=s.bind_host, learner=joining)

@@ -32,12 +32,16 @@ waiting instead, with four documented changes that touch PySyncObj internals
    timer and commit part only) and we answer success up to the last verified
    entry ourselves. The commit index a message sets is capped at the last
    entry it verified, and a snapshot chunk commits nothing.
-5. A joining replica holds its election timer until it has heard a leader
-   (`joining`): a node added to a running group (`kvs.reconfig.shard_membership`)
-   opens its replica when it learns the plan, possibly before the leader has
-   appended its membership entry; PySyncObj has no pre-vote, so its
-   campaigns with an empty log would bump the term and depose the leader
-   again and again while it waits to be added. It still votes.
+5. Learners: a replica opened with `learner=True` is PySyncObj's read-only
+   node (no address of its own: it connects to every member, which take it
+   for a read-only peer). The leader sends it the log and snapshots like a
+   follower's, but it never votes, campaigns or counts toward a commit. A node
+   added to a running group catches up this way first
+   (`kvs.reconfig.shard_membership` proposes its membership only once it has),
+   so the group's quorum never waits for a member that is still receiving the
+   snapshot. When its own address appears in the configuration it has
+   applied (`promoted`), its node closes it and opens a voting replica on the
+   same directory (`kvs.node`).
 
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
@@ -194,9 +198,10 @@ class RaftTransport(TCPTransport):
 
 class Replica(SyncObj):
     def __init__(self, self_address: str, peers: list[str], state: Any, conf: SyncObjConf,
-                 on_applied: Callable[[], None] | None = None, group: str = "", joining: bool = False):
+                 on_applied: Callable[[], None] | None = None, group: str = "", learner: bool = False):
         self.group = group
-        self._joining = joining                     # change 5; before the tick thread starts
+        self.address = self_address
+        self.learner = learner                      # change 5: PySyncObj's read-only node
         self._foreign_logged = False
         self._state = state
         self._on_applied = on_applied
@@ -204,7 +209,7 @@ class Replica(SyncObj):
         self._sent_commit_index = 0
         self._wakeup: PipeNotifier | None = None
         self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
-        super().__init__(self_address, peers, conf, transportClass=RaftTransport)
+        super().__init__(None if learner else self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
         self.addOnTickCallback(self._replicate_now)
         self.addOnTickCallback(self._sync_after_replication)     # after _replicate_now: see "Durability"
@@ -337,8 +342,6 @@ class Replica(SyncObj):
             # does while its transport is not ready (pacing PySyncObj's own loop, not a synchronisation).
             time.sleep(timeToWait)
             return
-        if self._joining:
-            self._hold_election()
         try:
             # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
             self._sync_journal()
@@ -348,17 +351,12 @@ class Replica(SyncObj):
                 raise       # not a disk fault: PySyncObj logs it and ticks again, as before
             # A disk fault, logged once by the journal: from the next tick on, this replica idles.
 
-    # -- change 5: a joining replica waits for its leader --------------------------
-
-    def _hold_election(self) -> None:
-        if self._getLeader() is not None:
-            self._joining = False               # heard a leader: a member now, like any other
-        else:
-            self._SyncObj__raftElectionDeadline = time.monotonic() + self.conf.raftMaxTimeout
+    # -- change 5: a learner is promoted once the configuration names it -------------
 
     @property
-    def joining(self) -> bool:
-        return self._joining
+    def promoted(self) -> bool:
+        """A learner whose applied configuration includes its own address: a member now."""
+        return self.learner and any(node.id == self.address for node in self.otherNodes)
 
     def _sync_after_replication(self) -> None:
         # A tick callback registered after _replicate_now: the AppendEntries are already on their way,

@@ -145,6 +145,9 @@ class SnapshotCodec:
             job = self._job = _Job(_WRITING)
         try:
             last, prev, cluster = boundary
+            # A learner (kvs.raft.replica, change 5) is a member of no configuration: PySyncObj counts its
+            # missing address (None) into the cluster it records; its snapshot keeps only real members.
+            cluster = type(cluster)(node for node in cluster if node is not None)
             header = {"format": SNAPSHOT_FORMAT_SLICED if self._detached else SNAPSHOT_FORMAT_WHOLE,
                       "last": last, "prev": prev, "cluster": cluster}
             capture = self._state.snapshot()

@@ -14,10 +14,14 @@ The leader of each shard group compares that target with its group's Raft
 configuration every PERIOD and takes one step at a time (PySyncObj's rule),
 as the metadata group does for its own members (`kvs.reconfig.membership`):
 
-* add first: propose the new member (its node opened its replica when it
-  learned the plan; that replica waits for the leader before it campaigns,
-  `kvs.raft.replica` change 5) and wait for the commit; it catches up from the
-  leader's log or snapshot;
+* add first: the new member's node opened a learner when it learned the plan
+  (`kvs.raft.replica` change 5: it receives the leader's snapshot and log
+  without a vote); once its node reports it within CAUGHT_UP_SLACK entries of
+  this leader's commit index, propose the member and wait for the commit. The
+  old members alone make the new configuration's quorum meanwhile (one more
+  member needs one more acknowledgement, which a caught-up member gives at
+  once), so a member still receiving a snapshot never holds up commits; its
+  node then reopens the learner as a voter;
 * then, once every member that stays has caught up, remove one member that
   is not the leader; a leader that must leave first hands leadership to a
   caught-up follower, which continues.
@@ -50,6 +54,7 @@ from kvs.fsm.meta import UNWINDING
 from kvs.node import Node
 from kvs.reconfig.membership import next_step
 from kvs.reconfig.remote import Remote
+from kvs.routing.peers import PeerUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +82,18 @@ class ShardMembership:
     def target(self, shard_id: str, active: ConfigEpoch | None, pending: ConfigEpoch | None) -> list[str] | None:
         """Raft addresses the group of `shard_id` should have (None: no epoch has the shard). A change
         being rolled back (status "unwinding") has its members go back to the active epoch's."""
+        addresses = self._addresses(shard_id, active, pending)
+        return None if addresses is None else sorted(addresses)
+
+    def _addresses(self, shard_id: str, active: ConfigEpoch | None,
+                   pending: ConfigEpoch | None) -> dict[str, str] | None:
+        """The target's members: Raft address -> HTTP address of its node."""
         moving = pending is not None and pending.status != UNWINDING and shard_id in pending.shards
         epoch = pending if moving else active
         if epoch is None or shard_id not in epoch.shards:
             return None
         s = self._node.settings
-        return sorted(s.raft_address(a, epoch.slot(shard_id, a)) for a in epoch.replicas(shard_id))
+        return {s.raft_address(a, epoch.slot(shard_id, a)): a for a in epoch.replicas(shard_id)}
 
     # -- the leader's steps ---------------------------------------------------------------------
 
@@ -98,16 +109,18 @@ class ShardMembership:
         active, pending = decided_epochs(self._node, self._remote)
         steps = 0
         for sid, group in differing.items():
-            target = self.target(sid, active, pending)
+            target = self._addresses(sid, active, pending)
             try:
                 steps += target is not None and self._step(sid, group, target)
             except KvsError as exc:             # one stuck group does not hold the others up
                 log.warning("shard %s membership: %s", sid, exc.message)
         return steps
 
-    def _step(self, shard_id: str, group, target: list[str]) -> bool:
-        step = next_step(group.members(), target, group.self_address, group.lagging_members(CAUGHT_UP_SLACK))
+    def _step(self, shard_id: str, group, target: dict[str, str]) -> bool:
+        step = next_step(group.members(), sorted(target), group.self_address, group.lagging_members(CAUGHT_UP_SLACK))
         if step is None:
+            return False
+        if step.op == "add" and not self._learner_caught_up(shard_id, group, target[step.member]):
             return False
         if step.op == "hand over":
             log.info("shard %s: %s must leave the group; handing leadership over", shard_id, group.self_address)
@@ -116,6 +129,19 @@ class ShardMembership:
         log.info("shard %s: %s %s", shard_id, "adding" if step.op == "add" else "removing", step.member)
         group.change_members(step.op, step.member, time.monotonic() + STEP_SECONDS, on_appended=lambda: None)
         return True
+
+
+    def _learner_caught_up(self, shard_id: str, group, address: str) -> bool:
+        """Whether `address` runs a learner of the shard's group that has applied up to this leader's commit
+        index but CAUGHT_UP_SLACK entries. Asked of its node: the leader knows its learners only as anonymous
+        peers (PySyncObj's read-only nodes), by connection, not by address."""
+        try:
+            status = self._remote.status(address, time.monotonic() + READ_SECONDS)
+        except PeerUnreachable:
+            return False
+        replica = status.groups.get(f"shard-{shard_id}")
+        return replica is not None and replica.role == "learner" \
+            and replica.last_applied >= group.commit_index - CAUGHT_UP_SLACK
 
 
 def decided_epochs(node: Node, remote: Remote) -> tuple[ConfigEpoch | None, ConfigEpoch | None]:

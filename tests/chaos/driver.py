@@ -254,6 +254,22 @@ class ProcessDriver(ClusterDriver):
         for rule in self._isolation_rules(*nodes):
             _iptables("-D", self._chain, *rule, check=False)
 
+    def cut_raft_traffic(self, node: str) -> None:
+        """Drop the connections this node opens to the other nodes' Raft ports (their SYNs): none opens,
+        while its HTTP requests (to the others' HTTP ports) and everything it answers still pass."""
+        for rule in self._raft_rules(node):
+            _iptables("-A", self._chain, *rule)
+
+    def heal_raft_traffic(self, node: str) -> None:
+        for rule in self._raft_rules(node):
+            _iptables("-D", self._chain, *rule, check=False)
+
+    def _raft_rules(self, node: str) -> list[tuple[str, ...]]:
+        ip = node.split(":")[0]
+        return [("-s", ip, "-d", other.split(":")[0], "-p", "tcp", "--syn", "!", "--dport", other.split(":")[1],
+                 "-j", "DROP")
+                for other in self.all_nodes() if other.split(":")[0] != ip]
+
     def _isolation_rules(self, *inside: str) -> list[tuple[str, ...]]:
         ips = sorted({node.split(":")[0] for node in inside})
         others = {other.split(":")[0] for other in self.all_nodes()} - set(ips)

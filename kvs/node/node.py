@@ -31,6 +31,7 @@ from kvs.fsm.meta import MetadataState
 from kvs.settings import NodeSettings
 from kvs.config.epoch import ConfigEpoch
 from kvs.config.records import METADATA_FILE, EpochNews, load_record, valid_metadata, write_record
+from kvs.node.status import describe, readiness
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Node:
             elif change is None and pending and active and pending["number"] <= active["number"]:
                 pending = None
         self._reconcile(active, pending)
+        self._promote_learners()
         self._reopen_healed_groups(pending)     # after: a slot's retired group is closed first (_reconcile)
 
     # -- groups whose journal failed (a full disk, EIO): closed, reopened from disk (kvs.raft.recovery) --
@@ -147,7 +149,8 @@ class Node:
                 member = self._metadata.get("member", self.settings.is_member)
                 return self._build.metadata_group(self._metadata.get("peers")) if member else None
             epoch = next((e for e in epochs if self.settings.address in e.shards.get(key, ())), None)
-            return self._build.shard_group(epoch, key) if epoch is not None else None
+            # with the active epoch: a replica it does not list reopens as a learner, as it started
+            return self._build.shard_group(epoch, key, self._epoch) if epoch is not None else None
 
         for key, group in self._recovery.reopen_due(reopen).items():
             with self._lock:
@@ -218,18 +221,35 @@ class Node:
     def _start_groups(self, epoch: ConfigEpoch, current: ConfigEpoch | None) -> None:
         s = self.settings
         for shard_id, replicas in epoch.shards.items():
-            if s.address not in replicas or self.group(shard_id) is not None or self._recovery.holds(shard_id):
+            if s.address not in replicas or shard_id in self.shard_groups() or self._recovery.holds(shard_id):
                 continue                # (a halted one is reopened by the recovery, after a disk probe)
             with self._directories:
                 group = self._build.shard_group(epoch, shard_id, current)
                 with self._lock:
                     self._groups[shard_id] = group
 
+    def _promote_learners(self) -> None:
+        """Reopen as a voting replica, on the same directory, each learner that its group's configuration
+        now names (`kvs.raft.replica`, change 5): until then it receives the log but cannot vote."""
+        epochs = [e for e in (self._pending, self._epoch) if e is not None]
+        for shard_id, learner in self.shard_groups().items():
+            epoch = next((e for e in epochs if self.settings.address in e.shards.get(shard_id, ())), None)
+            if not learner.promoted or epoch is None:
+                continue
+            members = learner.members()
+            log.info("%s: its learner of shard %s is a member now; reopening it as a voter", self.settings.address,
+                     shard_id)
+            with self._directories:
+                learner.close()
+                voter = self._build.shard_group(epoch, shard_id, promoted_members=members)
+                with self._lock:
+                    self._groups[shard_id] = voter
+
     def delete_replica_directory(self, shard_id: str) -> bool:
         """Delete this node's directory of `shard_id` unless it runs (or holds, halted) a replica of it;
         the caller has made sure that the latest decided epochs give it none (kvs.reconfig.shard_membership)."""
         with self._directories:
-            if self.group(shard_id) is not None or self._recovery.holds(shard_id):
+            if shard_id in self.shard_groups() or self._recovery.holds(shard_id):
                 return False
             self._build.delete_shard_directory(shard_id)
             return True
@@ -314,8 +334,10 @@ class Node:
                 timeout=max(0.0, deadline - time.monotonic()))
 
     def group(self, shard_id: str) -> RaftGroup | None:
+        """This node's replica of the shard that serves requests (a learner does not: it has no vote)."""
         with self._lock:
-            return self._groups.get(shard_id)
+            group = self._groups.get(shard_id)
+        return None if group is None or group.learner else group
 
     def own_shard(self) -> str | None:
         epoch = self._epoch
@@ -358,51 +380,25 @@ class Node:
             groups = list(self._groups.values())
         return groups + ([self._meta] if self._meta is not None else [])
 
-    # -- status and health -----------------------------------------------------------------
+    # -- status and health (kvs.node.status) ----------------------------------------------------
 
     def status(self, digest: bool = False) -> dict:
         """This node's view; with `digest`, each shard replica's key count and data digest (costly)."""
-        epoch = self._epoch
-        groups = {}
-        meta = self._meta
-        if meta is not None:
-            groups["meta"] = meta.status()
-        with self._lock:
-            shard_groups = dict(self._groups)
-        for shard_id, group in sorted(shard_groups.items()):
-            groups[f"shard-{shard_id}"] = group.status()
-            if digest and group.failure is None:
-                groups[f"shard-{shard_id}"].update({"key-count": group.state.key_count(),
-                                                    "digest": group.state.digest(),
-                                                    "ownership-epoch": group.state.epoch})
-        groups.update(self._recovery.status())          # halted groups, closed until their disk heals
-        return {
-            "address": self.settings.address,
-            "member": self.settings.is_member or (epoch is not None and self.settings.address in epoch.view),
-            "epoch": epoch.number if epoch is not None else None,
-            "shard-id": self.own_shard(),
-            "secured": self.settings.secured,
-            "groups": groups,
-        }
+        return describe(self, digest)
 
     def health(self) -> tuple[bool, str]:
-        """(ready, reason): ready once the configuration is known and every hosted group has a leader,
-        and while the supervisor runs and its last round succeeded."""
-        if not self._supervisor_running:
-            return False, "the supervisor is not running: this node adopts no new configuration"
-        if self._supervisor_error is not None:
-            return False, f"the supervisor is failing: {self._supervisor_error}"
-        if self._epoch is None:
-            if not self.settings.is_member and self._meta is None:
-                return False, "idle: this node is not in any configuration"
-            return False, "the cluster configuration is not known yet"
-        for name, failure in [(g.name, g.failure) for g in self._all_groups()] + self._recovery.failures():
-            if failure is not None:
-                return False, f"group {name} is down: {failure.summary()}"
-        for group in self._all_groups():
-            if group.leader() is None:
-                return False, f"group {group.name} has no leader"
-        own = self.own_shard()
-        if own is not None and self.group(own) is None:
-            return False, f"the replica of shard {own} is not running yet"
-        return True, "ok"
+        """(ready, reason): see `kvs.node.status.readiness`."""
+        return readiness(self)
+
+    @property
+    def supervisor(self) -> tuple[bool, str | None]:
+        """(running, the last round's error or None)."""
+        return self._supervisor_running, self._supervisor_error
+
+    @property
+    def recovery(self) -> GroupRecovery:
+        return self._recovery
+
+    def all_groups(self) -> list[RaftGroup]:
+        """Every replica this node runs, the metadata replica included."""
+        return self._all_groups()

@@ -1,0 +1,88 @@
+"""A node added to a running shard group is a learner until it has caught up (issue 12): it receives the
+leader's snapshot and log without a vote, and the group's configuration names it only then, so a
+member still catching up never counts toward, or holds up, a quorum.
+
+Real processes on their own loopback IPs (iptables holds the joining node's Raft traffic back), a
+1 x 3 cluster and one spare that joins it with add-member.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+
+from kvs.testing.cluster import wait_until
+
+from .chaos.driver import ProcessDriver, iptables_usable
+
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(not iptables_usable(), reason="needs iptables (root)")]
+
+KEYS = 300          # more than the leader's catch-up slack (64 entries): an empty learner is behind
+
+
+def shard_status(driver: ProcessDriver, node: str) -> dict | None:
+    try:
+        return driver.http(node, "/kvs/status?digest=1", timeout=5)[1]["groups"].get("shard-1")
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def leader_status(driver: ProcessDriver, nodes: list[str]) -> dict | None:
+    return next((g for g in map(lambda n: shard_status(driver, n), nodes) if g and g.get("role") == "leader"), None)
+
+
+def put(node: str, key: str, value: str, timeout: float = 10) -> int:
+    try:
+        return requests.put(f"http://{node}/kvs/keys/{key}", json={"value": value}, timeout=timeout).status_code
+    except requests.RequestException:
+        return 0
+
+
+def get(node: str, key: str) -> str | None:
+    resp = requests.get(f"http://{node}/kvs/keys/{key}", timeout=10)
+    return resp.json().get("value") if resp.status_code == 200 else None
+
+
+def test_a_joining_replica_is_a_learner_that_holds_up_no_commit_until_it_has_caught_up():
+    driver = ProcessDriver(1, 3, spares=1)
+    driver.start()
+    try:
+        a, b, c = driver.nodes()
+        spare = driver.spare_nodes()[0]
+        wait_until(lambda: all(driver.healthy(n) for n in (a, b, c)), 60, message="cluster healthy")
+        for i in range(KEYS):
+            assert put(a, f"k-{i}", f"v{i}") in (200, 201)
+        old_members = leader_status(driver, [a, b, c])["members"]
+
+        driver.cut_raft_traffic(spare)      # its learner can open no Raft connection: it stays behind
+        answer: dict = {}
+        change = threading.Thread(target=lambda: answer.update(reply=driver.add_member(b, spare, "1", 280)),
+                                  daemon=True)
+        change.start()
+        joining = wait_until(lambda: shard_status(driver, spare), 60, message="the spare runs a replica of shard 1")
+        assert joining["role"] == "learner", joining
+        # One old member down: were the new replica counted already (4 members), the 2 left could commit nothing.
+        driver.pause(c)
+        try:
+            failed = [i for i in range(20) if put(a, f"during-{i}", f"d{i}") not in (200, 201)]
+            assert not failed, f"writes {failed} failed while the new replica was still a learner"
+            assert sorted(leader_status(driver, [a, b])["members"]) == sorted(old_members), \
+                "the learner became a member before it caught up"
+        finally:
+            driver.resume(c)
+        driver.heal_raft_traffic(spare)
+
+        change.join(290)
+        assert answer.get("reply", (None,))[0] == 200, answer
+        wait_until(lambda: (shard_status(driver, spare) or {}).get("role") in ("follower", "leader"), 60,
+                   message="the spare's replica votes")
+        leader = leader_status(driver, [a, b, c, spare])
+        assert leader is not None and len(leader["members"]) == 4
+        assert [i for i in range(KEYS) if get(spare, f"k-{i}") != f"v{i}"] == []
+        assert [i for i in range(20) if get(spare, f"during-{i}") != f"d{i}"] == []
+        wait_until(lambda: len({(shard_status(driver, n) or {}).get("digest") for n in (a, b, c, spare)}) == 1, 30,
+                   message="the four replicas' digests agree")
+    finally:
+        driver.stop()

@@ -74,6 +74,14 @@ def local_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_or_any(text: str) -> int | str:
+    if text == "*":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError("a version is a non-negative integer (or * for any)")
+    return int(text)
+
+
 def client_command(args: argparse.Namespace) -> int:
     import requests
 
@@ -82,11 +90,11 @@ def client_command(args: argparse.Namespace) -> int:
     client = KvsClient(args.node)
     try:
         if args.command == "put":
-            status, body = client.put(args.key, args.value)
+            status, body = client.put(args.key, args.value, if_match=args.if_match, if_none_match=args.if_none_match)
         elif args.command == "get":
             status, body = client.get(args.key)
         elif args.command == "delete":
-            status, body = client.delete(args.key)
+            status, body = client.delete(args.key, if_match=args.if_match)
         else:
             status, body = client.status()
     except requests.RequestException as exc:
@@ -220,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         for arg in extra:
             c.add_argument(arg)
         c.add_argument("--node", default=default_node, help="host:port of any node (KVS_NODE)")
+        if name in ("put", "delete"):
+            c.add_argument("--if-match", metavar="VERSION", type=_version_or_any,
+                           help="compare-and-set: only if the key is at this version (from get's \"version\"), "
+                                "or * (only if it exists); 412 otherwise")
+        if name == "put":
+            c.add_argument("--if-none-match", action="store_true", help="create only: 412 if the key exists")
         c.set_defaults(run=client_command)
     return parser
 

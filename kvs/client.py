@@ -29,15 +29,19 @@ class KvsClient:
             data = {"raw": resp.text}
         return resp.status_code, data
 
-    def put(self, key: str, value: str, request_id: str | None = None) -> tuple[int, dict]:
-        headers = {"Idempotency-Key": request_id} if request_id else None
+    def put(self, key: str, value: str, request_id: str | None = None, if_match: int | str | None = None,
+            if_none_match: bool = False) -> tuple[int, dict]:
+        """PUT a key. `if_match` (a version from a GET's "version", or "*": the key exists) or `if_none_match`
+        (create only) make it a compare-and-set: 412 with the current "version" when the condition fails."""
+        headers = _headers(request_id, if_match, if_none_match)
         return self._call("PUT", f"/kvs/keys/{quote(key, safe='')}", {"value": value, "causal-context": {}}, headers)
 
     def get(self, key: str) -> tuple[int, dict]:
+        """GET a key; a 200 body carries its "value" and "version"."""
         return self._call("GET", f"/kvs/keys/{quote(key, safe='')}", {"causal-context": {}})
 
-    def delete(self, key: str, request_id: str | None = None) -> tuple[int, dict]:
-        headers = {"Idempotency-Key": request_id} if request_id else None
+    def delete(self, key: str, request_id: str | None = None, if_match: int | str | None = None) -> tuple[int, dict]:
+        headers = _headers(request_id, if_match, False)
         return self._call("DELETE", f"/kvs/keys/{quote(key, safe='')}", {"causal-context": {}}, headers)
 
     def key_count(self) -> tuple[int, dict]:
@@ -54,3 +58,14 @@ class KvsClient:
 
     def health(self) -> tuple[int, dict]:
         return self._call("GET", "/health")
+
+
+def _headers(request_id: str | None, if_match: int | str | None, if_none_match: bool) -> dict | None:
+    headers = {}
+    if request_id:
+        headers["Idempotency-Key"] = request_id
+    if if_match is not None:
+        headers["If-Match"] = "*" if if_match == "*" else f'"{int(if_match)}"'
+    if if_none_match:
+        headers["If-None-Match"] = "*"
+    return headers or None

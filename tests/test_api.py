@@ -46,14 +46,22 @@ def test_put_get_delete_rows(cluster, route):
             assert got_body.pop("address") in served_by, got_body
         assert (got_status, got_body) == (status, body)
 
+    versions = []
+
+    def versioned(got):
+        """A reply that carries the key's version (a number the shard gives): checked apart."""
+        versions.append(got[1].pop("version"))
+        return got
+
     expect(404, {"doesExist": False, "error": "Key does not exist", "message": "Error in GET", **CTX},
            call(node, "GET", path, CTX))
     expect(201, {"message": "Added successfully", "replaced": False, **CTX},
-           call(node, "PUT", path, {"value": "v1", **CTX}))
+           versioned(call(node, "PUT", path, {"value": "v1", **CTX})))
     expect(200, {"message": "Updated successfully", "replaced": True, **CTX},
-           call(node, "PUT", path, {"value": "v2", **CTX}))
+           versioned(call(node, "PUT", path, {"value": "v2", **CTX})))
     expect(200, {"doesExist": True, "message": "Retrieved successfully", "value": "v2", **CTX},
-           call(node, "GET", path, CTX))
+           versioned(call(node, "GET", path, CTX)))
+    assert 0 < versions[0] < versions[1] == versions[2], versions
     expect(200, {"doesExist": True, "message": "Deleted successfully", **CTX},
            call(node, "DELETE", path, CTX))
     expect(404, {"doesExist": False, "error": "Key does not exist", "message": "Error in DELETE", **CTX},

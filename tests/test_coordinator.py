@@ -16,7 +16,7 @@ import pytest
 from kvs.config.epoch import ConfigEpoch
 from kvs.errors import BadRequest, Conflict
 from kvs.fsm.commands import (DropKeys, Freeze, Install, Own, Thaw, Track, command_from_json, command_to_json)
-from kvs.fsm.shard import Deleted, Written
+from kvs.fsm.shard import Deleted, Mismatch, Written
 from kvs.node import Node
 from kvs.reconfig.copy import CHUNK_BYTES, batches
 from kvs.reconfig.coordinator import CoordinatedNode, ViewChange
@@ -137,8 +137,10 @@ def test_a_job_runs_on_its_own_thread_and_hands_back_its_outcome():
 
 @pytest.mark.parametrize("command", [
     Track(3, RING), Freeze(3, RING), Thaw(3), Own(3, "2", RING), DropKeys(3, ["a", "b"]),
-    Install(3, "1", RING, RING, [("k", "v")], [("rid", (("put", "k", "v"), "k", Written(False))),
-                                              ("rid2", (("delete", "k"), "k", Deleted(True)))], True, ["gone"]),
+    Install(3, "1", RING, RING, [("k", "v", 7)], [("rid", (("put", "k", "v"), "k", Written(False, 7))),
+                                                 ("rid2", (("delete", "k"), "k", Deleted(True))),
+                                                 ("rid3", (("put", "k", "w", "match", 3), "k", Mismatch(7, True)))],
+            True, ["gone"], revision=9),
 ])
 def test_every_group_command_survives_its_json_form_unchanged(command):
     wire = json.loads(json.dumps(command_to_json(command)))
@@ -154,7 +156,11 @@ def test_every_group_command_survives_its_json_form_unchanged(command):
     ({"op": "freeze", "epoch": 3, "new_ring": {"groups": "12", "vnodes": 8}}, "must be a ring"),
     ({"op": "drop-keys", "epoch": 3, "keys": [1, 2]}, "list of strings"),
     ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [["k"]],
-      "dedup": [], "clear": True}, "pairs"),
+      "dedup": [], "clear": True}, "value, version"),
+    ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [["k", "v", -1]],
+      "dedup": [], "clear": True}, "value, version"),
+    ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [],
+      "dedup": [], "clear": True, "revision": "9"}, "non-negative integer"),
     ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [],
       "dedup": [["rid", "not a list", "k", ["Written", False]]], "clear": True}, "deduplication rows"),
 ])

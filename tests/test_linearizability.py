@@ -31,6 +31,10 @@ def delete(client, result, call, ret, outcome=OK, key=K):
     return Operation(client, "delete", key, None, call, ret, outcome, result)
 
 
+def cas(client, expected, value, call, ret, result=None, outcome=OK, key=K):
+    return Operation(client, "cas", key, value, call, ret, outcome, result, expected)
+
+
 def assert_ok(ops):
     res = check_key(ops)
     assert res.ok, res.explanation
@@ -180,9 +184,56 @@ def test_invalid_operations_raise():
     with pytest.raises(ValueError):
         check_key([put("c1", "a", 0, None)])  # ok but no return time
     with pytest.raises(ValueError):
-        check_key([Operation("c1", "cas", K, "a", 0, 1, OK)])
+        check_key([Operation("c1", "incr", K, "a", 0, 1, OK)])
+    with pytest.raises(ValueError):
+        check_key([cas("c1", "a", None, 0, 1, True)])      # a cas writes a value
     with pytest.raises(ValueError):
         check_key([put("c1", "a", 0, 1, key="x"), put("c1", "a", 0, 1, key="y")])
+
+
+# --- compare-and-set -----------------------------------------------------------
+
+def test_a_sequence_of_compare_and_sets_is_accepted():
+    assert_ok([cas("a", None, "0", 0, 1, True), cas("b", None, "x", 2, 3, False), get("b", "0", 4, 5),
+               cas("a", "0", "1", 6, 7, True), cas("b", "0", "2", 8, 9, False), get("a", "1", 10, 11)])
+
+
+def test_two_compare_and_sets_from_the_same_value_cannot_both_apply():
+    assert_violation([put("w", "0", 0, 1), cas("a", "0", "1", 2, 5, True), cas("b", "0", "2", 3, 6, True)])
+
+
+def test_a_failed_compare_and_set_while_the_value_matched_is_a_violation():
+    assert_violation([put("w", "0", 0, 1), cas("a", "0", "1", 2, 3, False), get("b", "0", 4, 5)])
+
+
+def test_a_failed_compare_and_set_between_a_write_and_its_read_is_no_violation():
+    assert_ok([put("w", "0", 0, 1), cas("a", "7", "1", 2, 3, False), get("b", "0", 4, 5)])
+
+
+def test_a_compare_and_set_may_read_a_value_only_it_observed_and_a_timed_out_one_may_have_applied():
+    # "1" is never returned by a get: only the cas that expects it observed it
+    assert_ok([put("w", "0", 0, 1), cas("a", "0", "1", 2, 3, True), cas("a", "1", "2", 4, 5, True),
+               cas("b", "2", "3", 6, None, outcome=UNKNOWN), cas("c", "3", "4", 7, 8, True), get("c", "4", 9, 10)])
+    assert_violation([put("w", "0", 0, 1), cas("a", "0", "1", 2, 3, True), put("x", "q", 4, 5),
+                      cas("a", "1", "2", 6, 7, True)])
+
+
+def test_a_counter_of_compare_and_sets_under_concurrency_is_checked():
+    rng, ops, value, t = random.Random(7), [], 0, 0.0
+    for i in range(200):
+        client = f"c{i % 8}"
+        call, ret = t, t + rng.uniform(0.5, 2)
+        if rng.random() < 0.5:       # a winner: the value moves on
+            ops.append(cas(client, str(value), str(value + 1), call, ret, True))
+            value += 1
+        else:                        # a loser that read an older value
+            ops.append(cas(client, str(max(0, value - 1)) if value else "x", "lost", call, ret, False))
+        t = ret + 0.01
+    assert_ok([put("init", "0", -2, -1)] + ops)
+    # the same history with one loser claiming to have won
+    loser = next(i for i, op in enumerate(ops) if op.result is False and op.expected != "x")
+    broken = ops[:loser] + [replace(ops[loser], result=True, value="won")] + ops[loser + 1:]
+    assert_violation([put("init", "0", -2, -1)] + broken)
 
 
 # --- multi-key API ------------------------------------------------------------

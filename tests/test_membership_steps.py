@@ -16,3 +16,74 @@ def test_no_member_is_removed_while_one_that_stays_catches_up():
     assert next_step(["a", "b", "c", "d"], ["a", "c", "d"], "a", lagging=["d"]) is None
     assert next_step(["a", "b", "c", "d"], ["a", "c", "d"], "a", lagging=["b"]) == Step("remove", "b")
     assert next_step(["a", "b", "c"], ["a", "b", "c", "d"], "a", lagging=["b"]) == Step("add", "d")
+
+
+# -- a shard leader's add: only a caught-up learner, or a voter outside the configuration ------------------
+
+from kvs.reconfig.protocol import GroupStatus, NodeStatus  # noqa: E402
+from kvs.reconfig.shard_membership import CAUGHT_UP_SLACK, ShardMembership  # noqa: E402
+from kvs.routing.peers import PeerUnreachable  # noqa: E402
+
+
+class FakeGroup:
+    self_address = "a:2"
+
+    def __init__(self, members, lagging=(), commit=1000):
+        self._members, self._lagging, self.commit_index = list(members), list(lagging), commit
+        self.changes: list[tuple[str, str]] = []
+
+    def members(self):
+        return sorted(self._members)
+
+    def lagging_members(self, slack):
+        return self._lagging
+
+    def change_members(self, op, member, deadline, on_appended):
+        self.changes.append((op, member))
+
+    def transfer_leadership(self):
+        self.changes.append(("hand over", ""))
+
+
+class FakeRemote:
+    def __init__(self, replica: GroupStatus | None | str):
+        self.replica = replica
+
+    def status(self, address, deadline):
+        if self.replica == "unreachable":
+            raise PeerUnreachable(address)
+        groups = {} if self.replica is None else {"shard-1": self.replica}
+        return NodeStatus(epoch=2, shard_id=None, groups=groups)
+
+
+def add_taken(replica, lagging=(), joiners=("d:2",)) -> bool:
+    group = FakeGroup(["a:2", "b:2", "c:2"], lagging)
+    target = {"a:2": "a:1", "b:2": "b:1", "c:2": "c:1", "d:2": "d:1"}
+    ShardMembership(node=None, remote=FakeRemote(replica))._step("1", group, target, set(joiners))
+    return group.changes == [("add", "d:2")]
+
+
+def learner(applied: int) -> GroupStatus:
+    return GroupStatus(leader="a:2", members=["a:2", "b:2", "c:2"], role="learner", last_applied=applied)
+
+
+def test_a_learner_is_added_only_once_it_has_caught_up():
+    assert not add_taken(learner(0))
+    assert not add_taken(learner(1000 - CAUGHT_UP_SLACK - 1))
+    assert add_taken(learner(1000 - CAUGHT_UP_SLACK))
+
+
+def test_a_node_with_no_replica_yet_unreachable_or_failed_is_not_added():
+    assert not add_taken(None)
+    assert not add_taken("unreachable")
+    assert not add_taken(GroupStatus(leader=None, members=[], role="failed"))
+
+
+def test_a_voter_outside_the_configuration_is_added_back_at_once():
+    # removed and wanted back by a rollback: it receives nothing until it is a member again
+    assert add_taken(GroupStatus(leader=None, members=["a:2", "b:2", "c:2", "d:2"], role="follower", last_applied=3))
+
+
+def test_one_joiner_at_a_time_but_a_lagging_member_that_stays_does_not_hold_an_add_up():
+    assert not add_taken(learner(1000), lagging=["e:2"], joiners=("d:2", "e:2"))       # e still acknowledges nothing
+    assert add_taken(learner(1000), lagging=["c:2"], joiners=("d:2",))                 # c is down, and stays

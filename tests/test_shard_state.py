@@ -174,13 +174,13 @@ def test_a_tracked_move_catches_up_with_only_the_changes():
     source.apply(("delete", "deleted", moving[2]))
     source.apply(("put", "stays", staying[0], "not tracked"))
     items, deleted, dedup, number2 = source.export_changes("1", OLD, NEW, "3", since=number)
-    assert items == [(moving[1], "new")] and deleted == [moving[2]] and number2 == 3
+    assert items == [(moving[1], "new", 0)] and deleted == [moving[2]] and number2 == 3
     assert sorted(rid for rid, _ in dedup) == ["after-copy", "deleted"]
     destination.apply(("install", 2, "1", OLD, NEW, items, dedup, False, deleted))
     assert source.export_changes("1", OLD, NEW, "3", since=number2)[:3] == ([], [], [])
     # the destination now holds exactly the source's moving keys, and their request ids
     expected, _, _ = source.export("1", OLD, NEW, "3")
-    assert sorted(destination.snapshot()["data"].items()) == expected
+    assert sorted((k, v, 0) for k, v in destination.snapshot()["data"].items()) == expected
     assert destination.apply(("put", "after-copy", moving[1], "new")) == Written(True)   # a retry, not re-applied
 
 
@@ -191,7 +191,7 @@ def test_tracking_survives_a_snapshot_and_ends_with_thaw_or_own():
     s.apply(("put", "a", k, "v"))
     restored = ShardState()
     restored.restore(s.snapshot())
-    assert restored.export_changes("1", OLD, NEW, "3", since=0)[0] == [(k, "v")]
+    assert restored.export_changes("1", OLD, NEW, "3", since=0)[0] == [(k, "v", 0)]
     assert restored.apply(("thaw", 2)) is False         # nothing was frozen, but tracking stops
     restored.apply(("put", "b", k, "w"))
     assert restored.export_changes("1", OLD, NEW, "3", since=0)[0] == []
@@ -205,7 +205,7 @@ def test_tracking_for_a_different_ring_under_the_same_number_restarts():
     assert s.apply(("track", 2, NEW)) is True
     k = keys_moving("1", "3", 1)[0]
     s.apply(("put", "a", k, "v"))
-    assert s.export_changes("1", OLD, NEW, "3", since=0)[0] == [(k, "v")]
+    assert s.export_changes("1", OLD, NEW, "3", since=0)[0] == [(k, "v", 0)]
 
 
 def test_drop_keys_forgets_only_keys_no_longer_owned():

@@ -11,13 +11,14 @@ import asyncio
 import pytest
 
 from kvs.fsm.base import Invalid
-from kvs.fsm.shard import Deleted, NotOwned, Written
+from kvs.fsm.shard import Deleted, Mismatch, NotOwned, Written
 from kvs.routing.peers import PeerResponse, PeerUnreachable
 from kvs.routing.write_batches import (LeaderChannel, command_from_json, command_to_json, result_from_json,
                                        result_to_json)
 
 
-@pytest.mark.parametrize("result", [Written(True), Written(False), Deleted(True), NotOwned(7), Invalid("no")])
+@pytest.mark.parametrize("result", [Written(True, 3), Written(False, 1), Deleted(True), Mismatch(4), Mismatch(0),
+                                    NotOwned(7), Invalid("no")])
 def test_every_result_survives_its_wire_form(result):
     assert result_from_json(result_to_json(result)) == result
 
@@ -26,16 +27,21 @@ def test_an_unavailable_or_unknown_result_reads_as_not_taken():
     assert result_from_json({"unavailable": "deadline"}) is None
     assert result_from_json({"written": "yes"}) is None
     assert result_from_json(["written", True]) is None
+    assert result_from_json({"written": [True, "3"]}) is None
+    assert result_from_json({"mismatch": True}) is None
 
 
-@pytest.mark.parametrize("row", [["put", "r", "k"], ["delete", "r"], ["get", "r", "k"], ["put", "r", "k", 5], "x"])
+@pytest.mark.parametrize("row", [["put", "r", "k"], ["delete", "r"], ["get", "r", "k"], ["put", "r", "k", 5], "x",
+                                 ["put", "r", "k", "v", "match"], ["delete", "r", "k", [["match"]]],
+                                 ["put", "r", "k", "v", ["match", 1, 2]], ["put", "r", "k", "v", [], []], [], None])
 def test_malformed_commands_are_refused(row):
     with pytest.raises(ValueError):
         command_from_json(row)
 
 
 def test_commands_survive_their_wire_form():
-    for command in (("put", "r1", "k", "v"), ("delete", "r2", "k")):
+    for command in (("put", "r1", "k", "v"), ("delete", "r2", "k"), ("put", "r3", "k", "v", ("match", 4)),
+                    ("put", "r4", "k", "v", ("absent",)), ("delete", "r5", "k", ("exists",))):
         assert command_from_json(command_to_json(command)) == command
 
 
@@ -54,7 +60,7 @@ class ScriptedForwarder:
         await answer
         if self.fail:
             raise PeerUnreachable("down")
-        return PeerResponse(200, {"results": [{"written": False} for _ in commands]}, None)
+        return PeerResponse(200, {"results": [{"written": [False, 1]} for _ in commands]}, None)
 
 
 def test_writes_that_arrive_while_two_batches_are_in_flight_wait_and_share_the_next():
@@ -81,7 +87,7 @@ def test_writes_that_arrive_while_two_batches_are_in_flight_wait_and_share_the_n
         for answer in forwarder.answers[1:]:
             answer.set_result(None)
         results += await asyncio.gather(*second, *third)
-        assert results == [Written(False)] * 9
+        assert results == [Written(False, 1)] * 9
 
     asyncio.run(scenario())
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from kvs.fsm.shard import Deleted, Written
+from kvs.fsm.shard import Deleted, Mismatch, Written
 
-_RESULT_TYPES = {"Written": Written, "Deleted": Deleted}
+_RESULT_TYPES = {"Written": Written, "Deleted": Deleted, "Mismatch": Mismatch}
 
 
 @dataclass(frozen=True)
@@ -66,19 +66,21 @@ class Install:
     source: str
     old_ring: dict
     new_ring: dict
-    items: list            # [(key, value)]
+    items: list            # [(key, value, version)]
     dedup: list            # [(request id, (fingerprint, key, result))]
     clear: bool
     deleted: list = field(default_factory=list)     # keys deleted at the source since the last copy
+    revision: int = 0      # the source's revision counter: versions given here later go past it
 
     def as_entry(self) -> tuple:
         return ("install", self.epoch, self.source, self.old_ring, self.new_ring,
-                [tuple(kv) for kv in self.items], self.dedup, self.clear, list(self.deleted))
+                [tuple(kv) for kv in self.items], self.dedup, self.clear, list(self.deleted), self.revision)
 
     def to_json(self) -> dict:
         return {"op": self.op, "epoch": self.epoch, "source": self.source, "old_ring": self.old_ring,
                 "new_ring": self.new_ring, "items": [list(kv) for kv in self.items],
-                "dedup": dedup_to_json(self.dedup), "clear": self.clear, "deleted": list(self.deleted)}
+                "dedup": dedup_to_json(self.dedup), "clear": self.clear, "deleted": list(self.deleted),
+                "revision": self.revision}
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def command_from_json(body: object) -> AdminCommand:
     values = {}
     for f in fields(cls):
         if f.name not in body:
-            if f.name == "deleted":
+            if f.name in ("deleted", "revision"):
                 continue
             raise ValueError(f"{cls.op}: {f.name} is missing")
         values[f.name] = _CHECKS[f.name](body[f.name], f"{cls.op}: {f.name}")
@@ -179,10 +181,10 @@ def _strings(value: object, what: str) -> list:
 
 def _items(value: object, what: str) -> list:
     if not isinstance(value, list) or not all(
-            isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str) and isinstance(kv[1], str)
-            for kv in value):
-        raise ValueError(f"{what} must be a list of [key, value] string pairs")
-    return [tuple(kv) for kv in value]
+            isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
+            and type(row[2]) is int and row[2] >= 0 for row in value):
+        raise ValueError(f"{what} must be a list of [key, value, version] rows")
+    return [tuple(row) for row in value]
 
 
 def _dedup(value: object, what: str) -> list:
@@ -194,7 +196,7 @@ def _dedup(value: object, what: str) -> list:
 
 _CHECKS = {"epoch": _int, "new_ring": check_ring, "old_ring": check_ring, "ring": check_ring, "source": check_text,
            "shard_id": check_text, "items": _items, "dedup": _dedup, "clear": _bool, "deleted": _strings,
-           "keys": _strings}
+           "keys": _strings, "revision": _int}
 
 
 # -- the deduplication table on the wire --------------------------------------------------------------
@@ -202,6 +204,17 @@ _CHECKS = {"epoch": _int, "new_ring": check_ring, "old_ring": check_ring, "ring"
 def dedup_to_json(entries: list) -> list:
     return [[rid, list(fingerprint), key, [type(result).__name__, *result]]
             for rid, (fingerprint, key, result) in entries if type(result).__name__ in _RESULT_TYPES]
+
+
+def _version(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+_RESULT_SHAPES = {      # the values of each result type (Written: replaced[, version])
+    "Written": lambda v: len(v) in (1, 2) and isinstance(v[0], bool) and all(map(_version, v[1:])),
+    "Deleted": lambda v: len(v) == 1 and isinstance(v[0], bool),
+    "Mismatch": lambda v: len(v) in (1, 2) and _version(v[0]) and all(isinstance(x, bool) for x in v[1:]),
+}
 
 
 def dedup_from_json(rows: object) -> list:
@@ -215,7 +228,7 @@ def dedup_from_json(rows: object) -> list:
                 and all(isinstance(v, (str, int, bool)) for v in fingerprint)):
             raise ValueError("malformed deduplication row")
         if kind in _RESULT_TYPES:
-            if len(values) != 1 or not isinstance(values[0], bool):
+            if not _RESULT_SHAPES[kind](values):
                 raise ValueError("malformed deduplication result")
             entries.append((rid, (tuple(fingerprint), key, _RESULT_TYPES[kind](*values))))
     return entries

@@ -25,30 +25,29 @@ epoch the caller must reach before routing again. Ownership changes only
 through this group's own log, so it is ordered with every read and write.
 
 Commands are tuples, first element the operation:
-    ("put", request_id, key, value)   -> Written(replaced) | NotOwned
-    ("delete", request_id, key)       -> Deleted(existed) | NotOwned
+    ("put", request_id, key, value, condition)   -> Written(replaced, version) | Mismatch | NotOwned
+    ("delete", request_id, key, condition)       -> Deleted(existed) | Mismatch | NotOwned
+  a condition (compare-and-set, applied atomically with the write) is None or one of
+    ("match", version)   the key exists at this version     ("exists",)   the key exists
+    ("absent",)          the key does not exist
+  and a write whose condition fails changes nothing and returns Mismatch(the key's version,
+  whether it exists); that outcome is remembered for its request id like any other. Without the
+  condition slot (("put", request_id, key, value), ("delete", request_id, key): what kvs
+  wrote in the log before versions existed) a write gives no version: its key's version is 0.
     ("barrier",)                      -> None   (a no-op: older versions ordered reads with it)
-  view changes (kvs.reconfig.coordinator), all idempotent:
-    ("track", epoch, new_ring)        number every later write of a key that moves away under
-                                      `new_ring`, so a copy can be caught up with only the changes
-    ("freeze", epoch, new_ring)       stop serving keys that move away under `new_ring`
-    ("thaw", epoch)                   undo a freeze and tracking (the change was rolled back)
-    ("install", epoch, source, old_ring, new_ring, items, dedup, clear[, deleted])
-                                      receive keys moving here from `source` (with their slice
-                                      of the deduplication table); `clear` first empties that set;
-                                      `deleted` keys were deleted at the source since the last copy
-    ("own", epoch, shard_id, ring)    take the ownership of `epoch`
-    ("drop", epoch)                   forget keys (and dedup entries) no longer owned
-    ("drop-keys", epoch, keys)        forget those of `keys` no longer owned: the same, in slices the
-                                      coordinator knows, so no single entry scans the whole shard
-Rings travel as `HashRing.to_dict()`.
+  view changes (kvs.reconfig.coordinator), all idempotent: see `kvs.fsm.handover`.
 
-Change tracking: between "track" and the end of the change, every applied
-write of a moving key gets the next number of a counter that is part of the
-replicated state, as does its deduplication entry. A copy reads the counter
-before the keys, so "everything numbered above what the last copy saw" is a
-superset of what changed since: the final catch-up after the freeze moves
-only those keys, and the write pause no longer grows with the range.
+Versions: every write of a key gives it the next number of the shard's
+revision counter (replicated state, like etcd's mod revision), so a key's
+version only grows, also across a delete and a re-creation (no ABA for a
+compare-and-set). Keys moving in keep their versions, and the counter jumps
+past them and past the source's own counter, so versions stay increasing
+wherever a key lives. Whether a write gives a version is decided by the
+command's format, not by the code that applies it: replicas that replay an
+older log, or restore an older snapshot, agree on every key's version (0 for
+what older versions wrote). Reads run beside the tick thread: a write changes
+a key's value and version between two bumps of `_writes` (odd meanwhile), and
+`read_versioned` retries until it saw neither half of one (a seqlock).
 """
 
 from __future__ import annotations
@@ -59,12 +58,14 @@ from typing import Any, NamedTuple
 
 from kvs.config.ring import HashRing
 from kvs.fsm.base import Invalid, StateMachine
+from kvs.fsm.handover import KeyHandover
 
 DEDUP_CAPACITY = 100_000
 
 
 class Written(NamedTuple):
     replaced: bool
+    version: int = 0            # the key's version after the write (0: written before versions)
 
 
 class Deleted(NamedTuple):
@@ -75,7 +76,16 @@ class NotOwned(NamedTuple):
     epoch: int
 
 
-class ShardState(StateMachine):
+class Mismatch(NamedTuple):
+    """A conditional write whose condition did not hold: nothing changed."""
+    version: int                # the key's current version (0: absent, or written before versions)
+    exists: bool = False
+
+
+CONDITIONS = ("match", "exists", "absent")
+
+
+class ShardState(KeyHandover, StateMachine):
     """Keys and values of one shard, plus the outcomes of recent writes."""
 
     detached_snapshot = True        # snapshot() takes C-level copies; values and rings are never edited
@@ -83,6 +93,9 @@ class ShardState(StateMachine):
     def __init__(self, ownership: tuple[int, str, dict] | None = None, dedup_capacity: int = DEDUP_CAPACITY):
         """`ownership` = (epoch, shard id, ring dict) the group was created for; None owns every key."""
         self._data: dict[str, str] = {}
+        self._versions: dict[str, int] = {}                 # key -> its version (see "Versions")
+        self._revision = 0                                  # the last version given; never goes back
+        self._writes = 0                                    # odd while a key's value and version change
         # request id -> (operation fingerprint, key, result)
         self._dedup: OrderedDict[str, tuple[tuple, str, Any]] = OrderedDict()
         self._dedup_capacity = dedup_capacity
@@ -113,7 +126,8 @@ class ShardState(StateMachine):
 
     def snapshot(self) -> dict:
         """Capture the state (shallow copies; the caller serialises them)."""
-        return {"data": dict(self._data), "dedup": list(self._dedup.items()),
+        return {"data": dict(self._data), "versions": dict(self._versions), "revision": self._revision,
+                "dedup": list(self._dedup.items()),
                 "ownership": self._ownership, "frozen": self._frozen,
                 "tracking": (self._tracking, self._change_number, dict(self._changed_keys),
                              dict(self._changed_requests)),
@@ -122,6 +136,8 @@ class ShardState(StateMachine):
     def restore(self, snapshot: dict) -> None:
         """Discard everything, then take the snapshot's state."""
         self._data = dict(snapshot["data"])
+        self._versions = dict(snapshot.get("versions") or {})      # older snapshots: version 0
+        self._revision = snapshot.get("revision", 0)
         self._dedup = OrderedDict(snapshot["dedup"])
         if "ownership" in snapshot:         # snapshots older than fencing keep the constructor's
             self._ownership = snapshot["ownership"]
@@ -136,100 +152,129 @@ class ShardState(StateMachine):
     def get(self, key: str) -> str | None:
         return self._data.get(key)
 
+    def read_versioned(self, key: str) -> tuple[str, int] | None | NotOwned:
+        """(value, version) of a key this group serves, None if it does not exist, or NotOwned."""
+        refused = self._refuse(key)
+        if refused is not None:
+            return refused
+        while True:
+            before = self._writes
+            value, version = self._data.get(key), self._versions.get(key, 0)
+            if before == self._writes and not before & 1:
+                return None if value is None else (value, version)
+
     def read(self, key: str) -> str | None | NotOwned:
         """The value of a key this group serves, or NotOwned."""
         refused = self._refuse(key)
         return refused if refused is not None else self._data.get(key)
 
     @property
+    def revision(self) -> int:
+        """The last version this shard gave or took in (it never goes back)."""
+        return self._revision
+
+    @property
     def epoch(self) -> int:
         return self._ownership[0] if self._ownership else 0
-
-    def export(self, source: str, old_ring: dict, new_ring: dict, destination: str) -> tuple[list, list, int]:
-        """(items, dedup entries, change number) of the keys moving from `source` to `destination`."""
-        number, items, dedup, moving = self.export_rows(source, old_ring, new_ring, destination)
-        return sorted(kv for kv in items if moving(kv[0])), [e for e in dedup if moving(e[1][1])], number
-
-    def export_rows(self, source: str, old_ring: dict, new_ring: dict, destination: str) -> tuple[int, list, list, Any]:
-        """(change number, every (key, value), every dedup entry, is-moving predicate on a key): the raw
-        material of `export`, taken with C-level copies so the caller can filter it in slices.
-
-        The change number is read first: a write applied while the copy is taken (reads run beside
-        the tick thread) is numbered above it, so `export_changes(since=it)` catches it up."""
-        number = self._change_number
-        moving = self._mover(source, old_ring, new_ring, destination)
-        return number, list(self._data.items()), list(self._dedup.items()), moving
-
-    def export_changes(self, source: str, old_ring: dict, new_ring: dict, destination: str,
-                       since: int) -> tuple[list, list, list, int]:
-        """(items, deleted keys, dedup entries, change number): the tracked writes numbered above
-        `since` of keys moving from `source` to `destination`, with their current values."""
-        number = self._change_number
-        moving = self._mover(source, old_ring, new_ring, destination)
-        keys = [k for k, n in list(self._changed_keys.items()) if n > since and moving(k)]
-        data = self._data
-        items, deleted = [], []
-        for key in sorted(keys):
-            value = data.get(key)
-            if value is None:
-                deleted.append(key)
-            else:
-                items.append((key, value))
-        dedup = []
-        for rid, n in list(self._changed_requests.items()):
-            entry = self._dedup.get(rid)
-            if n > since and entry is not None and moving(entry[1]):
-                dedup.append((rid, entry))
-        return items, deleted, dedup, number
 
     def key_count(self) -> int:
         return len(self._data)
 
     def digest(self) -> str:
         """A fingerprint of the data, equal on replicas that hold the same keys and values."""
-        data = dict(self._data)     # one C-level copy: the tick thread may be applying meanwhile
+        data = dict(self._data)     # C-level copies: the tick thread may be applying meanwhile
+        versions = dict(self._versions)
         h = hashlib.sha256()
         for key in sorted(data):
             h.update(key.encode("utf-8", "surrogatepass"))
             h.update(b"\0")
             h.update(data[key].encode("utf-8", "surrogatepass"))
-            h.update(b"\1")
+            h.update(b"\1%d\2" % versions.get(key, 0))
         return h.hexdigest()
 
     # -- commands ----------------------------------------------------------
 
-    def _put(self, request_id: str, key: str, value: str) -> Any:
+    def _put(self, request_id: str, key: str, value: str, *slot: tuple | None) -> Any:
         refused = self._refuse(key)
         if refused is not None:
             return refused
+        if not isinstance(value, str) or len(slot) > 1:
+            return Invalid("malformed 'put' command")
+        condition = slot[0] if slot else None
         # A digest, not the value: the table keeps 100,000 entries, and values may be 1 MiB each.
-        fingerprint = ("put", key, hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest())
+        fingerprint = ("put", key, hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()) \
+            + _flat(condition)
         seen = self._seen(request_id, fingerprint)
         if seen is not None:
             return seen
-        result = Written(replaced=key in self._data)
-        self._data[key] = value
+        result = self._unmet(key, condition)
+        if result is None:
+            version = self._next_version() if slot else 0
+            result = Written(replaced=key in self._data, version=version)
+            self._set(key, value, version)
         self._remember(request_id, fingerprint, key, result)
         self._track_write(request_id, key)
         return result
 
-    def _delete(self, request_id: str, key: str) -> Any:
+    def _delete(self, request_id: str, key: str, *slot: tuple | None) -> Any:
         refused = self._refuse(key)
         if refused is not None:
             return refused
-        fingerprint = ("delete", key)
+        if len(slot) > 1:
+            return Invalid("malformed 'delete' command")
+        condition = slot[0] if slot else None
+        fingerprint = ("delete", key) + _flat(condition)
         seen = self._seen(request_id, fingerprint)
         if seen is not None:
             return seen
-        result = Deleted(existed=self._data.pop(key, None) is not None)
+        result = self._unmet(key, condition)
+        if result is None:
+            result = Deleted(existed=key in self._data)
+            self._unset(key)
         self._remember(request_id, fingerprint, key, result)
         self._track_write(request_id, key)
         return result
+
+    def _next_version(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    def _set(self, key: str, value: str, version: int) -> None:
+        """Change a key's value and version as one step for readers (the seqlock; see "Versions")."""
+        self._writes += 1
+        self._data[key] = value
+        if version:
+            self._versions[key] = version
+        else:
+            self._versions.pop(key, None)
+        self._writes += 1
+
+    def _unset(self, key: str) -> None:
+        self._writes += 1
+        self._data.pop(key, None)
+        self._versions.pop(key, None)
+        self._writes += 1
+
+    def _unmet(self, key: str, condition: tuple | None) -> Mismatch | Invalid | None:
+        """None if the write may go ahead; else why not (the key's version, or a malformed condition)."""
+        if condition is None:
+            return None
+        exists = key in self._data
+        version = self._versions.get(key, 0) if exists else 0
+        if not isinstance(condition, tuple) or not condition or condition[0] not in CONDITIONS:
+            return Invalid("malformed condition")
+        if condition[0] == "match":
+            if len(condition) != 2 or type(condition[1]) is not int:
+                return Invalid("malformed condition")
+            return None if exists and version == condition[1] else Mismatch(version, exists)
+        if len(condition) != 1:
+            return Invalid("malformed condition")
+        return None if exists == (condition[0] == "exists") else Mismatch(version, exists)
 
     def _barrier(self) -> None:
         return None
 
-    # -- fencing and view changes ---------------------------------------------
+    # -- fencing ---------------------------------------------------------------
 
     def _ring(self, ring: dict) -> HashRing:
         key = (tuple(ring["groups"]), ring["vnodes"])
@@ -248,100 +293,6 @@ class ShardState(StateMachine):
             return NotOwned(self._frozen[0])
         return None
 
-    def _mover(self, source: str, old_ring: dict, new_ring: dict, destination: str):
-        old, new = self._ring(old_ring), self._ring(new_ring)
-        return lambda key: old.group_for(key) == source and new.group_for(key) == destination
-
-    def _track(self, epoch: int, new_ring: dict) -> bool:
-        # Equal rings, not just equal epochs: a rolled-back change whose thaw never arrived may have
-        # left tracking for another ring under the same number, and that would miss keys.
-        if epoch <= self.epoch or self._tracking == (epoch, new_ring):
-            return False
-        self._tracking = (epoch, new_ring)
-        self._changed_keys.clear()
-        self._changed_requests.clear()
-        return True
-
-    def _track_write(self, request_id: str, key: str) -> None:
-        if self._tracking is None or self._ownership is None:
-            return
-        if self._ring(self._tracking[1]).group_for(key) == self._ownership[1]:
-            return                                  # stays here: no copy needs it
-        self._change_number += 1
-        self._changed_keys[key] = self._change_number
-        self._changed_requests[request_id] = self._change_number
-
-    def _stop_tracking(self) -> None:
-        self._tracking = None
-        self._changed_keys.clear()
-        self._changed_requests.clear()
-
-    def _freeze(self, epoch: int, new_ring: dict) -> bool:
-        if epoch <= self.epoch:
-            return False
-        self._frozen = (epoch, new_ring)
-        return True
-
-    def _thaw(self, epoch: int) -> bool:
-        if self._tracking is not None and self._tracking[0] == epoch:
-            self._stop_tracking()
-        if self._frozen is None or self._frozen[0] != epoch:
-            return False
-        self._frozen = None
-        return True
-
-    def _install(self, epoch: int, source: str, old_ring: dict, new_ring: dict, items: list, dedup: list,
-                 clear: bool, deleted: list = ()) -> int:
-        if epoch < self.epoch:
-            return 0
-        destination = self._ownership[1] if self._ownership else None
-        if clear and self._installing:
-            moving = self._mover(source, old_ring, new_ring, destination)
-            for key in [k for k in self._data if moving(k)]:
-                del self._data[key]
-        for key, value in items:
-            self._data[key] = value
-        for key in deleted:
-            self._data.pop(key, None)
-        self._installing = True
-        for request_id, entry in dedup:
-            self._dedup.setdefault(request_id, tuple(entry))
-        while len(self._dedup) > self._dedup_capacity:
-            self._dedup.popitem(last=False)
-        return len(items)
-
-    def _own(self, epoch: int, shard_id: str, ring: dict) -> bool:
-        if epoch <= self.epoch:
-            return False
-        self._ownership = (epoch, shard_id, ring)
-        if self._frozen is not None and self._frozen[0] <= epoch:
-            self._frozen = None
-        if self._tracking is not None and self._tracking[0] <= epoch:
-            self._stop_tracking()
-        self._installing = False            # what was installed for `epoch` is owned now
-        return True
-
-    def _drop(self, epoch: int) -> int:
-        if self._ownership is None or epoch != self.epoch:
-            return 0
-        gone = [k for k in self._data if self._refuse(k) is not None]
-        for key in gone:
-            del self._data[key]
-        for request_id in [rid for rid, entry in self._dedup.items() if self._refuse(entry[1]) is not None]:
-            del self._dedup[request_id]
-        self._installing = False
-        return len(gone)
-
-    def _drop_keys(self, epoch: int, keys: list) -> int:
-        # Dedup entries of these keys stay until the table's FIFO evicts them: harmless, since a retry
-        # of a key this group does not own is refused before the table is consulted.
-        if self._ownership is None or epoch != self.epoch:
-            return 0
-        gone = [k for k in keys if k in self._data and self._refuse(k) is not None]
-        for key in gone:
-            del self._data[key]
-        return len(gone)
-
     # -- deduplication -----------------------------------------------------
 
     def _seen(self, request_id: str, fingerprint: tuple) -> Any:
@@ -357,3 +308,8 @@ class ShardState(StateMachine):
         while len(self._dedup) > self._dedup_capacity:
             forgotten, _ = self._dedup.popitem(last=False)
             self._changed_requests.pop(forgotten, None)
+
+
+def _flat(condition: tuple | None) -> tuple:
+    """A condition as scalars for a fingerprint (which travels as a flat JSON list): () for none."""
+    return () if condition is None else tuple(condition) if isinstance(condition, tuple) else ("?",)

@@ -107,19 +107,21 @@ def group_command(shard_id: str) -> Response:
 @internal.route("/groups/<shard_id>/export", methods=["POST"])
 def export(shard_id: str) -> Response:
     r = _checked(ExportRequest.from_json, False)
-    number, items, dedup, moving = _group(shard_id).read(
-        lambda state: state.export_rows(r.source, r.old_ring, r.new_ring, r.destination), _deadline())
-    items = _sliced_filter(items, lambda row: moving(row[0]))
+    (number, items, versions, dedup, moving), revision = _group(shard_id).read(
+        lambda state: (state.export_rows(r.source, r.old_ring, r.new_ring, r.destination), state.revision),
+        _deadline())
+    items = [(key, value, versions.get(key, 0)) for key, value in _sliced_filter(items, lambda row: moving(row[0]))]
     dedup = _sliced_filter(dedup, lambda row: moving(row[1][1]))
-    return json_response(200, Exported(items, [], dedup, number).to_json())
+    return json_response(200, Exported(items, [], dedup, number, revision).to_json())
 
 
 @internal.route("/groups/<shard_id>/changes", methods=["POST"])
 def export_changes(shard_id: str) -> Response:
     r = _checked(ExportRequest.from_json, True)
-    items, deleted, dedup, number = _group(shard_id).read(
-        lambda state: state.export_changes(r.source, r.old_ring, r.new_ring, r.destination, r.since), _deadline())
-    return json_response(200, Exported(items, deleted, dedup, number).to_json())
+    (items, deleted, dedup, number), revision = _group(shard_id).read(
+        lambda state: (state.export_changes(r.source, r.old_ring, r.new_ring, r.destination, r.since),
+                       state.revision), _deadline())
+    return json_response(200, Exported(items, deleted, dedup, number, revision).to_json())
 
 
 def _sliced_filter(rows: list, keep) -> list:

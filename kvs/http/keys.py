@@ -9,6 +9,13 @@ The key is the path after /kvs/keys/, percent-decoded as UTF-8 (a path that is
 not valid UTF-8 is a 400): every node reads the same key from the same URL, and
 a forwarded request is signed and verified over that same decoded path.
 
+Compare-and-set: `If-Match: "<version>"` (or `*`: the key exists) and
+`If-None-Match: *` (create-only) make a PUT or DELETE conditional, applied
+atomically in the shard's log (`kvs.fsm.shard`); 412 names the current version
+when the condition does not hold. Every reply that carries a version carries
+it as an `ETag` too. A forwarded request carries its condition in its signed
+body. Conditions on GET are ignored.
+
 Limits: keys longer than 50 characters are refused on PUT; request bodies
 larger than `NodeSettings.max_body_bytes` (1 MiB by default,
 KVS_MAX_BODY_BYTES) get 413 from the server before they are read.
@@ -26,7 +33,7 @@ from kvs.http.aio import Request, Response
 from kvs.http.common import PeerAuth, error_reply, parse_body, request_deadline
 from kvs.routing import peers, write_batches
 from kvs.routing.keys import KeyRouter
-from kvs.routing.replies import Reply
+from kvs.routing.replies import Reply, etag
 from kvs.settings import NodeSettings
 
 MAX_KEY_LENGTH = 50
@@ -110,10 +117,15 @@ class KeyRequests:
                 forwarded = self._peer_auth.is_forwarded(headers, method, path, request.query, request.body,
                                                          _host(request))
                 key = path[len(KEYS_PREFIX):]
+                condition = None if method == "GET" else \
+                    _forwarded_condition(body) if forwarded else condition_from_headers(headers)
                 reply = await self._router.key_request(method, key, _value(method, key, body),
                                                        headers.get(peers.REQUEST_ID) or self._new_id(),
-                                                       request_deadline(self._settings, headers), forwarded)
+                                                       request_deadline(self._settings, headers), forwarded, condition)
                 reply.body["causal-context"] = context      # the client's, also over a forwarded reply's
+                version = reply.body.get("version")
+                if type(version) is int and version > 0:
+                    reply.headers["ETag"] = etag(version)
         except Exception as exc:
             reply = error_reply(exc, method, path or request.path, context)
         payload = json.dumps(reply.body, separators=(",", ":")).encode()
@@ -125,6 +137,35 @@ class KeyRequests:
 
 def _host(request: Request) -> str | None:
     return request.peer[0] if request.peer else None
+
+
+def condition_from_headers(headers) -> tuple | None:
+    """The compare-and-set condition of a client's If-Match / If-None-Match headers (None: none)."""
+    match, none_match = headers.get("If-Match"), headers.get("If-None-Match")
+    if match is not None and none_match is not None:
+        raise BadRequest("use either If-Match or If-None-Match, not both")
+    if none_match is not None:
+        if none_match.strip() != "*":
+            raise BadRequest("If-None-Match supports only * (create the key only if it does not exist)")
+        return ("absent",)
+    if match is None:
+        return None
+    tag = match.strip()
+    if tag == "*":
+        return ("exists",)
+    digits = tag[1:-1] if len(tag) >= 2 and tag[0] == tag[-1] == '"' else tag
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        raise BadRequest('If-Match must be one version, as the ETag gives it ("42") or bare (42), or *')
+    return ("match", int(digits))
+
+
+def _forwarded_condition(body: dict) -> tuple | None:
+    condition = body.get("condition")
+    if condition is None:
+        return None
+    if not isinstance(condition, list):
+        raise BadRequest("a forwarded condition is a list")
+    return tuple(condition)
 
 
 def _value(method: str, key: str, body: dict) -> str | None:

@@ -240,6 +240,8 @@ class Node:
             log.info("%s: its learner of shard %s is a member now; reopening it as a voter", self.settings.address,
                      shard_id)
             with self._directories:
+                with self._lock:
+                    del self._groups[shard_id]      # should the reopening fail, the next round starts it again
                 learner.close()
                 voter = self._build.shard_group(epoch, shard_id, promoted_members=members)
                 with self._lock:

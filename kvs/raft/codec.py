@@ -26,7 +26,7 @@ import pysyncobj.pickle
 from pysyncobj.node import Node, TCPNode
 
 from kvs.fsm.base import Invalid
-from kvs.fsm.shard import Deleted, NotOwned, Written
+from kvs.fsm.shard import Deleted, Mismatch, NotOwned, Written
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("pysyncobj.node", "TCPNode"): TCPNode, ("pysyncobj.node", "Node"): Node,
 }
-for _cls in (Written, Deleted, NotOwned):
+for _cls in (Written, Deleted, NotOwned, Mismatch):
     _ALLOWED[("kvs.fsm.shard", _cls.__name__)] = _cls
     _ALLOWED[("kvs.raft.shard_state", _cls.__name__)] = _cls        # before the layout change
 _ALLOWED[("kvs.fsm.base", "Invalid")] = Invalid

@@ -83,7 +83,7 @@ class RaftGroup:
     def __init__(self, name: str, self_address: str, peers: list[str], state: Any, directory: str,
                  secret: str | None, timing: RaftTiming = RaftTiming(),
                  on_applied: Callable[[], None] | None = None, bind_host: str | None = None,
-                 learner: bool = False):
+                 learner: bool = False, also_connect: tuple[str, ...] = (), hold_election: bool = False):
         self.name = name
         self.self_address = self_address
         self.state = state
@@ -122,8 +122,11 @@ class RaftGroup:
             dynamicMembershipChange=True,
         )
         peers = [p for p in peers if p != self_address]
-        # learner: it only receives the log, without a vote, until the configuration names it.
-        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name, learner=learner)
+        # learner: it only receives the log, without a vote, until the configuration names it; it also
+        # connects to `also_connect`. hold_election: no campaign before a leader was heard (a promoted
+        # learner). See kvs.raft.replica, change 5.
+        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name, learner=learner,
+                                also_connect=also_connect, hold_election=hold_election)
 
     # -- commands and reads ------------------------------------------------------
 

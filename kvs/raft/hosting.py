@@ -67,9 +67,11 @@ class GroupFactory:
         node joins it as a learner (`kvs.raft.replica`, change 5): it receives the log and snapshots
         without a vote until the shard's leader, seeing it caught up, adds it to the configuration
         (`kvs.reconfig.shard_membership`); also after a restart before the change committed, when
-        its log then names it a member again within moments. It connects to both epochs' replicas:
-        the leader is among them even midway through a series of changes. A promoted learner reopens
-        as a voting replica on the same directory, with the members its log has (`promoted_members`); any other
+        its log then names it a member again within moments. Its configuration starts as
+        `current`'s members (what the log's changes replay onto); it also connects to `epoch`'s
+        other replicas, among which the leader may be midway through a series of changes. A
+        promoted learner reopens as a voting replica on the same directory, with the members its
+        log has (`promoted_members`), and campaigns only once it has heard a leader; any other
         replica (a founder of a new group, a member of `current`) starts with `epoch`'s members,
         its log replaying the changes, and campaigns as usual."""
         s = self._settings
@@ -86,14 +88,16 @@ class GroupFactory:
         elif os.path.exists(retired):
             os.remove(retired)              # a member again: its data is its group's once more
         me = s.raft_address(s.address, epoch.slot(shard_id, s.address))
-        if promoted_members is not None:
-            peers = promoted_members
-        else:
-            bases = [current, epoch] if joining else [epoch]
-            peers = sorted({s.raft_address(a, e.slot(shard_id, a)) for e in bases for a in e.replicas(shard_id)})
+
+        def members(e: ConfigEpoch) -> list[str]:
+            return [s.raft_address(a, e.slot(shard_id, a)) for a in e.replicas(shard_id)]
+
+        peers = promoted_members if promoted_members is not None else members(current if joining else epoch)
+        planned = tuple(sorted(set(members(epoch)) - set(peers) - {me})) if joining else ()
         # The group's starting ownership is its creation epoch's, not the one this node happens to know
         # now: a replica re-created later replays the same log from the same state as its peers.
         origin_number, origin_ring = epoch.origin(shard_id)
         ownership = (origin_number, shard_id, origin_ring)
         return RaftGroup(f"shard-{shard_id}", me, [p for p in peers if p != me], ShardState(ownership), directory,
-                         s.secret, self._timing, bind_host=s.bind_host, learner=joining)
+                         s.secret, self._timing, bind_host=s.bind_host, learner=joining, also_connect=planned,
+                         hold_election=promoted_members is not None)

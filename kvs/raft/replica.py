@@ -41,7 +41,15 @@ waiting instead, with four documented changes that touch PySyncObj internals
    so the group's quorum never waits for a member that is still receiving the
    snapshot. When its own address appears in the configuration it has
    applied (`promoted`), its node closes it and opens a voting replica on the
-   same directory (`kvs.node`).
+   same directory (`kvs.node`). Its `peers` are the members as far as its
+   node knows them (the configuration it replays the log's changes onto:
+   nobody else, or a node that is only planned would look like a member);
+   `also_connect` names the planned ones, which it connects to without
+   counting them (the leader may be one, after a hand-over or an election).
+   The voting replica a learner becomes (`hold_election`) does not campaign
+   until it has heard a leader: PySyncObj has no pre-vote, and a replica whose
+   load takes longer than the election timeout would otherwise depose the
+   leader that has just added it.
 
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
@@ -127,6 +135,7 @@ from typing import Any, Callable
 
 import pysyncobj.pickle
 from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
@@ -169,6 +178,8 @@ class RaftTransport(TCPTransport):
     """TCPTransport whose outgoing connections give up quickly and bind to the node's own IP."""
 
     def addNode(self, node: Any) -> None:
+        if node in self._connections:
+            return          # connected already (a learner's planned peer, then its membership entry)
         super().addNode(node)
         conn = self._connections.get(node)
         if conn is None:
@@ -198,10 +209,13 @@ class RaftTransport(TCPTransport):
 
 class Replica(SyncObj):
     def __init__(self, self_address: str, peers: list[str], state: Any, conf: SyncObjConf,
-                 on_applied: Callable[[], None] | None = None, group: str = "", learner: bool = False):
+                 on_applied: Callable[[], None] | None = None, group: str = "", learner: bool = False,
+                 also_connect: tuple[str, ...] = (), hold_election: bool = False):
         self.group = group
         self.address = self_address
         self.learner = learner                      # change 5: PySyncObj's read-only node
+        self._hold = hold_election                  # change 5: until a leader is heard; before the tick thread
+        self._also_connect = list(also_connect)
         self._foreign_logged = False
         self._state = state
         self._on_applied = on_applied
@@ -214,6 +228,8 @@ class Replica(SyncObj):
         self.addOnTickCallback(self._replicate_now)
         self.addOnTickCallback(self._sync_after_replication)     # after _replicate_now: see "Durability"
         self.addOnTickCallback(self._read_index.on_tick)
+        if self._also_connect:
+            self.addOnTickCallback(self._connect_also)      # on the tick thread, which owns the transport
 
     @replicated
     def _apply(self, command: Any) -> Any:
@@ -342,6 +358,8 @@ class Replica(SyncObj):
             # does while its transport is not ready (pacing PySyncObj's own loop, not a synchronisation).
             time.sleep(timeToWait)
             return
+        if self._hold:
+            self._hold_election()
         try:
             # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
             self._sync_journal()
@@ -357,6 +375,18 @@ class Replica(SyncObj):
     def promoted(self) -> bool:
         """A learner whose applied configuration includes its own address: a member now."""
         return self.learner and any(node.id == self.address for node in self.otherNodes)
+
+    def _connect_also(self) -> None:
+        transport = self._SyncObj__transport
+        for address in self._also_connect:
+            transport.addNode(TCPNode(address))     # RaftTransport.addNode: never twice for one node
+        self._also_connect = []
+
+    def _hold_election(self) -> None:
+        if self._getLeader() is not None:
+            self._hold = False                  # heard a leader: a member like any other from now on
+        else:
+            self._SyncObj__raftElectionDeadline = time.monotonic() + self.conf.raftMaxTimeout
 
     def _sync_after_replication(self) -> None:
         # A tick callback registered after _replicate_now: the AppendEntries are already on their way,

@@ -48,9 +48,10 @@ class RangeCopy:
             started = time.monotonic()
             self._remote.command(plan.epoch, move.destination,
                                  Install(n, move.source, old_ring, new_ring, items, dedup,
-                                         clear=since is None and i == 0, deleted=deleted))
+                                         clear=since is None and i == 0, deleted=deleted,
+                                         revision=exported.revision))
             self._progress.keys_moved += len(items) + len(deleted)
-            copied.update(key for key, _ in items)
+            copied.update(row[0] for row in items)
             copied.update(deleted)
             if since is None:
                 # Pacing, not synchronisation: the bulk copy shares the cores and the destination's log with

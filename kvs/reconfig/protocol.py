@@ -186,14 +186,15 @@ class ExportRequest:
 
 @dataclass(frozen=True)
 class Exported:
-    items: list                # [(key, value)]
+    items: list                # [(key, value, version)]
     deleted: list              # keys deleted since the previous copy
     dedup: list                # deduplication rows of these keys
     number: int                # the change number the copy was read at
+    revision: int = 0          # the source's revision counter (the destination's versions go past it)
 
     def to_json(self) -> dict:
         return {"items": [list(kv) for kv in self.items], "deleted": list(self.deleted),
-                "dedup": dedup_to_json(self.dedup), "number": self.number}
+                "dedup": dedup_to_json(self.dedup), "number": self.number, "revision": self.revision}
 
     @classmethod
     def from_json(cls, body: object) -> "Exported":
@@ -201,4 +202,7 @@ class Exported:
         items, deleted, number = b.get("items"), b.get("deleted"), b.get("number")
         if not isinstance(items, list) or not isinstance(deleted, list) or not isinstance(number, int):
             raise ValueError("an export has items, deleted and number")
-        return cls([tuple(kv) for kv in items], deleted, dedup_from_json(b.get("dedup")), number)
+        revision = b.get("revision", 0)
+        if type(revision) is not int or revision < 0:
+            raise ValueError("an export's revision is a non-negative integer")
+        return cls([tuple(kv) for kv in items], deleted, dedup_from_json(b.get("dedup")), number, revision)

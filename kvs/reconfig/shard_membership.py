@@ -110,18 +110,20 @@ class ShardMembership:
         steps = 0
         for sid, group in differing.items():
             target = self._addresses(sid, active, pending)
+            joiners = set(target or ()) - set(self._addresses(sid, active, None) or ())
             try:
-                steps += target is not None and self._step(sid, group, target)
+                steps += target is not None and self._step(sid, group, target, joiners)
             except KvsError as exc:             # one stuck group does not hold the others up
                 log.warning("shard %s membership: %s", sid, exc.message)
         return steps
 
-    def _step(self, shard_id: str, group, target: dict[str, str]) -> bool:
+    def _step(self, shard_id: str, group, target: dict[str, str], joiners: set[str]) -> bool:
         step = next_step(group.members(), sorted(target), group.self_address, group.lagging_members(CAUGHT_UP_SLACK))
         if step is None:
             return False
-        if step.op == "add" and not self._learner_caught_up(shard_id, group, target[step.member]):
-            return False
+        if step.op == "add" and (joiners.intersection(group.lagging_members(CAUGHT_UP_SLACK))
+                                 or not self._ready_to_join(shard_id, group, target[step.member])):
+            return False            # one joining member at a time, each caught up before it counts
         if step.op == "hand over":
             log.info("shard %s: %s must leave the group; handing leadership over", shard_id, group.self_address)
             group.transfer_leadership()
@@ -131,17 +133,21 @@ class ShardMembership:
         return True
 
 
-    def _learner_caught_up(self, shard_id: str, group, address: str) -> bool:
-        """Whether `address` runs a learner of the shard's group that has applied up to this leader's commit
-        index but CAUGHT_UP_SLACK entries. Asked of its node: the leader knows its learners only as anonymous
-        peers (PySyncObj's read-only nodes), by connection, not by address."""
+    def _ready_to_join(self, shard_id: str, group, address: str) -> bool:
+        """Whether the node at `address` runs a learner of the shard's group that has applied up to this
+        leader's commit index but CAUGHT_UP_SLACK entries (asked of its node: the leader knows learners
+        only as anonymous read-only peers, by connection), or a voting replica outside the configuration
+        (one removed and now wanted back, as a rollback does; or promoted on a membership entry that a
+        new leader never had): that one receives nothing until it is a member again, and has its log."""
+        commit = group.commit_index
         try:
             status = self._remote.status(address, time.monotonic() + READ_SECONDS)
         except PeerUnreachable:
             return False
         replica = status.groups.get(f"shard-{shard_id}")
-        return replica is not None and replica.role == "learner" \
-            and replica.last_applied >= group.commit_index - CAUGHT_UP_SLACK
+        if replica is None or replica.role == "failed":
+            return False
+        return replica.role != "learner" or replica.last_applied >= commit - CAUGHT_UP_SLACK
 
 
 def decided_epochs(node: Node, remote: Remote) -> tuple[ConfigEpoch | None, ConfigEpoch | None]:

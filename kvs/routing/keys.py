@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 from kvs.errors import BadRequest, NotMember, ReplicaHalted, Unavailable, WrongGroup
 from kvs.fsm.base import Invalid
-from kvs.fsm.shard import NotOwned
+from kvs.fsm.shard import Mismatch, NotOwned
 from kvs.node import Node
 from kvs.raft.group import RaftGroup
 from kvs.raft.loop import LoopGroup
@@ -58,10 +58,11 @@ class KeyRouter:
         self._channel = LeaderChannel(forwarder, loop)
 
     async def key_request(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
-                          forwarded: bool) -> Reply:
+                          forwarded: bool, condition: tuple | None = None) -> Reply:
+        """A key request; `condition` makes a PUT or DELETE a compare-and-set (`kvs.fsm.shard`)."""
         while True:
             try:
-                return await self._route(method, key, value, request_id, deadline, forwarded)
+                return await self._route(method, key, value, request_id, deadline, forwarded, condition)
             except ReplicaHalted:
                 if forwarded or time.monotonic() >= deadline:
                     raise           # 503: the sender tries the next replica
@@ -84,7 +85,7 @@ class KeyRouter:
             await asyncio.sleep(EPOCH_POLL)
 
     async def _route(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
-                     forwarded: bool) -> Reply:
+                     forwarded: bool, condition: tuple | None) -> Reply:
         epoch = self._node.epoch
         if epoch is None:
             raise NotMember("this node does not know the cluster configuration")
@@ -94,7 +95,8 @@ class KeyRouter:
         # A replica that the change in progress takes out of its group may be removed at any moment
         # (then it can neither read nor write): the group's other replicas serve instead.
         if group is not None and group.failure is None and not self._node.leaving(shard_id):
-            reply = await self._serve(group, shard_id, method, key, value, path, request_id, deadline, forwarded)
+            reply = await self._serve(group, shard_id, method, key, value, path, request_id, deadline, forwarded,
+                                      condition)
             if forwarded:
                 leader = self._node.leader_address(shard_id)
                 if leader:
@@ -109,16 +111,20 @@ class KeyRouter:
         if forwarded:
             raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
         payload = None if value is None else {"value": value}
+        if condition is not None:           # in the signed body: a hop carries it as the client's headers did
+            payload = dict(payload or {}, condition=list(condition))
         return await self._forward(shard_id, others, method, path, payload, request_id, deadline)
 
     async def _serve(self, group: RaftGroup, shard_id: str, method: str, key: str, value: str | None, path: str,
-                     request_id: str, deadline: float, forwarded: bool) -> Reply:
+                     request_id: str, deadline: float, forwarded: bool, condition: tuple | None) -> Reply:
         replica = self._loop_group(group)
         if method == "GET":
-            return replies.get_reply(_checked(await replica.read(lambda state: state.read(key), deadline)))
+            return replies.get_reply(_checked(await replica.read(lambda state: state.read_versioned(key), deadline)))
         if method not in ("PUT", "DELETE"):
             raise BadRequest(f"method {method} is not supported")
-        command = ("put", request_id, key, value) if method == "PUT" else ("delete", request_id, key)
+        # The condition slot is always there (None: unconditional): it also says "give a version" (kvs.fsm.shard).
+        command = ("put", request_id, key, value, condition) if method == "PUT" else \
+            ("delete", request_id, key, condition)
         result = None
         if not forwarded and not group.is_leader():
             leader = self._node.leader_address(shard_id)
@@ -127,6 +133,8 @@ class KeyRouter:
         if result is None:
             result = await replica.execute(command, deadline)
         result = _checked(result)
+        if isinstance(result, Mismatch):
+            return replies.mismatch_reply(result, method)
         return replies.put_reply(result) if method == "PUT" else replies.delete_reply(result)
 
     async def write_batch(self, shard_id: str, commands: list[tuple], deadline: float) -> list:

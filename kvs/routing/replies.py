@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvs.fsm.shard import Deleted, Written
+from kvs.fsm.shard import Deleted, Mismatch, Written
 
 @dataclass
 class Reply:
@@ -20,17 +20,31 @@ class Reply:
 
 def put_reply(result: Written) -> Reply:
     if result.replaced:
-        return Reply(200, {"message": "Updated successfully", "replaced": True})
-    return Reply(201, {"message": "Added successfully", "replaced": False})
+        return Reply(200, {"message": "Updated successfully", "replaced": True, "version": result.version})
+    return Reply(201, {"message": "Added successfully", "replaced": False, "version": result.version})
 
 
-def get_reply(value: str | None) -> Reply:
-    if value is None:
+def get_reply(found: tuple[str, int] | None) -> Reply:
+    """`found` = (value, version), or None for a missing key."""
+    if found is None:
         return Reply(404, {"doesExist": False, "error": "Key does not exist", "message": "Error in GET"})
-    return Reply(200, {"doesExist": True, "message": "Retrieved successfully", "value": value})
+    value, version = found
+    return Reply(200, {"doesExist": True, "message": "Retrieved successfully", "value": value, "version": version})
 
 
 def delete_reply(result: Deleted) -> Reply:
     if result.existed:
         return Reply(200, {"doesExist": True, "message": "Deleted successfully"})
     return Reply(404, {"doesExist": False, "error": "Key does not exist", "message": "Error in DELETE"})
+
+
+def mismatch_reply(result: Mismatch, method: str) -> Reply:
+    """412: a conditional write (If-Match / If-None-Match) whose condition did not hold; nothing changed."""
+    state = f"its version is {result.version}" if result.exists else "it does not exist"
+    return Reply(412, {"doesExist": result.exists, "version": result.version, "message": f"Error in {method}",
+                       "error": f"Precondition failed: {state}"})
+
+
+def etag(version: int) -> str:
+    """The ETag of a key's version (a strong validator: the version names one write)."""
+    return f'"{version}"'

@@ -11,9 +11,11 @@ one result per write. A write the leader could not take (unreachable, not
 leading any more, the batch failed) comes back as None: the follower then
 proposes it itself, as before.
 
-On the wire a command is `[op, request id, key]` or `["put", request id, key,
-value]`, and a result is `{"written": replaced}`, `{"deleted": existed}`,
-`{"not-owned": epoch}`, `{"invalid": reason}` or `{"unavailable": reason}`.
+On the wire a command is `["delete", request id, key, condition]` or `["put",
+request id, key, value, condition]`, the condition of a compare-and-set a list
+or null, and a result is `{"written": [replaced, version]}`, `{"deleted":
+existed}`, `{"mismatch": [version, exists]}`, `{"not-owned": epoch}`, `{"invalid": reason}` or
+`{"unavailable": reason}`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from urllib.parse import quote
 
 from kvs.fsm.base import Invalid
-from kvs.fsm.shard import Deleted, NotOwned, Written
+from kvs.fsm.shard import Deleted, Mismatch, NotOwned, Written
 from kvs.routing.aio_peers import AsyncForwarder
 from kvs.routing.peers import PeerUnreachable
 
@@ -38,20 +40,31 @@ def route(shard_id: str) -> str:
 
 
 def command_to_json(command: tuple) -> list:
-    return list(command)
+    return [list(part) if isinstance(part, tuple) else part for part in command]
 
 
 def command_from_json(row: object) -> tuple:
-    """A write command from its JSON form; ValueError if it is not one."""
-    if (isinstance(row, list) and len(row) == 4 and row[0] == "put" and all(isinstance(x, str) for x in row)) or \
-            (isinstance(row, list) and len(row) == 3 and row[0] == "delete" and all(isinstance(x, str) for x in row)):
-        return tuple(row)
-    raise ValueError("a write is [\"put\", request id, key, value] or [\"delete\", request id, key]")
+    """A write command from its JSON form; ValueError if it is not one. A condition's shape is the state
+    machine's to judge (a malformed one is its Invalid result, a 400)."""
+    size = {"put": 4, "delete": 3}.get(row[0]) if isinstance(row, list) and row and isinstance(row[0], str) \
+        else None
+    if size is not None and len(row) in (size, size + 1) and all(isinstance(x, str) for x in row[:size]):
+        if len(row) == size:
+            return tuple(row)
+        slot = row[size]
+        if slot is None:
+            return tuple(row[:size]) + (None,)
+        if isinstance(slot, list) and len(slot) <= 2 and all(isinstance(x, (str, int)) for x in slot):
+            return tuple(row[:size]) + (tuple(slot),)
+    raise ValueError("a write is [\"put\", request id, key, value(, condition)] or "
+                     "[\"delete\", request id, key(, condition)]")
 
 
 def result_to_json(result: object) -> dict:
     if isinstance(result, Written):
-        return {"written": result.replaced}
+        return {"written": [result.replaced, result.version]}
+    if isinstance(result, Mismatch):
+        return {"mismatch": [result.version, result.exists]}
     if isinstance(result, Deleted):
         return {"deleted": result.existed}
     if isinstance(result, NotOwned):
@@ -66,8 +79,12 @@ def result_from_json(row: object) -> object | None:
     if not isinstance(row, dict) or len(row) != 1:
         return None
     (kind, value), = row.items()
-    if kind == "written" and isinstance(value, bool):
-        return Written(value)
+    if kind == "written" and isinstance(value, list) and len(value) == 2 and isinstance(value[0], bool) \
+            and type(value[1]) is int:
+        return Written(*value)
+    if kind == "mismatch" and isinstance(value, list) and len(value) == 2 and type(value[0]) is int \
+            and isinstance(value[1], bool):
+        return Mismatch(*value)
     if kind == "deleted" and isinstance(value, bool):
         return Deleted(value)
     if kind == "not-owned" and isinstance(value, int):

@@ -25,37 +25,31 @@ placed with any result whenever it is minimal, and a history is accepted once
 every *ok* operation is placed. Unknown gets (no effect) and failed operations
 (no effect) are dropped. At equal times a return precedes a call: an operation
 that returned at t happened before one invoked at t.
+
+Compare-and-set ("cas", `expected` -> `value`) is a write that takes effect
+only if the register holds `expected` (None: absent), atomically; its result is
+whether it did. A failed cas changes nothing and is a free move like a get;
+every value a cas expects counts as observed (it is never merged into
+_UNREAD), since the cas observed it.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable
 
-OK = "ok"
-FAIL = "fail"
-UNKNOWN = "unknown"
+from kvs.testing.history import FAIL, OK, UNKNOWN, Operation, describe, history_from_json, history_to_json
+
+__all__ = ["FAIL", "OK", "UNKNOWN", "Operation", "describe", "history_from_json", "history_to_json",
+           "KeyResult", "CheckResult", "check_key", "check_history"]
 
 _ANY = object()  # expected result of an op nobody observed: anything goes
 _UNREAD = object()  # model state standing for every put value no get returned
-_GET, _PUT, _DELETE = 0, 1, 2
-_KIND_CODES = {"get": _GET, "put": _PUT, "delete": _DELETE}
-
-
-@dataclass(frozen=True)
-class Operation:
-    client: str  # who issued it
-    kind: str  # "put" | "get" | "delete"
-    key: str
-    value: str | None  # put: the value written; get/delete: None
-    call: float  # invocation time (seconds, monotonic)
-    ret: float | None  # response time; None when the outcome is unknown (timeout)
-    outcome: str  # "ok" | "fail" | "unknown"
-    result: object = None  # ok get: value read (None: absent); ok put/delete: key existed
+_GET, _PUT, _DELETE, _CAS = 0, 1, 2, 3
+_KIND_CODES = {"get": _GET, "put": _PUT, "delete": _DELETE, "cas": _CAS}
 
 
 @dataclass
@@ -84,19 +78,13 @@ class CheckResult:
                 f"{violations} violations, {timeouts} timeouts")
 
 
-def describe(op: Operation) -> str:
-    """Short human-readable form of one operation."""
-    args = f"{op.key!r}, {op.value!r}" if op.kind == "put" else repr(op.key)
-    outcome = f"-> {op.result!r}" if op.outcome == OK else f"({op.outcome})"
-    ret = f"{op.ret:.6f}" if op.outcome == OK and op.ret is not None else "?"
-    return f"{op.client}: {op.kind}({args}) {outcome} [{op.call:.6f}, {ret}]"
-
-
 def _validate(op: Operation) -> None:
     if op.kind not in _KIND_CODES or op.outcome not in (OK, FAIL, UNKNOWN):
         raise ValueError(f"unknown operation kind or outcome: {op}")
-    if op.kind == "put" and op.value is None:
-        raise ValueError(f"put without a value: {op}")
+    if op.kind in ("put", "cas") and op.value is None:
+        raise ValueError(f"{op.kind} without a value: {op}")
+    if op.kind == "cas" and op.outcome == OK and not isinstance(op.result, bool):
+        raise ValueError(f"an ok cas records whether it applied (True or False): {op}")
     if op.outcome == OK and (op.ret is None or op.ret < op.call):
         raise ValueError(f"ok operation without a return time at or after its call: {op}")
 
@@ -113,11 +101,13 @@ class _OpTable:
     """What the search consults about each relevant operation, as parallel lists."""
 
     def __init__(self, ops: list[Operation]) -> None:
-        read_values = {op.result for op in ops if op.kind == "get" and op.outcome == OK}
+        read_values = {op.result for op in ops if op.kind == "get" and op.outcome == OK} \
+            | {op.expected for op in ops if op.kind == "cas"}
         self.kind = [_KIND_CODES[op.kind] for op in ops]
-        # put: the value written, or _UNREAD if no get returned it; delete/get: None
+        # put/cas: the value written, or _UNREAD if no get returned it (and no cas expected it); delete/get: None
         self.writes = [(op.value if op.value in read_values else _UNREAD)
-                       if op.kind == "put" else None for op in ops]
+                       if op.kind in ("put", "cas") else None for op in ops]
+        self.cas_expects = [op.expected if op.kind == "cas" else None for op in ops]
         self.expected = [_expected_result(op) for op in ops]
         self.completed = [op.outcome == OK for op in ops]  # ok ops must be placed
         self.bit = [1 << i for i in range(len(ops))]
@@ -125,16 +115,18 @@ class _OpTable:
         self.reads = [op.result if k == _GET and c else None
                       for op, k, c in zip(ops, self.kind, self.completed)]
         # ops that change nothing wherever they are legal: a get, a delete of nothing
-        self.never_changes = [k == _GET or (k == _DELETE and e is False)
+        self.never_changes = [k == _GET or (k in (_DELETE, _CAS) and e is False)
                               for k, e in zip(self.kind, self.expected)]
-        # puts that leave the model state _UNREAD if it already is
-        self.overwrites_unread = [w is _UNREAD and e is True
-                                  for w, e in zip(self.writes, self.expected)]
+        # puts that leave the model state _UNREAD if it already is (not a free move once a failed cas
+        # may be placed: it tells apart the unread values, one of which it may expect)
+        failed_cas = any(k == _CAS and e is False for k, e in zip(self.kind, self.expected))
+        self.overwrites_unread = [w is _UNREAD and e is True and k == _PUT and not failed_cas
+                                  for w, e, k in zip(self.writes, self.expected, self.kind)]
         # unknown op: the previous unknown op (by call) with the same effect, or -1
         self.predecessor, last_of_class = [-1] * len(ops), {}
         for i in sorted(range(len(ops)), key=lambda i: ops[i].call):
             if not self.completed[i]:
-                effect = (self.kind[i], self.writes[i])
+                effect = (self.kind[i], self.writes[i], self.cas_expects[i])
                 self.predecessor[i] = last_of_class.get(effect, -1)
                 last_of_class[effect] = i
 
@@ -143,6 +135,14 @@ class _OpTable:
         want = self.expected[i]
         if self.kind[i] == _GET:
             return want is _ANY or want == state, state
+        if self.kind[i] == _CAS:
+            holds = state == self.cas_expects[i]       # _UNREAD equals no expected value
+            if want is False:
+                return not holds, state
+            if not holds:
+                return False, state
+            if self.completed[i]:
+                return True, self.writes[i]
         new_state = self.writes[i]
         if self.completed[i]:
             return want is _ANY or want == (state is not None), new_state
@@ -302,7 +302,7 @@ class _Search:
     def explain(self, key: str) -> str:
         prefix, blocked, linearized = self.deepest or ([], -1, 0)
         t, placed = self.table, [self.ops[i] for i in prefix]
-        writers = [op for op in placed if op.kind != "get"]
+        writers = [op for op in placed if op.kind != "get" and not (op.kind == "cas" and op.result is False)]
         value = writers[-1].value if writers else None
         waiting = [op for i, op in enumerate(self.ops)
                    if value is not None and t.reads[i] == value and not linearized & t.bit[i]]
@@ -331,7 +331,7 @@ def _obvious_violation(ops: list[Operation]) -> str | None:
     for op in ops:
         if op.kind == "get" and op.outcome == OK and op.result is not None:
             readers.setdefault(op.result, []).append(op)
-        elif op.kind == "put":
+        elif op.kind == "put" or (op.kind == "cas" and op.result is not False):
             writers.setdefault(op.value, []).append(op)
     by_call = sorted(ops, key=lambda op: op.call)
     calls = [op.call for op in by_call]
@@ -347,10 +347,17 @@ def _obvious_violation(ops: list[Operation]) -> str | None:
         if w.outcome != OK:
             continue
         for o in by_call[bisect_left(calls, w.ret):bisect_right(calls, last.call)]:
-            if _precedes(w, o) and _precedes(o, last) and not (o.kind == "get" and o.result == value):
+            if _changes_nothing(o, value):
+                continue
+            if _precedes(w, o) and _precedes(o, last):
                 return (f"{describe(o)} happens after {describe(w)} and before "
                         f"{describe(last)}, which still reads {value!r}")
     return None
+
+
+def _changes_nothing(op: Operation, value: object) -> bool:
+    """An op that leaves the register at `value`: a read of it, or a cas that did not apply."""
+    return (op.kind == "get" and op.result == value) or (op.kind == "cas" and op.outcome == OK and op.result is False)
 
 
 def check_key(ops: list[Operation], key: str | None = None,
@@ -387,17 +394,3 @@ def check_history(ops: Iterable[Operation], budget_seconds_per_key: float = 10.0
         by_key.setdefault(op.key, []).append(op)
     results = [check_key(by_key[key], key, budget_seconds_per_key) for key in sorted(by_key)]
     return CheckResult(ok=all(r.ok for r in results), keys=results)
-
-
-def history_to_json(ops: Iterable[Operation]) -> list[dict]:
-    """JSON-safe rows (an infinite ret becomes None) that history_from_json replays."""
-    return [{**asdict(op), "ret": None if op.ret is None or math.isinf(op.ret) else op.ret}
-            for op in ops]
-
-
-def history_from_json(rows: Iterable[dict]) -> list[Operation]:
-    return [Operation(client=str(row["client"]), kind=row["kind"], key=str(row["key"]),
-                      value=row.get("value"), call=float(row["call"]),
-                      ret=None if row.get("ret") is None else float(row["ret"]),
-                      outcome=row["outcome"], result=row.get("result"))
-            for row in rows]

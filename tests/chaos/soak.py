@@ -8,7 +8,10 @@ replicas and 4 spares, kill / pause / isolate / whole-group faults, a view
 change mid-run, a dead replica replaced by a spare, and a change whose
 coordinator is SIGKILLed), with its own seed.
 The summary is rewritten after every run, so an interrupted soak still
-records what it did; `--max-minutes` bounds the whole soak. "Lost" counts
+records what it did; `--max-minutes` bounds the whole soak. A soak continued
+later on the same commit (`--first-seed` past the last run) is joined to the
+first part with `--merge PART... --out FILE`, which refuses parts of
+different commits or overlapping seeds. "Lost" counts
 acknowledged write-once keys missing at the end; a write applied twice or a
 stale read shows as a linearizability violation.
 """
@@ -95,7 +98,43 @@ def summarize(backend: str, seconds: float, runs: list[dict], meta: dict) -> dic
     })
 
 
+def merge(paths: list[str], out: str) -> int:
+    """Join soak summaries of one commit and backend into one, as if one soak had made every run."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    first = parts[0]
+    for part in parts[1:]:
+        for field in ("commit", "backend", "seconds-per-run"):
+            if part[field] != first[field]:
+                print(f"cannot merge: {field} differs ({first[field]!r} vs {part[field]!r})", file=sys.stderr)
+                return 2
+    runs = [run for part in parts for run in part["per-run"]]
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        print("cannot merge: the parts ran some seeds twice", file=sys.stderr)
+        return 2
+    meta = {"commit": first["commit"], "command": " + ".join(p["command"] for p in parts),
+            "started": first["started"], "load-average-start": first["load-average-start"],
+            "parts": [{"command": p["command"], "started": p["started"], "ended": p["ended"], "runs": p["runs"]}
+                      for p in parts]}
+    summary = summarize(first["backend"], first["seconds-per-run"], sorted(runs, key=lambda r: r["seed"]), meta)
+    summary["ended"], summary["load-average-end"] = parts[-1]["ended"], parts[-1]["load-average-end"]
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{summary['runs']} runs, {summary['violations']} violations, {summary['lost']} lost -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--merge"]:
+        parser = argparse.ArgumentParser(description="join soak summaries of one commit")
+        parser.add_argument("--merge", nargs="+", required=True)
+        parser.add_argument("--out", required=True)
+        args = parser.parse_args(argv)
+        return merge(args.merge, args.out)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("docker", "process"), required=True)
     parser.add_argument("--runs", type=int, default=100)
@@ -113,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.backend == "docker":
         ensure_image(args.image)
-    meta = {"commit": commit(), "command": " ".join(["python -m tests.chaos.soak"] + (argv or sys.argv[1:])),
+    meta = {"commit": commit(), "command": " ".join(["python -m tests.chaos.soak"] + argv),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "load-average-start": os.getloadavg()}
     deadline = time.monotonic() + args.max_minutes * 60

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from kvs.testing.linearizability import FAIL, OK, Operation
 from kvs.config.epoch import ConfigEpoch
 from kvs.reconfig.planner import plan_view_change
@@ -143,3 +145,22 @@ def test_two_faults_on_one_group_take_its_majority():
     assert len(check.run([failed(key, 25, 26, through)])[0]) == 1            # 1 of 3 down: a follower fault
     ok = Operation("c0", "get", key, None, 16, 17, OK, None)
     assert check.run([(ok, through)])[0] == []
+
+
+def test_soak_parts_of_one_commit_merge_into_one_summary_and_other_commits_are_refused(tmp_path):
+    from .soak import _EMPTY_RUN, merge, summarize
+
+    def part(seeds, commit, name):
+        runs = [dict(_EMPTY_RUN, seed=s, **{"ops-ok": 10, "faults": ["kill"], "violation-count": 0}) for s in seeds]
+        meta = {"commit": commit, "command": f"soak {name}", "started": name, "load-average-start": (0, 0, 0)}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(summarize("process", 60.0, runs, meta)))
+        return str(path)
+
+    out = str(tmp_path / "all.json")
+    assert merge([part([1, 2, 3], "abc", "a"), part([4, 5], "abc", "b")], out) == 0
+    merged = json.loads(open(out).read())
+    assert merged["runs"] == 5 and merged["operations"]["ok"] == 50 and merged["faults"] == {"kill": 5}
+    assert [r["seed"] for r in merged["per-run"]] == [1, 2, 3, 4, 5] and len(merged["parts"]) == 2
+    assert merge([part([1], "abc", "c"), part([2], "def", "d")], out) == 2          # another commit
+    assert merge([part([1, 2], "abc", "e"), part([2, 3], "abc", "f")], out) == 2    # a seed twice

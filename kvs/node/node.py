@@ -89,7 +89,7 @@ class Node:
         finally:
             # Here, not by whoever stops the node: a replica's tick thread ends, without closing its
             # files and sockets, as soon as the thread that created it (this one) has ended.
-            for group in self._all_groups():
+            for group in self.all_groups():
                 group.close()
             self._supervisor_running = False
 
@@ -377,7 +377,8 @@ class Node:
         """This node's shard replicas (not the metadata replica)."""
         return list(self.shard_groups().values())
 
-    def _all_groups(self) -> list[RaftGroup]:
+    def all_groups(self) -> list[RaftGroup]:
+        """Every replica this node runs, the metadata replica included."""
         with self._lock:
             groups = list(self._groups.values())
         return groups + ([self._meta] if self._meta is not None else [])
@@ -400,7 +401,3 @@ class Node:
     @property
     def recovery(self) -> GroupRecovery:
         return self._recovery
-
-    def all_groups(self) -> list[RaftGroup]:
-        """Every replica this node runs, the metadata replica included."""
-        return self._all_groups()

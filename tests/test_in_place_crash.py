@@ -4,7 +4,8 @@ its quorum, no acknowledged write is lost (issue 12).
 Real processes, a 2 x 3 cluster and one spare that joins shard 1 (add-member, a Raft membership
 change of shard 1's group): the coordinator is SIGKILLed at each phase; the joining node is killed
 while it catches up and comes back; the group's leader is killed during the configuration change;
-a leader that must leave its group hands its leadership over first.
+a removal of a dead replica is rolled back while it stays dead; a leader that must leave its group
+hands its leadership over first.
 """
 
 from __future__ import annotations
@@ -163,6 +164,38 @@ def test_the_leader_killed_during_the_configuration_change_the_change_still_comp
     cluster.start_node(leader)
     cluster.wait_healthy([leader], timeout=60)
     assert_every_key_readable(leader, 3000)
+
+
+def test_a_rolled_back_removal_of_a_dead_replica_completes_while_the_replica_stays_dead(make_cluster):
+    """The soak's stall: shard 1's leader has taken a dead replica out, the coordinator stops before
+    the commit, another node rolls the change back. The rollback must not wait for the dead replica
+    to be a member again; it comes back as one when its node returns."""
+    cluster = make_cluster(2, 3)
+    a1, a2, a3, b1, b2, b3 = cluster.view
+    preload(a1, 300)
+    cluster.kill(a3)
+    result: dict = {}
+    start(lambda: put_json(b1, "/kvs/view-change/remove-member", {"address": a3}), result)
+    wait_until(lambda: phase(b2)["phase"] is not None, 60, interval=0.002, message="the change is prepared")
+    cluster.pause(b1)                               # the coordinator, before it could commit
+    assert phase(b2)["epoch"] == 1
+    wait_until(lambda: members_of([a1, a2], "1") is not None and len(members_of([a1, a2], "1")) == 2, 60,
+               message="shard 1's leader took the dead replica out")
+    wait_until(lambda: phase(b2)["phase"] is None, 120, interval=0.2, message="the change was rolled back")
+    assert phase(b2)["epoch"] == 1
+    assert KvsClient(b2).shards()[1]["shards"] == ["1", "2"]
+    assert len(members_of([a1, a2], "1")) == 2      # the dead replica is not waited for
+    assert_every_key_readable(b2, 300)
+    cluster.kill(b1)
+    cluster.start_node(b1)
+    cluster.start_node(a3)
+    cluster.wait_healthy([b1, a3], timeout=60)
+    wait_until(lambda: members_of([a1, a2, a3], "1") is not None and len(members_of([a1, a2, a3], "1")) == 3,
+               60, message="the returned replica is a member of shard 1 again")
+    status, body = put_json(b2, "/kvs/view-change/remove-member", {"address": a3})
+    assert status == 200, body
+    assert [s["replicas"] for s in body["shards"]] == [[a1, a2], [b1, b2, b3]]
+    assert_every_key_readable(b3, 300)
 
 
 def test_a_leader_that_must_leave_its_group_hands_leadership_over_first(make_cluster):

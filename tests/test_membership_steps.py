@@ -87,3 +87,22 @@ def test_a_voter_outside_the_configuration_is_added_back_at_once():
 def test_one_joiner_at_a_time_but_a_lagging_member_that_stays_does_not_hold_an_add_up():
     assert not add_taken(learner(1000), lagging=["e:2"], joiners=("d:2", "e:2"))       # e still acknowledges nothing
     assert add_taken(learner(1000), lagging=["c:2"], joiners=("d:2",))                 # c is down, and stays
+
+
+def test_a_rollback_takes_the_added_member_out_before_it_puts_back_a_removed_one_that_is_dead():
+    # the plan replaced c by d; rolling back, c (dead) is wanted back and d must go: d goes first
+    group = FakeGroup(["a:2", "b:2", "d:2"])
+    target = {"a:2": "a:1", "b:2": "b:1", "c:2": "c:1"}
+    membership = ShardMembership(node=None, remote=FakeRemote("unreachable"))
+    assert membership._step("1", group, target, set(), unwinding=True)
+    assert group.changes == [("remove", "d:2")]
+    # outside a rollback adds come first: the dead c blocks, and nothing is removed meanwhile
+    forward = FakeGroup(["a:2", "b:2", "d:2"])
+    assert not membership._step("1", forward, target, {"c:2"})
+    assert forward.changes == []
+    # once the added member is out, the rollback still puts back the removed one when it can be reached
+    back = FakeGroup(["a:2", "b:2"])
+    revived = ShardMembership(node=None, remote=FakeRemote(
+        GroupStatus(leader=None, members=["a:2", "b:2", "c:2"], role="follower", last_applied=3)))
+    assert revived._step("1", back, target, set(), unwinding=True)
+    assert back.changes == [("add", "c:2")]

@@ -48,7 +48,7 @@ from kvs.fsm.commands import Drop, DropKeys, Freeze, Own, Thaw, Track
 from kvs.reconfig import settle
 from kvs.reconfig.copy import RangeCopy
 from kvs.fsm.meta import UNWINDING
-from kvs.reconfig.planner import MemberChange, Plan, plan_add_member, plan_remove_member, plan_view_change
+from kvs.reconfig.planner import Plan, plan_add_member, plan_remove_member, plan_view_change
 from kvs.reconfig.protocol import Epochs
 from kvs.reconfig.remote import STEP_SECONDS, Remote
 from kvs.settings import NodeSettings, normalize_address, parse_view
@@ -333,16 +333,15 @@ class ViewChange:
         log.warning("view change to epoch %d failed; rolling back: %s", n, self.progress.error)
         self.progress.phase = "rolling back"
         if plan.members:
-            # The plan's replicas keep running while kept shards' members go back to the current ones
-            # (the abort would close them while they may still count toward a quorum). Not back in
+            # The plan's replicas keep running until kept shards' leaders have taken them out of their
+            # members (the abort closes them: they must not count toward a quorum then). Not out in
             # time: Unavailable, the change stays "unwinding", and a takeover tries again later.
             result = self._meta(("advance", n, UNWINDING, self._node.settings.address))
             if isinstance(result, Invalid):
                 raise Unavailable(f"cannot roll back epoch {n}: {result.reason}")
             self._push_decisions(current, plan)
             for change in plan.members:
-                settle.wait_for_members(self._remote, self._node.settings, current,
-                                        MemberChange(change.shard, added=change.removed, removed=change.added))
+                settle.wait_for_departure(self._remote, self._node.settings, plan.epoch, current, change)
         for source in sorted({m.source for m in plan.moves}):
             try:
                 self._remote.command(current, source, Thaw(n))
@@ -377,7 +376,8 @@ class ViewChange:
             log.warning("no metadata replica here to push epochs from; nodes learn them by pulling")
             return
         revision, active, pending = decisions
-        self._remote.push_epochs(_all_nodes(current, plan.epoch), Epochs(active, pending, revision))
+        joining = frozenset(plan.epoch.view) - frozenset(current.view)
+        self._remote.push_epochs(_all_nodes(current, plan.epoch), Epochs(active, pending, revision), joining)
 
     def _meta(self, command: tuple) -> object:
         return self._node.propose_meta(command, time.monotonic() + STEP_SECONDS)

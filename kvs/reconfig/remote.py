@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 STEP_SECONDS = 30.0        # a group step must be taken within this
 STEP_ATTEMPT_SECONDS = 10.0
-PUSH_SECONDS = 5.0         # a node that does not take pushed epochs within this learns them later
+PUSH_SECONDS = 5.0         # a joining node that does not take pushed epochs within this learns them later
+PUSH_BRIEF_SECONDS = 1.0   # the same for a node of the active view (it also pulls every second)
 PROBE_SECONDS = 2.0        # one status request
 
 
@@ -137,22 +138,27 @@ class Remote:
             return None
         return known if known is not None and known.metadata_member else None
 
-    def push_epochs(self, nodes: list[str], epochs: Epochs) -> None:
+    def push_epochs(self, nodes: list[str], epochs: Epochs, joining: frozenset[str] = frozenset()) -> None:
         """Tell every node the epochs, all at once and best effort: a node that is down learns them when
-        it is back (from the metadata group, or from its copy on disk and the next push)."""
+        it is back (from the metadata group, or from its copy on disk and the next push). Nodes of the
+        active view pull what they missed every second, so a dead one costs the caller PUSH_BRIEF_SECONDS;
+        `joining` nodes (idle until told) are given PUSH_SECONDS."""
+        def push(address: str) -> bool:
+            return self._push_to(address, epochs, PUSH_SECONDS if address in joining else PUSH_BRIEF_SECONDS)
+
         with ThreadPoolExecutor(max_workers=max(1, len(nodes)), thread_name_prefix="kvs-push") as pool:
-            for address, learned in zip(nodes, pool.map(lambda a: self._push_to(a, epochs), nodes)):
+            for address, learned in zip(nodes, pool.map(push, nodes)):
                 if not learned:
                     number = (epochs.pending or epochs.active)["number"]
                     log.warning("%s did not learn epoch %d", address, number)
 
-    def _push_to(self, address: str, epochs: Epochs) -> bool:
+    def _push_to(self, address: str, epochs: Epochs, seconds: float) -> bool:
         def attempt(address: str, deadline: float) -> bool:
             if self._send(address, "POST", protocol.EPOCHS, epochs.to_json(), deadline).status != 200:
                 raise TryNext("refused")
             return True
         try:
-            return until_one_answers([address], attempt, time.monotonic() + PUSH_SECONDS,
+            return until_one_answers([address], attempt, time.monotonic() + seconds,
                                      what=f"push to {address}", pause=0.1)
         except Unavailable:
             return False

@@ -84,6 +84,25 @@ def wait_for_members(remote: Remote, settings: NodeSettings, epoch: ConfigEpoch,
             raise Unavailable(f"{address} did not catch up with shard {sid} within {MEMBERS_SECONDS:g}s")
 
 
+def wait_for_departure(remote: Remote, settings: NodeSettings, plan: ConfigEpoch, current: ConfigEpoch,
+                       change: MemberChange) -> None:
+    """Until the group's leader has none of the replicas `plan` added to the shard as Raft members (a
+    rollback: their replicas close at the abort). The replicas the plan removed are not waited for:
+    leaders add them back when their nodes can take it, and one may be dead for good."""
+    sid, name = change.shard, f"shard-{change.shard}"
+    added = {settings.raft_address(a, plan.slot(sid, a)) for a in change.added}
+    if not added:
+        return
+
+    def departed(status) -> bool:
+        group = status.groups.get(name)
+        return group is not None and group.role == "leader" and not added.intersection(group.members)
+
+    nodes = list(dict.fromkeys([*current.replicas(sid), *plan.replicas(sid)]))
+    if not remote.until_status(nodes, MEMBERS_SECONDS, departed):
+        raise Unavailable(f"shard {sid} still had members {', '.join(change.added)} after {MEMBERS_SECONDS:g}s")
+
+
 def wait_for_epoch(remote: Remote, epoch: ConfigEpoch) -> None:
     """Until every node of the new view routes by the new epoch (bounded; stragglers are logged)."""
     deadline = time.monotonic() + SETTLE_SECONDS

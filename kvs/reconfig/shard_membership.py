@@ -30,8 +30,11 @@ Adds before removes: the group never has fewer members than either replica
 set. The coordinator waits until the members match and the new ones caught up
 before it commits the epoch (`settle.wait_for_members`). A rollback first
 records "unwinding" (the plan's replicas keep running, the target is the
-active epoch's replicas again), waits until the members are back, and only
-then aborts the plan, so no replica that still counts toward a quorum closes. The state of the
+active epoch's replicas again): leaders take the members the plan added out
+first, the coordinator waits for that, and only then aborts the plan, so no
+replica that still counts toward a quorum closes. A member the plan removed is
+added back when its node can take it (before or after the abort): it may be
+the dead replica the change was taking out. The state of the
 reconciliation is nothing but the decided epochs and the group's own
 configuration: a leader or coordinator that dies midway leaves nothing to
 repair. Each node's knowledge of the epochs is a hint that may lag (pushes and
@@ -111,17 +114,25 @@ class ShardMembership:
         for sid, group in differing.items():
             target = self._addresses(sid, active, pending)
             joiners = set(target or ()) - set(self._addresses(sid, active, None) or ())
+            unwinding = pending is not None and pending.status == UNWINDING and sid in pending.shards
             try:
-                steps += target is not None and self._step(sid, group, target, joiners)
+                steps += target is not None and self._step(sid, group, target, joiners, unwinding)
             except KvsError as exc:             # one stuck group does not hold the others up
                 log.warning("shard %s membership: %s", sid, exc.message)
         return steps
 
-    def _step(self, shard_id: str, group, target: dict[str, str], joiners: set[str]) -> bool:
-        step = next_step(group.members(), sorted(target), group.self_address, group.lagging_members(CAUGHT_UP_SLACK))
+    def _step(self, shard_id: str, group, target: dict[str, str], joiners: set[str], unwinding: bool = False) -> bool:
+        members, lagging = group.members(), group.lagging_members(CAUGHT_UP_SLACK)
+        step = None
+        if unwinding:
+            # A rollback first takes out the members the plan added (the abort waits for that alone);
+            # putting back one the plan removed is best effort: it may be the dead replica the change
+            # was taking out, and waiting for it would hold the rollback until it returns.
+            step = next_step(members, [m for m in sorted(target) if m in members], group.self_address, lagging)
+        step = step or next_step(members, sorted(target), group.self_address, lagging)
         if step is None:
             return False
-        if step.op == "add" and (joiners.intersection(group.lagging_members(CAUGHT_UP_SLACK))
+        if step.op == "add" and (joiners.intersection(lagging)
                                  or not self._ready_to_join(shard_id, group, target[step.member])):
             return False            # one joining member at a time, each caught up before it counts
         if step.op == "hand over":

@@ -6,6 +6,12 @@ node, restarted), the watcher claims the change through the metadata log (one
 claimant wins: the claim names the coordinator and step count it saw) and
 rolls it back if it was not committed, or finishes the clean-up if it was.
 There is never a half-state that needs a tool.
+
+Whether another node is gone is judged by the metadata group's leader alone, and only after the
+coordinator failed two probes in a row: a member cut off from the others (or
+too loaded to answer in time) would otherwise take a healthy coordinator's
+change away from it, and every needless rollback is a change the operator
+asked for and did not get.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class TakeoverWatcher:
         self._remote = remote
         self._seen: tuple | None = None
         self._since = time.monotonic()
+        self._missed = 0                # consecutive probes the stalled change's coordinator failed
 
     def run(self, stopping: threading.Event) -> None:
         """The watcher's thread body: until `stopping` is set."""
@@ -48,10 +55,18 @@ class TakeoverWatcher:
         change = self._node.change()
         mark = None if change is None else (change["number"], change["coordinator"], change["steps"])
         if mark != self._seen:
-            self._seen, self._since = mark, time.monotonic()
+            self._seen, self._since, self._missed = mark, time.monotonic(), 0
             return
         if change is None or time.monotonic() - self._since < TAKEOVER_SECONDS or self._coordinator.busy:
             return
-        if change["coordinator"] != self._node.settings.address and self._remote.reachable(change["coordinator"]):
-            return                      # alive and stuck on a slow step: its own deadlines end it
-        self._coordinator.take_over(change)
+        if change["coordinator"] != self._node.settings.address and not self._coordinator_gone(change["coordinator"]):
+            return
+        self._coordinator.take_over(change)     # its coordinator is gone, or is this node, restarted
+
+    def _coordinator_gone(self, coordinator: str) -> bool:
+        meta = self._node.metadata_group
+        if meta is None or not meta.is_leader() or self._remote.reachable(coordinator):
+            self._missed = 0
+            return False                # alive and stuck on a slow step: its own deadlines end it
+        self._missed += 1
+        return self._missed >= 2

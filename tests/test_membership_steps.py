@@ -106,3 +106,24 @@ def test_a_rollback_takes_the_added_member_out_before_it_puts_back_a_removed_one
         GroupStatus(leader=None, members=["a:2", "b:2", "c:2"], role="follower", last_applied=3)))
     assert revived._step("1", back, target, set(), unwinding=True)
     assert back.changes == [("add", "c:2")]
+
+
+def test_a_rollback_never_shrinks_a_group_below_a_quorum_of_the_set_it_goes_back_to():
+    from kvs.reconfig.shard_membership import rollback_removal
+    # every replica replaced (x, y, z back to a, b, c): the old ones come back first, none removed before
+    assert rollback_removal(["x:2", "y:2", "z:2"], ["a:2", "b:2", "c:2"], "x:2", []) is None
+    assert rollback_removal(["a:2", "y:2", "z:2"], ["a:2", "b:2", "c:2"], "a:2", []) is None
+    group = FakeGroup(["a:2", "y:2", "z:2"])
+    alive = ShardMembership(node=None, remote=FakeRemote(
+        GroupStatus(leader=None, members=[], role="follower", last_applied=3)))
+    assert alive._step("1", group, {"a:2": "a:1", "b:2": "b:1", "c:2": "c:1"}, set(), unwinding=True)
+    assert group.changes == [("add", "b:2")]
+    # two of three back: the added one may go while the dead third is away
+    assert rollback_removal(["a:2", "b:2", "d:2"], ["a:2", "b:2", "c:2"], "a:2", []) == Step("remove", "d:2")
+    # the dead c lags and so does the added d: d still goes (a and b are a majority of a, b, c)
+    assert rollback_removal(["a:2", "b:2", "c:2", "d:2"], ["a:2", "b:2", "c:2"], "a:2", ["c:2", "d:2"]) \
+        == Step("remove", "d:2")
+    # ... but not if what is left would need a lagging member for its quorum
+    assert rollback_removal(["a:2", "b:2", "c:2", "d:2"], ["a:2", "b:2", "c:2"], "a:2", ["b:2", "c:2"]) is None
+    # the leader is the added one: it hands over first
+    assert rollback_removal(["a:2", "b:2", "d:2"], ["a:2", "b:2", "c:2"], "d:2", []) == Step("hand over")

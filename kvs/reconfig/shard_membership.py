@@ -55,7 +55,7 @@ from kvs.config.epoch import ConfigEpoch
 from kvs.errors import KvsError, Unavailable
 from kvs.fsm.meta import UNWINDING
 from kvs.node import Node
-from kvs.reconfig.membership import next_step
+from kvs.reconfig.membership import Step, next_step
 from kvs.reconfig.remote import Remote
 from kvs.routing.peers import PeerUnreachable
 
@@ -123,18 +123,16 @@ class ShardMembership:
 
     def _step(self, shard_id: str, group, target: dict[str, str], joiners: set[str], unwinding: bool = False) -> bool:
         members, lagging = group.members(), group.lagging_members(CAUGHT_UP_SLACK)
-        step = None
-        if unwinding:
-            # A rollback first takes out the members the plan added (the abort waits for that alone);
-            # putting back one the plan removed is best effort: it may be the dead replica the change
-            # was taking out, and waiting for it would hold the rollback until it returns.
-            step = next_step(members, [m for m in sorted(target) if m in members], group.self_address, lagging)
-        step = step or next_step(members, sorted(target), group.self_address, lagging)
+        step = next_step(members, sorted(target), group.self_address, lagging)
+        if step is not None and step.op == "add":
+            ready = [] if joiners.intersection(lagging) else \
+                [m for m in sorted(target) if m not in members and self._ready_to_join(shard_id, group, target[m])]
+            # one joining member at a time, each caught up before it counts
+            step = Step("add", ready[0]) if ready else None
+        if step is None and unwinding:
+            step = rollback_removal(members, sorted(target), group.self_address, lagging)
         if step is None:
             return False
-        if step.op == "add" and (joiners.intersection(lagging)
-                                 or not self._ready_to_join(shard_id, group, target[step.member])):
-            return False            # one joining member at a time, each caught up before it counts
         if step.op == "hand over":
             log.info("shard %s: %s must leave the group; handing leadership over", shard_id, group.self_address)
             group.transfer_leadership()
@@ -142,7 +140,6 @@ class ShardMembership:
         log.info("shard %s: %s %s", shard_id, "adding" if step.op == "add" else "removing", step.member)
         group.change_members(step.op, step.member, time.monotonic() + STEP_SECONDS, on_appended=lambda: None)
         return True
-
 
     def _ready_to_join(self, shard_id: str, group, address: str) -> bool:
         """Whether the node at `address` runs a learner of the shard's group that has applied up to this
@@ -159,6 +156,22 @@ class ShardMembership:
         if replica is None or replica.role == "failed":
             return False
         return replica.role != "learner" or replica.last_applied >= commit - CAUGHT_UP_SLACK
+
+
+def rollback_removal(members: list[str], target: list[str], leader: str, lagging: list[str]) -> Step | None:
+    """A rollback whose next add cannot be taken (the removed replica it would put back is dead, say)
+    takes out a member the plan added instead, so that the abort can follow; the removed replica is
+    added back when its node returns. Only while the target's members still in the group are a
+    majority of the target, and the group left has a majority that is not catching up: a rollback
+    never leaves a shard on fewer replicas than a quorum of the set it goes back to."""
+    extra = [m for m in members if m not in target]
+    if not extra or 2 * len([m for m in members if m in target]) <= len(target):
+        return None
+    member = next((m for m in extra if m != leader), None)
+    rest = [m for m in members if m != (member or leader)]
+    if 2 * len([m for m in rest if m not in lagging]) <= len(rest):
+        return None
+    return Step("remove", member) if member is not None else Step("hand over")
 
 
 def decided_epochs(node: Node, remote: Remote) -> tuple[ConfigEpoch | None, ConfigEpoch | None]:

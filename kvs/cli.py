@@ -95,6 +95,14 @@ def client_command(args: argparse.Namespace) -> int:
             status, body = client.get(args.key)
         elif args.command == "delete":
             status, body = client.delete(args.key, if_match=args.if_match)
+        elif args.command == "set-many":
+            status, body = client.set_many(_pairs(args.pairs, args.source), request_id=args.request_id)
+        elif args.command == "get-many":
+            status, body = client.get_many(args.keys)
+        elif args.command == "exists":
+            status, body = client.exists_many(args.keys)
+        elif args.command == "fetch-all":
+            status, body = client.fetch_all()
         else:
             status, body = client.status()
     except requests.RequestException as exc:
@@ -102,6 +110,29 @@ def client_command(args: argparse.Namespace) -> int:
         return 3
     print(json.dumps(body, indent=2))
     return 0 if status < 400 else 1
+
+
+def _pairs(pairs: list[str], source: str | None) -> list:
+    """KEY=VALUE arguments (strings), then the pairs of a seed-004 JSON file (- for stdin), which may be binary."""
+    from kvs.client import data_value
+
+    out = []
+    for text in pairs:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"kvs: {text!r} is not KEY=VALUE")
+        out.append((key, value))
+    if source:
+        try:
+            if source == "-":
+                items = json.load(sys.stdin)
+            else:
+                with open(source, encoding="utf-8") as f:
+                    items = json.load(f)
+            out.extend((data_value(item["key"]), data_value(item["value"])) for item in items)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"kvs: cannot read pairs from {source}: {exc}") from None
+    return out
 
 
 def view_change(args: argparse.Namespace) -> int:
@@ -234,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 "or * (only if it exists); 412 otherwise")
         if name == "put":
             c.add_argument("--if-none-match", action="store_true", help="create only: 412 if the key exists")
+        c.set_defaults(run=client_command)
+
+    batches = (("set-many", "write pairs in one batch (PUT /set): KEY=VALUE ... and/or --from a seed-004 JSON file"),
+               ("get-many", "read keys in one batch (POST /fetch)"), ("exists", "which keys exist (POST /query)"),
+               ("fetch-all", "every pair of the store (GET /fetch)"))
+    for name, text in batches:
+        c = sub.add_parser(name, help=text)
+        if name == "set-many":
+            c.add_argument("pairs", nargs="*", metavar="KEY=VALUE")
+            c.add_argument("--from", dest="source", metavar="FILE",
+                           help='a JSON list of {"key": {"encoding", "data"}, "value": {...}} (- for stdin)')
+            c.add_argument("--request-id", help="Idempotency-Key: a retry with it is applied once per pair")
+        elif name != "fetch-all":
+            c.add_argument("keys", nargs="+", metavar="KEY")
+        c.add_argument("--node", default=default_node, help="host:port of any node (KVS_NODE)")
         c.set_defaults(run=client_command)
     return parser
 

@@ -6,6 +6,7 @@ raise `requests.RequestException`, which callers treat as "outcome unknown".
 
 from __future__ import annotations
 
+import base64
 from urllib.parse import quote
 
 import requests
@@ -19,7 +20,7 @@ class KvsClient:
         self.timeout = timeout
         self._session = session or requests.Session()
 
-    def _call(self, method: str, path: str, body: dict | None = None,
+    def _call(self, method: str, path: str, body: dict | list | None = None,
               headers: dict | None = None) -> tuple[int, dict]:
         resp = self._session.request(method, f"http://{self.address}{path}", json=body, headers=headers,
                                      timeout=self.timeout)
@@ -43,6 +44,27 @@ class KvsClient:
     def delete(self, key: str, request_id: str | None = None, if_match: int | str | None = None) -> tuple[int, dict]:
         headers = _headers(request_id, if_match, False)
         return self._call("DELETE", f"/kvs/keys/{quote(key, safe='')}", {"causal-context": {}}, headers)
+
+    # -- seed 004's batches: keys and values are str or bytes --------------------------------------------
+
+    def set_many(self, pairs, request_id: str | None = None) -> tuple[int, object]:
+        """PUT /set: `pairs` a mapping or (key, value) pairs; answers [{"keys_added", "keys_failed"}]. Each
+        shard's part is atomic and exactly-once per `request_id`; the batch across shards is not."""
+        items = pairs.items() if hasattr(pairs, "items") else pairs
+        body = [{"key": data_object(k), "value": data_object(v)} for k, v in items]
+        return self._call("PUT", "/set", body, _headers(request_id, None, False))
+
+    def get_many(self, keys) -> tuple[int, object]:
+        """POST /fetch: [{"key", "value"}] in the order asked ("value" null and an "error" if missing)."""
+        return self._call("POST", "/fetch", [data_object(k) for k in keys])
+
+    def exists_many(self, keys) -> tuple[int, object]:
+        """POST /query: [{"key", "value": true | false}]."""
+        return self._call("POST", "/query", [data_object(k) for k in keys])
+
+    def fetch_all(self) -> tuple[int, object]:
+        """GET /fetch: every pair of the store (streamed by the node; read whole here)."""
+        return self._call("GET", "/fetch")
 
     def key_count(self) -> tuple[int, dict]:
         return self._call("GET", "/kvs/key-count")
@@ -69,3 +91,15 @@ def _headers(request_id: str | None, if_match: int | str | None, if_none_match: 
     if if_none_match:
         headers["If-None-Match"] = "*"
     return headers or None
+
+
+def data_object(data: str | bytes) -> dict:
+    """A key or value as seed 004 writes it: {"encoding": "string" | "binary", "data": ...}."""
+    if isinstance(data, bytes):
+        return {"encoding": "binary", "data": base64.b64encode(data).decode("ascii")}
+    return {"encoding": "string", "data": data}
+
+
+def data_value(obj: dict) -> str | bytes:
+    """Inverse of data_object."""
+    return base64.b64decode(obj["data"]) if obj["encoding"] == "binary" else obj["data"]

@@ -8,6 +8,7 @@ After sending, the client half-closes: the server must answer every complete req
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -24,7 +25,10 @@ INFO_PATHS = ("/kvs/status", "/kvs/status?digest=1", "/kvs/shards", "/kvs/key-co
               "/kvs/keys", "/kvs/keys/", "//kvs/keys/x", "/kvs", "/", "*", "http://h/kvs/status", "/kvs/add-member",
               "/kvs/remove-member", "/kvs/view-change/", "//kvs/view-change", "/kvs/reshard/")
 INTERNAL_PATHS = ("status", "epochs", "metadata", "groups/1/commands", "groups/2/export", "groups/1/changes",
-                  "writes/1", "writes/2", "writes/", "groups//commands", "nope")
+                  "writes/1", "writes/2", "writes/", "groups//commands", "nope", "batches/1/set", "batches/2/read",
+                  "batches/1/scan", "batches/1/nope", "batches//set", "batches/9/read")
+# Seed 004's batches, and near misses.
+BATCH_PATHS = ("/set", "/fetch", "/query", "/set/", "/fetch/", "//set", "/SET")
 
 
 class NoAnswer(AssertionError):
@@ -202,6 +206,7 @@ other_targets = weighted(
     (2, st.builds(lambda seg, q: b"/kvs/shards/" + seg + q,
                   st.one_of(st.sampled_from([b"1", b"2", b"0", b"-1", b"01", b"1%2F2"]), segments), queries)),
     (2, st.builds(lambda p: b"/internal/" + p.encode(), st.sampled_from(INTERNAL_PATHS))),
+    (3, st.builds(lambda p, q: p.encode() + q, st.sampled_from(BATCH_PATHS), queries)),
     (1, st.builds(lambda seg: b"/internal/groups/" + seg + b"/commands", segments)),
     (1, st.builds(lambda seg, q: b"/" + seg + q, segments, queries)),
 )
@@ -229,6 +234,15 @@ _objects = st.fixed_dictionaries({}, optional={
 })
 
 
+# Seed 004's items: {"encoding", "data"} objects, mostly well formed, in lists of pairs or of keys.
+_data_objects = st.fixed_dictionaries({
+    "encoding": weighted((4, st.sampled_from(["string", "binary"])), (1, json_values)),
+    "data": weighted((3, _text(30)), (3, st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode())),
+                     (1, json_values))})
+_batch_items = st.lists(weighted((4, st.fixed_dictionaries({"key": _data_objects, "value": _data_objects})),
+                                 (3, _data_objects), (1, json_values)), max_size=8)
+
+
 def _nested(depth: int, opener: str) -> bytes:
     if opener == "[":
         return b"[" * depth + b"]" * depth
@@ -243,6 +257,7 @@ bodies = weighted(
     (1, st.builds(_nested, st.integers(1, 20_000), st.sampled_from("[{"))),
     (1, st.builds(lambda n: b'{"value": ' + b"9" * n + b"}", st.integers(1, 10_000))),
     (1, st.integers(0, 30).map(lambda n: b"x" * ((1 << 20) + 1) if n == 0 else b'{"value":"v"}')),   # 413, rarely
+    (3, st.builds(_json, _batch_items, st.booleans())),
 )
 key_bodies = weighted((4, st.builds(_json, key_objects, st.booleans())), (1, st.just(b"")), (3, bodies))
 

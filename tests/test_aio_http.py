@@ -56,10 +56,24 @@ class FastApp:
             raise RuntimeError("secret detail")
         elif kind == "big":
             return Response(200, b"b" * int(req.query.partition("=")[2]))
+        elif kind in ("stream", "streamfail"):
+            return Response(200, headers=[("Content-Type", "text/plain")],
+                            stream=self.pieces(int(req.query.partition("=")[2]), fail=kind == "streamfail"))
         return Response.json(200, {"method": req.method, "path": req.path, "query": req.query,
                                    "body": req.body.decode("latin-1"), "x-a": req.headers.get("X-A"),
                                    "version": req.version, "keep_alive": req.keep_alive},
                              [("X-Handler", "fast")])
+
+
+    async def pieces(self, count: int, fail: bool):
+        for i in range(count):
+            yield bytes([65 + i % 26]) * PIECE
+            await asyncio.sleep(0)
+            if fail and i == 1:
+                raise RuntimeError("the listing broke midway")
+
+
+PIECE = 64 * 1024
 
 
 def make_flask() -> Flask:
@@ -860,3 +874,56 @@ def test_a_taken_port_raises_os_error_at_start(serve):
     other = HttpServer(None, make_flask())
     with pytest.raises(OSError):
         running.call(other.start("127.0.0.1", running.port))
+
+
+# -- streamed bodies (GET /fetch of a whole store) ---------------------------------------------------------------
+
+def dechunk(body: bytes) -> bytes:
+    out, rest = b"", body
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n"
+            return out
+        out, rest = out + rest[:size], rest[size + 2:]
+
+
+def expected_pieces(count: int) -> bytes:
+    return b"".join(bytes([65 + i % 26]) * PIECE for i in range(count))
+
+
+def test_a_streamed_body_is_chunked_and_the_connection_then_serves_the_next_request(serve):
+    running = serve()
+    raw = Raw(running.port).send(get("/fast/stream?n=5"))
+    status, headers, body, _ = raw.response()
+    assert status == 200 and headers["transfer-encoding"] == "chunked" and "content-length" not in headers
+    assert dechunk(body) == expected_pieces(5)
+    status, _, body, _ = raw.send(get("/fast/echo")).response()
+    assert status == 200 and json.loads(body)["path"] == "/fast/echo"
+
+
+def test_a_streamed_body_to_an_http_1_0_client_ends_with_the_connection(serve):
+    running = serve()
+    raw = Raw(running.port).send(get("/fast/stream?n=3", version="1.0"))
+    status, headers, body, _ = raw.response()
+    assert status == 200 and "transfer-encoding" not in headers and headers["connection"] == "close"
+    assert body == expected_pieces(3)
+
+
+def test_a_stream_that_fails_midway_breaks_the_connection_instead_of_ending_the_body(serve, caplog):
+    running = serve()
+    raw = Raw(running.port).send(get("/fast/streamfail?n=10"))
+    while b"\r\n\r\n" not in raw.buf:
+        assert raw._fill()
+    assert raw.at_eof()
+    assert not raw.buf.endswith(b"0\r\n\r\n") and len(raw.buf) < len(expected_pieces(3))
+    assert "failed midway" in caplog.text
+
+
+def test_a_streamed_body_waits_while_the_client_does_not_read(serve):
+    running = serve(write_buffer_bytes=64 * 1024)
+    raw = Raw(running.port, rcvbuf=32 * 1024).send(get("/fast/stream?n=200"))
+    running.wait_until(lambda: any(c.write_paused for c in running.server.connections), "the write buffer to fill")
+    status, _, body, _ = raw.response()
+    assert status == 200 and dechunk(body) == expected_pieces(200)

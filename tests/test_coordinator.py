@@ -154,7 +154,7 @@ def test_every_group_command_survives_its_json_form_unchanged(command):
     ({"op": "thaw"}, "epoch is missing"),
     ({"op": "thaw", "epoch": True}, "non-negative integer"),
     ({"op": "freeze", "epoch": 3, "new_ring": {"groups": "12", "vnodes": 8}}, "must be a ring"),
-    ({"op": "drop-keys", "epoch": 3, "keys": [1, 2]}, "list of strings"),
+    ({"op": "drop-keys", "epoch": 3, "keys": [1, 2]}, "list of keys"),
     ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [["k"]],
       "dedup": [], "clear": True}, "value, version"),
     ({"op": "install", "epoch": 3, "source": "1", "old_ring": RING, "new_ring": RING, "items": [["k", "v", -1]],
@@ -186,8 +186,15 @@ def test_epochs_are_checked_when_received():
 
 
 def test_exports_and_statuses_round_trip():
-    exported = Exported([("k", "v")], ["gone"], [("rid", (("put", "k", "v"), "k", Written(True)))], 7)
+    exported = Exported([("k", "v", 3), (b"\xff\x00", bytes(range(256)), 4), ("s", b"", 5)], ["gone", b"\x80"],
+                        [("rid", (("put", "k", "v"), "k", Written(True))),
+                         ("rid#0", (("set", "ab"), b"\xfe", Written(False, 4)))], 7)
     assert Exported.from_json(json.loads(json.dumps(exported.to_json()))) == exported
+    # rows of nodes older than versions: version 0
+    assert Exported.from_json({"items": [["k", "v"]], "deleted": [], "dedup": [], "number": 1}).items == [("k", "v", 0)]
+    for bad in ([["k", {"b64": "!!"}, 1]], [["k", {"b64": "AA==", "x": 1}, 1]], [[1, "v", 1]], [["k", "v", -1]]):
+        with pytest.raises(ValueError):
+            Exported.from_json({"items": bad, "deleted": [], "dedup": [], "number": 1})
     request = ExportRequest("1", RING, RING, "2", since=4)
     assert ExportRequest.from_json(request.to_json(), True) == request
     status = NodeStatus.from_json({"epoch": 3, "shard-id": "2", "groups": {"shard-5": {"leader": "h:1",

@@ -52,9 +52,9 @@ def _tokens(group: str, vnodes: int) -> tuple[tuple[int, str], ...]:
                  for i in range(vnodes))
 
 
-def key_hash(key: str) -> int:
-    """Position of `key` on the ring: BLAKE2b-64 of its UTF-8 bytes, big-endian."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+def key_hash(key: str | bytes) -> int:
+    """Position of `key` on the ring: BLAKE2b-64 of its UTF-8 bytes (a binary key: its bytes), big-endian."""
+    digest = hashlib.blake2b(key if isinstance(key, bytes) else key.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 

@@ -14,10 +14,16 @@ HTTP layer answers with 400: a bad request never reaches the log.
 The deduplication table travels with the keys it belongs to (`Install.dedup`):
 rows of (request id, (fingerprint, key, result)); `dedup_to_json` and
 `dedup_from_json` are their wire form.
+
+Keys and values are str or bytes (seed 004's binary data); in JSON a str is a
+string and bytes are {"b64": "<base64>"} (`data_to_json`, `data_from_json`),
+so binary data crosses nodes as bytes, never as text that happens to hold base64.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -78,9 +84,9 @@ class Install:
 
     def to_json(self) -> dict:
         return {"op": self.op, "epoch": self.epoch, "source": self.source, "old_ring": self.old_ring,
-                "new_ring": self.new_ring, "items": [list(kv) for kv in self.items],
-                "dedup": dedup_to_json(self.dedup), "clear": self.clear, "deleted": list(self.deleted),
-                "revision": self.revision}
+                "new_ring": self.new_ring, "items": items_to_json(self.items),
+                "dedup": dedup_to_json(self.dedup), "clear": self.clear,
+                "deleted": [data_to_json(k) for k in self.deleted], "revision": self.revision}
 
 
 @dataclass(frozen=True)
@@ -115,13 +121,16 @@ class DropKeys:
     def as_entry(self) -> tuple:
         return ("drop-keys", self.epoch, list(self.keys))
 
+    def to_json(self) -> dict:
+        return {"op": self.op, "epoch": self.epoch, "keys": [data_to_json(k) for k in self.keys]}
+
 
 AdminCommand = Track | Freeze | Thaw | Install | Own | Drop | DropKeys
 _BY_OP: dict[str, Any] = {cls.op: cls for cls in (Track, Freeze, Thaw, Install, Own, Drop, DropKeys)}
 
 
 def command_to_json(command: AdminCommand) -> dict:
-    if isinstance(command, Install):
+    if isinstance(command, (Install, DropKeys)):
         return command.to_json()
     return {"op": command.op, **asdict(command)}
 
@@ -173,6 +182,47 @@ def check_ring(value: object, what: str) -> dict:
     return {"groups": list(value["groups"]), "vnodes": value["vnodes"]}
 
 
+def data_to_json(x: str | bytes) -> object:
+    """A key or value in JSON: a str as it is, bytes as {"b64": ...}."""
+    return {"b64": base64.b64encode(x).decode("ascii")} if isinstance(x, bytes) else x
+
+
+def data_from_json(x: object) -> str | bytes:
+    """Inverse of data_to_json; ValueError for anything else."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict) and len(x) == 1 and isinstance(x.get("b64"), str):
+        try:
+            return base64.b64decode(x["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise ValueError("a key or value is a string or {\"b64\": base64}")
+
+
+def items_to_json(items: list) -> list:
+    return [[data_to_json(k), data_to_json(v), *rest] for k, v, *rest in items]
+
+
+def items_from_json(value: object) -> list:
+    """[key, value, version] rows ([key, value] from nodes older than versions: version 0); ValueError if
+    malformed."""
+    if not isinstance(value, list) or not all(isinstance(row, list) and len(row) in (2, 3) for row in value):
+        raise ValueError("items must be a list of [key, value, version] rows")
+    rows = [(data_from_json(row[0]), data_from_json(row[1]), row[2] if len(row) == 3 else 0) for row in value]
+    if not all(type(version) is int and version >= 0 for _, _, version in rows):
+        raise ValueError("an item's version is a non-negative integer")
+    return rows
+
+
+def _keys(value: object, what: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list of keys")
+    try:
+        return [data_from_json(k) for k in value]
+    except ValueError:
+        raise ValueError(f"{what} must be a list of keys") from None
+
+
 def _strings(value: object, what: str) -> list:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{what} must be a list of strings")
@@ -180,11 +230,10 @@ def _strings(value: object, what: str) -> list:
 
 
 def _items(value: object, what: str) -> list:
-    if not isinstance(value, list) or not all(
-            isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[1], str)
-            and type(row[2]) is int and row[2] >= 0 for row in value):
-        raise ValueError(f"{what} must be a list of [key, value, version] rows")
-    return [tuple(row) for row in value]
+    try:
+        return items_from_json(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a list of [key, value, version] rows") from None
 
 
 def _dedup(value: object, what: str) -> list:
@@ -195,14 +244,14 @@ def _dedup(value: object, what: str) -> list:
 
 
 _CHECKS = {"epoch": _int, "new_ring": check_ring, "old_ring": check_ring, "ring": check_ring, "source": check_text,
-           "shard_id": check_text, "items": _items, "dedup": _dedup, "clear": _bool, "deleted": _strings,
-           "keys": _strings, "revision": _int}
+           "shard_id": check_text, "items": _items, "dedup": _dedup, "clear": _bool, "deleted": _keys,
+           "keys": _keys, "revision": _int}
 
 
 # -- the deduplication table on the wire --------------------------------------------------------------
 
 def dedup_to_json(entries: list) -> list:
-    return [[rid, list(fingerprint), key, [type(result).__name__, *result]]
+    return [[rid, list(fingerprint), data_to_json(key), [type(result).__name__, *result]]
             for rid, (fingerprint, key, result) in entries if type(result).__name__ in _RESULT_TYPES]
 
 
@@ -224,7 +273,8 @@ def dedup_from_json(rows: object) -> list:
     entries = []
     for row in rows:
         rid, fingerprint, key, (kind, *values) = row
-        if not (isinstance(rid, str) and isinstance(fingerprint, list) and isinstance(key, str)
+        key = data_from_json(key)
+        if not (isinstance(rid, str) and isinstance(fingerprint, list)
                 and all(isinstance(v, (str, int, bool)) for v in fingerprint)):
             raise ValueError("malformed deduplication row")
         if kind in _RESULT_TYPES:

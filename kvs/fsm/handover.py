@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvs.fsm.batch import key_order
+
 
 class KeyHandover:
     """Export, tracking, freezing, installation and ownership of the keys a view change moves."""
@@ -41,7 +43,7 @@ class KeyHandover:
         """(items, dedup entries, change number) of the keys moving from `source` to `destination`;
         items are (key, value, version)."""
         number, items, versions, dedup, moving = self.export_rows(source, old_ring, new_ring, destination)
-        return sorted((k, v, versions.get(k, 0)) for k, v in items if moving(k)), \
+        return sorted(((k, v, versions.get(k, 0)) for k, v in items if moving(k)), key=lambda row: key_order(row[0])), \
             [e for e in dedup if moving(e[1][1])], number
 
     def export_rows(self, source: str, old_ring: dict, new_ring: dict,
@@ -64,7 +66,7 @@ class KeyHandover:
         keys = [k for k, n in list(self._changed_keys.items()) if n > since and moving(k)]
         data, versions = self._data, self._versions
         items, deleted = [], []
-        for key in sorted(keys):
+        for key in sorted(keys, key=key_order):
             value = data.get(key)
             if value is None:
                 deleted.append(key)

@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 
 from kvs.config.ring import HashRing
 from kvs.fsm.base import Invalid, StateMachine
+from kvs.fsm.batch import BatchWrites, data_bytes, key_order
 from kvs.fsm.handover import KeyHandover
 
 DEDUP_CAPACITY = 100_000
@@ -85,14 +86,14 @@ class Mismatch(NamedTuple):
 CONDITIONS = ("match", "exists", "absent")
 
 
-class ShardState(KeyHandover, StateMachine):
+class ShardState(BatchWrites, KeyHandover, StateMachine):
     """Keys and values of one shard, plus the outcomes of recent writes."""
 
     detached_snapshot = True        # snapshot() takes C-level copies; values and rings are never edited
 
     def __init__(self, ownership: tuple[int, str, dict] | None = None, dedup_capacity: int = DEDUP_CAPACITY):
         """`ownership` = (epoch, shard id, ring dict) the group was created for; None owns every key."""
-        self._data: dict[str, str] = {}
+        self._data: dict[str | bytes, str | bytes] = {}     # seed 004's batches bring bytes
         self._versions: dict[str, int] = {}                 # key -> its version (see "Versions")
         self._revision = 0                                  # the last version given; never goes back
         self._writes = 0                                    # odd while a key's value and version change
@@ -111,6 +112,7 @@ class ShardState(KeyHandover, StateMachine):
         self._rings: dict[tuple, HashRing] = {}             # derived cache, never snapshotted
         self._handlers = {
             "put": self._put,
+            "set-batch": self._set_batch,
             "delete": self._delete,
             "barrier": self._barrier,
             "track": self._track,
@@ -185,10 +187,11 @@ class ShardState(KeyHandover, StateMachine):
         data = dict(self._data)     # C-level copies: the tick thread may be applying meanwhile
         versions = dict(self._versions)
         h = hashlib.sha256()
-        for key in sorted(data):
-            h.update(key.encode("utf-8", "surrogatepass"))
-            h.update(b"\0")
-            h.update(data[key].encode("utf-8", "surrogatepass"))
+        for key in sorted(data, key=key_order):
+            h.update(data_bytes(key))
+            h.update(b"\0b" if isinstance(key, bytes) else b"\0")
+            h.update(data_bytes(data[key]))
+            h.update(b"\0b" if isinstance(data[key], bytes) else b"")
             h.update(b"\1%d\2" % versions.get(key, 0))
         return h.hexdigest()
 
@@ -209,9 +212,8 @@ class ShardState(KeyHandover, StateMachine):
             return seen
         result = self._unmet(key, condition)
         if result is None:
-            version = self._next_version() if slot else 0
-            result = Written(replaced=key in self._data, version=version)
-            self._set(key, value, version)
+            result = self._written(key) if slot else Written(replaced=key in self._data, version=0)
+            self._set(key, value, result.version)
         self._remember(request_id, fingerprint, key, result)
         self._track_write(request_id, key)
         return result
@@ -235,9 +237,10 @@ class ShardState(KeyHandover, StateMachine):
         self._track_write(request_id, key)
         return result
 
-    def _next_version(self) -> int:
+    def _written(self, key: str | bytes) -> Written:
+        """The outcome of an unconditional write of `key` about to happen: it takes the next version."""
         self._revision += 1
-        return self._revision
+        return Written(replaced=key in self._data, version=self._revision)
 
     def _set(self, key: str, value: str, version: int) -> None:
         """Change a key's value and version as one step for readers (the seqlock; see "Versions")."""

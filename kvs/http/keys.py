@@ -30,8 +30,10 @@ from urllib.parse import unquote
 
 from kvs.errors import BadRequest, Unauthorized
 from kvs.http.aio import Request, Response
+from kvs.http.batches import BatchRequests, is_batch
 from kvs.http.common import PeerAuth, error_reply, parse_body, request_deadline
 from kvs.routing import peers, write_batches
+from kvs.routing.batches import BatchRouter
 from kvs.routing.keys import KeyRouter
 from kvs.routing.replies import Reply, etag
 from kvs.settings import NodeSettings
@@ -50,10 +52,11 @@ def decoded_path(raw: str) -> str | None:
 
 
 def is_fast(method: str, raw_path: str) -> bool:
-    """Served on the loop (the server's `fast_paths`): key requests and followers' write batches."""
+    """Served on the loop (the server's `fast_paths`): key requests, seed 004's batches and their
+    forwarded parts, followers' write batches."""
     if raw_path.startswith(KEYS_PREFIX):
         return len(raw_path) > len(KEYS_PREFIX)
-    return raw_path.startswith(write_batches.ROUTE) and method == "POST"
+    return is_batch(method, raw_path) or (raw_path.startswith(write_batches.ROUTE) and method == "POST")
 
 
 def refusal(status: int, error: str, method: str, raw_path: str) -> Response:
@@ -73,10 +76,13 @@ class KeyRequests:
         # Request ids: unique per node incarnation, cheaper than a uuid4 per request.
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
+        self._batches = BatchRequests(settings, BatchRouter(router.node, router), peer_auth, self._new_id)
 
     async def __call__(self, request: Request) -> Response:
         if request.path.startswith(write_batches.ROUTE):
             return await self._write_batch(request)
+        if is_batch(request.method, request.path):
+            return await self._batches(request)
         return await self._key_request(request)
 
     async def _write_batch(self, request: Request) -> Response:

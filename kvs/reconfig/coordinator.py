@@ -44,6 +44,7 @@ from typing import Callable, Protocol, TypeVar, runtime_checkable
 from kvs.config.epoch import ConfigEpoch
 from kvs.errors import BadRequest, Conflict, KvsError, Unavailable
 from kvs.fsm.base import Invalid
+from kvs.fsm.batch import key_order
 from kvs.fsm.commands import Drop, DropKeys, Freeze, Own, Thaw, Track
 from kvs.reconfig import settle
 from kvs.reconfig.copy import RangeCopy
@@ -321,7 +322,7 @@ class ViewChange:
             # Every key that moved was in one of this coordinator's copies (moving keys cannot be
             # written after the freeze), so drop exactly those, in slices the tick thread applies
             # quickly, instead of one entry that scans the whole shard while clients wait.
-            keys = sorted(copied)
+            keys = sorted(copied, key=key_order)
             for start in range(0, len(keys), DROP_KEYS):
                 self._remote.command(plan.epoch, shard_id, DropKeys(n, keys[start:start + DROP_KEYS]))
         self._meta(("finish", n))

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from kvs.config.epoch import ConfigEpoch
-from kvs.fsm.commands import check_ring, check_text, dedup_from_json, dedup_to_json
+from kvs.fsm.commands import (check_ring, check_text, data_from_json, data_to_json, dedup_from_json, dedup_to_json,
+                               items_from_json, items_to_json)
 
 STATUS = "/internal/status"
 EPOCHS = "/internal/epochs"
@@ -193,7 +194,7 @@ class Exported:
     revision: int = 0          # the source's revision counter (the destination's versions go past it)
 
     def to_json(self) -> dict:
-        return {"items": [list(kv) for kv in self.items], "deleted": list(self.deleted),
+        return {"items": items_to_json(self.items), "deleted": [data_to_json(k) for k in self.deleted],
                 "dedup": dedup_to_json(self.dedup), "number": self.number, "revision": self.revision}
 
     @classmethod
@@ -205,4 +206,5 @@ class Exported:
         revision = b.get("revision", 0)
         if type(revision) is not int or revision < 0:
             raise ValueError("an export's revision is a non-negative integer")
-        return cls([tuple(kv) for kv in items], deleted, dedup_from_json(b.get("dedup")), number, revision)
+        return cls(items_from_json(items), [data_from_json(k) for k in deleted], dedup_from_json(b.get("dedup")),
+                   number, revision)

@@ -76,6 +76,30 @@ class KeyRouter:
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"key {key!r} is moving and epoch {wanted} did not arrive in time")
 
+    @property
+    def node(self) -> Node:
+        return self._node
+
+    def local_replica(self, shard_id: str) -> LoopGroup | None:
+        """This node's replica of the shard, if it can serve (not failed, not being taken out)."""
+        group = self._node.group(shard_id)
+        if group is None or group.failure is not None or self._node.leaving(shard_id):
+            return None
+        return self._loop_group(group)
+
+    async def forward(self, shard_id: str, method: str, path: str, payload: dict | None, request_id: str,
+                      deadline: float) -> Reply:
+        """Send a request to the shard's other replicas (last known leader first) until one answers:
+        its reply (a 421 as WrongGroup)."""
+        epoch = self._node.epoch
+        if epoch is None:
+            raise NotMember("this node does not know the cluster configuration")
+        others = [a for a in epoch.replicas(shard_id) if a != self._node.settings.address]
+        return await self._forward(shard_id, others, method, path, payload, request_id, deadline)
+
+    async def wait_for_epoch(self, number: int, until: float) -> None:
+        await self._epoch(number, until)
+
     async def _epoch(self, number: int, until: float) -> None:
         """Until this node knows epoch `number` (polled: epochs change a few times a day)."""
         while time.monotonic() < until:

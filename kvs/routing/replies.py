@@ -6,6 +6,7 @@ is built here and nowhere else.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ def get_reply(found: tuple[str, int] | None) -> Reply:
     if found is None:
         return Reply(404, {"doesExist": False, "error": "Key does not exist", "message": "Error in GET"})
     value, version = found
+    if isinstance(value, bytes):            # written by seed 004's /set as binary: say so, in base64
+        return Reply(200, {"doesExist": True, "message": "Retrieved successfully", "version": version,
+                           "value": base64.b64encode(value).decode("ascii"), "encoding": "binary"})
     return Reply(200, {"doesExist": True, "message": "Retrieved successfully", "value": value, "version": version})
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import httptools
 
-from kvs.http.aio.messages import Headers, Request, encode_response, error_response, split_target
+from kvs.http.aio.messages import (Headers, Request, Response, encode_response, encode_stream_head, error_response,
+                                  split_target)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Connection(asyncio.Protocol):
         self.closing = False                # no more requests are read; close once the queue is answered
         self.lost = False
         self.write_paused = False
+        self._resumed: asyncio.Future | None = None     # a streamed body waiting for resume_writing
         self.read_paused = False
         self.last_activity = self.loop.time()
         self.continue_owed = False
@@ -94,6 +96,8 @@ class Connection(asyncio.Protocol):
         self._drop_receiving()
         self.lost = self.closing = True
         self.queue.clear()
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)          # a streamed body stops writing
         self.server.forget(self)
 
     def eof_received(self) -> bool:
@@ -109,6 +113,9 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._resumed is not None and not self._resumed.done():
+            self._resumed.set_result(None)
+        self._resumed = None
         self.last_activity = self.loop.time()
         if self.current is None:
             self._next()
@@ -257,12 +264,52 @@ class Connection(asyncio.Protocol):
         head_only = request.method == "HEAD"
         try:
             response = await self.server.serve_fast(request)
+            if response.stream is not None and not head_only:
+                await self._stream(request, response)
+                return
             data = encode_response(response, request.version, self._keeps(request), head_only, self.server.ident)
         except Exception:
             log.exception("fast handler failed on %s %s", request.method, request.path)
             data = encode_response(error_response(500, "Internal error", request.method), request.version,
                                    self._keeps(request), head_only, self.server.ident)
         self._finish(request, data)
+
+    async def _stream(self, request: Request, response: Response) -> None:
+        """Write a streamed body as its pieces come, waiting while the client does not read. An error
+        midway aborts the connection: the client sees a broken body, never a short one that parses."""
+        chunked = request.version == "1.1"
+        keeps = chunked and self._keeps(request)
+        stream = response.stream
+        try:
+            self.transport.write(encode_stream_head(response, request.version, keeps, self.server.ident))
+            async for piece in stream:
+                if self.lost:
+                    return
+                if piece:
+                    self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    self.last_activity = self.loop.time()
+                while self.write_paused and not self.lost:
+                    await self._writable()
+        except Exception:
+            log.exception("streaming %s %s failed midway", request.method, request.path)
+            self.current = None
+            self.abort()
+            return
+        finally:
+            await stream.aclose()
+        if chunked:
+            self.transport.write(b"0\r\n\r\n")
+        if not keeps:
+            self.current = None
+            self.closing = True
+            self.queue.clear()
+            self.transport.close()
+            return
+        self._finish(request, b"")
+
+    async def _writable(self) -> None:
+        self._resumed = self._resumed or self.loop.create_future()
+        await self._resumed
 
     def _wsgi_done(self, request: Request, future: asyncio.Future) -> None:
         if future.cancelled():

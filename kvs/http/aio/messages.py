@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from http import HTTPStatus
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
 # Headers the server writes itself; a handler's own values for them are dropped.
@@ -88,12 +88,17 @@ class Response:
     """What a fast handler returns. The server adds Content-Length, Date, Server and Connection;
     a handler's own values for those (and Transfer-Encoding) are dropped."""
 
-    __slots__ = ("status", "body", "headers")
+    __slots__ = ("status", "body", "headers", "stream")
 
-    def __init__(self, status: int, body: bytes = b"", headers: Sequence[tuple[str, str]] = ()):
+    def __init__(self, status: int, body: bytes = b"", headers: Sequence[tuple[str, str]] = (),
+                 stream: AsyncIterator[bytes] | None = None):
         self.status = status
         self.body = body
         self.headers = headers
+        # A body produced piece by piece (GET /fetch of a whole store): sent chunked (HTTP/1.1) or until
+        # the connection closes (1.0), written as it comes, paced by the client's reading. An error
+        # midway aborts the connection, so a client never takes a cut listing for a whole one.
+        self.stream = stream
 
     @classmethod
     def json(cls, status: int, payload: object, headers: Sequence[tuple[str, str]] = ()) -> "Response":
@@ -176,6 +181,23 @@ def http_date() -> str:
 
 def has_body(status: int) -> bool:
     return not (status < 200 or status in (204, 304))
+
+
+def encode_stream_head(response: Response, version: str, keep_alive: bool, ident: str) -> bytes:
+    """Status line and headers of a streamed response: chunked on HTTP/1.1, else the connection closes."""
+    parts = [status_line(version, response.status)]
+    for name, value in response.headers:
+        if name.lower() in MANAGED_HEADERS:
+            continue
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"CR or LF in response header {name!r}")
+        parts.append(f"{name}: {value}\r\n")
+    parts.append(f"Date: {http_date()}\r\nServer: {ident}\r\n")
+    parts.append("Transfer-Encoding: chunked\r\n" if version == "1.1" else "")
+    if not keep_alive or version != "1.1":
+        parts.append("Connection: close\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
 
 
 def encode_response(response: Response, version: str, keep_alive: bool, head_only: bool, ident: str) -> bytes:

@@ -927,3 +927,11 @@ def test_a_streamed_body_waits_while_the_client_does_not_read(serve):
     running.wait_until(lambda: any(c.write_paused for c in running.server.connections), "the write buffer to fill")
     status, _, body, _ = raw.response()
     assert status == 200 and dechunk(body) == expected_pieces(200)
+
+
+def test_a_streaming_client_that_reads_nothing_is_dropped_after_the_idle_timeout(serve):
+    running = serve(write_buffer_bytes=64 * 1024, idle_timeout=1.0)
+    raw = Raw(running.port, rcvbuf=32 * 1024).send(get("/fast/stream?n=400"))
+    running.wait_until(lambda: any(c.write_paused for c in running.server.connections), "the write buffer to fill")
+    running.wait_until(lambda: not running.server.connections, "the stalled stream's connection dropped")
+    assert raw.at_eof()

@@ -27,7 +27,7 @@ def test_a_part_is_applied_whole_and_gives_each_pair_its_own_version():
     result = s.apply(("set-batch", "r1", ((0, "a", "1"), (1, b"\xff\x00", EVERY_BYTE), (2, "a", b"2"))))
     assert result == (Written(False, 1), Written(False, 2), Written(True, 3))
     assert s.read_versioned("a") == (b"2", 3) and s.read_versioned(b"\xff\x00") == (EVERY_BYTE, 2)
-    assert s.read_many(["a", "nope"]) == [(b"2", 3), None]
+    assert s.read_many(["a", "nope"], 1 << 20) == [(b"2", 3), None]
 
 
 def test_a_part_with_one_key_the_group_does_not_own_changes_nothing():
@@ -79,11 +79,28 @@ def test_bytes_survive_a_snapshot_the_raft_codec_and_a_move_with_their_deduplica
     assert destination.apply(("set-batch", "moved", pairs)) == results
 
 
-def test_the_digest_of_string_data_is_what_it_was_before_bytes():
-    s = ShardState()
-    s.apply(("put", "r", "k", "v", None))
-    import hashlib
-    expected = hashlib.sha256(b"k\0v\1" + b"1\2").hexdigest()
-    assert s.digest() == expected
-    s.apply(("set-batch", "b", ((0, b"k", "v"),)))       # b"k" is another key than "k" inside the machine
-    assert s.digest() != expected
+def test_the_digest_tells_types_and_boundaries_apart():
+    def digest(*pairs) -> str:
+        s = ShardState()
+        s.apply(("set-batch", "r", tuple((i, k, v) for i, (k, v) in enumerate(pairs))))
+        return s.digest()
+
+    assert digest(("k", "bX")) != digest((b"k", "X"))
+    assert digest(("x\0b", "v")) != digest((b"x", "v"))
+    assert digest(("k", "v")) != digest((b"k", "v")) != digest(("k", b"v"))
+    assert digest(("ab", "c")) != digest(("a", "bc"))
+
+
+def test_reads_of_many_keys_stop_at_their_byte_budget_and_a_listing_page_refuses_a_moving_key():
+    from kvs.fsm.batch import SKIPPED
+
+    s = ShardState(ownership=(1, "1", OLD))
+    keys = owned_by(OLD, "1", 6)
+    s.apply(("set-batch", "r", tuple((i, k, "x" * 100) for i, k in enumerate(keys))))
+    assert s.read_many(keys, 250) == [("x" * 100, 1), ("x" * 100, 2), ("x" * 100, 3), SKIPPED, SKIPPED, SKIPPED]
+    rows, last = s.rows(keys, 250)
+    assert [k for k, _ in rows] == keys[:3] and last == keys[2]
+    moving = next(k for k in keys if HashRing.from_dict(NEW).group_for(k) != "1")
+    s.apply(("freeze", 2, NEW))
+    assert s.rows(keys, 10_000) == (NotOwned(2), None)
+    assert NotOwned(2) in s.read_many(keys, 10_000) and moving in keys

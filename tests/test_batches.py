@@ -141,6 +141,33 @@ def test_bad_batches_get_a_clear_4xx_and_long_keys_fail_alone(cluster):
     assert resp.status_code == 401
 
 
+def test_a_listing_shows_every_write_acknowledged_before_it_started(cluster):
+    for n in range(3):                       # listings in quick succession, each after one more write
+        assert set_batch(cluster.view[n], [(s(f"fresh-{n}"), s("v"))]).json()[0]["keys_added"] == 1
+        listed = {p["key"]["data"] for p in fetch_all(cluster.view[5 - n])}
+        assert {f"fresh-{i}" for i in range(n + 1)} <= listed
+
+
+def test_big_values_are_listed_in_pages_by_bytes_and_a_batched_read_stops_at_its_budget(cluster):
+    big = {f"big-{i}": bytes([i]) * (200 << 10) for i in range(90)}
+    items = list(big.items())
+    for start in range(0, len(items), 3):
+        assert set_batch(cluster.view[start % 6], [(s(k), b(v)) for k, v in items[start:start + 3]]).json()[0][
+            "keys_added"] == len(items[start:start + 3])
+    listed = {p["key"]["data"]: base64.b64decode(p["value"]["data"]) for p in fetch_all(cluster.view[0])
+              if p["key"]["data"].startswith("big-")}
+    assert listed == big                     # 18 MB over pages of at most 4 MiB, half of them forwarded
+    answers = fetch(cluster.view[3], [s(k) for k in big])
+    read = [a for a in answers if a["value"] is not None]
+    skipped = [a for a in answers if a["value"] is None]
+    assert read and skipped and all(a["error"].startswith("not read") for a in skipped)
+    # each part stops once it reached its share: at most one value over it per shard
+    assert sum(len(base64.b64decode(a["value"]["data"])) for a in read) <= (16 << 20) + 2 * (200 << 10)
+    assert all(base64.b64decode(a["value"]["data"]) == big[a["key"]["data"]] for a in read)
+    exists = requests.post(f"http://{cluster.view[3]}/query", json=[s(k) for k in big], timeout=60).json()
+    assert [a["value"] for a in exists] == [True] * 90        # a query reads no values: no budget to hit
+
+
 def test_a_listing_of_100000_pairs_is_complete_and_exact(make_cluster):
     cluster = make_cluster(2, 3)
     node = cluster.view[0]

@@ -20,8 +20,9 @@ parts (the table's rows travel with their keys).
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
+from kvs.config.ring import HashRing
 from kvs.fsm.base import Invalid
 
 MAX_BATCH_PAIRS = 1000      # pairs in one command (the HTTP layer refuses bigger batches first)
@@ -71,6 +72,8 @@ class BatchWrites:
             if not (isinstance(row, (tuple, list)) and len(row) == 3 and type(row[0]) is int and row[0] >= 0
                     and is_data(row[1]) and is_data(row[2]) and len(row[1]) > 0):
                 return Invalid("malformed pair in a 'set-batch' command")
+        if len({row[0] for row in pairs}) != len(pairs):
+            return Invalid("a pair index repeats in a 'set-batch' command")
         # All or nothing: refuse the whole part before anything changes.
         for _, key, _ in pairs:
             refused = self._refuse(key)
@@ -95,24 +98,59 @@ class BatchWrites:
 
     # -- reads (never replicated; callers order them with a read index) -----------------------------
 
-    def read_many(self, keys: list) -> list:
-        """(value, version), None (missing) or NotOwned for each key, as `read_versioned` gives them."""
-        return [self.read_versioned(key) for key in keys]
-
-    def owned_keys(self) -> list:
-        """Every key this group holds and owns at its epoch (a copy: the caller sorts and pages it)."""
-        keys = list(self._data)             # a C-level copy while the tick thread may apply
-        if self._ownership is None:
-            return keys
-        _, shard_id, ring = self._ownership
-        group_for = self._ring(ring).group_for
-        return [k for k in keys if group_for(k) == shard_id]
-
-    def rows(self, keys: list) -> list:
-        """(key, value) of each of `keys` that still exists (the pages of `GET /fetch`)."""
-        rows = []
+    def read_many(self, keys: list, budget: int) -> list:
+        """(value, version), None (missing) or NotOwned for each key, as `read_versioned` gives them; once
+        the values read add up to `budget` bytes, the rest are Skipped (the reply would be too big)."""
+        found, used = [], 0
         for key in keys:
+            if used >= budget:
+                found.append(SKIPPED)
+                continue
+            result = self.read_versioned(key)
+            if result is not None and not self._refused(result):
+                used += len(result[0])
+            found.append(result)
+        return found
+
+    def exist_many(self, keys: list) -> list:
+        """True, False or NotOwned for each key (no values: a query's answer is small whatever they hold)."""
+        found = (self.read_versioned(key) for key in keys)
+        return [r if self._refused(r) else r is not None for r in found]
+
+    def key_list(self) -> tuple[list, tuple | None]:
+        """Every key held here (a C-level copy, cheap while the tick thread applies) and the ownership it
+        is filtered by (`owned_by`); the caller filters and sorts off the event loop."""
+        return list(self._data), self._ownership
+
+    def rows(self, keys: list, budget: int) -> tuple[list, object]:
+        """(key, value) of each of `keys` that still exists, in order, until the values add up to `budget`
+        bytes; and the last key looked at. NotOwned if one of them is no longer served here (moving
+        away, or moved): a listing must not silently leave it out."""
+        rows, used, last = [], 0, None
+        for key in keys:
+            if used >= budget:
+                break
             found = self.read_versioned(key)
-            if isinstance(found, tuple):
+            if self._refused(found):
+                return found, None
+            last = key
+            if found is not None:
                 rows.append((key, found[0]))
-        return rows
+                used += len(found[0]) + len(key)
+        return rows, last
+
+
+class Skipped(NamedTuple):
+    """A key a batched read did not read: the reply had reached its size budget."""
+
+
+SKIPPED = Skipped()
+
+
+def owned_by(keys: list, ownership: tuple | None) -> list:
+    """Those of `keys` the ownership (epoch, shard id, ring dict) gives its shard (pure; any thread)."""
+    if ownership is None:
+        return keys
+    _, shard_id, ring = ownership
+    group_for = HashRing.from_dict(ring).group_for
+    return [k for k in keys if group_for(k) == shard_id]

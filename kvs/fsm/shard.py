@@ -188,11 +188,11 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
         versions = dict(self._versions)
         h = hashlib.sha256()
         for key in sorted(data, key=key_order):
-            h.update(data_bytes(key))
-            h.update(b"\0b" if isinstance(key, bytes) else b"\0")
-            h.update(data_bytes(data[key]))
-            h.update(b"\0b" if isinstance(data[key], bytes) else b"")
-            h.update(b"\1%d\2" % versions.get(key, 0))
+            for field in (key, data[key]):      # typed and length-prefixed: no two states hash alike
+                raw = data_bytes(field)
+                h.update(b"%c%d:" % (98 if isinstance(field, bytes) else 115, len(raw)))
+                h.update(raw)
+            h.update(b"v%d;" % versions.get(key, 0))
         return h.hexdigest()
 
     # -- commands ----------------------------------------------------------
@@ -285,6 +285,11 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
         if cached is None:
             cached = self._rings[key] = HashRing.from_dict(ring)
         return cached
+
+    @staticmethod
+    def _refused(result: object) -> bool:
+        """Whether a read's result is a refusal (for `kvs.fsm.batch`, which cannot import NotOwned)."""
+        return isinstance(result, NotOwned)
 
     def _refuse(self, key: str) -> NotOwned | None:
         if self._ownership is None:

@@ -18,7 +18,9 @@ keys_failed with the reason while the others are written.
 Limits: at most MAX_PAIRS pairs or keys per request (413), the body at most
 `NodeSettings.max_body_bytes` (413 from the server); a malformed body or item
 is a 400 naming the item; a key longer than MAX_KEY_LENGTH (characters, or
-bytes for a binary key) fails alone, as the REST API refuses it.
+bytes for a binary key) fails alone, as the REST API refuses it; a batched
+read answers with up to `kvs.routing.batches.FETCH_BYTES` of values ("not
+read" for the keys past it).
 """
 
 from __future__ import annotations
@@ -95,14 +97,14 @@ class BatchRequests:
 
     async def _read(self, items: list, exists_only: bool, request_id: str, deadline: float) -> list:
         keys = [(i, decode_key(item, f"item {i}")) for i, item in enumerate(items)]
-        outcomes = await self._router.read_keys(keys, request_id, deadline) if keys else {}
+        outcomes = await self._router.read_keys(keys, exists_only, request_id, deadline) if keys else {}
         answers = []
         for i, _ in keys:
             found = outcomes.get(i, "not read")
             if isinstance(found, str):
                 answers.append({"key": items[i], "value": None, "error": found})
             elif exists_only:
-                answers.append({"key": items[i], "value": found is not None})
+                answers.append({"key": items[i], "value": found})
             elif found is None:
                 answers.append({"key": items[i], "value": None, "error": "Key does not exist"})
             else:
@@ -112,24 +114,31 @@ class BatchRequests:
     async def _fetch_all(self, request_id: str) -> Response:
         epoch = self._router_epoch()
         shards = epoch.shard_ids()
+        listing = self._new_id()          # this node's own id: listings never share a key list by accident
         # The first page is read before the answer starts: a shard that cannot answer at all is a clean 503.
-        first = await self._router.scan(shards[0], None, request_id, self._page_deadline())
+        first = await self._router.scan(shards[0], listing, None, request_id, self._page_deadline())
         return Response(200, headers=[("Content-Type", "application/json")],
-                        stream=self._listing(epoch.number, shards, first, request_id))
+                        stream=self._listing(epoch.number, shards, listing, first, request_id))
 
-    async def _listing(self, number: int, shards: list[str], first: tuple, request_id: str) -> AsyncIterator[bytes]:
+    async def _listing(self, number: int, shards: list[str], listing: str, first: tuple,
+                       request_id: str) -> AsyncIterator[bytes]:
+        """The listing's body; raising breaks the connection off (kvs.http.aio)."""
         yield b"["
         separator = b""
         for n, shard_id in enumerate(shards):
-            rows, after = first if n == 0 else await self._router.scan(shard_id, None, request_id,
-                                                                        self._page_deadline())
+            page = first if n == 0 else await self._router.scan(shard_id, listing, None, request_id,
+                                                                 self._page_deadline())
+            shard_epoch = page[2]
             while True:
+                rows, after, epoch = page
+                if epoch != shard_epoch:
+                    raise RuntimeError(f"shard {shard_id} changed ownership during the listing")
                 if rows:
                     yield separator + b",".join(_pair_json(k, v) for k, v in rows)
                     separator = b","
                 if after is None:
                     break
-                rows, after = await self._router.scan(shard_id, after, request_id, self._page_deadline())
+                page = await self._router.scan(shard_id, listing, after, request_id, self._page_deadline())
             if self._router_epoch().number != number:
                 # keys may have moved between shards already listed and the rest: no silent gap or repeat
                 raise RuntimeError(f"the configuration changed from epoch {number} during the listing")

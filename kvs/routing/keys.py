@@ -94,6 +94,8 @@ class KeyRouter:
         epoch = self._node.epoch
         if epoch is None:
             raise NotMember("this node does not know the cluster configuration")
+        if shard_id not in epoch.shards:            # the epoch changed since the caller grouped its keys
+            raise WrongGroup(f"shard {shard_id} is not in epoch {epoch.number}", epoch.number + 1)
         others = [a for a in epoch.replicas(shard_id) if a != self._node.settings.address]
         return await self._forward(shard_id, others, method, path, payload, request_id, deadline)
 

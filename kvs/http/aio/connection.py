@@ -289,7 +289,13 @@ class Connection(asyncio.Protocol):
                     self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                     self.last_activity = self.loop.time()
                 while self.write_paused and not self.lost:
-                    await self._writable()
+                    await asyncio.wait_for(self._writable(), self.server.idle_timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s %s: the client read nothing for %ss; connection dropped", request.method, request.path,
+                        self.server.idle_timeout)
+            self.current = None
+            self.abort()
+            return
         except Exception:
             log.exception("streaming %s %s failed midway", request.method, request.path)
             self.current = None

@@ -183,8 +183,8 @@ def has_body(status: int) -> bool:
     return not (status < 200 or status in (204, 304))
 
 
-def encode_stream_head(response: Response, version: str, keep_alive: bool, ident: str) -> bytes:
-    """Status line and headers of a streamed response: chunked on HTTP/1.1, else the connection closes."""
+def _head_parts(response: Response, version: str) -> list[str]:
+    """The status line and the handler's own headers (those the server manages dropped)."""
     parts = [status_line(version, response.status)]
     for name, value in response.headers:
         if name.lower() in MANAGED_HEADERS:
@@ -192,6 +192,12 @@ def encode_stream_head(response: Response, version: str, keep_alive: bool, ident
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
             raise ValueError(f"CR or LF in response header {name!r}")
         parts.append(f"{name}: {value}\r\n")
+    return parts
+
+
+def encode_stream_head(response: Response, version: str, keep_alive: bool, ident: str) -> bytes:
+    """Status line and headers of a streamed response: chunked on HTTP/1.1, else the connection closes."""
+    parts = _head_parts(response, version)
     parts.append(f"Date: {http_date()}\r\nServer: {ident}\r\n")
     parts.append("Transfer-Encoding: chunked\r\n" if version == "1.1" else "")
     if not keep_alive or version != "1.1":
@@ -204,16 +210,9 @@ def encode_response(response: Response, version: str, keep_alive: bool, head_onl
     """Status line, headers (the handler's, then Content-Length, Date, Server, Connection), body.
 
     Every response but 1xx/204 carries Content-Length; HEAD gets the headers a GET would."""
-    status = response.status
     body = response.body
-    parts = [status_line(version, status)]
-    for name, value in response.headers:
-        if name.lower() in MANAGED_HEADERS:
-            continue
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError(f"CR or LF in response header {name!r}")
-        parts.append(f"{name}: {value}\r\n")
-    if has_body(status):
+    parts = _head_parts(response, version)
+    if has_body(response.status):
         parts.append(f"Content-Length: {len(body)}\r\n")
     else:
         body = b""

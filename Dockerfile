@@ -33,7 +33,9 @@ RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin
 USER kvs
 VOLUME /data
 EXPOSE 13800
-HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 CMD ["kvs", "health"]
+# Liveness, not readiness: Docker (and what restarts on "unhealthy") must not act on a node whose group
+# is electing a leader, or on an idle spare; load balancers ask /readyz themselves.
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 CMD ["kvs", "health", "--live"]
 ENTRYPOINT ["kvs", "serve"]
 # Last, so that a change to kvs/ rebuilds only this layer of the runtime stage.
 COPY --from=build /opt/kvs /opt/kvs

@@ -188,14 +188,15 @@ def _change_with_progress(node: str, path: str, body: dict, token: str | None = 
 
 
 def health(args: argparse.Namespace) -> int:
-    """Exit 0 if this container's node answers /health with 200 (the Docker HEALTHCHECK)."""
+    """Exit 0 if this container's node answers /readyz (or, with --live, /livez: the Docker
+    HEALTHCHECK) with 200."""
     import requests
 
     from kvs.settings import parse_address
 
     port = parse_address(os.environ.get("ADDRESS", "127.0.0.1:13800"))[1]
     try:
-        resp = requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        resp = requests.get(f"http://127.0.0.1:{port}/{'livez' if args.live else 'readyz'}", timeout=2)
     except requests.RequestException as exc:
         print(f"unreachable: {exc}", file=sys.stderr)
         return 1
@@ -241,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the cluster's admin token (KVS_ADMIN_TOKEN)")
     rm.set_defaults(run=remove_member)
 
-    h = sub.add_parser("health", help="check this node's /health (port from ADDRESS); for HEALTHCHECK")
+    h = sub.add_parser("health", help="check this node's /readyz, or /livez with --live (port from ADDRESS)")
+    h.add_argument("--live", action="store_true",
+                   help="liveness only (the Docker HEALTHCHECK: a node without a leader for a moment, or idle, "
+                        "is live)")
     h.set_defaults(run=health)
 
     local = sub.add_parser("local", help="run a cluster of local processes")

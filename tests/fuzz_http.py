@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 STANDARD_METHODS = ("GET", "PUT", "DELETE", "POST", "PATCH", "HEAD", "OPTIONS")
 ADMIN_PATHS = ("/kvs/view-change", "/kvs/view-change/add-member", "/kvs/view-change/remove-member", "/kvs/reshard")
 # The read-only routes, and near misses (the seeds' /kvs/add-member is /kvs/view-change/add-member here).
-INFO_PATHS = ("/kvs/status", "/kvs/status?digest=1", "/kvs/shards", "/kvs/key-count", "/health", "/kvs/view-change",
+INFO_PATHS = ("/kvs/status", "/kvs/status?digest=1", "/kvs/shards", "/kvs/key-count", "/health", "/livez", "/readyz",
+              "/kvs/view-change",
               "/kvs/keys", "/kvs/keys/", "//kvs/keys/x", "/kvs", "/", "*", "http://h/kvs/status", "/kvs/add-member",
               "/kvs/remove-member", "/kvs/view-change/", "//kvs/view-change", "/kvs/reshard/")
 INTERNAL_PATHS = ("status", "epochs", "metadata", "groups/1/commands", "groups/2/export", "groups/1/changes",

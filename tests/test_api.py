@@ -153,7 +153,8 @@ def test_shard_membership_and_information(cluster):
 
 def test_status_and_health(cluster):
     for address in cluster.view:
-        assert call(address, "GET", "/health") == (200, {"status": "ok", "reason": "ok"})
+        for path in ("/health", "/readyz", "/livez"):
+            assert call(address, "GET", path) == (200, {"status": "ok", "reason": "ok"})
         status, body = call(address, "GET", "/kvs/status")
         assert status == 200
         assert body["epoch"] == 1 and body["secured"] is True and body["member"] is True
@@ -179,8 +180,10 @@ def test_forwarded_requests_need_the_cluster_secret(cluster):
 def test_an_idle_node_outside_its_view_stays_harmless(cluster):
     address = cluster.add_idle_node(cluster.base_port + len(cluster.view))
     wait_until(lambda: cluster.http(address, "/health")[0] == 503, 20, message="idle node answers")
-    status, body = call(address, "GET", "/health")
-    assert status == 503 and "not in any configuration" in body["reason"]
+    for path in ("/health", "/readyz"):
+        status, body = call(address, "GET", path)
+        assert status == 503 and "not in any configuration" in body["reason"]
+    assert call(address, "GET", "/livez") == (200, {"status": "ok", "reason": "ok"})     # live, not ready
     status, body = call(address, "GET", "/kvs/status")
     assert status == 200 and body["member"] is False and body["groups"] == {} and body["epoch"] is None
     assert call(address, "PUT", "/kvs/keys/idle", {"value": "v"})[0] == 503

@@ -146,9 +146,18 @@ def status() -> Response:
 
 
 @ops.route("/health", methods=["GET"])
+@ops.route("/readyz", methods=["GET"])
 def health() -> Response:
+    """Ready: the configuration is known and every hosted group has a leader (an idle node is not)."""
     ready, reason = services().node.health()
     return json_response(200 if ready else 503, {"status": "ok" if ready else "unavailable", "reason": reason})
+
+
+@ops.route("/livez", methods=["GET"])
+def livez() -> Response:
+    """Live: the node serves and adopts configurations; not live means restart it."""
+    live, reason = services().node.liveness()
+    return json_response(200 if live else 503, {"status": "ok" if live else "unavailable", "reason": reason})
 
 
 # -- errors of Flask routes -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from kvs.fsm.meta import MetadataState
 from kvs.settings import NodeSettings
 from kvs.config.epoch import ConfigEpoch
 from kvs.config.records import METADATA_FILE, EpochNews, load_record, valid_metadata, write_record
-from kvs.node.status import describe, readiness
+from kvs.node.status import describe, liveness, readiness
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +392,10 @@ class Node:
     def health(self) -> tuple[bool, str]:
         """(ready, reason): see `kvs.node.status.readiness`."""
         return readiness(self)
+
+    def liveness(self) -> tuple[bool, str]:
+        """(live, reason): see `kvs.node.status.liveness`."""
+        return liveness(self)
 
     @property
     def supervisor(self) -> tuple[bool, str | None]:

@@ -1,4 +1,5 @@
-"""What a node reports about itself: its status (`GET /kvs/status`) and its readiness (`/health`).
+"""What a node reports about itself: its status (`GET /kvs/status`), liveness (`/livez`) and readiness
+(`/readyz`, and `/health` as the seeds have it).
 
 Read-only views of a `kvs.node.Node` (passed in: the Node imports this module), kept apart from the
 supervisor that changes what it hosts.
@@ -32,14 +33,23 @@ def describe(node, digest: bool = False) -> dict:
     }
 
 
-def readiness(node) -> tuple[bool, str]:
-    """(ready, reason): ready once the configuration is known and every hosted group has a leader,
-    and while the supervisor runs and its last round succeeded."""
+def liveness(node) -> tuple[bool, str]:
+    """(live, reason): the process serves and its supervisor runs; a node that is not live needs a
+    restart (a node without a leader for a moment, or idle, is live: it only is not ready)."""
     running, error = node.supervisor
     if not running:
         return False, "the supervisor is not running: this node adopts no new configuration"
     if error is not None:
         return False, f"the supervisor is failing: {error}"
+    return True, "ok"
+
+
+def readiness(node) -> tuple[bool, str]:
+    """(ready, reason): ready once the configuration is known and every hosted group has a leader,
+    and while the node is live."""
+    live, reason = liveness(node)
+    if not live:
+        return False, reason
     if node.epoch is None:
         if not node.settings.is_member and node.metadata_group is None:
             return False, "idle: this node is not in any configuration"

@@ -26,6 +26,8 @@ from typing import Callable
 from kvs.http.aio import HttpClient, HttpServer, new_event_loop
 from kvs.http.common import PeerAuth, Services
 from kvs.http.keys import KeyRequests, is_fast, refusal
+from kvs.metrics import observe_request
+from kvs.node.metrics import COLLECTOR
 from kvs.http.public import INTERNAL_BODY_BYTES, create_app
 from kvs.node import Node
 from kvs.reconfig.coordinator import ViewChange
@@ -67,7 +69,9 @@ class NodeServer:
         self.http = HttpServer(KeyRequests(settings, self.keys, peer_auth), app, fast_paths=is_fast,
                                max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
                                refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)],
-                               large_body_gate=peer_auth.may_be_peer, large_bodies_bytes=2 * INTERNAL_BODY_BYTES)
+                               large_body_gate=peer_auth.may_be_peer, large_bodies_bytes=2 * INTERNAL_BODY_BYTES,
+                               observe=observe_request)
+        COLLECTOR.watch(self.node, self.view_change.progress.to_dict)
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = [
             ("kvs-supervisor", self.node.supervise),
             ("kvs-takeover", TakeoverWatcher(self.node, self.view_change, remote).run),

@@ -182,6 +182,10 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
     def key_count(self) -> int:
         return len(self._data)
 
+    def dedup_size(self) -> int:
+        """Request ids remembered (the exactly-once window; a metric)."""
+        return len(self._dedup)
+
     def digest(self) -> str:
         """A fingerprint of the data, equal on replicas that hold the same keys and values."""
         data = dict(self._data)     # C-level copies: the tick thread may be applying meanwhile

@@ -20,6 +20,7 @@ import uuid
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from kvs.metrics import CONTENT_TYPE, exposition
 from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
 from kvs.http.common import Services, error_reply, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
@@ -151,6 +152,12 @@ def health() -> Response:
     """Ready: the configuration is known and every hosted group has a leader (an idle node is not)."""
     ready, reason = services().node.health()
     return json_response(200 if ready else 503, {"status": "ok" if ready else "unavailable", "reason": reason})
+
+
+@ops.route("/metrics", methods=["GET"])
+def metrics() -> Response:
+    """Prometheus' text format (kvs.metrics, kvs.node.metrics)."""
+    return Response(exposition(), status=200, mimetype=None, content_type=CONTENT_TYPE)
 
 
 @ops.route("/livez", methods=["GET"])

@@ -31,6 +31,7 @@ from kvs.fsm.meta import MetadataState
 from kvs.settings import NodeSettings
 from kvs.config.epoch import ConfigEpoch
 from kvs.config.records import METADATA_FILE, EpochNews, load_record, valid_metadata, write_record
+from kvs.node.metrics import LeaderWatch
 from kvs.node.status import describe, liveness, readiness
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Node:
         if settings.is_member and self._metadata.get("member", True):
             self._initial = ConfigEpoch.initial(settings.view, settings.repl_factor).to_dict()
         self._proposal_pending = False
+        self._leaders = LeaderWatch()                   # leader changes, sampled every round (metrics)
         self._supervisor_running = False
         self._supervisor_error: str | None = None
         self._build = GroupFactory(settings, self._timing, on_metadata_applied=self._meta_changed.set)
@@ -80,6 +82,7 @@ class Node:
             while not stopping.is_set():
                 try:
                     self._supervise_once()
+                    self._leaders.sample(self.all_groups())
                     self._supervisor_error = None
                 except Exception as exc:
                     log.exception("supervisor round failed; retrying")

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from pysyncobj import SyncObjConf
 from pysyncobj.config import FAIL_REASON
 
+from kvs.metrics import PROPOSALS_FAILED
 from kvs.errors import Unavailable
 from kvs.raft import storage
 from kvs.raft.journal import JournalFailure, set_fsync
@@ -143,6 +144,7 @@ class RaftGroup:
             pending = _Pending()
             self._replica.submit(command, pending.resolve)
             if not pending.event.wait(remaining):
+                PROPOSALS_FAILED.labels(self.name).inc()
                 raise Unavailable(f"group {self.name}: no commit before the deadline")
             if pending.error == FAIL_REASON.SUCCESS:
                 return pending.result

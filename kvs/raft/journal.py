@@ -42,11 +42,13 @@ import logging
 import os
 import pickle
 import struct
+import time
 import zlib
 from typing import Any
 
 from pysyncobj.journal import Journal
 
+from kvs.metrics import FSYNC_SECONDS
 from kvs.raft import codec
 from kvs.raft.disk import (FailStop, JournalError, JournalFailure, JournalSyncError, JournalWriteError, cut_file,
                            fsync_directory, fsync_enabled, replace_file, set_fsync, write_all)
@@ -303,10 +305,12 @@ class DurableJournal(FailStop, Journal):
         self._check()
         if not self._dirty or not self._fsync:
             return False
+        started = time.monotonic()
         try:
             _fdatasync(self._fd)
         except OSError as exc:
             raise self._fail("fsync", exc, JournalSyncError) from exc
+        FSYNC_SECONDS.observe(time.monotonic() - started)
         self._dirty = False
         self._synced_end = self._end
         self.synced_index = self._entries[-1][1] if self._entries else 0

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from pysyncobj.config import FAIL_REASON
 
+from kvs.metrics import PROPOSALS_FAILED
 from kvs.errors import ReplicaHalted, Unavailable
 from kvs.raft.group import RaftGroup
 
@@ -76,6 +77,7 @@ class LoopGroup:
             if error == FAIL_REASON.SUCCESS:
                 return result
             if error == _TIMED_OUT:
+                PROPOSALS_FAILED.labels(self.name).inc()
                 raise Unavailable(f"group {self.name}: no commit before the deadline")
             self._check_running()
             await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))

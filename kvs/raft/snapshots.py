@@ -42,6 +42,7 @@ from typing import Any
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.serializer import Serializer
 
+from kvs.metrics import SNAPSHOT_SECONDS
 from kvs.raft import codec
 from kvs.raft.disk import fsync_directory
 
@@ -225,6 +226,7 @@ class SnapshotCodec:
 
     def _write(self, job: _Job, header: dict, body: Any) -> None:
         directory, name = os.path.split(self._path)
+        started = time.monotonic()
         try:
             fd, job.tmp = tempfile.mkstemp(prefix=name + ".", suffix=TEMP_SUFFIX, dir=directory or ".")
             with os.fdopen(fd, "wb") as f:
@@ -235,6 +237,7 @@ class SnapshotCodec:
                     self._write_slices(job, f, body)
                 f.flush()
                 os.fsync(f.fileno())
+            SNAPSHOT_SECONDS.observe(time.monotonic() - started)
         except BaseException as exc:
             self._discard(job)
             if not isinstance(exc, _Cancelled):

@@ -32,6 +32,7 @@ from urllib.parse import quote
 from kvs.errors import BadRequest, NotMember, ReplicaHalted, Unavailable, WrongGroup
 from kvs.fsm.base import Invalid
 from kvs.fsm.shard import Mismatch, NotOwned
+from kvs.metrics import FORWARDED, REROUTED
 from kvs.node import Node
 from kvs.raft.group import RaftGroup
 from kvs.raft.loop import LoopGroup
@@ -72,6 +73,7 @@ class KeyRouter:
                     raise
                 known = self._node.epoch.number if self._node.epoch is not None else 0
                 wanted = exc.epoch if exc.epoch > known else known + 1
+                REROUTED.inc()
                 await self._epoch(wanted, min(deadline, time.monotonic() + EPOCH_WAIT))
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"key {key!r} is moving and epoch {wanted} did not arrive in time")
@@ -175,6 +177,7 @@ class KeyRouter:
 
     async def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,
                        request_id: str, deadline: float) -> Reply:
+        FORWARDED.inc()
         hint = self._leader_hints.get(shard_id)
         if hint in replicas:
             replicas.remove(hint)

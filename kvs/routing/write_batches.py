@@ -26,6 +26,7 @@ import time
 import uuid
 from urllib.parse import quote
 
+from kvs.metrics import TO_LEADER
 from kvs.fsm.base import Invalid
 from kvs.fsm.shard import Deleted, Mismatch, NotOwned, Written
 from kvs.routing.aio_peers import AsyncForwarder
@@ -143,6 +144,7 @@ class LeaderChannel:
         try:
             body = json.dumps({"commands": [command_to_json(c) for c, _, _ in writes]}).encode()
             deadline = max(d for _, _, d in writes)
+            TO_LEADER.inc()
             resp = await self._forwarder.send(leader, "POST", route(shard_id), None, uuid.uuid4().hex,
                                               max(deadline, time.monotonic() + 0.5), body=body)
             rows = resp.body.get("results") if resp.status == 200 else None

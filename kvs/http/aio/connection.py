@@ -15,8 +15,8 @@ from typing import Any
 
 import httptools
 
-from kvs.http.aio.messages import (Headers, Request, Response, encode_response, encode_stream_head, error_response,
-                                  split_target)
+from kvs.http.aio.messages import Headers, Request, Response, encode_response, error_response, split_target
+from kvs.http.aio.streaming import write_streamed
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self.read_paused = False
         self.last_activity = self.loop.time()
         self.continue_owed = False
+        self.started = self.loop.time()     # when the request being served started (metrics)
         self.messages = 0
         self.large_receiving = 0            # bytes of a large body being read, counted in the server's budget
         self._reset_message()
@@ -240,6 +241,7 @@ class Connection(asyncio.Protocol):
             if isinstance(item, _Refusal):
                 self._send_refusal(item)
                 return
+            self.started = self.loop.time()
             try:
                 if server.is_fast(item.method, item.path):
                     self.current = self.loop.create_task(self._serve_fast(item))
@@ -266,54 +268,40 @@ class Connection(asyncio.Protocol):
             response = await self.server.serve_fast(request)
             if response.stream is not None and not head_only:
                 await self._stream(request, response)
+                self._observe(request, response.status)
                 return
             data = encode_response(response, request.version, self._keeps(request), head_only, self.server.ident)
+            status = response.status
         except Exception:
             log.exception("fast handler failed on %s %s", request.method, request.path)
             data = encode_response(error_response(500, "Internal error", request.method), request.version,
                                    self._keeps(request), head_only, self.server.ident)
+            status = 500
+        self._observe(request, status)
         self._finish(request, data)
 
+    def _observe(self, request: Request, status: int) -> None:
+        if self.server.observe is not None:
+            try:
+                self.server.observe(request.method, request.path, status, self.loop.time() - self.started)
+            except Exception:           # a metric must never cost an answer
+                log.exception("observing %s %s failed", request.method, request.path)
+
     async def _stream(self, request: Request, response: Response) -> None:
-        """Write a streamed body as its pieces come, waiting while the client does not read. An error
-        midway aborts the connection: the client sees a broken body, never a short one that parses."""
-        chunked = request.version == "1.1"
-        keeps = chunked and self._keeps(request)
-        stream = response.stream
-        try:
-            self.transport.write(encode_stream_head(response, request.version, keeps, self.server.ident))
-            async for piece in stream:
-                if self.lost:
-                    return
-                if piece:
-                    self.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-                    self.last_activity = self.loop.time()
-                while self.write_paused and not self.lost:
-                    await asyncio.wait_for(self._writable(), self.server.idle_timeout)
-        except asyncio.TimeoutError:
-            log.warning("%s %s: the client read nothing for %ss; connection dropped", request.method, request.path,
-                        self.server.idle_timeout)
+        keeps = request.version == "1.1" and self._keeps(request)
+        if not await write_streamed(self, request, response, keeps):
             self.current = None
             self.abort()
-            return
-        except Exception:
-            log.exception("streaming %s %s failed midway", request.method, request.path)
-            self.current = None
-            self.abort()
-            return
-        finally:
-            await stream.aclose()
-        if chunked:
-            self.transport.write(b"0\r\n\r\n")
-        if not keeps:
+        elif not keeps:                     # HTTP/1.0, or the server stops: the end of the body is the close
             self.current = None
             self.closing = True
             self.queue.clear()
             self.transport.close()
-            return
-        self._finish(request, b"")
+        else:
+            self._finish(request, b"")
 
-    async def _writable(self) -> None:
+    async def writable(self) -> None:
+        """Until the transport resumes writing (or the connection is lost)."""
         self._resumed = self._resumed or self.loop.create_future()
         await self._resumed
 
@@ -326,6 +314,7 @@ class Connection(asyncio.Protocol):
             data, result = future.result()  # the runner turns the application's errors into a 500
             if request.keep_alive and not self._keeps(request):
                 data = result.encode(request.version, False, request.method == "HEAD", self.server.ident)
+            self._observe(request, int(result.status[:3]) if result.status[:3].isdigit() else 0)
         except Exception:
             log.exception("serving %s %s through WSGI failed", request.method, request.path)
             data = encode_response(error_response(500, "Internal error", request.method), request.version,

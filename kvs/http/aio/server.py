@@ -73,10 +73,13 @@ class HttpServer:
                  refusal: Callable[[int, str, str, str], Response] | None = None,
                  body_limits: Sequence[tuple[str, int]] = (),
                  large_body_gate: Callable[[Mapping[str, str], tuple | None], bool] | None = None,
-                 large_bodies_bytes: int = 512 << 20):
+                 large_bodies_bytes: int = 512 << 20,
+                 observe: Callable[[str, str, int, float], None] | None = None):
         if fast_handler is None and fast_paths is not _never:
             raise ValueError("fast_paths without a fast_handler")
         self._fast_handler = fast_handler
+        # observe(method, raw path, status, seconds) after each answered request (metrics), on the loop
+        self.observe = observe
         self._fast_paths = fast_paths
         self._wsgi_app = wsgi_app
         self.max_body_bytes = max_body_bytes

@@ -23,8 +23,9 @@ _DISK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 
 REQUESTS = Counter("kvs_http_requests_total", "HTTP requests answered, by endpoint class, method and status code",
                    ["endpoint", "method", "code"], registry=REGISTRY)
-REQUEST_SECONDS = Histogram("kvs_http_request_duration_seconds", "Time to answer an HTTP request, by endpoint class",
-                            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+REQUEST_SECONDS = Histogram("kvs_http_request_duration_seconds",
+                            "Time to answer an HTTP request, by endpoint class and status code",
+                            ["endpoint", "code"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 FORWARDS = Counter("kvs_forwards_total",
                    "Requests this node sent on to another node: 'forward' (a key of a shard served elsewhere), "
                    "'reroute' (a key that moved: routed again by a newer epoch), 'leader' (a follower's writes "
@@ -63,9 +64,9 @@ _NAMED = frozenset(("/set", "/fetch", "/query", "/health", "/livez", "/readyz", 
 
 
 def observe_request(method: str, path: str, status: int, seconds: float) -> None:
-    endpoint = endpoint_of(path)
-    REQUESTS.labels(endpoint, method if method in _METHODS else "other", str(status)).inc()
-    REQUEST_SECONDS.labels(endpoint).observe(seconds)
+    endpoint, code = endpoint_of(path), str(status)
+    REQUESTS.labels(endpoint, method if method in _METHODS else "other", code).inc()
+    REQUEST_SECONDS.labels(endpoint, code).observe(seconds)
 
 
 _METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "HEAD"))

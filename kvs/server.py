@@ -9,7 +9,10 @@ requests, and their batches to and from the Raft groups (`kvs.raft.loop`).
 Every other background thread is started here and ends when the one
 `stopping` event is set: the node's supervisor (which owns every Raft
 replica), the takeover watcher, the epoch sync, the metadata membership.
-SIGTERM and SIGINT set it: the listener stops accepting and in-flight requests
+SIGTERM and SIGINT stop it gracefully: every group this node leads first hands
+its leadership to a caught-up follower (HANDOVER_SECONDS at most, while the
+node still serves: a leader that just stops is a crash, and its clients wait
+out an election), then the listener stops accepting and in-flight requests
 finish (GRACE_SECONDS at most), a running view change gets a bounded time to
 end (a metadata member takes over what it leaves), every thread is joined, the
 supervisor closes the replicas, and the process exits 0.
@@ -21,6 +24,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from typing import Callable
 
 from kvs.http.aio import HttpClient, HttpServer, new_event_loop
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 
 WSGI_THREADS = 32          # the admin and internal API (view-change copies, status, shard info)
 GRACE_SECONDS = 5.0        # in-flight requests may finish within this at stop
+HANDOVER_SECONDS = 5.0     # the groups this node leads must have new leaders within this at stop
 JOIN_SECONDS = 15.0
 CLIENT_POOL = 128           # idle keep-alive connections kept per peer
 
@@ -107,9 +112,29 @@ class NodeServer:
         try:
             self.loop.run_until_complete(stop.wait())
             log.info("stopping")
+            self.loop.run_until_complete(self._hand_over())
             self.loop.run_until_complete(self.http.stop(GRACE_SECONDS))
         finally:
             self.stop()
+
+    async def _hand_over(self) -> None:
+        """Transfer the leadership of every group this node leads (that has another member), serving
+        meanwhile; bounded by HANDOVER_SECONDS."""
+        led = [g for g in self.node.all_groups() if g.failure is None and g.is_leader() and len(g.members()) > 1]
+        deadline = time.monotonic() + HANDOVER_SECONDS
+        while any(g.is_leader() for g in led) and time.monotonic() < deadline:
+            # PySyncObj denies a transfer while no follower has the leader's whole log (writes keep coming):
+            # asked again every round until one has it at that moment
+            for group in led:
+                if group.is_leader():
+                    group.transfer_leadership()
+            await asyncio.sleep(0.02)       # polling the tick threads' role, bounded by the deadline
+        kept = [g.name for g in led if g.is_leader()]
+        if kept:
+            log.warning("stopping while still leading %s: no follower took over within %ss", ", ".join(kept),
+                        HANDOVER_SECONDS)
+        elif led:
+            log.info("handed leadership of %s over", ", ".join(g.name for g in led))
 
     def stop(self) -> None:
         self.stopping.set()

@@ -30,6 +30,7 @@ from typing import Callable
 from kvs.http.aio import HttpClient, HttpServer, new_event_loop
 from kvs.http.common import PeerAuth, Services
 from kvs.http.keys import KeyRequests, is_fast, refusal
+from kvs.logs import access
 from kvs.metrics import observe_request
 from kvs.node.metrics import COLLECTOR
 from kvs.http.public import INTERNAL_BODY_BYTES, create_app
@@ -56,6 +57,11 @@ JOIN_SECONDS = 15.0
 CLIENT_POOL = 128           # idle keep-alive connections kept per peer
 
 
+def _observe(method: str, path: str, status: int, seconds: float, request_id: str | None, peer: str | None) -> None:
+    observe_request(method, path, status, seconds)
+    access(method, path, status, seconds, request_id, peer)
+
+
 class NodeServer:
     def __init__(self, settings: NodeSettings):
         self.settings = settings
@@ -75,7 +81,7 @@ class NodeServer:
                                max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
                                refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)],
                                large_body_gate=peer_auth.may_be_peer, large_bodies_bytes=2 * INTERNAL_BODY_BYTES,
-                               observe=observe_request)
+                               observe=_observe)
         COLLECTOR.watch(self.node, self.view_change.progress.to_dict)
         self._workers: list[tuple[str, Callable[[threading.Event], None]]] = [
             ("kvs-supervisor", self.node.supervise),

@@ -28,7 +28,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kvs"
 LAYERS = [
-    ("kvs.errors", "kvs.settings", "kvs.metrics"),
+    ("kvs.errors", "kvs.settings", "kvs.metrics", "kvs.logs"),
     ("kvs.config",),
     ("kvs.fsm",),
     ("kvs.raft",),

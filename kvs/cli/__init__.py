@@ -5,11 +5,10 @@ codes (`kvs.cli.output`), `-o json|value|table`, `--endpoints`, `--timeout`."""
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 from importlib.metadata import PackageNotFoundError, version
 
 from kvs.cli import admin, data, local
+from kvs.logs import configure as configure_logging
 
 
 def _version() -> str:
@@ -30,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("KVS_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pysyncobj").setLevel(logging.WARNING)
+    configure_logging()
     args = build_parser().parse_args(argv)
     return args.run(args)

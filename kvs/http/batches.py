@@ -36,6 +36,7 @@ from kvs.fsm.batch import MAX_BATCH_PAIRS as MAX_PAIRS
 from kvs.fsm.shard import Written
 from kvs.http.aio import Request, Response
 from kvs.http.common import PeerAuth, error_reply, parse_body, request_deadline
+from kvs.logs import REQUEST_ID_HEADER
 from kvs.routing import peers
 from kvs.routing.batches import OPS, ROUTE, BatchRouter
 from kvs.settings import NodeSettings
@@ -57,23 +58,24 @@ class BatchRequests:
 
     async def __call__(self, request: Request) -> Response:
         method, path = request.method, request.path
+        request_id = request.headers.get(peers.REQUEST_ID) or self._new_id()
+        echo = [(REQUEST_ID_HEADER, request_id)]
         try:
             if path.startswith(ROUTE):
-                return await self._forwarded(request)
+                return await self._forwarded(request, request_id)
             if method not in PUBLIC[path]:
                 return Response.json(405, {"error": f"Method {method} is not allowed here",
                                            "message": f"Error in {method}"}, [("Allow", ", ".join(PUBLIC[path]))])
-            request_id = request.headers.get(peers.REQUEST_ID) or self._new_id()
             deadline = request_deadline(self._settings, request.headers)
             if method == "GET":
                 return await self._fetch_all(request_id)
             items = _json_list(request.body)
             if path == "/set":
-                return Response.json(200, await self._set(items, request_id, deadline))
-            return Response.json(200, await self._read(items, path == "/query", request_id, deadline))
+                return Response.json(200, await self._set(items, request_id, deadline), echo)
+            return Response.json(200, await self._read(items, path == "/query", request_id, deadline), echo)
         except Exception as exc:
             reply = error_reply(exc, method, path)
-            return Response.json(reply.status, reply.body)
+            return Response.json(reply.status, reply.body, echo)
 
     async def _set(self, items: list, request_id: str, deadline: float) -> list:
         pairs, failed = [], []
@@ -117,7 +119,7 @@ class BatchRequests:
         listing = self._new_id()          # this node's own id: listings never share a key list by accident
         # The first page is read before the answer starts: a shard that cannot answer at all is a clean 503.
         first = await self._router.scan(shards[0], listing, None, request_id, self._page_deadline())
-        return Response(200, headers=[("Content-Type", "application/json")],
+        return Response(200, headers=[("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id)],
                         stream=self._listing(epoch.number, shards, listing, first, request_id))
 
     async def _listing(self, number: int, shards: list[str], listing: str, first: tuple,
@@ -144,7 +146,7 @@ class BatchRequests:
                 raise RuntimeError(f"the configuration changed from epoch {number} during the listing")
         yield b"]"
 
-    async def _forwarded(self, request: Request) -> Response:
+    async def _forwarded(self, request: Request, request_id: str) -> Response:
         """POST /internal/batches/<shard>/<op>: a part another node sends this node to serve."""
         if not self._peer_auth.is_forwarded(request.headers, request.method, request.path, request.query,
                                             request.body, request.peer[0] if request.peer else None):
@@ -152,10 +154,9 @@ class BatchRequests:
         shard_id, _, op = request.path[len(ROUTE):].partition("/")
         if op not in OPS or not shard_id:
             raise BadRequest(f"not a batch operation: {op[:20]!r}")
-        body = await self._router.serve_forwarded(shard_id, op, parse_body(request.body),
-                                                  request.headers.get(peers.REQUEST_ID) or self._new_id(),
+        body = await self._router.serve_forwarded(shard_id, op, parse_body(request.body), request_id,
                                                   request_deadline(self._settings, request.headers))
-        return Response.json(200, body)
+        return Response.json(200, body, [(REQUEST_ID_HEADER, request_id)])
 
     def _router_epoch(self):
         epoch = self._router.epoch

@@ -32,6 +32,7 @@ from kvs.errors import BadRequest, Unauthorized
 from kvs.http.aio import Request, Response
 from kvs.http.batches import BatchRequests, is_batch
 from kvs.http.common import PeerAuth, error_reply, parse_body, request_deadline
+from kvs.logs import REQUEST_ID_HEADER
 from kvs.routing import peers, write_batches
 from kvs.routing.batches import BatchRouter
 from kvs.routing.keys import KeyRouter
@@ -107,6 +108,7 @@ class KeyRequests:
         method = request.method
         context: dict = {}
         path = decoded_path(request.path)
+        request_id = request.headers.get(peers.REQUEST_ID) or self._new_id()
         try:
             if path is None:
                 raise BadRequest("The key is not valid UTF-8")
@@ -125,8 +127,7 @@ class KeyRequests:
                 key = path[len(KEYS_PREFIX):]
                 condition = None if method == "GET" else \
                     _forwarded_condition(body) if forwarded else condition_from_headers(headers)
-                reply = await self._router.key_request(method, key, _value(method, key, body),
-                                                       headers.get(peers.REQUEST_ID) or self._new_id(),
+                reply = await self._router.key_request(method, key, _value(method, key, body), request_id,
                                                        request_deadline(self._settings, headers), forwarded, condition)
                 reply.body["causal-context"] = context      # the client's, also over a forwarded reply's
                 version = reply.body.get("version")
@@ -135,7 +136,8 @@ class KeyRequests:
         except Exception as exc:
             reply = error_reply(exc, method, path or request.path, context)
         payload = json.dumps(reply.body, separators=(",", ":")).encode()
-        return Response(reply.status, payload, [("Content-Type", "application/json"), *reply.headers.items()])
+        return Response(reply.status, payload, [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id),
+                                                *reply.headers.items()])
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"

@@ -20,11 +20,12 @@ import uuid
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from kvs.metrics import CONTENT_TYPE, exposition
 from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
 from kvs.http.common import Services, error_reply, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
 from kvs.reconfig.planner import Plan
+from kvs.logs import REQUEST_ID_HEADER
+from kvs.metrics import CONTENT_TYPE, exposition
 from kvs.routing import peers
 
 INTERNAL_BODY_BYTES = 256 << 20   # node-to-node transfers: installs, write batches (kvs.server)
@@ -46,7 +47,17 @@ def create_app(svc: Services) -> Flask:
     app.register_blueprint(ops)
     app.register_blueprint(internal)
     app.register_error_handler(Exception, _flask_error)
+    app.after_request(_echo_request_id)
     return app
+
+
+def _echo_request_id(resp: Response) -> Response:
+    """Every answer names its request id (the client's Idempotency-Key or X-Request-Id, else a new one):
+    the access lines of every node that served it carry it (kvs.logs)."""
+    given = request.headers.get(peers.REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER) or ""
+    valid = given if 0 < len(given) <= 128 and given.isprintable() and given.isascii() else uuid.uuid4().hex
+    resp.headers[REQUEST_ID_HEADER] = valid
+    return resp
 
 
 def _deadline() -> float:

@@ -268,22 +268,24 @@ class Connection(asyncio.Protocol):
             response = await self.server.serve_fast(request)
             if response.stream is not None and not head_only:
                 await self._stream(request, response)
-                self._observe(request, response.status)
+                self._observe(request, response.status, response.headers)
                 return
             data = encode_response(response, request.version, self._keeps(request), head_only, self.server.ident)
-            status = response.status
+            status, headers = response.status, response.headers
         except Exception:
             log.exception("fast handler failed on %s %s", request.method, request.path)
             data = encode_response(error_response(500, "Internal error", request.method), request.version,
                                    self._keeps(request), head_only, self.server.ident)
-            status = 500
-        self._observe(request, status)
+            status, headers = 500, ()
+        self._observe(request, status, headers)
         self._finish(request, data)
 
-    def _observe(self, request: Request, status: int) -> None:
+    def _observe(self, request: Request, status: int, headers) -> None:
         if self.server.observe is not None:
+            request_id = next((v for n, v in headers if n == "X-Request-Id"), None)
             try:
-                self.server.observe(request.method, request.path, status, self.loop.time() - self.started)
+                self.server.observe(request.method, request.path, status, self.loop.time() - self.started,
+                                    request_id, self.peer[0] if self.peer else None)
             except Exception:           # a metric must never cost an answer
                 log.exception("observing %s %s failed", request.method, request.path)
 
@@ -314,7 +316,7 @@ class Connection(asyncio.Protocol):
             data, result = future.result()  # the runner turns the application's errors into a 500
             if request.keep_alive and not self._keeps(request):
                 data = result.encode(request.version, False, request.method == "HEAD", self.server.ident)
-            self._observe(request, int(result.status[:3]) if result.status[:3].isdigit() else 0)
+            self._observe(request, int(result.status[:3]) if result.status[:3].isdigit() else 0, result.headers)
         except Exception:
             log.exception("serving %s %s through WSGI failed", request.method, request.path)
             data = encode_response(error_response(500, "Internal error", request.method), request.version,

@@ -74,11 +74,12 @@ class HttpServer:
                  body_limits: Sequence[tuple[str, int]] = (),
                  large_body_gate: Callable[[Mapping[str, str], tuple | None], bool] | None = None,
                  large_bodies_bytes: int = 512 << 20,
-                 observe: Callable[[str, str, int, float], None] | None = None):
+                 observe: Callable[[str, str, int, float, str | None, str | None], None] | None = None):
         if fast_handler is None and fast_paths is not _never:
             raise ValueError("fast_paths without a fast_handler")
         self._fast_handler = fast_handler
-        # observe(method, raw path, status, seconds) after each answered request (metrics), on the loop
+        # observe(method, raw path, status, seconds, X-Request-Id of the reply, peer host) after each answered
+        # request (metrics, access log), on the loop
         self.observe = observe
         self._fast_paths = fast_paths
         self._wsgi_app = wsgi_app

@@ -104,3 +104,12 @@ def test_reads_of_many_keys_stop_at_their_byte_budget_and_a_listing_page_refuses
     s.apply(("freeze", 2, NEW))
     assert s.rows(keys, 10_000) == (NotOwned(2), None)
     assert NotOwned(2) in s.read_many(keys, 10_000) and moving in keys
+
+
+def test_a_consistent_copy_is_taken_between_writes_or_not_at_all():
+    s = ShardState(ownership=(1, "1", OLD))
+    mine = owned_by(OLD, "1", 3)
+    s.apply(("set-batch", "r", tuple((i, k, f"v{i}") for i, k in enumerate(mine))))
+    assert sorted(s.consistent_rows()) == sorted((k, f"v{i}", i + 1) for i, k in enumerate(mine))
+    s._writes += 1                  # a write that never ends: no moment between two writes
+    assert s.consistent_rows(attempts=5) is None

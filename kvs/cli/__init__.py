@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from importlib.metadata import PackageNotFoundError, version
 
-from kvs.cli import admin, data, local
+from kvs.cli import admin, backup, data, local
 from kvs.logs import configure as configure_logging
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_parsers(sub)
     data.add_parsers(sub)
     admin.add_parsers(sub)
+    backup.add_parsers(sub)
     return parser
 
 

@@ -117,6 +117,19 @@ class BatchWrites:
         found = (self.read_versioned(key) for key in keys)
         return [r if self._refused(r) else r is not None for r in found]
 
+    def consistent_rows(self, attempts: int = 100) -> list | None:
+        """(key, value, version) of every key owned here, all as of one moment (a backup): C-level copies
+        taken between two writes of the tick thread (the seqlock of `read_versioned`, over the whole
+        state); None if writes never left room for one within `attempts`."""
+        for _ in range(attempts):
+            before = self._writes
+            if before & 1:
+                continue
+            data, versions = dict(self._data), dict(self._versions)
+            if self._writes == before:
+                return [(k, data[k], versions.get(k, 0)) for k in owned_by(list(data), self._ownership)]
+        return None
+
     def key_list(self) -> tuple[list, tuple | None]:
         """Every key held here (a C-level copy, cheap while the tick thread applies) and the ownership it
         is filtered by (`owned_by`); the caller filters and sorts off the event loop."""

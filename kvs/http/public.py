@@ -106,6 +106,19 @@ def shard_info(shard_id: str) -> Response:
     return json_response(reply.status, reply.body, reply.headers)
 
 
+@shards.route("/kvs/shards/<shard_id>/backup", methods=["GET"])
+def shard_backup(shard_id: str) -> Response:
+    """Every pair of the shard, with versions, as of one moment (`kvs snapshot save`); admin only."""
+    forwarded = services().peer_auth.is_forwarded(request.headers, request.method, request.path,
+                                                  request.query_string.decode("latin-1"),
+                                                  request.get_data(cache=True), request.remote_addr)
+    if not forwarded:
+        _admin()
+    reply = services().shards.backup(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
+                                     _deadline(), forwarded)
+    return json_response(reply.status, reply.body, reply.headers)
+
+
 # -- operations ---------------------------------------------------------------------------------------------
 
 def _change(job) -> list[dict]:

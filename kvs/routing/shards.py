@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from kvs.errors import NotFound, NotMember, Unavailable, WrongGroup
+from kvs.fsm.commands import items_to_json
 from kvs.fsm.shard import ShardState
 from kvs.node import Node
 from kvs.routing.peers import Forwarder, TryNext, until_one_answers
@@ -39,20 +40,36 @@ class ShardQueries:
         return shard_id, group.read(ShardState.key_count, deadline)
 
     def shard_info(self, shard_id: str, request_id: str, deadline: float, forwarded: bool) -> Reply:
+        def local(group, epoch) -> Reply:
+            count = group.read(ShardState.key_count, deadline)
+            return Reply(200, {"message": "Shard information retrieved successfully", "shard-id": shard_id,
+                               "key-count": count, "replicas": list(epoch.replicas(shard_id))})
+        return self._served(shard_id, "", local, request_id, deadline, forwarded)
+
+    def backup(self, shard_id: str, request_id: str, deadline: float, forwarded: bool) -> Reply:
+        """Every pair of the shard with its version, as of one moment after a read index (`kvs snapshot save`)."""
+        def local(group, epoch) -> Reply:
+            rows = group.read(lambda state: state.consistent_rows(), deadline)
+            if rows is None:
+                raise Unavailable(f"shard {shard_id} is written too fast for a consistent copy; try again")
+            return Reply(200, {"shard-id": shard_id, "epoch": epoch.number, "items": items_to_json(rows)})
+        return self._served(shard_id, "/backup", local, request_id, deadline, forwarded)
+
+    def _served(self, shard_id: str, suffix: str, local, request_id: str, deadline: float, forwarded: bool) -> Reply:
+        """`local(group, epoch)` on this node's replica of the shard, or GET /kvs/shards/<id><suffix> of
+        a replica that has one."""
         epoch = self._epoch()
         if shard_id not in epoch.shards:
             raise NotFound(f"shard {shard_id} does not exist")
         group = self._node.group(shard_id)
         if group is not None:
-            count = group.read(ShardState.key_count, deadline)
-            return Reply(200, {"message": "Shard information retrieved successfully", "shard-id": shard_id,
-                               "key-count": count, "replicas": list(epoch.replicas(shard_id))})
+            return local(group, epoch)
         others = [a for a in epoch.replicas(shard_id) if a != self._node.settings.address]
         if forwarded and len(others) < len(epoch.replicas(shard_id)):
             raise Unavailable(f"this node's replica of shard {shard_id} is not running")   # down: try the next
         if forwarded:
             raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
-        path = f"/kvs/shards/{quote(shard_id, safe='')}"
+        path = f"/kvs/shards/{quote(shard_id, safe='')}{suffix}"
 
         def attempt(address: str, attempt_deadline: float) -> Reply:
             resp = self._forwarder.send(address, "GET", path, None, request_id, attempt_deadline)

@@ -130,7 +130,7 @@ def _run_line(payload: dict) -> str:
     m = payload.get("machine", {})
     commit = (m.get("kvs_commit") or "?")[:7]
     dirty = " + uncommitted changes in kvs/" if m.get("kvs_uncommitted_changes") else ""
-    return f"Run {payload.get('timestamp', '?')}, kvs at `{commit}`{dirty}. Command: `{payload.get('command', '?')}`"
+    return f"Run {payload.get('timestamp', '?')}, kvs at `{commit}`{dirty}. Command: `{_portable(payload.get('command', '?'))}`"
 
 
 def _max_other(rs: list[dict | None]) -> float:
@@ -355,12 +355,22 @@ def rounds_table(payload: dict) -> list[str]:
         ["cell", "kvs req/s by round", "etcd req/s by round", "kvs/etcd by round"], rows) + [""]
 
 
+def _portable(command: str) -> str:
+    """A recorded command without this machine's paths: checkouts' interpreters become `python`, their
+    files relative, temporary directories $TMP."""
+    command = re.sub(r"\S*/\.venv/bin/(python3?|py-spy)", lambda m: m.group(1), command)
+    command = re.sub(r"/tmp/kvs-suite-[\w-]+/", "$TMP/", command)
+    command = re.sub(r"(--copy-root |cd |PYTHONPATH=)/\S*?([\w.-]+)(?=[\s)])", r"\1../\2", command)
+    return re.sub(r"/\S+?/(benchmarks/\S+)", r"\1", command)
+
+
 def commands_block(payload: dict, limit: int = 8) -> list[str]:
     """A few of the run's exact commands (long JSON bodies shortened), in a collapsed block."""
     seen, shown = set(), []
     wrapped = [(payload.get("suite") or {}).get("wrapped_command", "")]      # view_change.py, run as it is
     for cmd in [payload.get("command", "")] + (payload.get("commands") or wrapped):
         short = re.sub(r"(-d )('?\{[^']{60,}\}'?)", lambda m: m.group(1) + "'<JSON body with the value>'", cmd)
+        short = _portable(short)
         shape = re.sub(r"\d+", "N", short)            # one example per shape of command
         if short and shape not in seen:
             seen.add(shape)

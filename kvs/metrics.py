@@ -1,7 +1,7 @@
 """Prometheus metrics of a node (`GET /metrics`), with prometheus-client.
 
 Two kinds. Events are counted where they happen, with label values from small
-fixed sets (an endpoint class, never a key): HTTP requests and their latency,
+fixed sets (an endpoint class out of a fixed list, never a path or a key): HTTP requests and their latency,
 forwards and re-routes, failed proposals, journal fsyncs, snapshot writes,
 leader changes. State is read when Prometheus scrapes, by `NodeCollector`
 (`kvs.node.metrics`): each hosted group's role, term, commit and applied
@@ -49,7 +49,8 @@ def endpoint_of(path: str) -> str:
     if path.startswith("/kvs/keys/"):
         return "keys"
     if path.startswith("/internal/"):
-        return "internal/" + path[len("/internal/"):].split("/", 1)[0]
+        route = path[len("/internal/"):].split("/", 1)[0]
+        return "internal/" + (route if route in _INTERNAL else "other")
     if path.startswith("/kvs/view-change"):
         return "view-change"
     if path.startswith("/kvs/shards"):
@@ -59,14 +60,23 @@ def endpoint_of(path: str) -> str:
     return "other"
 
 
+_INTERNAL = frozenset(("status", "epochs", "metadata", "groups", "writes", "batches"))
 _NAMED = frozenset(("/set", "/fetch", "/query", "/health", "/livez", "/readyz", "/metrics", "/kvs/status",
                     "/kvs/key-count", "/kvs/reshard"))
 
 
 def observe_request(method: str, path: str, status: int, seconds: float) -> None:
-    endpoint, code = endpoint_of(path), str(status)
-    REQUESTS.labels(endpoint, method if method in _METHODS else "other", code).inc()
-    REQUEST_SECONDS.labels(endpoint, code).observe(seconds)
+    endpoint = endpoint_of(path)
+    key = (endpoint, method if method in _METHODS else "other", status if 100 <= status < 600 else 0)
+    children = _CHILDREN.get(key)
+    if children is None:        # label lookups cost more than the counting: once per (endpoint, method, code)
+        children = _CHILDREN[key] = (REQUESTS.labels(key[0], key[1], str(key[2])),
+                                     REQUEST_SECONDS.labels(key[0], str(key[2])))
+    children[0].inc()
+    children[1].observe(seconds)
+
+
+_CHILDREN: dict[tuple, tuple] = {}      # bounded: endpoint classes x methods x status codes
 
 
 _METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "HEAD"))

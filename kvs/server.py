@@ -73,7 +73,8 @@ class NodeServer:
         self.view_change = ViewChange(self.node, remote)
         # One per node: the key path and the Flask apps must share the memory of accepted nonces.
         peer_auth = PeerAuth(settings.secret, self.node.trusts_host)
-        app = create_app(Services(self.node, ShardQueries(self.node, forwarder), self.view_change, peer_auth))
+        self._services = Services(self.node, ShardQueries(self.node, forwarder), self.view_change, peer_auth)
+        app = create_app(self._services)
         source_ip = settings.bind_host if settings.bind_host not in ("", "0.0.0.0", "::") else None
         self._client = HttpClient(source_ip=source_ip, max_idle_per_address=CLIENT_POOL)
         self.keys = KeyRouter(self.node, AsyncForwarder(self._client, settings.secret), self.loop)
@@ -118,7 +119,11 @@ class NodeServer:
         try:
             self.loop.run_until_complete(stop.wait())
             log.info("stopping")
-            self.loop.run_until_complete(self._hand_over())
+            self._services.stopping.set()
+            try:
+                self.loop.run_until_complete(self._hand_over())
+            except Exception:               # a failed hand-over must not skip the drain below
+                log.exception("handing leadership over failed; stopping anyway")
             self.loop.run_until_complete(self.http.stop(GRACE_SECONDS))
         finally:
             self.stop()
@@ -126,6 +131,8 @@ class NodeServer:
     async def _hand_over(self) -> None:
         """Transfer the leadership of every group this node leads (that has another member), serving
         meanwhile; bounded by HANDOVER_SECONDS."""
+        # Computed once: a group that a stopping peer hands to this node is not handed on (the whole cluster
+        # stopping at once would pass leaderships around until the deadline).
         led = [g for g in self.node.all_groups() if g.failure is None and g.is_leader() and len(g.members()) > 1]
         deadline = time.monotonic() + HANDOVER_SECONDS
         while any(g.is_leader() for g in led) and time.monotonic() < deadline:

@@ -91,11 +91,12 @@ def _wait(node: str, worker: threading.Thread) -> dict | None:
 
 
 def _follow(node: str, worker: threading.Thread) -> dict | None:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
 
     last = None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
-                  transient=True) as bar:
+                  transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("view change", total=1, detail="")
         while worker.is_alive():
             last = _progress(node) or last

@@ -36,7 +36,14 @@ def call(args: argparse.Namespace, request: Callable) -> int:
     for endpoint in endpoints(args):
         try:
             status, body = request(KvsClient(endpoint, timeout=args.timeout))
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except requests.exceptions.ChunkedEncodingError as exc:
+            # the node broke the answer off (a listing during a view change): not a short answer
+            print(f"kvs: {endpoint} broke its answer off midway ({exc}); try again", file=sys.stderr)
+            return output.UNAVAILABLE
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader, ValueError) as exc:
+            print(f"kvs: {exc}", file=sys.stderr)
+            return output.USAGE
+        except requests.RequestException as exc:
             last = f"{endpoint}: {exc}"
             continue
         return output.emit(args.command, status, body, args.output)

@@ -14,7 +14,8 @@ import tempfile
 import time
 
 RUN_FILE = "kvs-local.json"                     # in the data directory: the pids `local down` stops
-LAST_FILE = os.path.join(tempfile.gettempdir(), "kvs-local-last")      # the last `local up`'s data directory
+# the last `local up`'s data directory: per user, not in the shared /tmp
+LAST_FILE = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or os.path.expanduser("~/.cache"), "kvs", "local-last")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -98,8 +99,10 @@ def local_up(args: argparse.Namespace) -> int:
     cluster.start()
     run_file = os.path.join(data_root, RUN_FILE)
     try:
-        with open(run_file, "w") as f:
-            json.dump({"launcher": os.getpid(), "nodes": {a: n.process.pid for a, n in cluster.nodes.items()}}, f)
+        pids = [os.getpid()] + [n.process.pid for n in cluster.nodes.values()]
+        with open(run_file, "w") as f:     # pid and start time: a pid used again later is not ours
+            json.dump({"launcher": _identity(os.getpid()), "nodes": [_identity(p) for p in pids[1:]]}, f)
+        os.makedirs(os.path.dirname(LAST_FILE), exist_ok=True)
         with open(LAST_FILE, "w") as f:
             f.write(data_root)
         cluster.wait_healthy(timeout=60)
@@ -136,28 +139,37 @@ def local_down(args: argparse.Namespace) -> int:
         print("kvs local down: no running `kvs local up` found (give its --data-dir)", file=sys.stderr)
         return 1
     with open(run_file) as f:
-        launcher = json.load(f)["launcher"]
-    if not _is_local_up(launcher):
-        print(f"kvs local down: process {launcher} is not a `kvs local up`; nothing stopped", file=sys.stderr)
-        return 1
-    os.kill(launcher, signal.SIGTERM)           # the launcher stops its nodes (SIGTERM each) and exits
+        record = json.load(f)
+    # the launcher stops its nodes (SIGTERM each) and exits; nodes whose launcher died are stopped here
+    targets = [p for p in [record["launcher"], *record["nodes"]] if _alive(p)]
+    signalled = [record["launcher"]] if _alive(record["launcher"]) else targets
+    for pid, _ in signalled:
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while _is_local_up(launcher) and time.monotonic() < deadline:
-        time.sleep(0.1)                         # polling a process we do not own as a child, bounded
-    if _is_local_up(launcher):
-        print(f"kvs local down: {launcher} still runs after 60 s", file=sys.stderr)
+    while any(_alive(p) for p in targets) and time.monotonic() < deadline:
+        time.sleep(0.1)                         # polling processes that are not our children, bounded
+    left = [p[0] for p in targets if _alive(p)]
+    if left:
+        print(f"kvs local down: still running after 60 s: {left}", file=sys.stderr)
         return 1
     print(f"kvs: stopped the cluster of {data_root}")
     return 0
 
 
-def _is_local_up(pid: int) -> bool:
+def _identity(pid: int) -> list | None:
+    """[pid, its start time in clock ticks since boot] (/proc/<pid>/stat, field 22); None for a process
+    that has exited and waits for its parent to reap it (a zombie)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else [pid, int(fields[19])]
+
+
+def _alive(identity: list) -> bool:
+    """Whether the process that was recorded still runs (the same pid and the same start time)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
+        return _identity(identity[0]) == list(identity)
+    except (OSError, ValueError, IndexError):
         return False
-    return b"local" in argv and b"up" in argv
 
 
 def add_parsers(sub) -> None:

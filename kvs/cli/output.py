@@ -8,7 +8,8 @@
 
 `-o json` (the default) prints the answer's JSON, indented on a terminal and on
 one line otherwise; `-o value` only what a script wants (a value, a version, a
-count, one line per item); `-o table` a table (rich). An answer of 400 or more
+count, one line per item, `key<TAB>value` for fetch-all; binary data in
+base64); `-o table` a table (rich). An answer of 400 or more
 goes to stderr, as JSON, and sets the exit code.
 """
 
@@ -58,15 +59,17 @@ def _data(obj: Any) -> Any:
     return obj
 
 
-def _line(item: Any) -> None:
+def _text(item: Any) -> str:
+    """One field of a `-o value` line: binary data in base64 (a line per item stays a line)."""
     if isinstance(item, bytes):
-        sys.stdout.flush()
-        sys.stdout.buffer.write(item + b"\n")
-        sys.stdout.buffer.flush()
-    elif isinstance(item, (dict, list)):
-        print(json.dumps(item, ensure_ascii=False))
-    else:
-        print("" if item is None else str(item).lower() if isinstance(item, bool) else item)
+        return base64.b64encode(item).decode("ascii")
+    if isinstance(item, (dict, list)):
+        return json.dumps(item, ensure_ascii=False)
+    return "" if item is None else str(item).lower() if isinstance(item, bool) else str(item)
+
+
+def _line(item: Any) -> None:
+    print(_text(item))
 
 
 def _values(command: str, body: Any) -> None:
@@ -80,9 +83,12 @@ def _values(command: str, body: Any) -> None:
     elif command == "shards":
         for shard in body.get("shards", []):
             _line(shard)
-    elif command in ("get-many", "exists", "fetch-all"):
+    elif command in ("get-many", "exists"):
         for item in body:
             _line(_data(item.get("value")))
+    elif command == "fetch-all":
+        for item in body:                   # key TAB value: a listing without its keys says nothing
+            print(f"{_text(_data(item.get('key')))}\t{_text(_data(item.get('value')))}")
     elif command == "set-many":
         _line(body[0].get("keys_added") if body else 0)
     else:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from flask import Response, current_app
@@ -73,6 +74,8 @@ class Services:
     shards: ShardQueries
     view_change: ViewChange
     peer_auth: PeerAuth
+    # set when the node starts stopping (SIGTERM): /readyz then answers 503, so balancers send no more
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 def services() -> Services:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hmac
 import uuid
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
@@ -51,12 +51,18 @@ def create_app(svc: Services) -> Flask:
     return app
 
 
+def _request_id() -> str:
+    """This request's id: the client's Idempotency-Key or X-Request-Id if it is a short printable one,
+    else a new one; forwarded hops carry it, every answer names it (kvs.logs)."""
+    if "request_id" not in g:
+        given = request.headers.get(peers.REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER) or ""
+        g.request_id = given if 0 < len(given) <= 128 and given.isprintable() and given.isascii() \
+            else uuid.uuid4().hex
+    return g.request_id
+
+
 def _echo_request_id(resp: Response) -> Response:
-    """Every answer names its request id (the client's Idempotency-Key or X-Request-Id, else a new one):
-    the access lines of every node that served it carry it (kvs.logs)."""
-    given = request.headers.get(peers.REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER) or ""
-    valid = given if 0 < len(given) <= 128 and given.isprintable() and given.isascii() else uuid.uuid4().hex
-    resp.headers[REQUEST_ID_HEADER] = valid
+    resp.headers[REQUEST_ID_HEADER] = _request_id()
     return resp
 
 
@@ -101,7 +107,7 @@ def shard_info(shard_id: str) -> Response:
     forwarded = services().peer_auth.is_forwarded(request.headers, request.method, request.path,
                                                   request.query_string.decode("latin-1"),
                                                   request.get_data(cache=True), request.remote_addr)
-    reply = services().shards.shard_info(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
+    reply = services().shards.shard_info(shard_id, _request_id(),
                                          _deadline(), forwarded)
     return json_response(reply.status, reply.body, reply.headers)
 
@@ -114,7 +120,7 @@ def shard_backup(shard_id: str) -> Response:
                                                   request.get_data(cache=True), request.remote_addr)
     if not forwarded:
         _admin()
-    reply = services().shards.backup(shard_id, request.headers.get(peers.REQUEST_ID) or uuid.uuid4().hex,
+    reply = services().shards.backup(shard_id, _request_id(),
                                      _deadline(), forwarded)
     return json_response(reply.status, reply.body, reply.headers)
 
@@ -175,6 +181,8 @@ def status() -> Response:
 def health() -> Response:
     """Ready: the configuration is known and every hosted group has a leader (an idle node is not)."""
     ready, reason = services().node.health()
+    if services().stopping.is_set():
+        ready, reason = False, "stopping: handing leadership over, then exiting"
     return json_response(200 if ready else 503, {"status": "ok" if ready else "unavailable", "reason": reason})
 
 

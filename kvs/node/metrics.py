@@ -7,12 +7,15 @@ they happen (`kvs.metrics`).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvs.metrics import LEADER_CHANGES, REGISTRY
+
+log = logging.getLogger(__name__)
 
 ROLES = ("leader", "follower", "candidate", "learner", "failed")
 PHASES = ("prepared", "copying", "frozen", "caught-up", "committed", "unwinding")
@@ -43,7 +46,12 @@ class NodeCollector(Collector):
         dedup = GaugeMetricFamily("kvs_dedup_entries", "Request ids the replica remembers (exactly-once window)",
                                   labels=["group"])
         for group in node.all_groups():
-            status = group.status()
+            try:
+                # PySyncObj's getStatus iterates dicts the tick thread changes: a scrape may lose a group
+                # for a moment, never the whole answer
+                status = group.status()
+            except RuntimeError:
+                continue
             name = group.name
             for r in ROLES:
                 role.add_metric([name, r], 1.0 if status.get("role") == r else 0.0)
@@ -85,6 +93,12 @@ class LeaderWatch:
         self._seen: dict[str, str] = {}       # group name -> its leader at the last sample
 
     def sample(self, groups) -> None:
+        try:
+            self._sample(groups)
+        except Exception:           # a metric must not make the supervisor look failing (/livez)
+            log.exception("sampling the groups' leaders failed")
+
+    def _sample(self, groups) -> None:
         for group in groups:
             leader = group.leader()
             seen = self._seen.get(group.name)

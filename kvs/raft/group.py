@@ -128,6 +128,8 @@ class RaftGroup:
         # learner). See kvs.raft.replica, change 5.
         self._replica = Replica(self_address, peers, state, conf, on_applied, group=name, learner=learner,
                                 also_connect=also_connect, hold_election=hold_election)
+        self._transfer_wanted = False
+        self._replica.addOnTickCallback(self._transfer_on_tick)
 
     # -- commands and reads ------------------------------------------------------
 
@@ -200,8 +202,16 @@ class RaftGroup:
             raise Unavailable(f"group {self.name}: {op} {raft_address} refused (code {pending.error})")
 
     def transfer_leadership(self) -> None:
-        """Ask the most caught-up follower to take over (best effort; the caller checks `leader()`)."""
-        self._replica.transferLeadership(None, None)
+        """Ask the most caught-up follower to take over (best effort; the caller checks `leader()`). Done
+        on the tick thread: PySyncObj's transferLeadership walks the node sets and writes to the
+        connections that thread owns."""
+        self._transfer_wanted = True
+        self._replica._wake()
+
+    def _transfer_on_tick(self) -> None:
+        if self._transfer_wanted:
+            self._transfer_wanted = False
+            self._replica.transferLeadership(None, None)
 
     def lagging_members(self, slack: int) -> list[str]:
         """On the leader: the members whose log is more than `slack` entries behind its commit index

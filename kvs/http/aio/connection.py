@@ -267,8 +267,7 @@ class Connection(asyncio.Protocol):
         try:
             response = await self.server.serve_fast(request)
             if response.stream is not None and not head_only:
-                await self._stream(request, response)
-                self._observe(request, response.status, response.headers)
+                await self._stream(request, response, self.started)
                 return
             data = encode_response(response, request.version, self._keeps(request), head_only, self.server.ident)
             status, headers = response.status, response.headers
@@ -280,18 +279,22 @@ class Connection(asyncio.Protocol):
         self._observe(request, status, headers)
         self._finish(request, data)
 
-    def _observe(self, request: Request, status: int, headers) -> None:
+    def _observe(self, request: Request, status: int, headers, started: float | None = None) -> None:
         if self.server.observe is not None:
-            request_id = next((v for n, v in headers if n == "X-Request-Id"), None)
             try:
-                self.server.observe(request.method, request.path, status, self.loop.time() - self.started,
+                request_id = next((v for n, v in headers if n == "X-Request-Id"), None)
+                self.server.observe(request.method, request.path, status,
+                                    self.loop.time() - (self.started if started is None else started),
                                     request_id, self.peer[0] if self.peer else None)
             except Exception:           # a metric must never cost an answer
                 log.exception("observing %s %s failed", request.method, request.path)
 
-    async def _stream(self, request: Request, response: Response) -> None:
+    async def _stream(self, request: Request, response: Response, started: float) -> None:
         keeps = request.version == "1.1" and self._keeps(request)
-        if not await write_streamed(self, request, response, keeps):
+        complete = await write_streamed(self, request, response, keeps)
+        # observed before the next request may start (and reset `started`); a body cut off counts as 499
+        self._observe(request, response.status if complete else 499, response.headers, started)
+        if not complete:
             self.current = None
             self.abort()
         elif not keeps:                     # HTTP/1.0, or the server stops: the end of the body is the close

@@ -251,18 +251,22 @@ def test_batches_written_during_a_reshard_keep_every_pair_that_was_acknowledged(
     cluster = make_cluster(2, 3)
     stop = threading.Event()
     outcomes: list[tuple[dict, dict]] = []                 # (pairs, answer) per batch
+    binaries: dict = {}                                     # binary pairs, moved as bytes
 
     def writer(w: int) -> None:
         for n in range(10_000):
             if stop.is_set():
                 return
             pairs = {f"vc-{w}-{n}-{j}": f"{w}-{n}" for j in range(12)}
+            binary = {bytes([0xFF, w, n % 256, n // 256, j]): bytes([w, j]) * 3 for j in range(4)}   # not UTF-8
             try:
-                resp = set_batch(cluster.view[(w + n) % 6], [(s(k), s(v)) for k, v in pairs.items()])
+                resp = set_batch(cluster.view[(w + n) % 6], [(s(k), s(v)) for k, v in pairs.items()]
+                                 + [(b(k), b(v)) for k, v in binary.items()])
             except requests.RequestException:
                 outcomes.append((pairs, None))          # no answer: every pair's outcome is unknown
                 continue
             assert resp.status_code == 200, resp.text
+            binaries.update(binary)                         # answered: each pair added or in keys_failed
             outcomes.append((pairs, resp.json()[0]))
 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
@@ -279,12 +283,19 @@ def test_batches_written_during_a_reshard_keep_every_pair_that_was_acknowledged(
         for t in threads:
             t.join(60)
     assert len(outcomes) > preload                          # batches were written while keys moved
-    values = {p["key"]["data"]: p["value"]["data"] for p in fetch_all(cluster.view[5])}
+    everything = fetch_all(cluster.view[5])
+    values = {p["key"]["data"]: p["value"]["data"] for p in everything if p["key"]["encoding"] == "string"}
+    moved = {base64.b64decode(p["key"]["data"]): base64.b64decode(p["value"]["data"]) for p in everything
+             if p["key"]["encoding"] == "binary"}
     listed = fetch_all(cluster.view[2])
-    assert len(listed) == len({p["key"]["data"] for p in listed}) == len(values)      # no key twice
+    assert len(listed) == len({json.dumps(p["key"], sort_keys=True) for p in listed}) == len(everything)  # once each
+    failed_binary = {base64.b64decode(f["key"]["data"]) for _, a in outcomes if a for f in a["keys_failed"]
+                     if f["key"]["encoding"] == "binary"}
+    assert all(moved.get(k) == v for k, v in binaries.items() if k not in failed_binary), "binary pairs lost"
     acknowledged = 0
     for pairs, answer in outcomes:
-        failed = {f["key"]["data"] for f in answer["keys_failed"]} if answer else set(pairs)
+        failed = {f["key"]["data"] for f in answer["keys_failed"] if f["key"]["encoding"] == "string"} \
+            if answer else set(pairs)
         for key, value in pairs.items():
             if key in failed:
                 assert values.get(key) in (None, value), key

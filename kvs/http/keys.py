@@ -114,7 +114,7 @@ class KeyRequests:
                 raise BadRequest("The key is not valid UTF-8")
             if method not in KEY_METHODS:
                 reply = Reply(405, {"error": f"Method {method} is not allowed here",
-                                    "message": f"Error in {method}"})
+                                    "message": f"Error in {method}"}, {"Allow": ", ".join(KEY_METHODS)})
             else:
                 headers = request.headers
                 body = parse_body(request.body)

@@ -23,6 +23,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
 from kvs.http.common import Services, error_reply, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
+from kvs.http.openapi import SPEC
 from kvs.reconfig.planner import Plan
 from kvs.logs import REQUEST_ID_HEADER
 from kvs.metrics import CONTENT_TYPE, exposition
@@ -186,6 +187,12 @@ def health() -> Response:
     return json_response(200 if ready else 503, {"status": "ok" if ready else "unavailable", "reason": reason})
 
 
+@ops.route("/openapi.json", methods=["GET"])
+def openapi() -> Response:
+    """The OpenAPI 3.1 description of the public API (kvs.http.openapi)."""
+    return json_response(200, SPEC)
+
+
 @ops.route("/metrics", methods=["GET"])
 def metrics() -> Response:
     """Prometheus' text format (kvs.metrics, kvs.node.metrics)."""
@@ -205,4 +212,5 @@ def _flask_error(exc: Exception) -> Response:
     if isinstance(exc, RequestEntityTooLarge):
         exc = PayloadTooLarge(f"Request body larger than {services().node.settings.max_body_bytes} bytes")
     reply = error_reply(exc, request.method, request.path)
-    return json_response(reply.status, reply.body)
+    allowed = getattr(exc, "valid_methods", None)           # a 405 names what the route takes (RFC 9110)
+    return json_response(reply.status, reply.body, {"Allow": ", ".join(allowed)} if allowed else None)

@@ -37,7 +37,7 @@ LAYERS = [
     ("kvs.reconfig",),
     ("kvs.http",),
     ("kvs.server",),
-    ("kvs.cli", "kvs.client", "kvs.__main__", "kvs"),
+    ("kvs.cli", "kvs.client", "kvs.cluster_client", "kvs.__main__", "kvs"),
 ]
 TOOLS = "kvs.testing"
 MAX_LINES = 410

@@ -127,6 +127,8 @@ SPEC: dict = {
             "summary": "The same nodes in another number of shards (admin)",
             "requestBody": {"required": True, **_json({"type": "object", "required": ["shard-count"]})},
             "responses": _answers({"200": _SHARDS_REPLY}, **_CHANGE_ERRORS)}},
+        "/kvs/routing": {"get": {"summary": "What a cluster-aware client routes by", "responses": _answers(
+            {"200": {"type": "object", "required": ["epoch", "ring", "shards"]}}, e503="no configuration yet")}},
         "/kvs/status": {"get": {"summary": "This node's status", "responses": _answers(
             {"200": {"type": "object", "required": ["epoch", "groups"]}})}},
         "/health": {"get": {"summary": "Ready (as /readyz)", "responses": {

@@ -20,7 +20,7 @@ import uuid
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from kvs.errors import BadRequest, PayloadTooLarge, Unauthorized
+from kvs.errors import BadRequest, NotMember, PayloadTooLarge, Unauthorized
 from kvs.http.common import Services, error_reply, json_response, parse_body, request_deadline, services
 from kvs.http.internal import internal
 from kvs.http.openapi import SPEC
@@ -111,6 +111,19 @@ def shard_info(shard_id: str) -> Response:
     reply = services().shards.shard_info(shard_id, _request_id(),
                                          _deadline(), forwarded)
     return json_response(reply.status, reply.body, reply.headers)
+
+
+@shards.route("/kvs/routing", methods=["GET"])
+def routing() -> Response:
+    """What a cluster-aware client routes by: the epoch, its ring, every shard's replicas, and the leader
+    of each shard this node runs a replica of (null elsewhere: the client learns it from X-Kvs-Leader)."""
+    node = services().node
+    epoch = node.epoch
+    if epoch is None:
+        raise NotMember("this node does not know the cluster configuration")
+    return json_response(200, {"epoch": epoch.number, "ring": epoch.ring.to_dict(),
+                               "shards": {sid: {"replicas": list(epoch.replicas(sid)),
+                                                "leader": node.leader_address(sid)} for sid in epoch.shard_ids()}})
 
 
 @shards.route("/kvs/shards/<shard_id>/backup", methods=["GET"])

@@ -125,10 +125,11 @@ class KeyRouter:
         if group is not None and group.failure is None and not self._node.leaving(shard_id):
             reply = await self._serve(group, shard_id, method, key, value, path, request_id, deadline, forwarded,
                                       condition)
-            if forwarded:
-                leader = self._node.leader_address(shard_id)
-                if leader:
-                    reply.headers[LEADER_HINT] = leader
+            # the shard's leader as this replica knows it: forwarding nodes and cluster-aware clients
+            # (kvs.client.Client) send the next request of this shard straight there
+            leader = self._node.leader_address(shard_id)
+            if leader:
+                reply.headers[LEADER_HINT] = leader
             return reply
         # This node runs no replica of the shard, or its replica is down (its journal failed: a full disk,
         # kvs.raft.recovery) or leaving: the other replicas serve the request; a forwarded one gets 503, so that its

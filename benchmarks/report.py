@@ -500,8 +500,11 @@ def plot(results: dict, directory: str = RESULTS_DIR) -> list[str]:
             axes[0].plot(keys, [max(s["empty_rss_bytes"].values()) / 2**20] +
                          [max(st["rss_bytes"].values()) / 2**20 for st in s["stages"]], marker="o", label=name)
             axes[1].plot(keys[1:], [st["restart_s"]["last_key_read"] for st in s["stages"]], marker="o", label=name)
+        ticks = sorted({st["keys"] for s in size.values() for st in s["stages"]} | {0})
         for ax, title in zip(axes, ("RSS of the largest node (MiB)", "restart to last key read (s)")):
             ax.set_xlabel("keys")
+            ax.set_xticks(ticks, [f"{k // 1000}k" if k else "0" for k in ticks])   # no 1e5 offset on the axis
+            ax.set_ylim(bottom=0)
             ax.set_title(title)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
@@ -509,6 +512,44 @@ def plot(results: dict, directory: str = RESULTS_DIR) -> list[str]:
         fig.savefig(os.path.join(directory, "size.png"), dpi=90)
         plt.close(fig)
         written.append("size.png")
+    fo = (results.get("failover") or {}).get("systems")
+    if fo:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, data in fo.items():
+            rounds = range(1, len(data["seconds"]) + 1)
+            ax.plot(rounds, data["seconds"], marker="o", label=f"{name} (median {data['median_s']:.2f} s)")
+        ax.set_xticks(list(range(1, max(len(d["seconds"]) for d in fo.values()) + 1)))
+        ax.set_xlabel("round (SIGKILL of the leader)")
+        ax.set_ylabel("s to the first successful write through another node")
+        ax.set_ylim(bottom=0)
+        ax.set_title("Failover")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "failover.png"), dpi=90)
+        plt.close(fig)
+        written.append("failover.png")
+    vc = results.get("view_change")
+    if vc and vc.get("moving_keys") and vc.get("staying_keys"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        labels = ["p50", "p99", "max"]
+        for offset, (name, data) in enumerate((("moving keys", vc["moving_keys"]),
+                                               ("staying keys", vc["staying_keys"]))):
+            for shift, phase in ((0.0, "baseline"), (0.2, "during_change")):
+                ax.bar([i + offset * 0.4 + shift for i in range(3)], [data[phase][f"{m}_ms"] for m in labels],
+                       width=0.18, label=f"{name}, {phase.replace('_', ' ')}")
+        ax.set_xticks([i + 0.3 for i in range(3)], labels)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylabel("write latency (ms)")
+        ax.set_title(f"View change under load: {vc['view_change'].get('keys_moved', '?')} keys moved "
+                     f"in {vc['view_change'].get('seconds', '?')} s")
+        ax.grid(True, alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "view_change.png"), dpi=90)
+        plt.close(fig)
+        written.append("view_change.png")
     return written
 
 

@@ -166,7 +166,10 @@ class Client:
         start = next(self._spread) % len(replicas)              # spread reads over replicas meanwhile
         ordered = replicas[start:] + replicas[:start]
         leader = self._leaders.get(shard)
-        return ([leader] + [r for r in ordered if r != leader]) if leader else ordered
+        ordered = ([leader] + [r for r in ordered if r != leader]) if leader else ordered
+        # last, the addresses the client was given: behind NAT or published ports (Docker) the nodes'
+        # own addresses may be unreachable from here, and any node forwards
+        return ordered + [e for e in self._endpoints if e not in ordered]
 
     def _send(self, node: str, method: str, path: str, body: Any, headers: dict, deadline: float,
               shard: str | None) -> dict | None:

@@ -34,6 +34,7 @@ import requests
 from kvs.client import data_object, data_value
 from kvs.config.ring import HashRing
 
+CONNECT_SECONDS = 1.0              # one connection attempt
 RETRY_PAUSE = 0.05                 # after every node of a shard failed once (doubles up to 1 s)
 LEADER_HINT = "X-Kvs-Leader"
 
@@ -175,8 +176,10 @@ class Client:
               shard: str | None) -> dict | None:
         """The answer's body, an exception for an answer that is final, None to try elsewhere."""
         try:
+            remaining = max(0.05, min(self.timeout, deadline - time.monotonic()))
+            # connecting gets CONNECT_SECONDS: an address that drops SYNs must not take the whole deadline
             resp = self._session.request(method, f"http://{node}{path}", json=body, headers=headers,
-                                         timeout=max(0.05, min(self.timeout, deadline - time.monotonic())))
+                                         timeout=(min(CONNECT_SECONDS, remaining), remaining))
         except requests.RequestException:
             if shard is not None and self._leaders.get(shard) == node:
                 del self._leaders[shard]

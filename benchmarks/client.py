@@ -1,7 +1,8 @@
 """kvs.Client against hitting the leaders directly (issue 14): does client-side routing cost throughput?
 
 One 2 x 3 cluster; the same Python load three ways, one after the other, each for --seconds with
---threads threads writing 256-byte values to random keys of both shards:
+--processes processes of --threads threads each, writing 256-byte values to random keys of both
+shards (--op put) or reading them (--op get):
 
 * client:   `kvs.Client(view).put(key, value)`: the client hashes the key and sends it to its
             shard's leader (learned from /kvs/routing and X-Kvs-Leader);
@@ -9,16 +10,21 @@ One 2 x 3 cluster; the same Python load three ways, one after the other, each fo
             leaders known in advance (the best a client can do; what the client must match);
 * one node: every PUT to the first node of the view, which forwards half of them.
 
-The load is Python (a Python client is what is measured), so the numbers are bounded by the client
-side on this machine, not by the cluster: the comparison, not the rate, is the result.
+The load is Python (a Python client is what is measured), so on this 2-core machine the numbers are
+bounded by the client side as much as by the cluster: the comparison, not the rate, is the result.
+The three ways take turns for --rounds rounds (the order rotated each round, so a drift of the
+machine's speed falls on every way alike); each way reports its median round, and the verdict is
+the ratio of the client's median to the leaders' median.
 
-    python benchmarks/client.py [--seconds 8] [--threads 8]
+    python benchmarks/client.py [--seconds 8] [--threads 8] [--processes 2] [--rounds 5] [--op put]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import statistics
 import random
 import sys
 import threading
@@ -35,6 +41,22 @@ from kvs import Client  # noqa: E402
 from kvs.config.ring import HashRing  # noqa: E402
 
 VALUE = "v" * 256
+
+
+# The ways to send a request, by name; set before the load processes fork (closures do not pickle).
+WAYS: dict = {}
+
+
+def _drive_way(job: tuple[str, float, int]) -> dict:
+    name, seconds, threads = job
+    return drive(seconds, threads, WAYS[name])
+
+
+def measure(pool, name: str, seconds: float, processes: int, threads: int) -> dict:
+    """One way for `seconds`, from every load process at once: the sum of their rates."""
+    parts = pool.map(_drive_way, [(name, seconds, threads)] * processes)
+    return {"req_per_s": round(sum(p["req_per_s"] for p in parts), 1), "requests": sum(p["requests"] for p in parts),
+            "failed": sum(p["failed"] for p in parts)}
 
 
 def drive(seconds: float, threads: int, put) -> dict:
@@ -65,7 +87,10 @@ def drive(seconds: float, threads: int, put) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=8, help="threads per load process")
+    parser.add_argument("--processes", type=int, default=2, help="load processes")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--op", choices=("put", "get"), default="put")
     parser.add_argument("--out")
     args = parser.parse_args()
     sigterm_as_interrupt()
@@ -75,42 +100,50 @@ def main() -> None:
         routing = requests.get(f"http://{cluster.view[0]}/kvs/routing", timeout=10).json()
         ring = HashRing.from_dict(routing["ring"])
         leaders = {sid: cluster.leader_of(sid) for sid in routing["shards"]}
+        if args.op == "get":
+            kv = Client(cluster.view, timeout=10)
+            for n in range(1000):
+                kv.put(f"bench-{n}", VALUE)
+
+        def raw(target) -> callable:
+            session = requests.Session()
+
+            def call(key: str) -> None:
+                url = f"http://{target(key)}/kvs/keys/{key}"
+                resp = (session.put(url, json={"value": VALUE}, timeout=10) if args.op == "put"
+                        else session.get(url, timeout=10))
+                if resp.status_code >= 300:
+                    raise RuntimeError(resp.status_code)
+            return call
 
         def via_client():
             kv = Client(cluster.view, timeout=10)
-            return lambda key: kv.put(key, VALUE)
+            return (lambda key: kv.put(key, VALUE)) if args.op == "put" else kv.get
 
-        def via_leaders():
-            session = requests.Session()
-
-            def put(key: str) -> None:
-                resp = session.put(f"http://{leaders[ring.group_for(key)]}/kvs/keys/{key}", json={"value": VALUE},
-                                   timeout=10)
-                if resp.status_code >= 300:
-                    raise RuntimeError(resp.status_code)
-            return put
-
-        def via_one_node():
-            session = requests.Session()
-
-            def put(key: str) -> None:
-                resp = session.put(f"http://{cluster.view[0]}/kvs/keys/{key}", json={"value": VALUE}, timeout=10)
-                if resp.status_code >= 300:
-                    raise RuntimeError(resp.status_code)
-            return put
-
-        results = {}
-        for name, put in (("client", via_client), ("leaders", via_leaders), ("one node", via_one_node),
-                          ("client (again)", via_client)):
-            meter = CpuMeter(kvs_pids(cluster).values()).start()
-            results[name] = drive(args.seconds, args.threads, put)
-            results[name]["cpu"] = meter.stop()
-            progress(f"{name}: {results[name]['req_per_s']} req/s, {results[name]['failed']} failed")
-        ratio = min(results["client"]["req_per_s"], results["client (again)"]["req_per_s"]) / \
-            results["leaders"]["req_per_s"]
-        progress(f"client / leaders: {ratio:.2f}")
-        write_result("client", {"timestamp": now_utc(), "machine": machine(), "seconds": args.seconds,
-                                "threads": args.threads, "results": results, "client_over_leaders": round(ratio, 3),
+        WAYS.update({"client": via_client,
+                     "leaders": lambda: raw(lambda key: leaders[ring.group_for(key)]),
+                     "one node": lambda: raw(lambda key: cluster.view[0])})
+        names = list(WAYS)
+        rounds: list[dict] = []
+        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+            for r in range(args.rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                this = {}
+                for name in order:
+                    meter = CpuMeter(kvs_pids(cluster).values()).start()
+                    this[name] = measure(pool, name, args.seconds, args.processes, args.threads)
+                    this[name]["cpu"] = meter.stop()
+                    progress(f"round {r + 1} {name}: {this[name]['req_per_s']} req/s, {this[name]['failed']} failed")
+                rounds.append(this)
+        medians = {name: statistics.median(r[name]["req_per_s"] for r in rounds) for name in names}
+        ratio = medians["client"] / medians["leaders"]
+        wins = sum(1 for r in rounds if r["client"]["req_per_s"] >= r["leaders"]["req_per_s"])
+        progress(f"medians {medians}; client / leaders: {ratio:.3f}; client ahead in {wins} of {len(rounds)} rounds")
+        write_result("client", {"timestamp": now_utc(), "machine": machine(), "op": args.op, "seconds": args.seconds,
+                                "processes": args.processes, "threads": args.threads, "rounds": rounds,
+                                "median_req_per_s": medians, "client_over_leaders": round(ratio, 3),
+                                "client_ahead_rounds": wins,
+                                "failed": sum(r[n]["failed"] for r in rounds for n in names),
                                 "command": " ".join(["python", "benchmarks/client.py"] + sys.argv[1:])}, args.out)
     finally:
         shielded(cluster.stop)

@@ -49,7 +49,10 @@ def put_until_taken(node: str, key: str, value: str, deadline: float) -> bool:
 
 
 def get(node: str, key: str) -> str | None:
-    resp = requests.get(f"http://{node}/kvs/keys/{key}", timeout=10)
+    try:
+        resp = requests.get(f"http://{node}/kvs/keys/{key}", timeout=10)
+    except requests.RequestException:
+        return None
     return resp.json().get("value") if resp.status_code == 200 else None
 
 
@@ -94,6 +97,53 @@ def test_a_joining_replica_is_a_learner_that_holds_up_no_commit_until_it_has_cau
         assert [i for i in range(KEYS) if get(spare, f"k-{i}") != f"v{i}"] == []
         assert [i for i in range(20) if get(spare, f"during-{i}") != f"d{i}"] == []
         wait_until(lambda: len({(shard_status(driver, n) or {}).get("digest") for n in (a, b, c, spare)}) == 1, 30,
+                   message="the four replicas' digests agree")
+    finally:
+        driver.stop()
+
+
+def test_a_replica_is_added_while_an_old_member_is_down_and_writes_commit_all_along():
+    """The new member counts toward the quorum only once its add entry has committed and it has
+    acknowledged that entry as a member (kvs.raft.joiner): with one old member down, the two others
+    commit the add and every write while the joiner's node reopens it as a voter, and then the new
+    member's acknowledgements make the majority of four. (The rule itself, with a joiner that never
+    answers, is tests/test_joiner.py; there stock PySyncObj's count stalls.)"""
+    driver = ProcessDriver(1, 3, spares=1)
+    driver.start()
+    try:
+        a, b, c = driver.nodes()
+        spare = driver.spare_nodes()[0]
+        wait_until(lambda: all(driver.healthy(n) for n in (a, b, c)), 60, message="cluster healthy")
+        deadline = time.monotonic() + 120
+        assert all(put_until_taken(a, f"k-{i}", f"v{i}", deadline) for i in range(KEYS))
+        driver.pause(c)
+        try:
+            answer: dict = {}
+            change = threading.Thread(target=lambda: answer.update(reply=driver.add_member(b, spare, "1", 150)),
+                                      daemon=True)
+            change.start()
+            written, late = 0, []
+            while change.is_alive() and written < 2000:
+                started = time.monotonic()
+                if not put_until_taken(a, f"during-{written}", f"d{written}", started + 30):
+                    late.append(written)
+                    break
+                written += 1
+            assert late == [], f"write {late} waited over 30 s: the add held the group's quorum up"
+            change.join(160)
+            assert answer.get("reply", (None,))[0] == 200, answer
+            leader = leader_status(driver, [a, b, spare])
+            assert leader is not None and len(leader["members"]) == 4, leader
+            # Now it counts: with c still down, the leader needs the new member's acknowledgements.
+            deadline = time.monotonic() + 60
+            assert all(put_until_taken(b, f"after-{i}", f"a{i}", deadline) for i in range(20))
+        finally:
+            driver.resume(c)
+        assert written > 0
+        assert [i for i in range(written) if get(spare, f"during-{i}") != f"d{i}"] == []
+        wait_until(lambda: [i for i in range(20) if get(c, f"after-{i}") != f"a{i}"] == [], 60,
+                   message="every write made while c was down reads back through c")
+        wait_until(lambda: len({(shard_status(driver, n) or {}).get("digest") for n in (a, b, c, spare)}) == 1, 60,
                    message="the four replicas' digests agree")
     finally:
         driver.stop()

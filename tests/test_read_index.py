@@ -35,6 +35,7 @@ class ScriptedRaft:
         self.leader = leader
         self.leader_node = None if leader else "n0"
         self.sent: list[tuple[str, dict]] = []
+        self.joining: set[str] = set()          # members that do not count yet (kvs.raft.joiner)
         self._SyncObj__transport = self
 
     def send(self, node, message) -> bool:
@@ -43,6 +44,9 @@ class ScriptedRaft:
 
     def _isLeader(self) -> bool:
         return self.leader
+
+    def counted_members(self) -> list[str]:
+        return [n for n in self.others if n not in self.joining]
 
     def _getLeader(self):
         return "me" if self.leader else self.leader_node
@@ -67,6 +71,18 @@ def test_a_round_is_confirmed_by_a_majority_of_its_term_and_not_before():
     assert all(out == [] for out in outcomes)
     index.on_message("n2", {"type": ACK, "term": 3, "seq": probes[0]["seq"]})
     assert outcomes == [[True], [True], [True]]
+
+
+def test_a_member_still_joining_neither_counts_toward_a_round_nor_raises_its_majority():
+    raft = ScriptedRaft(others=3)                      # the leader, n0 and n1, and n2 joining (kvs.raft.joiner)
+    raft.joining = {"n2"}
+    index = ReadIndex(raft)
+    (out,) = reads(index)
+    seq = next(m["seq"] for _, m in raft.sent if m["type"] == PROBE)
+    index.on_message("n2", {"type": ACK, "term": 3, "seq": seq})
+    assert out == []                                    # the joiner's ack counts for nothing
+    index.on_message("n0", {"type": ACK, "term": 3, "seq": seq})
+    assert out == [True]                                # 2 of the 3 old members: a majority of them
 
 
 def test_a_read_waits_until_its_index_is_applied():

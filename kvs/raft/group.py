@@ -186,10 +186,11 @@ class RaftGroup:
     def change_members(self, op: str, raft_address: str, deadline: float, on_appended: Callable[[], None]) -> None:
         """Add ("add") or remove ("remove") one member through the log; returns once committed.
 
-        PySyncObj applies a membership entry when it is appended, so a new member must start right
-        after that (`on_appended`, called once the entry is proposed) for a majority of the new
-        configuration to exist. PySyncObj refuses a second change while one is uncommitted, and a
-        leader cannot remove itself (see `transfer_leadership`)."""
+        PySyncObj applies a membership entry when it is appended; a new member counts toward the
+        quorum once that entry has committed and it has acknowledged it (`kvs.raft.replica`, change
+        6), so its node should start right after the proposal (`on_appended`). The leader refuses a
+        second change while one is uncommitted (change 6 too), and a leader cannot remove itself
+        (see `transfer_leadership`)."""
         pending = _Pending()
         if op == "add":
             self._replica.addNodeToCluster(raft_address, pending.resolve)

@@ -187,7 +187,7 @@ class ReadIndex:
         if not self._rounds:
             return
         raft = self._raft
-        others = raft._SyncObj__otherNodes
+        others = raft.counted_members()            # not a member still joining (kvs.raft.joiner)
         needed = (len(others) + 1) // 2            # acks needed from others, beside the leader's own
         if needed == 0:
             confirmed = self._rounds[-1].seq

@@ -5,7 +5,7 @@ for the tick thread to wake (`autoTickPeriod`), then for the next batch of
 AppendEntries (`appendEntriesPeriod`), so a write takes ~100 ms with the
 defaults. Its unbatched mode is fast but makes followers truncate and rewrite
 already-acknowledged entries. This subclass keeps batching on and removes the
-waiting instead, with four documented changes that touch PySyncObj internals
+waiting instead, with six documented changes that touch PySyncObj internals
 (name-mangled attributes of SyncObj; re-check them when upgrading):
 
 1. Wake-up: submitting a command writes to a pipe the tick thread polls, so the
@@ -50,6 +50,13 @@ waiting instead, with four documented changes that touch PySyncObj internals
    until it has heard a leader: PySyncObj has no pre-vote, and a replica whose
    load takes longer than the election timeout would otherwise depose the
    leader that has just added it.
+6. A joiner counts once it has joined (`kvs.raft.joiner`): PySyncObj counts a
+   new member from the append of the entry that adds it; here the leader
+   counts without it until that entry has committed and the new member has
+   acknowledged it, so a learner's reopening as a voter (which waits for that
+   commit) never holds up, or deadlocks, the group's quorum. And one change
+   at a time: a leader refuses a membership change while its previous one is
+   unapplied (PySyncObj checks for that, but never records the index).
 
 The replicated method `_apply` is the only entry to the state machine; it
 delegates to `state.apply`, which is pure and never raises.
@@ -59,17 +66,8 @@ travel on PySyncObj's transport beside its own and are handled here before
 PySyncObj sees them; its rounds start on each tick (`read_index` wakes the
 tick thread).
 
-Outgoing Raft connections (`RaftTransport`):
-- leave from the node's own IP when it binds one: the kernel would otherwise
-  pick the route's source address (127.0.0.1 for every 127.0.0.x peer, the
-  primary address on a multi-homed host), and per-node packet filters could
-  not tell nodes apart;
-- give up a connect after two SYN retries (about 3 s) and unacknowledged data
-  after `_USER_TIMEOUT_MS`: PySyncObj checks its connection timeout only when
-  a socket shows activity, so a connect sent into a partition stayed in
-  SYN_SENT until the kernel's default (about 2 minutes) and the peer stayed
-  unreachable that long after the partition healed. A failed connect is
-  retried every `connectionRetryTime`.
+Outgoing Raft connections, and the order of a sync before an acknowledgement
+leaves: `kvs.raft.transport`.
 
 Durability (group commit; see `DurableJournal.sync`): a replica acknowledges
 only entries that are on disk, with one fsync per batch. PySyncObj appends
@@ -129,7 +127,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from typing import Any, Callable
 
@@ -137,75 +134,16 @@ import pysyncobj.pickle
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
-from pysyncobj.tcp_connection import TcpConnection
-from pysyncobj.transport import TCPTransport
 
 from kvs.raft.append_entries import Screened, complete_transmission, screen
 from kvs.raft.disk import JournalFailure, fsync_file_and_directory
+from kvs.raft.joiner import JoinerQuorum
 from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
 from kvs.raft.read_index import ReadIndex
+from kvs.raft.transport import GROUP_FIELD, RaftTransport
 
 
 log = logging.getLogger(__name__)
-
-_SYN_RETRIES = 2
-_USER_TIMEOUT_MS = 5000
-
-# Raft messages that reflect (acknowledge) this replica's log: sent only once the journal is synced.
-_SYNC_BEFORE_SENDING = frozenset({"next_node_idx", "request_vote", "response_vote"})
-
-# Every Raft message names its group; a replica drops another group's (see "One group per address").
-GROUP_FIELD = "g"
-
-
-class _RaftConnection(TcpConnection):
-    source_ip: str | None = None
-
-    def setSockoptKeepalive(self) -> None:
-        # TcpConnection.connect calls this between creating its socket and connecting it.
-        super().setSockoptKeepalive()
-        sock = self._TcpConnection__socket
-        if sock is None:
-            return
-        if hasattr(socket, "TCP_SYNCNT"):           # Linux
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, _SYN_RETRIES)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _USER_TIMEOUT_MS)
-        if self.source_ip and sock.getsockname()[1] == 0:
-            sock.bind((self.source_ip, 0))
-
-
-class RaftTransport(TCPTransport):
-    """TCPTransport whose outgoing connections give up quickly and bind to the node's own IP."""
-
-    def addNode(self, node: Any) -> None:
-        if node in self._connections:
-            return          # connected already (a learner's planned peer, then its membership entry)
-        super().addNode(node)
-        conn = self._connections.get(node)
-        if conn is None:
-            return
-        conn.__class__ = _RaftConnection
-        bind = self._syncObj.conf.bindAddress
-        host = bind.rsplit(":", 1)[0] if bind else None
-        if host and host not in ("0.0.0.0", "::"):
-            conn.source_ip = host
-
-    # -- durability: no acknowledgement leaves before the journal is synced ------
-
-    def send(self, node: Any, message: Any) -> bool:
-        """Every Raft message goes through here (`SyncObj.__transport.send`); see "Durability" above."""
-        if getattr(self._syncObj, "journal_failure", None) is not None:
-            return False            # a halted replica says nothing (see "Disk faults")
-        if isinstance(message, dict):
-            if message.get("type") in _SYNC_BEFORE_SENDING:
-                sync = getattr(self._syncObj, "_sync_journal", None)
-                if sync is not None:
-                    sync()
-            group = getattr(self._syncObj, "group", "")
-            if group:
-                message[GROUP_FIELD] = group        # see "One group per address" above
-        return super().send(node, message)
-
 
 class Replica(SyncObj):
     def __init__(self, self_address: str, peers: list[str], state: Any, conf: SyncObjConf,
@@ -223,8 +161,10 @@ class Replica(SyncObj):
         self._sent_commit_index = 0
         self._wakeup: PipeNotifier | None = None
         self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
+        self._joining = JoinerQuorum(self)          # change 6; before the journal's changes are replayed
         super().__init__(None if learner else self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
+        self.addOnTickCallback(self._joining.restore)            # first: later callbacks see the real indexes
         self.addOnTickCallback(self._replicate_now)
         self.addOnTickCallback(self._sync_after_replication)     # after _replicate_now: see "Durability"
         self.addOnTickCallback(self._read_index.on_tick)
@@ -363,11 +303,31 @@ class Replica(SyncObj):
         try:
             # The leader counts itself toward commits at the top of SyncObj._onTick: its entries first.
             self._sync_journal()
+            self._joining.commit_before_tick()      # change 6
             super()._onTick(timeToWait)
         except Exception:
             if self.journal_failure is None:
                 raise       # not a disk fault: PySyncObj logs it and ticks again, as before
             # A disk fault, logged once by the journal: from the next tick on, this replica idles.
+        finally:
+            self._joining.restore()                 # (a tick that returned early ran no callbacks)
+
+    # -- change 6: a joiner counts once it has joined (kvs.raft.joiner) -----------
+
+    def _SyncObj__doChangeCluster(self, request: Any, reverse: bool = False) -> bool:
+        changed = SyncObj._SyncObj__doChangeCluster(self, request, reverse)
+        if changed:
+            if self._isLeader():
+                # PySyncObj means to refuse a change while the previous one is unapplied, but never
+                # sets the index it checks: without this, two changes could be pending at once and
+                # two majorities of their configurations need not meet. (The leader appends it next.)
+                self._SyncObj__changeClusterIDx = self._SyncObj__getCurrentLogIndex() + 1
+            self._joining.on_change(request, reverse)
+        return changed
+
+    def counted_members(self) -> list[Any]:
+        """The other members whose acknowledgements count toward a majority now (tick thread)."""
+        return self._joining.counted()
 
     # -- change 5: a learner is promoted once the configuration names it -------------
 
@@ -407,3 +367,4 @@ class Replica(SyncObj):
         if clearJournal and getattr(journal, "fsync", False) and path and os.path.exists(path):
             fsync_file_and_directory(path)
         SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        self._joining.forget()          # the member set came from the snapshot: nobody is joining

@@ -1,6 +1,6 @@
 """kvs.Client against hitting the leaders directly (issue 14): does client-side routing cost throughput?
 
-One 2 x 3 cluster; the same Python load three ways, one after the other, each for --seconds with
+One 2 x 3 cluster; the same Python load four ways, one after the other, each for --seconds with
 --processes processes of --threads threads each, writing 256-byte values to random keys of both
 shards (--op put) or reading them (--op get):
 
@@ -8,11 +8,14 @@ shards (--op put) or reading them (--op get):
             shard's leader (learned from /kvs/routing and X-Kvs-Leader);
 * leaders:  requests.Session PUTs straight to the leader of each key's shard, the ring and the
             leaders known in advance (the best a client can do; what the client must match);
+* leaders, no env lookup: the same with `trust_env = False`, as the client's session has when no
+            proxy is configured (requests otherwise reads the environment's proxy settings on
+            every request): what the routing itself costs;
 * one node: every PUT to the first node of the view, which forwards half of them.
 
 The load is Python (a Python client is what is measured), so on this 2-core machine the numbers are
 bounded by the client side as much as by the cluster: the comparison, not the rate, is the result.
-The three ways take turns for --rounds rounds (the order rotated each round, so a drift of the
+The four ways take turns for --rounds rounds (the order rotated each round, so a drift of the
 machine's speed falls on every way alike); each way reports its median round, and the verdict is
 the ratio of the client's median to the leaders' median.
 
@@ -26,6 +29,7 @@ import multiprocessing
 import os
 import statistics
 import random
+import signal
 import sys
 import threading
 import time
@@ -43,8 +47,16 @@ from kvs.config.ring import HashRing  # noqa: E402
 VALUE = "v" * 256
 
 
-# The ways to send a request, by name; set before the load processes fork (closures do not pickle).
+# The ways to send a request, by name, and the keys they use; set before the load processes fork
+# (closures do not pickle). Reads go to keys written beforehand: every one answers 200.
 WAYS: dict = {}
+KEYS = {"count": 100_000}
+
+
+def _load_process() -> None:
+    # The parent turns SIGTERM into KeyboardInterrupt (to stop its cluster); a load process just dies.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _drive_way(job: tuple[str, float, int]) -> dict:
@@ -69,7 +81,7 @@ def drive(seconds: float, threads: int, put) -> dict:
         call = put()
         while time.monotonic() < stop:
             try:
-                call(f"bench-{rng.randrange(100_000)}")
+                call(f"bench-{rng.randrange(KEYS['count'])}")
                 done[n] += 1
             except Exception:               # counted: a benchmark reports failures, it does not stop on them
                 failed[n] += 1
@@ -102,11 +114,13 @@ def main() -> None:
         leaders = {sid: cluster.leader_of(sid) for sid in routing["shards"]}
         if args.op == "get":
             kv = Client(cluster.view, timeout=10)
-            for n in range(1000):
+            KEYS["count"] = 1000
+            for n in range(KEYS["count"]):
                 kv.put(f"bench-{n}", VALUE)
 
-        def raw(target) -> callable:
+        def raw(target, trust_env: bool = True) -> callable:
             session = requests.Session()
+            session.trust_env = trust_env
 
             def call(key: str) -> None:
                 url = f"http://{target(key)}/kvs/keys/{key}"
@@ -114,6 +128,7 @@ def main() -> None:
                         else session.get(url, timeout=10))
                 if resp.status_code >= 300:
                     raise RuntimeError(resp.status_code)
+                resp.json()             # what the caller gets from the client's put (the version) or get
             return call
 
         def via_client():
@@ -122,10 +137,12 @@ def main() -> None:
 
         WAYS.update({"client": via_client,
                      "leaders": lambda: raw(lambda key: leaders[ring.group_for(key)]),
+                     "leaders, no env lookup": lambda: raw(lambda key: leaders[ring.group_for(key)], False),
                      "one node": lambda: raw(lambda key: cluster.view[0])})
         names = list(WAYS)
         rounds: list[dict] = []
-        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+        pool = multiprocessing.get_context("fork").Pool(args.processes, initializer=_load_process)
+        try:
             for r in range(args.rounds):
                 order = names[r % len(names):] + names[:r % len(names)]
                 this = {}
@@ -135,13 +152,20 @@ def main() -> None:
                     this[name]["cpu"] = meter.stop()
                     progress(f"round {r + 1} {name}: {this[name]['req_per_s']} req/s, {this[name]['failed']} failed")
                 rounds.append(this)
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
         medians = {name: statistics.median(r[name]["req_per_s"] for r in rounds) for name in names}
         ratio = medians["client"] / medians["leaders"]
+        routing_cost = medians["client"] / medians["leaders, no env lookup"]
         wins = sum(1 for r in rounds if r["client"]["req_per_s"] >= r["leaders"]["req_per_s"])
-        progress(f"medians {medians}; client / leaders: {ratio:.3f}; client ahead in {wins} of {len(rounds)} rounds")
+        progress(f"medians {medians}; client / leaders: {ratio:.3f}; client ahead in {wins} of {len(rounds)} rounds; "
+                 f"client / leaders without the environment lookup (the routing's own cost): {routing_cost:.3f}")
         write_result("client", {"timestamp": now_utc(), "machine": machine(), "op": args.op, "seconds": args.seconds,
                                 "processes": args.processes, "threads": args.threads, "rounds": rounds,
                                 "median_req_per_s": medians, "client_over_leaders": round(ratio, 3),
+                                "client_over_leaders_no_env_lookup": round(routing_cost, 3),
                                 "client_ahead_rounds": wins,
                                 "failed": sum(r[n]["failed"] for r in rounds for n in names),
                                 "command": " ".join(["python", "benchmarks/client.py"] + sys.argv[1:])}, args.out)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import base64
 import itertools
 import time
+import urllib.request
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 from urllib.parse import quote
 
 import requests
@@ -86,6 +87,11 @@ class Client:
             raise ValueError("give at least one host:port")
         self.timeout = timeout
         self._session = requests.Session()
+        if not urllib.request.getproxies():
+            # requests looks for proxy settings in the environment on every request (about 15 % of a
+            # request's CPU); with none configured there is nothing to find. (This also skips .netrc
+            # and the CA bundle variables, which plain-HTTP nodes never use.)
+            self._session.trust_env = False
         self._ring: HashRing | None = None
         self._replicas: dict[str, list[str]] = {}
         self._leaders: dict[str, str] = {}
@@ -160,17 +166,21 @@ class Client:
             pause = min(pause * 2, 1.0)
             self._ring = None                                   # an election or a view change: ask again
 
-    def _candidates(self, shard: str | None) -> list[str]:
+    def _candidates(self, shard: str | None) -> Iterator[str]:
+        """The nodes to try, in order; lazily, as the first (the shard's leader) usually answers."""
         if shard is None:
-            return list(self._endpoints)
+            yield from list(self._endpoints)
+            return
+        leader = self._leaders.get(shard)
+        if leader:
+            yield leader
         replicas = list(self._replicas.get(shard) or self._endpoints)
         start = next(self._spread) % len(replicas)              # spread reads over replicas meanwhile
-        ordered = replicas[start:] + replicas[:start]
-        leader = self._leaders.get(shard)
-        ordered = ([leader] + [r for r in ordered if r != leader]) if leader else ordered
+        ordered = [r for r in replicas[start:] + replicas[:start] if r != leader]
+        yield from ordered
         # last, the addresses the client was given: behind NAT or published ports (Docker) the nodes'
         # own addresses may be unreachable from here, and any node forwards
-        return ordered + [e for e in self._endpoints if e not in ordered]
+        yield from [e for e in self._endpoints if e not in ordered and e != leader]
 
     def _send(self, node: str, method: str, path: str, body: Any, headers: dict, deadline: float,
               shard: str | None) -> dict | None:

@@ -11,24 +11,63 @@ from pysyncobj import FAIL_REASON
 from kvs.fsm.shard import ShardState
 from kvs.raft import storage
 from kvs.raft.group import RaftGroup, RaftTiming
-from kvs.raft.joiner import Joiner, joiner_after_change, majority_commit, still_joining
+from kvs.raft.joiner import Joiner, JoinerQuorum, joiner_after_change, majority_commit, still_joining
 from kvs.testing.cluster import find_free_base_port, wait_until
 
 
 def test_an_add_leaves_its_node_joining_and_any_other_change_leaves_nobody():
-    assert joiner_after_change(("add", "10.0.0.4:1"), False, 12) == Joiner("10.0.0.4:1", 12)
-    assert joiner_after_change(("rem", "10.0.0.4:1"), False, 12) is None
-    assert joiner_after_change(("add", "10.0.0.4:1"), True, 12) is None       # the add undone by a truncation
-    assert joiner_after_change(("rem", "10.0.0.2:1"), True, 12) is None       # a removal undone: re-added at once
-    assert joiner_after_change(("bogus",), False, 12) is None
+    assert joiner_after_change(("add", "10.0.0.4:1"), 12, 3) == Joiner("10.0.0.4:1", 12, 3)
+    assert joiner_after_change(("rem", "10.0.0.4:1"), 12, 3) is None
+    assert joiner_after_change(("bogus",), 12, 3) is None
 
 
 def test_a_joiner_counts_only_once_its_entry_committed_and_it_acknowledged_the_entry():
-    joiner = Joiner("d", 10)
+    joiner = Joiner("d", 10, 3)
     assert still_joining(joiner, commit_index=9, match_index=10)       # uncommitted
     assert still_joining(joiner, commit_index=10, match_index=0)       # committed, never acknowledged as a member
     assert not still_joining(joiner, commit_index=10, match_index=10)
     assert not still_joining(None, commit_index=0, match_index=0)
+
+
+class _Node:
+    def __init__(self, node_id: str):
+        self.id = node_id
+
+
+class _Leader:
+    """What JoinerQuorum reads of PySyncObj's replica."""
+
+    def __init__(self):
+        self.nodes = [_Node("b"), _Node("c"), _Node("d")]
+        self._SyncObj__otherNodes = set(self.nodes)
+        self._SyncObj__raftMatchIndex = {n: 0 for n in self.nodes}
+        self.raftCurrentTerm, self.raftCommitIndex, self.leader = 3, 9, True
+
+    def _isLeader(self) -> bool:
+        return self.leader
+
+
+def test_only_the_leader_that_proposed_an_add_excludes_the_joiner_and_only_in_that_term():
+    raft = _Leader()
+    quorum = JoinerQuorum(raft)
+    quorum.on_proposed(("add", "d"), 10)
+    assert sorted(n.id for n in quorum.counted()) == ["b", "c"]
+    raft.raftCurrentTerm = 4                    # deposed and elected again: the rule is gone
+    assert sorted(n.id for n in quorum.counted()) == ["b", "c", "d"]
+    quorum.on_proposed(("add", "d"), 12)
+    raft.leader = False
+    assert quorum.excluded() is None and quorum.joiner is None
+
+
+def test_a_joiner_that_acknowledged_its_committed_add_counts_from_then_on():
+    raft = _Leader()
+    quorum = JoinerQuorum(raft)
+    quorum.on_proposed(("add", "d"), 10)
+    d = raft.nodes[2]
+    raft._SyncObj__raftMatchIndex[d] = 10
+    assert quorum.excluded() is d               # acknowledged, but not committed yet
+    raft.raftCommitIndex = 10
+    assert quorum.excluded() is None and quorum.joiner is None
 
 
 def test_three_old_members_commit_with_two_of_them_while_the_fourth_joins():

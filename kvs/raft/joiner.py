@@ -14,22 +14,26 @@ yet, that is until (a) its add entry has committed and (b) it has acknowledged t
 member; from then on PySyncObj's own count (the joiner included) applies. ReadIndex confirmations
 (`kvs.raft.read_index`) count the same members.
 
-Why that is safe: it applies only while the joiner's add is the newest configuration entry of the
-leader's log (any later change, a rollback of the add or a snapshot clears it). Let the old group
-have n members and M be a majority of them (at least n // 2 + 1). A leader of a later term is elected
-by a majority of the old group (a voter that lacks the add) or of the enlarged one (at least
+Only the leader that proposed the add applies the rule, and only in the term it proposed it in (a
+follower, or a journal being replayed, records nothing; a new term forgets it). Why that is safe:
+within its term, that leader's add is the newest configuration entry of any log that could elect a
+later leader (its first change of the term waited for its no-op to commit, as Raft's single-server
+rule requires, and it proposes a change only once the previous one is applied; see
+`Replica._SyncObj__changeCluster`); any later change it makes itself clears the rule. Let the old group
+have n members and M be a majority of them (at least n // 2 + 1). A later leader is elected by a
+majority of the old group (a voter that lacks the add) or of the enlarged one (at least
 (n + 1) // 2 + 1 of n + 1 members, of whom at least (n + 1) // 2 are old ones): both meet M, since
 n // 2 + 1 + (n + 1) // 2 > n, so every entry counted here is known to every later leader, as Raft
 requires. The same bound makes a ReadIndex round confirmed by M safe: any competing leader's
-majority includes a member of M, who would have refused the round's term.
-
-`Joiner.index` may be later than the add entry's own index (a follower learns of the add with a
-batch of entries and records the end of the batch): that only makes the joiner wait for a later
-acknowledgement, never count early.
+majority includes a member of M, who would have refused the round's term. (A joiner recorded by a
+follower and honoured after it became leader would not be: the leader before it may have appended a
+newer change, a removal, to other logs.)
 
 Leader step-down (PySyncObj's `leaderFallbackTimeout`: a leader that has not heard from a majority
 of its members lately steps down) is a liveness heuristic, not a safety rule (reads are confirmed by
-ReadIndex): the joiner's grace period, which PySyncObj starts at its add, lasts until it counts.
+ReadIndex): the joiner's grace period, which PySyncObj starts at its add, lasts until it counts, so
+the joiner is taken as heard from. With an odd number of old members that is the same as requiring
+a majority of them; with an even number one old member fewer suffices (2 of 4, 1 of 2).
 """
 
 from __future__ import annotations
@@ -42,18 +46,19 @@ from typing import Any, Callable, Iterable
 @dataclass(frozen=True)
 class Joiner:
     node_id: str        # its Raft address, as the configuration entry names it
-    index: int          # the add entry's log index, or a later one
+    index: int          # the add entry's log index
+    term: int           # the term its leader proposed it in: the rule holds in that term only
 
 
-def joiner_after_change(request: Any, reverse: bool, index: int) -> Joiner | None:
-    """The joiner a configuration change leaves behind: the node an `add` entry added, or None after
-    any other change (a removal, or either kind undone by a truncation: the newest configuration
-    entry is then an older one, whose joiner, if any, is no longer recorded: it counts at once)."""
-    if reverse or not isinstance(request, (tuple, list)) or len(request) < 2 or request[0] != "add":
+def joiner_after_change(request: Any, index: int, term: int) -> Joiner | None:
+    """The joiner a leader's proposed configuration change leaves behind: the node an `add` entry
+    adds, or None after any other change (a removal: the newest configuration entry is then not an
+    add, and every member counts)."""
+    if not isinstance(request, (tuple, list)) or len(request) < 2 or request[0] != "add":
         return None
     node = request[1]
     node_id = getattr(node, "id", node)
-    return Joiner(node_id, index) if isinstance(node_id, str) else None
+    return Joiner(node_id, index, term) if isinstance(node_id, str) else None
 
 
 def still_joining(joiner: Joiner | None, commit_index: int, match_index: int) -> bool:
@@ -87,21 +92,21 @@ class JoinerQuorum:
         self.joiner: Joiner | None = None
         self._hidden: tuple[Any, int] | None = None
 
-    def on_change(self, request: Any, reverse: bool) -> None:
-        """After PySyncObj applied a configuration change to this replica's member set. On the leader
-        the entry is appended right after (`_checkCommandsToApply`); on a follower it already is."""
-        raft = self._raft
-        index = raft._SyncObj__getCurrentLogIndex() + (1 if raft._isLeader() else 0)
-        self.joiner = joiner_after_change(request, reverse, index)
+    def on_proposed(self, request: Any, index: int) -> None:
+        """This leader has just accepted a configuration change for its log, at `index`."""
+        self.joiner = joiner_after_change(request, index, self._raft.raftCurrentTerm)
 
     def forget(self) -> None:
-        """The member set was replaced wholesale (a snapshot loaded): nobody is joining."""
+        """A new term, or the member set replaced wholesale (a snapshot loaded): nobody is joining."""
         self.joiner = None
 
     def excluded(self) -> Any | None:
         """On the leader: the member object that does not count yet, or None."""
         raft = self._raft
-        if self.joiner is None or not raft._isLeader():
+        if self.joiner is None:
+            return None
+        if not raft._isLeader() or raft.raftCurrentTerm != self.joiner.term:
+            self.joiner = None          # only its proposer, in that term (see the module docstring)
             return None
         node = next((n for n in raft._SyncObj__otherNodes if n.id == self.joiner.node_id), None)
         match = raft._SyncObj__raftMatchIndex
@@ -138,8 +143,8 @@ class JoinerQuorum:
         self._hidden = (node, match.get(node, 0))
         match[node] = 0
         # PySyncObj's leader steps down when it has not heard from a majority of its members lately,
-        # and gives a new member a grace period from its add on; extend the grace until the joiner
-        # counts, so that "heard from a majority" is, in effect, a majority of the others.
+        # and gives a new member a grace period from its add on: extend the grace until the joiner
+        # counts (see "Leader step-down" above).
         raft._SyncObj__lastResponseTime[node] = time.monotonic()
 
     def restore(self) -> None:

@@ -51,10 +51,10 @@ waiting instead, with six documented changes that touch PySyncObj internals
    load takes longer than the election timeout would otherwise depose the
    leader that has just added it.
 6. A joiner counts once it has joined (`kvs.raft.joiner`): PySyncObj counts a
-   new member from the append of the entry that adds it; here the leader
-   counts without it until that entry has committed and the new member has
-   acknowledged it, so a learner's reopening as a voter (which waits for that
-   commit) never holds up, or deadlocks, the group's quorum. And one change
+   new member from the append of the entry that adds it; here the leader that
+   proposed it counts without it, in that term, until that entry has committed
+   and the new member has acknowledged it, so a learner's reopening as a voter
+   (which waits for that entry) never holds up the group's quorum. And one change
    at a time: a leader refuses a membership change while its previous one is
    unapplied (PySyncObj checks for that, but never records the index).
 
@@ -161,7 +161,7 @@ class Replica(SyncObj):
         self._sent_commit_index = 0
         self._wakeup: PipeNotifier | None = None
         self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
-        self._joining = JoinerQuorum(self)          # change 6; before the journal's changes are replayed
+        self._joining = JoinerQuorum(self)          # change 6
         super().__init__(None if learner else self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
         self.addOnTickCallback(self._joining.restore)            # first: later callbacks see the real indexes
@@ -314,16 +314,17 @@ class Replica(SyncObj):
 
     # -- change 6: a joiner counts once it has joined (kvs.raft.joiner) -----------
 
-    def _SyncObj__doChangeCluster(self, request: Any, reverse: bool = False) -> bool:
-        changed = SyncObj._SyncObj__doChangeCluster(self, request, reverse)
-        if changed:
-            if self._isLeader():
-                # PySyncObj means to refuse a change while the previous one is unapplied, but never
-                # sets the index it checks: without this, two changes could be pending at once and
-                # two majorities of their configurations need not meet. (The leader appends it next.)
-                self._SyncObj__changeClusterIDx = self._SyncObj__getCurrentLogIndex() + 1
-            self._joining.on_change(request, reverse)
-        return changed
+    def _SyncObj__changeCluster(self, request: Any) -> bool:
+        # The leader's path only (`_checkCommandsToApply`): the entry is appended right after.
+        accepted = SyncObj._SyncObj__changeCluster(self, request)
+        if accepted:
+            index = self._SyncObj__getCurrentLogIndex() + 1
+            # PySyncObj means to refuse a change while the previous one is unapplied, but never sets
+            # the index it checks: without this, two changes could be pending at once, and two
+            # majorities of their configurations need not meet.
+            self._SyncObj__changeClusterIDx = index
+            self._joining.on_proposed(request, index)
+        return accepted
 
     def counted_members(self) -> list[Any]:
         """The other members whose acknowledgements count toward a majority now (tick thread)."""
@@ -354,6 +355,12 @@ class Replica(SyncObj):
         self._sync_journal()
 
     def _SyncObj__onBecomeLeader(self) -> None:
+        # A new term: no joiner of an earlier one, and no earlier change pending (the no-op it appends
+        # must commit before any change, which orders every change of an earlier term: PySyncObj's
+        # own check). Left set, an index from a log tail since truncated would refuse every change
+        # until the log grew past it.
+        self._joining.forget()
+        self._SyncObj__changeClusterIDx = None
         # The no-op it appends may be counted in the same tick (single-node group: the election and
         # the commit count both run at the top of _onTick, after our sync there).
         SyncObj._SyncObj__onBecomeLeader(self)

@@ -290,7 +290,7 @@ def test_without_a_secret_node_to_node_requests_come_only_from_the_nodes_hosts(t
     from kvs.testing.cluster import LocalCluster, find_free_base_port
 
     cluster = LocalCluster(2, 1, str(tmp_path / "open"), base_port=find_free_base_port(1), secret=None,
-                           distinct_hosts=True)            # nodes on 127.0.0.10 and .11; this client is 127.0.0.1
+                           distinct_hosts=True)            # nodes on 127.0.N.10 and .11; this client is 127.0.0.1
     cluster.start()
     try:
         cluster.wait_healthy(timeout=60)

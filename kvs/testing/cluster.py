@@ -82,9 +82,12 @@ class LocalCluster:
     base_port: int = 13800
     secret: str | None = None
     env: dict = field(default_factory=dict)
-    # One loopback IP per node (127.0.0.10, .11, ...) on the same port, instead of consecutive ports
-    # on 127.0.0.1: lets a test cut one node off with packet filters on its IP.
+    # One loopback IP per node (127.0.N.10, .11, ...) on the same port, instead of consecutive ports
+    # on 127.0.0.1: lets a test cut one node off with packet filters on its IP. N comes from the
+    # test process's pid, so two runs on one machine (a soak beside the test suite) do not filter
+    # each other's nodes.
     distinct_hosts: bool = False
+    host_prefix: str = field(default_factory=lambda: f"127.0.{os.getpid() % 250 + 1}")
     nodes: dict[str, LocalProcess] = field(default_factory=dict)
     # The Python that runs `-m kvs serve`, and its working directory (first on sys.path for `-m`):
     # another checkout's, to run its code (benchmarks compare two commits side by side).
@@ -94,7 +97,7 @@ class LocalCluster:
     def __post_init__(self) -> None:
         count = self.shards * self.replicas
         if self.distinct_hosts:
-            self.view = [f"127.0.0.{10 + i}:{self.base_port}" for i in range(count)]
+            self.view = [f"{self.host_prefix}.{10 + i}:{self.base_port}" for i in range(count)]
         else:
             self.view = [f"127.0.0.1:{self.base_port + i}" for i in range(count)]
         for address in self.view:
@@ -130,7 +133,7 @@ class LocalCluster:
         """
         index = len(self.nodes)
         if self.distinct_hosts:
-            address = f"127.0.0.{10 + index}:{self.base_port}"
+            address = f"{self.host_prefix}.{10 + index}:{self.base_port}"
         else:
             address = f"127.0.0.1:{self.base_port + index}"
         self._define(address, ",".join(self.view))

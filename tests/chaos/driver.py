@@ -192,7 +192,7 @@ class ClusterDriver(ABC):
 
 
 class ProcessDriver(ClusterDriver):
-    """Nodes as local processes, each on its own loopback IP (127.0.0.10, .11, ...)."""
+    """Nodes as local processes, each on its own loopback IP (127.0.N.10, .11, ...; see LocalCluster)."""
 
     def __init__(self, shards: int, replicas: int, root: str | None = None, spares: int = 0, **env: str):
         self.shards, self.replicas = shards, replicas

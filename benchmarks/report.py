@@ -360,6 +360,7 @@ def _portable(command: str) -> str:
     files relative, temporary directories $TMP."""
     command = re.sub(r"\S*/\.venv/bin/(python3?|py-spy)", lambda m: m.group(1), command)
     command = re.sub(r"/tmp/kvs-suite-[\w-]+/", "$TMP/", command)
+    command = re.sub(r" --out /\S+", "", command)          # written elsewhere first; the table names results/
     command = re.sub(r"(--copy-root |cd |PYTHONPATH=)/\S*?([\w.-]+)(?=[\s)])", r"\1../\2", command)
     return re.sub(r"/\S+?/(benchmarks/\S+)", r"\1", command)
 

@@ -8,6 +8,7 @@ Real processes on their own loopback IPs (iptables holds the joining node's Raft
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -56,15 +57,23 @@ def get(node: str, key: str) -> str | None:
     return resp.json().get("value") if resp.status_code == 200 else None
 
 
-def test_a_joining_replica_is_a_learner_that_holds_up_no_commit_until_it_has_caught_up():
+@contextlib.contextmanager
+def loaded_shard_and_a_spare():
+    """A 1 x 3 cluster holding KEYS keys (written through its first node), and one idle spare node."""
     driver = ProcessDriver(1, 3, spares=1)
     driver.start()
     try:
         a, b, c = driver.nodes()
-        spare = driver.spare_nodes()[0]
         wait_until(lambda: all(driver.healthy(n) for n in (a, b, c)), 60, message="cluster healthy")
         deadline = time.monotonic() + 120
         assert all(put_until_taken(a, f"k-{i}", f"v{i}", deadline) for i in range(KEYS))
+        yield driver, (a, b, c), driver.spare_nodes()[0]
+    finally:
+        driver.stop()
+
+
+def test_a_joining_replica_is_a_learner_that_holds_up_no_commit_until_it_has_caught_up():
+    with loaded_shard_and_a_spare() as (driver, (a, b, c), spare):
         old_members = leader_status(driver, [a, b, c])["members"]
 
         driver.cut_raft_traffic(spare)      # its learner can open no Raft connection: it stays behind
@@ -98,8 +107,6 @@ def test_a_joining_replica_is_a_learner_that_holds_up_no_commit_until_it_has_cau
         assert [i for i in range(20) if get(spare, f"during-{i}") != f"d{i}"] == []
         wait_until(lambda: len({(shard_status(driver, n) or {}).get("digest") for n in (a, b, c, spare)}) == 1, 30,
                    message="the four replicas' digests agree")
-    finally:
-        driver.stop()
 
 
 def test_a_replica_is_added_while_an_old_member_is_down_and_writes_commit_all_along():
@@ -108,14 +115,7 @@ def test_a_replica_is_added_while_an_old_member_is_down_and_writes_commit_all_al
     commit the add and every write while the joiner's node reopens it as a voter, and then the new
     member's acknowledgements make the majority of four. (The rule itself, with a joiner that never
     answers, is tests/test_joiner.py; there stock PySyncObj's count stalls.)"""
-    driver = ProcessDriver(1, 3, spares=1)
-    driver.start()
-    try:
-        a, b, c = driver.nodes()
-        spare = driver.spare_nodes()[0]
-        wait_until(lambda: all(driver.healthy(n) for n in (a, b, c)), 60, message="cluster healthy")
-        deadline = time.monotonic() + 120
-        assert all(put_until_taken(a, f"k-{i}", f"v{i}", deadline) for i in range(KEYS))
+    with loaded_shard_and_a_spare() as (driver, (a, b, c), spare):
         driver.pause(c)
         try:
             answer: dict = {}
@@ -145,8 +145,6 @@ def test_a_replica_is_added_while_an_old_member_is_down_and_writes_commit_all_al
                    message="every write made while c was down reads back through c")
         wait_until(lambda: len({(shard_status(driver, n) or {}).get("digest") for n in (a, b, c, spare)}) == 1, 60,
                    message="the four replicas' digests agree")
-    finally:
-        driver.stop()
 
 
 def test_two_replicas_joining_in_one_change_each_end_with_the_group_s_own_member_list():

@@ -127,3 +127,51 @@ def test_a_rollback_never_shrinks_a_group_below_a_quorum_of_the_set_it_goes_back
     assert rollback_removal(["a:2", "b:2", "c:2", "d:2"], ["a:2", "b:2", "c:2"], "a:2", ["b:2", "c:2"]) is None
     # the leader is the added one: it hands over first
     assert rollback_removal(["a:2", "b:2", "d:2"], ["a:2", "b:2", "c:2"], "d:2", []) == Step("hand over")
+
+
+# -- the metadata leader: no step while its previous change is uncommitted --------------------------------
+
+from types import SimpleNamespace  # noqa: E402
+
+from kvs.reconfig.membership import MetadataMembership  # noqa: E402
+
+
+class FakeMetadataGroup(FakeGroup):
+    def __init__(self, members, pending: bool):
+        super().__init__(members)
+        self.pending = pending
+
+    def is_leader(self):
+        return True
+
+    def membership_change_pending(self):
+        return self.pending
+
+
+class TellingRemote:
+    def __init__(self):
+        self.told: list[str] = []
+
+    def tell_metadata(self, address, message):
+        self.told.append(address)
+        return True
+
+
+def metadata_step(pending: bool) -> tuple[FakeMetadataGroup, TellingRemote]:
+    group = FakeMetadataGroup(["a:2", "b:2", "c:2"], pending)
+    settings = SimpleNamespace(raft_address=lambda http, slot: http.replace(":0", ":2"),
+                               http_address=lambda raft, slot: raft.replace(":2", ":0"))
+    node = SimpleNamespace(metadata_group=group, settings=settings, change=lambda: None,
+                           epoch=SimpleNamespace(metadata_members=["a:0", "b:0", "c:0", "d:0"]))
+    remote = TellingRemote()
+    MetadataMembership(node, remote).step()
+    return group, remote
+
+
+def test_the_metadata_leader_takes_no_step_while_its_previous_change_is_uncommitted():
+    """Another change would be refused (kvs.raft.replica change 6) after its joiner had been told to
+    open a voting replica, which would then campaign from outside the group."""
+    group, remote = metadata_step(pending=True)
+    assert group.changes == [] and remote.told == []
+    group, remote = metadata_step(pending=False)
+    assert group.changes == [("add", "d:2")] and remote.told == ["d:0"]

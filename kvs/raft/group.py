@@ -214,6 +214,12 @@ class RaftGroup:
             self._transfer_wanted = False
             self._replica.transferLeadership(None, None)
 
+    def membership_change_pending(self) -> bool:
+        """On the leader: a membership change it proposed is not applied yet, so another would be
+        refused (`kvs.raft.replica`, change 6). A hint read off the tick thread."""
+        pending = self._replica._SyncObj__changeClusterIDx
+        return pending is not None and self._replica.raftLastApplied < pending
+
     def lagging_members(self, slack: int) -> list[str]:
         """On the leader: the members whose log is more than `slack` entries behind its commit index
         (a new member still catching up). A hint read off the tick thread's dicts."""

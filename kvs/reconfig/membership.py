@@ -12,7 +12,8 @@ configuration and, while they differ, takes one step per round:
   first hands leadership to a caught-up follower, which continues.
 
 Adds go before removes, so the group never shrinks below what both views can
-keep alive, and one change at a time is PySyncObj's own rule. The state of the
+keep alive, and one change at a time is the Raft leader's own rule (kvs.raft.replica,
+change 6: a change is proposed only once the previous one is applied). The state of the
 reconciliation is nothing but the two member lists, so a leader that dies
 midway leaves nothing to repair: the next leader compares again and continues.
 A node that is down when told to join or leave is told again by the same
@@ -90,6 +91,11 @@ class MetadataMembership:
         # Not while a view change runs: its coordinator proposes through its own metadata replica, which
         # must not be closed under it; the change is short, membership follows right after.
         if meta is None or target is None or not meta.is_leader() or self._node.change() is not None:
+            return False
+        if meta.membership_change_pending():
+            # An earlier step's change is still uncommitted (its wait timed out): another would be
+            # refused, after its joiner had been told to open a voting replica, which would then
+            # campaign from outside the group (PySyncObj has no pre-vote).
             return False
         members = meta.members()
         step = next_step(members, target, meta.self_address)

@@ -210,7 +210,9 @@ def test_the_client_and_the_cli_speak_batches_with_binary_data(cluster, tmp_path
 
     from kvs.client import data_object, data_value
 
-    client = KvsClient(cluster.view[1])
+    # (60 s: this module's cluster holds the 100,000 pairs of an earlier test, streamed by GET /fetch
+    # page by page; a loaded machine has been seen to pause one page past the default 10 s)
+    client = KvsClient(cluster.view[1], timeout=60)
     pairs = {"cli-a": "1", b"\x00cli\xff": bytes(range(256)), "cli-b": b"\x01\x02"}
     status, body = client.set_many(pairs, request_id="client-batch-1")
     assert status == 200 and body == [{"keys_added": 3, "keys_failed": []}]

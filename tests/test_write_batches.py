@@ -68,6 +68,7 @@ def test_writes_that_arrive_while_two_batches_are_in_flight_wait_and_share_the_n
         loop = asyncio.get_running_loop()
         forwarder = ScriptedForwarder(loop)
         channel = LeaderChannel(forwarder, loop)
+        channel.IN_FLIGHT = 2           # the rule with a cap of two (the class's own cap is larger)
         deadline = loop.time() + 60
         first = [loop.create_task(channel.write("l:1", "1", ("put", f"a{i}", "k", "v"), deadline)) for i in range(3)]
         await asyncio.sleep(0)

@@ -19,15 +19,27 @@ votes leave only once its journal is synced (see "Durability" in
 A replica that halted on a disk fault sends nothing.
 
 Group tags: see "One group per address" in `kvs.raft.replica`.
+
+Framing and encryption (`_RaftConnection.send` / `_TcpConnection__processParseMessage`, the same
+two places as in PySyncObj's TcpConnection, incoming connections included): stored zlib for small
+messages and, between kvs nodes on a cluster with a secret, wire version 2; see `kvs.raft.wire`.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+import struct
 from typing import Any
 
+import pysyncobj.pickle
+from pysyncobj.monotonic import monotonic
 from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.transport import TCPTransport
+
+from kvs.raft import codec, wire
+
+log = logging.getLogger(__name__)
 
 _SYN_RETRIES = 2
 _USER_TIMEOUT_MS = 5000
@@ -39,8 +51,111 @@ _SYNC_BEFORE_SENDING = frozenset({"next_node_idx", "request_vote", "response_vot
 GROUP_FIELD = "g"
 
 
+_LENGTH = struct.Struct("i")        # PySyncObj's frame length (native int, as it packs it)
+
+
 class _RaftConnection(TcpConnection):
+    """A TcpConnection (made one by a class swap right after PySyncObj creates it) with kvs's framing."""
+
     source_ip: str | None = None
+    secret: str | None = None       # the cluster secret: version-2 session keys derive from it
+    _recv_rand_key: Any = None
+    _sending: tuple[tuple[bytes, bytes], wire.SessionCipher] | None = None
+    _receiving: tuple[tuple[bytes, bytes], wire.SessionCipher] | None = None
+
+    # PySyncObj sets its handshake's random key here (os.urandom(32)) right before sending it; ours
+    # starts with wire.CAPABLE, which tells a peer that we read version 2. A data descriptor: it takes
+    # precedence over the attribute TcpConnection.__init__ put in the instance before the class swap.
+    @property
+    def recvRandKey(self) -> Any:
+        return self._recv_rand_key
+
+    @recvRandKey.setter
+    def recvRandKey(self, value: Any) -> None:
+        self._recv_rand_key = wire.CAPABLE + value if isinstance(value, bytes) and value else value
+
+    def _session_keys(self) -> tuple[bytes, bytes] | None:
+        """(the peer's random key, ours) once both are known and the peer reads version 2."""
+        theirs, ours = self.sendRandKey, self._recv_rand_key
+        if (self.encryptor is not None and isinstance(theirs, bytes) and theirs.startswith(wire.CAPABLE)
+                and isinstance(ours, bytes) and ours):
+            return theirs, ours
+        return None
+
+    def send(self, message: Any) -> None:
+        keys = self._session_keys()
+        # Our handshake key itself goes in PySyncObj's format: the peer needs it to derive the keys.
+        if keys is not None and message is not self._recv_rand_key:
+            data = self._cipher("_sending", keys).seal(message)
+        else:
+            # PySyncObj's format (any peer reads it), with stored zlib instead of compression level 3.
+            rand_key = self.sendRandKey
+            if rand_key:
+                message = (rand_key, message)
+            data = wire.compress(pysyncobj.pickle.dumps(message))
+            if self.encryptor is not None:
+                data = self.encryptor.encrypt_at_time(data, int(monotonic()))
+        self._TcpConnection__writeBuffer += _LENGTH.pack(len(data)) + data
+        self._TcpConnection__trySendBuffer()
+
+    def _TcpConnection__processParseMessage(self) -> Any:
+        buffer = self._TcpConnection__readBuffer
+        if len(buffer) < 4:
+            return None
+        size = _LENGTH.unpack_from(buffer)[0]
+        try:
+            if size < 0 or size > self._frame_limit():
+                raise wire.WireError(f"a frame of {size} bytes")
+            if len(buffer) - 4 < size:
+                return None
+            message = self._decode(buffer[4:4 + size])
+        except Exception as exc:
+            # As PySyncObj does (silently there): drop the connection; the peer reconnects if it can.
+            log.debug("dropping a Raft connection: %s", exc)
+            self.disconnect()
+            return None
+        self._TcpConnection__readBuffer = buffer[4 + size:]
+        return message
+
+    def _frame_limit(self) -> int:
+        # Before a secured connection's handshake only a random key may come: a stranger does not
+        # get to make the tick thread buffer megabytes (see wire.HANDSHAKE_FRAME_LIMIT).
+        if self.encryptor is not None and not (self.sendRandKey and self._recv_rand_key):
+            return wire.HANDSHAKE_FRAME_LIMIT
+        return 0x7FFFFFFF
+
+    def _decode(self, frame: bytes) -> Any:
+        keys = self._session_keys()
+        if keys is not None:
+            # Version 2 agreed: each side decodes its last frame of PySyncObj's format before it stores
+            # the peer's key, so anything else now is a replay (that format has no counter).
+            if frame[:1] != wire.VERSION_2:
+                raise wire.WireError("a frame of PySyncObj's format after version 2 was agreed")
+            return self._cipher("_receiving", keys).open(frame)
+        if self.encryptor is not None and frame[:1] == wire.VERSION_2:
+            raise wire.WireError("a version-2 frame before the handshake")
+        if self.encryptor is not None:
+            timestamp = self.encryptor.extract_timestamp(frame)
+            if timestamp < self.recvLastTimestamp:
+                raise wire.WireError("a frame older than the previous one")
+            self.recvLastTimestamp = timestamp
+            frame = self.encryptor.decrypt(frame)
+        message = codec.loads(wire.decompress(frame))
+        if self.recvRandKey:
+            rand_key, message = message
+            if rand_key != self.recvRandKey:
+                raise wire.WireError("a frame of another connection")
+        return message
+
+    def _cipher(self, slot: str, keys: tuple[bytes, bytes]) -> wire.SessionCipher:
+        """The session cipher of one direction, new whenever a handshake chose new random keys."""
+        current = getattr(self, slot)
+        if current is None or current[0] != keys:
+            theirs, ours = keys
+            receiver, sender = (theirs, ours) if slot == "_sending" else (ours, theirs)
+            current = (keys, wire.SessionCipher(wire.session_key(self.secret or "", receiver, sender)))
+            setattr(self, slot, current)
+        return current[1]
 
     def setSockoptKeepalive(self) -> None:
         # TcpConnection.connect calls this between creating its socket and connecting it.
@@ -54,9 +169,18 @@ class _RaftConnection(TcpConnection):
         if self.source_ip and sock.getsockname()[1] == 0:
             sock.bind((self.source_ip, 0))
 
+    def disconnect(self) -> None:
+        super().disconnect()
+        self._sending = self._receiving = None      # the next handshake chooses new keys anyway
+
 
 class RaftTransport(TCPTransport):
     """TCPTransport whose outgoing connections give up quickly and bind to the node's own IP."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any):
+        if syncObj.conf.password:
+            wire.prepare(syncObj.conf.password)     # here, not on the tick thread at a first connection
+        super().__init__(syncObj, selfNode, otherNodes)
 
     def addNode(self, node: Any) -> None:
         if node in self._connections:
@@ -66,10 +190,16 @@ class RaftTransport(TCPTransport):
         if conn is None:
             return
         conn.__class__ = _RaftConnection
+        conn.secret = self._syncObj.conf.password
         bind = self._syncObj.conf.bindAddress
         host = bind.rsplit(":", 1)[0] if bind else None
         if host and host not in ("0.0.0.0", "::"):
             conn.source_ip = host
+
+    def _onNewIncomingConnection(self, conn: Any) -> None:
+        conn.__class__ = _RaftConnection           # before its first message is parsed
+        conn.secret = self._syncObj.conf.password
+        super()._onNewIncomingConnection(conn)
 
     # -- durability: no acknowledgement leaves before the journal is synced ------
 

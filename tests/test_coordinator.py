@@ -19,6 +19,8 @@ from kvs.fsm.commands import (DropKeys, Freeze, Install, Own, Thaw, Track, comma
 from kvs.fsm.shard import Deleted, Mismatch, Written
 from kvs.node import Node
 from kvs.reconfig.copy import CHUNK_BYTES, batches
+from kvs.fsm.base import Invalid
+from kvs.reconfig import coordinator as coordinator_module
 from kvs.reconfig.coordinator import CoordinatedNode, ViewChange
 from kvs.reconfig.protocol import Epochs, Exported, ExportRequest, NodeStatus
 from kvs.reconfig.remote import Remote, StepRefused
@@ -131,6 +133,60 @@ def test_a_job_runs_on_its_own_thread_and_hands_back_its_outcome():
         vc.submit(lambda: vc.remove_member("127.0.0.1:2"))
     vc.stop()
     assert not vc.busy
+
+
+class ClaimingNode(FakeNode):
+    """A node whose take-over is stuck in its claim (a metadata round trip) until `claimed` is set; the
+    claim then fails, as it does for a change that ended meanwhile. A prepare is refused: far enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.claiming, self.claimed = threading.Event(), threading.Event()
+
+    def propose_meta(self, command: tuple, deadline: float) -> object:
+        self.proposed.append(command)
+        if command[0] == "claim":
+            self.claiming.set()
+            assert self.claimed.wait(10)
+            return False
+        return Invalid("prepared: the test ends here") if command[0] == "prepare" else True
+
+
+def take_over_in_the_background(vc: ViewChange) -> threading.Thread:
+    change = {"number": 2, "coordinator": "127.0.0.1:9", "steps": 3, "phase": "copying", "plan": {}}
+    thread = threading.Thread(target=vc.take_over, args=(change,))
+    thread.start()
+    assert vc._node.claiming.wait(10)
+    return thread
+
+
+def test_a_change_sent_while_a_take_over_claims_a_change_that_just_ended_waits_for_it_instead_of_a_409():
+    node = ClaimingNode()
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    taking_over = take_over_in_the_background(vc)
+    assert vc.busy and vc.progress.phase == "idle"          # what a client polling the status sees
+    threading.Timer(0.3, node.claimed.set).start()
+    with pytest.raises(Conflict) as info:
+        vc.remove_member("127.0.0.1:2")
+    assert info.value.message == "prepared: the test ends here"
+    assert [c[0] for c in node.proposed] == ["claim", "prepare"]
+    taking_over.join(10)
+    assert not vc.busy
+
+
+def test_a_node_held_past_the_bounded_wait_refuses_with_a_409(monkeypatch):
+    monkeypatch.setattr(coordinator_module, "BUSY_WAIT_SECONDS", 0.2)
+    node = ClaimingNode()
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    taking_over = take_over_in_the_background(vc)
+    try:
+        with pytest.raises(Conflict) as info:
+            vc.remove_member("127.0.0.1:2")
+        assert info.value.message == "a view change is in progress on this node"
+        assert [c[0] for c in node.proposed] == ["claim"]
+    finally:
+        node.claimed.set()
+        taking_over.join(10)
 
 
 # -- the protocol --------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ DROP_KEYS = 2000          # keys per drop-keys command after the commit
 CATCH_UP_ROUNDS = 3       # at most this many catch-up copies while the sources still serve
 FREEZE_BELOW_KEYS = 500   # freeze once a catch-up round moved fewer keys than this
 JOB_JOIN_SECONDS = 10.0   # a running change is given this long to end when the node stops
+BUSY_WAIT_SECONDS = 10.0  # a new change waits this long for the node's previous one to let go
 
 T = TypeVar("T")
 
@@ -207,33 +208,49 @@ class ViewChange:
                 and plan.epoch.shards == current.shards and plan.epoch.view == current.view:
             return settle.shard_report(self._remote, current)
         settle.check_reachable(self._remote, plan.epoch, current)
-        if not self._busy.acquire(blocking=False):
-            raise Conflict("a view change is in progress on this node")
+        self._acquire(current)
         try:
-            self._start(plan.epoch.number, "preparing", len(plan.moves), len(plan.members))
-            result = self._meta(("prepare", plan.to_dict(), self._node.settings.address))
-            if isinstance(result, Invalid):
-                raise Conflict(result.reason)
-            try:
-                self._prepare_and_copy(plan, current)
-            except Exception as exc:
-                self.progress.error = str(exc)
-                self.roll_back(plan, current)
-                raise
-            self._commit(plan)
-            try:
-                self.clean_up(plan, current)
-            except KvsError as exc:
-                # Committed: nothing rolls back now. The metadata group still records the change, so a
-                # watcher takes it over and finishes the clean-up; the client learns it is committed.
-                self.progress.phase, self.progress.error = "clean-up failed", exc.message
-                raise Unavailable(f"epoch {plan.epoch.number} is committed, but its clean-up failed "
-                                  f"({exc.message}); another node finishes it") from exc
-            self.progress.phase = "done"
-            return settle.shard_report(self._remote, plan.epoch)
+            self._change(plan, current)
         finally:
             self._copy.copied_keys.clear()
             self._busy.release()
+        # Outside the lock: the change is over once it is done, and counting every shard's keys
+        # can wait on slow replicas; a next change must not be refused meanwhile.
+        return settle.shard_report(self._remote, plan.epoch)
+
+    def _acquire(self, current: ConfigEpoch) -> None:
+        """Hold the node's one change, planned on `current`. A change that settled in the metadata
+        group can still hold the node briefly (a take-over's claim of a change that just ended, the
+        last pushes of an epoch), and status shows it idle meanwhile: wait for it, bounded, rather
+        than refuse a change the client was just told it may send."""
+        if not self._busy.acquire(timeout=BUSY_WAIT_SECONDS):
+            raise Conflict("a view change is in progress on this node")
+        latest = self._node.epoch
+        if latest is None or latest.number != current.number or self._node.change() is not None:
+            self._busy.release()
+            raise Conflict("the configuration changed while this change waited; plan it again")
+
+    def _change(self, plan: Plan, current: ConfigEpoch) -> None:
+        self._start(plan.epoch.number, "preparing", len(plan.moves), len(plan.members))
+        result = self._meta(("prepare", plan.to_dict(), self._node.settings.address))
+        if isinstance(result, Invalid):
+            raise Conflict(result.reason)
+        try:
+            self._prepare_and_copy(plan, current)
+        except Exception as exc:
+            self.progress.error = str(exc)
+            self.roll_back(plan, current)
+            raise
+        self._commit(plan)
+        try:
+            self.clean_up(plan, current)
+        except KvsError as exc:
+            # Committed: nothing rolls back now. The metadata group still records the change, so a
+            # watcher takes it over and finishes the clean-up; the client learns it is committed.
+            self.progress.phase, self.progress.error = "clean-up failed", exc.message
+            raise Unavailable(f"epoch {plan.epoch.number} is committed, but its clean-up failed "
+                              f"({exc.message}); another node finishes it") from exc
+        self.progress.phase = "done"
 
     def take_over(self, change: dict) -> None:
         """Finish (committed) or roll back (not committed) a change whose coordinator is gone."""

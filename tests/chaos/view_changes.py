@@ -326,7 +326,8 @@ class ViewChangeLane:
 
         A change settles in the metadata group (no phase) before the node that finished or rolled
         it back is done: it still pushes the epochs to every node, waiting up to 5 s for each one
-        that is down, and answers 409 ("in progress on this node") to a new change meanwhile.
+        that is down; a new change sent meanwhile waits for it, and after 10 s answers 409 ("in
+        progress on this node").
         """
         waited = time.monotonic()
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 
 from kvs.config.epoch import ConfigEpoch
-from kvs.errors import BadRequest, Conflict
+from kvs.errors import BadRequest, Conflict, Unavailable
 from kvs.fsm.commands import (DropKeys, Freeze, Install, Own, Thaw, Track, command_from_json, command_to_json)
 from kvs.fsm.shard import Deleted, Mismatch, Written
 from kvs.node import Node
@@ -164,14 +165,79 @@ def test_a_change_sent_while_a_take_over_claims_a_change_that_just_ended_waits_f
     node = ClaimingNode()
     vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
     taking_over = take_over_in_the_background(vc)
-    assert vc.busy and vc.progress.phase == "idle"          # what a client polling the status sees
+    assert vc.busy and vc.progress.phase == "taking over"   # what a client polling the status sees
     threading.Timer(0.3, node.claimed.set).start()
     with pytest.raises(Conflict) as info:
         vc.remove_member("127.0.0.1:2")
     assert info.value.message == "prepared: the test ends here"
     assert [c[0] for c in node.proposed] == ["claim", "prepare"]
+    assert (vc.progress.phase, vc.progress.error) == ("refused", "prepared: the test ends here")
     taking_over.join(10)
     assert not vc.busy
+
+
+def test_a_change_that_waited_while_the_configuration_changed_is_refused_without_a_prepare():
+    node = ClaimingNode()
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    taking_over = take_over_in_the_background(vc)
+
+    def another_change_commits() -> None:
+        node._epoch = replace(node._epoch, number=node._epoch.number + 1)
+        node.claimed.set()
+
+    threading.Timer(0.3, another_change_commits).start()
+    with pytest.raises(Conflict) as info:
+        vc.remove_member("127.0.0.1:2")
+    assert "changed while this change waited" in info.value.message
+    assert [c[0] for c in node.proposed] == ["claim"]
+    taking_over.join(10)
+    assert not vc.busy
+
+
+def test_a_failing_check_after_the_wait_lets_go_of_the_node():
+    node = ClaimingNode()
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    taking_over = take_over_in_the_background(vc)
+    checks = []
+
+    def change() -> dict | None:
+        checks.append(1)                    # the request's own check passes; the one after the wait fails
+        if len(checks) > 1:
+            raise RuntimeError("the change ended between two reads")
+        return None
+    node.change = change
+    threading.Timer(0.3, node.claimed.set).start()
+    with pytest.raises(RuntimeError):
+        vc.remove_member("127.0.0.1:2")
+    taking_over.join(10)
+    assert not vc.busy
+
+
+def test_a_change_waiting_for_the_node_gives_up_when_the_node_stops():
+    node = ClaimingNode()
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    taking_over = take_over_in_the_background(vc)
+    stopper = threading.Timer(0.3, vc.stop)
+    stopper.start()
+    try:
+        with pytest.raises(Unavailable) as info:
+            vc.remove_member("127.0.0.1:2")
+        assert info.value.message == "the node is stopping"
+        assert [c[0] for c in node.proposed] == ["claim"]
+    finally:
+        node.claimed.set()
+        taking_over.join(10)
+        stopper.join(10)
+
+
+def test_the_replys_key_counts_are_taken_after_the_node_is_free_for_the_next_change(monkeypatch):
+    vc = ViewChange(FakeNode(), Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    monkeypatch.setattr(vc, "_change", lambda plan, current: None)
+    busy_while_counting = []
+    monkeypatch.setattr(coordinator_module.settle, "shard_report",
+                        lambda remote, epoch: busy_while_counting.append(vc.busy) or [])
+    vc.remove_member("127.0.0.1:2")
+    assert busy_while_counting == [False]
 
 
 def test_a_node_held_past_the_bounded_wait_refuses_with_a_409(monkeypatch):

@@ -1,5 +1,7 @@
 """TakeoverWatcher: who takes a stalled view change over, and when (fakes, no processes)."""
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -64,3 +66,27 @@ def test_a_restarted_coordinator_takes_its_own_change_over_leader_or_not():
     w, coordinator = watcher(me="c:1", leader=False, reachable=())
     checks(w, 2)
     assert coordinator.taken == [CHANGE]
+
+
+def test_the_watcher_goes_on_after_a_check_that_raises(monkeypatch):
+    monkeypatch.setattr(takeover, "WATCH_PERIOD", 0.01)
+    w, coordinator = watcher(reachable=(False,) * 1000)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise TypeError("the change ended between two reads")
+        return CHANGE
+    w._node.change = flaky
+    stopping = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stopping,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not coordinator.taken and time.monotonic() < deadline:
+            stopping.wait(0.01)
+        assert coordinator.taken == [CHANGE] and thread.is_alive()
+    finally:
+        stopping.set()
+        thread.join(10)

@@ -116,7 +116,8 @@ class MetadataState(StateMachine):
 
     def change(self) -> dict | None:
         """The view change in progress (plan, phase, coordinator, steps), if any."""
-        return None if self._change is None else dict(self._change)
+        change = self._change           # read once: the Raft thread may end the change meanwhile
+        return None if change is None else dict(change)
 
     # -- commands ----------------------------------------------------------
 

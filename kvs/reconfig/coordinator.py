@@ -109,6 +109,7 @@ class ViewChange:
         self._node = node
         self._remote = remote
         self._busy = threading.Lock()
+        self._stopping = threading.Event()      # no new change starts once the node stops
         self.progress = Progress()
         self._copy = RangeCopy(remote, self.progress)
         self._jobs_lock = threading.Lock()
@@ -137,6 +138,7 @@ class ViewChange:
         return future.result()
 
     def stop(self) -> None:
+        self._stopping.set()
         with self._jobs_lock:
             jobs = list(self._jobs)
         for thread in jobs:
@@ -223,17 +225,27 @@ class ViewChange:
         group can still hold the node briefly (a take-over's claim of a change that just ended, the
         last pushes of an epoch), and status shows it idle meanwhile: wait for it, bounded, rather
         than refuse a change the client was just told it may send."""
-        if not self._busy.acquire(timeout=BUSY_WAIT_SECONDS):
-            raise Conflict("a view change is in progress on this node")
-        latest = self._node.epoch
-        if latest is None or latest.number != current.number or self._node.change() is not None:
+        deadline = time.monotonic() + BUSY_WAIT_SECONDS
+        while not self._busy.acquire(timeout=0.1):
+            if self._stopping.is_set():
+                raise Unavailable("the node is stopping")
+            if time.monotonic() >= deadline:
+                raise Conflict("a view change is in progress on this node")
+        try:
+            if self._stopping.is_set():
+                raise Unavailable("the node is stopping")
+            latest = self._node.epoch
+            if latest is None or latest.number != current.number or self._node.change() is not None:
+                raise Conflict("the configuration changed while this change waited; plan it again")
+        except BaseException:
             self._busy.release()
-            raise Conflict("the configuration changed while this change waited; plan it again")
+            raise
 
     def _change(self, plan: Plan, current: ConfigEpoch) -> None:
         self._start(plan.epoch.number, "preparing", len(plan.moves), len(plan.members))
         result = self._meta(("prepare", plan.to_dict(), self._node.settings.address))
         if isinstance(result, Invalid):
+            self.progress.phase, self.progress.error = "refused", result.reason
             raise Conflict(result.reason)
         try:
             self._prepare_and_copy(plan, current)
@@ -258,7 +270,10 @@ class ViewChange:
             return
         try:
             n, me = change["number"], self._node.settings.address
+            # Busy from here on, and the status says so: the claim is a metadata round trip.
+            before, self.progress.phase = self.progress.phase, "taking over"
             if self._meta(("claim", n, change["coordinator"], change["steps"], me)) is not True:
+                self.progress.phase = before        # the change ended, or another node has it
                 return
             log.warning("%s takes over the view change to epoch %d (phase %s) from %s",
                         me, n, change["phase"], change["coordinator"])

@@ -47,6 +47,8 @@ class TakeoverWatcher:
                 self.check()
             except KvsError as exc:
                 log.error("taking over a view change failed: %s", exc.message)
+            except Exception:           # the watcher outlives any one bad check
+                log.exception("the take-over watcher's check failed")
 
     def check(self) -> None:
         """Take over the recorded change if it has stalled and its coordinator is gone."""

@@ -66,7 +66,7 @@ START_LIMIT = 30.0         # the change shows a phase (or the PUT answers) withi
 SETTLE_LIMIT = 90.0        # no change in progress any more within this (takeover waits 5 s without progress)
 IDLE_LIMIT = 30.0          # a coordinator-to-be finishes its part in the previous change within this
 # GET /kvs/view-change "progress" of a node with no part in a change under way
-IDLE_PROGRESS = ("idle", "done", "rolled back", "clean-up failed")
+IDLE_PROGRESS = ("idle", "done", "rolled back", "clean-up failed", "refused")
 
 
 @dataclass(frozen=True)

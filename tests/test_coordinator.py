@@ -22,7 +22,8 @@ from kvs.node import Node
 from kvs.reconfig.copy import CHUNK_BYTES, batches
 from kvs.fsm.base import Invalid
 from kvs.reconfig import coordinator as coordinator_module
-from kvs.reconfig.coordinator import CoordinatedNode, ViewChange
+from kvs.reconfig.coordinator import ViewChange
+from kvs.reconfig.phases import CoordinatedNode
 from kvs.reconfig.protocol import Epochs, Exported, ExportRequest, NodeStatus
 from kvs.reconfig.remote import Remote, StepRefused
 from kvs.routing.peers import PeerResponse, PeerUnreachable

@@ -31,7 +31,8 @@ RATE = 300                       # writes per second from all writers together, 
 SNAPSHOTS_IN_WINDOW = 2          # the window lasts until this many snapshots were renamed into place
 WINDOW_LIMIT = 90.0              # seconds; the window ends earlier once the snapshots happened
 WRITES_PER_WRITER = 100_000      # a bound on each writer's loop, never reached in the window
-P99_LIMIT = 0.100                # seconds
+P99_FLOOR = 0.100                # seconds: the p99 limit on a quiet machine
+STALL_SHARE = 0.5                # ... or this share of what pickling the whole state took in the same run
 BOUNDARY = ((b"prev", 9, 1), (b"last", 10, 1), {"127.0.0.1:1"})    # (last, prev, cluster) as PySyncObj passes
 
 
@@ -116,7 +117,23 @@ def test_a_300000_key_shard_keeps_answering_writes_while_it_snapshots(tmp_path):
     print(f"\n{len(samples)} writes in {window:.1f} s with {len(seen) - 1} snapshots of {KEYS} keys: "
           f"p50 {statistics.median(samples) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {samples[-1] * 1000:.1f} ms")
     assert len(seen) - 1 >= SNAPSHOTS_IN_WINDOW
-    assert p99 < P99_LIMIT, f"p99 write latency {p99 * 1000:.0f} ms while snapshotting"
+    # A snapshot written on the tick thread stalls every write for at least the time it takes to pickle
+    # the state, which the writes' p99 then shows. That time is measured here, on the same machine in
+    # the same minute, so a busy machine raises the limit as much as it slows the group, and the old
+    # behaviour still fails: its p99 is about the whole pickling time, above half of it.
+    limit = max(P99_FLOOR, STALL_SHARE * whole_pickle_seconds(KEYS))
+    assert p99 < limit, f"p99 write latency {p99 * 1000:.0f} ms while snapshotting (limit {limit * 1000:.0f} ms)"
+
+
+def whole_pickle_seconds(keys: int) -> float:
+    """How long one pickling of the whole state takes right now (the least of two tries)."""
+    capture = preloaded_state(keys).snapshot()
+    tries = []
+    for _ in range(2):
+        began = time.monotonic()
+        pickle.dumps(capture, protocol=pickle.HIGHEST_PROTOCOL)
+        tries.append(time.monotonic() - began)
+    return min(tries)
 
 
 # -- the codec on its own -------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class NodeCollector(Collector):
         self._progress: Callable[[], dict] = dict
 
     def watch(self, node, progress: Callable[[], dict]) -> None:
-        """Report `node` (and the coordinator's `progress()`, `kvs.reconfig.coordinator.Progress`)."""
+        """Report `node` (and the coordinator's `progress()`, `kvs.reconfig.phases.Progress`)."""
         self._node, self._progress = node, progress
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

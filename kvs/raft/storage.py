@@ -34,10 +34,12 @@ Our fix, by design rather than by patching PySyncObj's private methods:
   renames `<dump>.tmp` onto the dump as soon as a custom serializer returns,
   which leaves no room for a background write (details in its docstring).
 
-Durability is against process death (SIGKILL, OOM): journal writes reach the
-page cache, not the disk platter (snapshot files are fsynced, the journal is
-not). Power loss can still lose the newest entries of a
-replica; a majority of replicas on separate machines bounds that in practice.
+Durability: with KVS_FSYNC on (the default) the journal is fsynced before an
+entry is acknowledged, one fsync per batch (group commit, `kvs.raft.journal`),
+and snapshot files are fsynced before their rename, so an acknowledged write
+survives power loss as well as process death. With KVS_FSYNC off (tests only)
+journal writes reach the page cache: SIGKILL and OOM lose nothing, power loss
+can lose the newest entries of a replica.
 """
 
 from __future__ import annotations

@@ -52,8 +52,8 @@ class FakeNode:
     def meta_epoch(self, number: int) -> ConfigEpoch | None:
         return self._epoch if number == self._epoch.number else None
 
-    def shard_id_floor(self) -> int:
-        return 0
+    def committed_configuration(self, deadline: float) -> tuple[dict | None, dict | None, int]:
+        return self._epoch.to_dict(), self._change, 0
 
     def propose_meta(self, command: tuple, deadline: float) -> object:
         self.proposed.append(command)
@@ -201,12 +201,12 @@ def test_a_failing_check_after_the_wait_lets_go_of_the_node():
     taking_over = take_over_in_the_background(vc)
     checks = []
 
-    def change() -> dict | None:
+    def committed_configuration(deadline: float) -> tuple[dict | None, dict | None, int]:
         checks.append(1)                    # the request's own check passes; the one after the wait fails
         if len(checks) > 1:
-            raise RuntimeError("the change ended between two reads")
-        return None
-    node.change = change
+            raise RuntimeError("the metadata read failed")
+        return node._epoch.to_dict(), None, 0
+    node.committed_configuration = committed_configuration
     threading.Timer(0.3, node.claimed.set).start()
     with pytest.raises(RuntimeError):
         vc.remove_member("127.0.0.1:2")

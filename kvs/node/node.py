@@ -1,20 +1,16 @@
 """Node: the groups this process hosts and the configuration it routes by.
 
-A node that is in its VIEW joins the metadata group (Raft slot 0, every node of
-the initial view is a member), proposes the initial configuration until an
-epoch is committed, and then runs a replica of each shard group the newest
-epoch gives it. A node whose ADDRESS is not in its VIEW stays idle: it creates
-no group, contacts nobody, and answers only status requests until a view
-change names it.
+A node that is in its VIEW joins the metadata group (Raft slot 0, every node of the initial view is a
+member), proposes the initial configuration until an epoch is committed, and then runs a replica of
+each shard group the newest epoch gives it. A node whose ADDRESS is not in its VIEW stays idle: it
+creates no group, contacts nobody, and answers only status requests until a view change names it.
 
-One supervisor thread creates and closes every replica. PySyncObj stops a
-replica's tick thread when the thread that created it ends, so replicas are
-never created from request threads. The supervisor wakes when the metadata
-state machine applies an entry (or every `_SUPERVISE_PERIOD` to retry a
-proposal) and adopts the newest epoch. Its thread is started and stopped by
-the process's owner, `kvs.server.NodeServer`. It also closes a group whose
-journal failed (a full disk) and reopens it from disk once the disk takes
-writes again (`kvs.raft.recovery`); the node's other groups run on.
+One supervisor thread creates and closes every replica. PySyncObj stops a replica's tick thread when
+the thread that created it ends, so replicas are never created from request threads. The supervisor
+wakes when the metadata state machine applies an entry (or every `_SUPERVISE_PERIOD` to retry a
+proposal) and adopts the newest epoch. Its thread is started and stopped by the process's owner,
+`kvs.server.NodeServer`. It also closes a group whose journal failed (a full disk) and reopens it
+from disk once the disk takes writes again (`kvs.raft.recovery`); the node's other groups run on.
 """
 
 from __future__ import annotations
@@ -54,9 +50,8 @@ class Node:
         self._epoch_changed = threading.Condition()
         self._news = EpochNews(settings.data_dir)          # epochs pushed to this node
         self._metadata: dict = load_record(settings.data_dir, METADATA_FILE, valid_metadata)  # {"member", "peers"}
-        # Nodes of the initial view propose the initial configuration (only the first "init" takes
-        # effect, so a proposal after an epoch exists changes nothing); a node that joined the
-        # metadata group later, or left it, proposes nothing.
+        # Nodes of the initial view propose the initial configuration (only the first "init" takes effect,
+        # so a proposal after an epoch exists changes nothing); one that joined or left later proposes nothing.
         self._initial: dict | None = None
         if settings.is_member and self._metadata.get("member", True):
             self._initial = ConfigEpoch.initial(settings.view, settings.repl_factor).to_dict()
@@ -73,8 +68,8 @@ class Node:
         """The supervisor thread's body: adopt epochs and run their groups until `stopping` is set.
 
         It wakes when the metadata state machine applies an entry, when told (`wake`), or every
-        `_SUPERVISE_PERIOD` to retry. An exception in one round is logged and the next round tries
-        again; /health says so meanwhile, and says when the supervisor is not running at all."""
+        `_SUPERVISE_PERIOD` to retry. An exception in one round is logged and the next round tries again;
+        /health says so meanwhile, and says when the supervisor is not running at all."""
         if not self.settings.is_member:
             log.warning("%s is not in VIEW: idle until a view change adds it", self.settings.address)
         self._supervisor_running = True
@@ -297,6 +292,13 @@ class Node:
         meta = self._meta
         return meta.state.change() if meta is not None else None
 
+    def committed_configuration(self, deadline: float) -> tuple[dict | None, dict | None, int]:
+        """(active epoch, change in progress, largest shard id of any plan) once this metadata replica
+        holds every decision committed before the call (a ReadIndex round): one that restarted and still
+        replays its log must not answer from an older epoch. NotMember on other nodes."""
+        return self._member_meta().read(lambda state: (state.active_epoch(), state.change(),
+                                                       state.max_shard_id), deadline)
+
     def meta_epoch(self, number: int) -> ConfigEpoch | None:
         meta = self._meta
         epoch = meta.state.epoch(number) if meta is not None else None
@@ -308,10 +310,13 @@ class Node:
         return meta.state.max_shard_id if meta is not None else 0
 
     def propose_meta(self, command: tuple, deadline: float) -> object:
-        meta = self._meta
+        return self._member_meta().execute(command, deadline)
+
+    def _member_meta(self) -> RaftGroup:
+        meta = self._meta                   # read once: the supervisor may close it meanwhile
         if meta is None:
             raise NotMember("this node is not a member of the metadata group")
-        return meta.execute(command, deadline)
+        return meta
 
     # -- what routing reads --------------------------------------------------------------
 
@@ -372,13 +377,11 @@ class Node:
         return host in {address.rsplit(":", 1)[0] for address in known}
 
     def shard_groups(self) -> dict[str, RaftGroup]:
-        """This node's shard replicas by shard id."""
-        with self._lock:
+        with self._lock:                    # this node's shard replicas by shard id
             return dict(self._groups)
 
     def hosted_groups(self) -> list[RaftGroup]:
-        """This node's shard replicas (not the metadata replica)."""
-        return list(self.shard_groups().values())
+        return list(self.shard_groups().values())       # not the metadata replica
 
     def all_groups(self) -> list[RaftGroup]:
         """Every replica this node runs, the metadata replica included."""
@@ -389,16 +392,13 @@ class Node:
     # -- status and health (kvs.node.status) ----------------------------------------------------
 
     def status(self, digest: bool = False) -> dict:
-        """This node's view; with `digest`, each shard replica's key count and data digest (costly)."""
-        return describe(self, digest)
+        return describe(self, digest)       # with `digest`, each replica's key count and digest (costly)
 
     def health(self) -> tuple[bool, str]:
-        """(ready, reason): see `kvs.node.status.readiness`."""
-        return readiness(self)
+        return readiness(self)              # (ready, reason): see kvs.node.status
 
     def liveness(self) -> tuple[bool, str]:
-        """(live, reason): see `kvs.node.status.liveness`."""
-        return liveness(self)
+        return liveness(self)               # (live, reason)
 
     @property
     def supervisor(self) -> tuple[bool, str | None]:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 JOB_JOIN_SECONDS = 10.0   # a running change is given this long to end when the node stops
 BUSY_WAIT_SECONDS = 10.0  # a new change waits this long for the node's previous one to let go
+PLAN_READ_SECONDS = 10.0  # a change reads the committed configuration it plans on within this
 
 T = TypeVar("T")
 
@@ -96,11 +97,9 @@ class ViewChange:
 
     def reshard(self, shard_count: object) -> list[dict]:
         """Reshard: the same nodes in `shard_count` shards (the replication factor follows)."""
-        current = self._node.epoch
-        if current is None:
-            raise Conflict("no configuration yet")
         if not isinstance(shard_count, int) or isinstance(shard_count, bool) or shard_count < 1:
             raise BadRequest("shard-count must be a positive integer")
+        current = self._settled_epoch()
         if len(current.view) % shard_count:
             raise BadRequest(f"{len(current.view)} nodes cannot form {shard_count} shards of equal size")
         return self.run(",".join(current.view), len(current.view) // shard_count)
@@ -124,13 +123,17 @@ class ViewChange:
         return self._carry_out(plan_remove_member(current, _address_field(address)), current)
 
     def _settled_epoch(self) -> ConfigEpoch:
-        """The active epoch, when no change is running (Conflict otherwise)."""
-        current = self._node.epoch
-        if current is None or self._node.change() is not None:
-            raise Conflict("a view change is in progress" if current else "no configuration yet")
+        """The active epoch as the metadata group has committed it, when no change is running (Conflict
+        otherwise). Read through the group (a ReadIndex round), not from this node's view: a member that
+        restarted and still replays the metadata log would plan on an epoch the group has left behind,
+        and refuse a valid change as naming a node outside the view (docker soak seed 54 on f4c40a1).
+        A member that cannot reach the group's leader answers 503."""
+        active, change, floor = self._node.committed_configuration(time.monotonic() + PLAN_READ_SECONDS)
+        if active is None or change is not None:
+            raise Conflict("a view change is in progress" if active else "no configuration yet")
+        current = ConfigEpoch.from_dict(active)
         # Plan new groups after every id any plan used, a rolled-back one's too (the metadata group
         # refuses a plan that reuses one).
-        floor = self._node.shard_id_floor()
         return replace(current, max_shard_id=floor) if floor > current.max_shard_id else current
 
     # -- the change ----------------------------------------------------------------------------
@@ -166,8 +169,7 @@ class ViewChange:
         try:
             if self._stopping.is_set():
                 raise Unavailable("the node is stopping")
-            latest = self._node.epoch
-            if latest is None or latest.number != current.number or self._node.change() is not None:
+            if self._settled_epoch().number != current.number:
                 raise Conflict("the configuration changed while this change waited; plan it again")
         except BaseException:
             self._busy.release()

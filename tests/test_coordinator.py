@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import replace
+from typing import Callable
 
 import pytest
 
@@ -23,6 +24,7 @@ from kvs.reconfig.copy import CHUNK_BYTES, batches
 from kvs.fsm.base import Invalid
 from kvs.reconfig import coordinator as coordinator_module
 from kvs.reconfig.coordinator import ViewChange
+from kvs.reconfig.planner import plan_remove_member
 from kvs.reconfig.phases import CoordinatedNode
 from kvs.reconfig.protocol import Epochs, Exported, ExportRequest, NodeStatus
 from kvs.reconfig.remote import Remote, StepRefused
@@ -45,9 +47,6 @@ class FakeNode:
     @property
     def epoch(self) -> ConfigEpoch | None:
         return self._epoch
-
-    def change(self) -> dict | None:
-        return self._change
 
     def meta_epoch(self, number: int) -> ConfigEpoch | None:
         return self._epoch if number == self._epoch.number else None
@@ -154,6 +153,32 @@ class ClaimingNode(FakeNode):
         return Invalid("prepared: the test ends here") if command[0] == "prepare" else True
 
 
+class WatchedLock:
+    """The coordinator's one-change lock, calling `on_wait` the first time a request finds it held: what
+    the test does then happens while the request waits, not after a guessed delay."""
+
+    def __init__(self, lock, on_wait: Callable[[], None]):
+        self._lock, self._on_wait = lock, on_wait
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking, timeout):
+            return True
+        on_wait, self._on_wait = self._on_wait, None
+        if on_wait is not None:
+            on_wait()
+        return False
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def when_the_request_waits(vc: ViewChange, action: Callable[[], None]) -> None:
+    vc._busy = WatchedLock(vc._busy, action)
+
+
 def take_over_in_the_background(vc: ViewChange) -> threading.Thread:
     change = {"number": 2, "coordinator": "127.0.0.1:9", "steps": 3, "phase": "copying", "plan": {}}
     thread = threading.Thread(target=vc.take_over, args=(change,))
@@ -167,7 +192,7 @@ def test_a_change_sent_while_a_take_over_claims_a_change_that_just_ended_waits_f
     vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
     taking_over = take_over_in_the_background(vc)
     assert vc.busy and vc.progress.phase == "taking over"   # what a client polling the status sees
-    threading.Timer(0.3, node.claimed.set).start()
+    when_the_request_waits(vc, node.claimed.set)
     with pytest.raises(Conflict) as info:
         vc.remove_member("127.0.0.1:2")
     assert info.value.message == "prepared: the test ends here"
@@ -177,16 +202,20 @@ def test_a_change_sent_while_a_take_over_claims_a_change_that_just_ended_waits_f
     assert not vc.busy
 
 
-def test_a_change_that_waited_while_the_configuration_changed_is_refused_without_a_prepare():
+@pytest.mark.parametrize("meanwhile", ["a change committed", "a change rolled back after using new shard ids"])
+def test_a_change_that_waited_while_the_configuration_changed_is_refused_without_a_prepare(meanwhile):
     node = ClaimingNode()
     vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
     taking_over = take_over_in_the_background(vc)
 
     def another_change_commits() -> None:
-        node._epoch = replace(node._epoch, number=node._epoch.number + 1)
+        if meanwhile == "a change committed":
+            node._epoch = replace(node._epoch, number=node._epoch.number + 1)
+        else:
+            node._epoch = replace(node._epoch, max_shard_id=node._epoch.max_shard_id + 1)
         node.claimed.set()
 
-    threading.Timer(0.3, another_change_commits).start()
+    when_the_request_waits(vc, another_change_commits)
     with pytest.raises(Conflict) as info:
         vc.remove_member("127.0.0.1:2")
     assert "changed while this change waited" in info.value.message
@@ -207,7 +236,7 @@ def test_a_failing_check_after_the_wait_lets_go_of_the_node():
             raise RuntimeError("the metadata read failed")
         return node._epoch.to_dict(), None, 0
     node.committed_configuration = committed_configuration
-    threading.Timer(0.3, node.claimed.set).start()
+    when_the_request_waits(vc, node.claimed.set)
     with pytest.raises(RuntimeError):
         vc.remove_member("127.0.0.1:2")
     taking_over.join(10)
@@ -218,8 +247,7 @@ def test_a_change_waiting_for_the_node_gives_up_when_the_node_stops():
     node = ClaimingNode()
     vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
     taking_over = take_over_in_the_background(vc)
-    stopper = threading.Timer(0.3, vc.stop)
-    stopper.start()
+    when_the_request_waits(vc, vc.stop)
     try:
         with pytest.raises(Unavailable) as info:
             vc.remove_member("127.0.0.1:2")
@@ -228,7 +256,6 @@ def test_a_change_waiting_for_the_node_gives_up_when_the_node_stops():
     finally:
         node.claimed.set()
         taking_over.join(10)
-        stopper.join(10)
 
 
 def test_the_replys_key_counts_are_taken_after_the_node_is_free_for_the_next_change(monkeypatch):
@@ -254,6 +281,83 @@ def test_a_node_held_past_the_bounded_wait_refuses_with_a_409(monkeypatch):
     finally:
         node.claimed.set()
         taking_over.join(10)
+
+
+class BehindNode(FakeNode):
+    """A node that routes by epoch 1 of two nodes while the metadata group has committed epoch 2, in which
+    a third node joined (it restarted and still replays the metadata log). A prepare is refused: far enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.committed = replace(ConfigEpoch.initial(("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"), 1), number=2)
+        self.reads = 0
+
+    def committed_configuration(self, deadline: float) -> tuple[dict | None, dict | None, int]:
+        self.reads += 1
+        return self.committed.to_dict(), None, 0
+
+    def meta_epoch(self, number: int) -> ConfigEpoch | None:
+        return self.committed if number == 2 else None
+
+    def decisions(self) -> tuple[int, dict | None, dict | None] | None:
+        return len(self.proposed), self.committed.to_dict(), None
+
+    def propose_meta(self, command: tuple, deadline: float) -> object:
+        self.proposed.append(command)
+        return Invalid("prepared: the test ends here") if command[0] == "prepare" else True
+
+
+def test_a_node_behind_the_metadata_group_plans_on_the_committed_epoch_not_its_own():
+    node = BehindNode()
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    with pytest.raises(Conflict, match="prepared: the test ends here"):
+        vc.remove_member("127.0.0.1:3")                 # not in the node's own view: 400 before
+    (prepare,) = [c for c in node.proposed if c[0] == "prepare"]
+    assert prepare[1]["epoch"]["number"] == 3 and "127.0.0.1:3" not in prepare[1]["epoch"]["view"]
+    assert not vc.busy
+
+
+def test_a_node_that_cannot_read_the_committed_configuration_answers_503_and_proposes_nothing():
+    node = FakeNode()
+
+    def unreadable(deadline: float) -> tuple[dict | None, dict | None, int]:
+        raise Unavailable("group meta: no read index before the deadline")
+    node.committed_configuration = unreadable
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    with pytest.raises(Unavailable):
+        vc.remove_member("127.0.0.1:2")
+    assert node.proposed == [] and not vc.busy
+
+
+def test_a_bad_shard_count_is_refused_before_any_read():
+    node = BehindNode()
+    with pytest.raises(BadRequest, match="shard-count"):
+        ViewChange(node, Remote(ScriptedForwarder())).reshard(0)
+    assert node.reads == 0
+
+
+def test_a_reshard_plans_on_the_one_configuration_it_counted_the_nodes_of():
+    node = BehindNode()
+    counted = node.committed
+    node.committed = replace(counted, number=3, view=counted.view[:2])     # then a change commits
+
+    reads = iter([counted, node.committed, node.committed])
+    node.committed_configuration = lambda deadline: (next(reads).to_dict(), None, 0)
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    with pytest.raises(Conflict, match="changed while this change waited"):
+        vc.reshard(1)                                   # 3 nodes counted, in 1 shard
+    assert [c for c in node.proposed if c[0] == "prepare"] == []
+
+
+def test_a_take_over_rolls_back_on_the_epoch_the_change_was_planned_on_when_the_node_routes_by_none():
+    node = BehindNode()
+    node._epoch = None                                  # restarted: no epoch adopted yet
+    plan = plan_remove_member(node.committed, "127.0.0.1:3")
+    vc = ViewChange(node, Remote(ScriptedForwarder(body={"phase": None}, reachable=True)))
+    vc.take_over({"number": 3, "coordinator": "127.0.0.1:1", "steps": 2, "phase": "copying",
+                  "plan": plan.to_dict()})
+    assert [c[0] for c in node.proposed] == ["claim", "abort"]
+    assert vc.progress.phase == "rolled back" and not vc.busy
 
 
 # -- the protocol --------------------------------------------------------------------------------------------

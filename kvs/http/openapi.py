@@ -49,7 +49,9 @@ _FOUND = {"type": "object", "required": ["doesExist", "message", "value", "versi
                          "version": {"type": "integer"}, "encoding": {"const": "binary"},
                          "address": {"type": "string"}, "causal-context": {"type": "object"}}}
 _CHANGE_ERRORS = dict(e400="malformed or impossible change", e401="admin token missing or wrong",
-                      e409="a change is running", e503="the change failed and was rolled back")
+                      e409="a change is running",
+                      e503="the change failed and was rolled back, or the node could not read the committed "
+                           "configuration (not a metadata member, or cut off)")
 
 SPEC: dict = {
     "openapi": "3.1.0",

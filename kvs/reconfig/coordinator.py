@@ -6,8 +6,9 @@ settled epoch N, holds the node's one change and drives the plan through its
 phases (`kvs.reconfig.phases`: prepare, copy, catch up and freeze, commit,
 clean up; or roll back), each recorded in the metadata group. A change runs as
 a background job of the node (`submit`): the HTTP request that asked for it
-only waits for it. A coordinator that dies mid-change is replaced by
-`kvs.reconfig.takeover`, which calls `take_over` on another metadata member.
+only waits for it. A change whose coordinator died is finished or rolled back
+through `take_over`, called by `kvs.reconfig.takeover` on the metadata leader
+or on the coordinator itself once it restarts.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ class ViewChange:
         current = self._settled_epoch()
         if len(current.view) % shard_count:
             raise BadRequest(f"{len(current.view)} nodes cannot form {shard_count} shards of equal size")
-        return self.run(",".join(current.view), len(current.view) // shard_count)
+        # Planned on this one read: a second one could see another view than the nodes counted here.
+        return self._carry_out(plan_view_change(current, list(current.view), len(current.view) // shard_count),
+                               current)
 
     def add_member(self, address: object, shard_id: object) -> list[dict]:
         """An idle node joins shard `shard_id`'s Raft group (in place: no key moves)."""
@@ -169,7 +172,9 @@ class ViewChange:
         try:
             if self._stopping.is_set():
                 raise Unavailable("the node is stopping")
-            if self._settled_epoch().number != current.number:
+            latest = self._settled_epoch()
+            # The shard-id floor too: a change prepared and rolled back meanwhile used the plan's new ids.
+            if (latest.number, latest.max_shard_id) != (current.number, current.max_shard_id):
                 raise Conflict("the configuration changed while this change waited; plan it again")
         except BaseException:
             self._busy.release()
@@ -217,7 +222,9 @@ class ViewChange:
                 self._phases.clean_up(plan, self._node.meta_epoch(n - 1) or plan.epoch)
                 self.progress.phase = "done"
             else:
-                self._phases.roll_back(plan, self._node.epoch)
+                # The epoch the change was planned on, as the metadata group recorded it: this node may
+                # route by an older one (it restarted and takes its own change over) or by none yet.
+                self._phases.roll_back(plan, self._node.meta_epoch(n - 1) or self._node.epoch)
         finally:
             self._busy.release()
 

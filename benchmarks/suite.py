@@ -7,6 +7,7 @@
     python benchmarks/suite.py view-change [--keys 100000]        (runs benchmarks/view_change.py)
     python benchmarks/suite.py profile     [--seconds 10]          (py-spy on the leader under load)
     python benchmarks/suite.py member-add  [--ma-keys 100000] [--copy-root DIR]   (a replica added: in place vs copy)
+    python benchmarks/suite.py latency     [--seconds 10]          (the steps of one write at 1 client, traced)
     python benchmarks/suite.py all         (each of the above, in that order)
     python benchmarks/suite.py report      (plots and the README section, from benchmarks/results/*.json)
 
@@ -156,6 +157,14 @@ def cmd_member_add(args: argparse.Namespace) -> None:
     write_result("member_add", payload, args.out)
 
 
+def cmd_latency(args: argparse.Namespace) -> None:
+    import latency_trace
+    payload = header(args, machine())
+    payload["latency"] = latency_trace.run(temp_root("kvs-suite-lat-"), random_value(args.value_size), args.seconds,
+                                           with_etcd=not args.skip_etcd)
+    write_result("latency", payload, args.out)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     import report
     verdicts = report.generate(args.readme, RESULTS_DIR, with_plots=not args.no_plots)
@@ -165,7 +174,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 SCENARIOS = {"throughput": cmd_throughput, "scaling": cmd_scaling, "failover": cmd_failover, "size": cmd_size,
-             "view-change": cmd_view_change, "profile": cmd_profile, "member-add": cmd_member_add}
+             "view-change": cmd_view_change, "profile": cmd_profile, "member-add": cmd_member_add,
+             "latency": cmd_latency}
 
 
 def cmd_all(args: argparse.Namespace) -> None:
@@ -192,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                               ("view-change", cmd_view_change, "benchmarks/view_change.py with CPU accounting"),
                               ("profile", cmd_profile, "py-spy on the leader under load: what bounds a group"),
                               ("member-add", cmd_member_add, "one replica added to a shard: in place vs copy"),
+                              ("latency", cmd_latency, "the steps of one write at 1 client, traced; etcd's p50"),
                               ("all", cmd_all, "every scenario, then the report")):
         common.append(scenario(name, func, help_))
     for p in common:

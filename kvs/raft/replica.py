@@ -46,6 +46,9 @@ waiting instead, with six documented changes that touch PySyncObj internals
    nobody else, or a node that is only planned would look like a member);
    `also_connect` names the planned ones, which it connects to without
    counting them (the leader may be one, after a hand-over or an election).
+   It stays connected to both, whatever the membership entries it replays
+   say: one that removed the replica leading now (a later entry adds it back)
+   made PySyncObj drop that connection, and the learner waited forever.
    The voting replica a learner becomes (`hold_election`) does not campaign
    until it has heard a leader: PySyncObj has no pre-vote, and a replica whose
    load takes longer than the election timeout would otherwise depose the
@@ -153,7 +156,8 @@ class Replica(SyncObj):
         self.address = self_address
         self.learner = learner                      # change 5: PySyncObj's read-only node
         self._hold = hold_election                  # change 5: until a leader is heard; before the tick thread
-        self._also_connect = list(also_connect)
+        # change 5: a learner stays connected to every replica it was told of (see _connect_also)
+        self._also_connect = [TCPNode(a) for a in (tuple(peers) if learner else ()) + tuple(also_connect)]
         self._foreign_logged = False
         self._state = state
         self._on_applied = on_applied
@@ -338,10 +342,14 @@ class Replica(SyncObj):
         return self.learner and any(node.id == self.address for node in self.otherNodes)
 
     def _connect_also(self) -> None:
+        """Every tick, a connection to each node of `_also_connect` (its peers and the planned ones). A
+        learner replays its group's log from the start, and a membership entry that removed a replica
+        which a later entry adds back makes PySyncObj drop its connection to that replica: if it is the
+        leader now, the learner, which only the leader sends entries to, waited at that index forever
+        (a spare added to a shard whose leader had left and rejoined it, tests/test_in_place_membership.py)."""
         transport = self._SyncObj__transport
-        for address in self._also_connect:
-            transport.addNode(TCPNode(address))     # RaftTransport.addNode: never twice for one node
-        self._also_connect = []
+        for node in self._also_connect:
+            transport.addNode(node)         # RaftTransport.addNode: nothing if it is connected already
 
     def _hold_election(self) -> None:
         if self._getLeader() is not None:

@@ -11,6 +11,14 @@ from urllib.parse import quote
 
 import requests
 
+
+def key_path(key: str) -> str:
+    """/kvs/keys/<key>, percent-encoded so that every key arrives as itself: "." and ".." are sent as
+    %2E and %2E%2E, which HTTP libraries (requests, urllib3) keep as a segment of the path, where a
+    bare "." or ".." is removed as a dot segment (the request would reach /kvs/keys/ or /kvs/)."""
+    return "/kvs/keys/" + ("%2E" * len(key) if key in (".", "..") else quote(key, safe=""))
+
+
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -35,15 +43,15 @@ class KvsClient:
         """PUT a key. `if_match` (a version from a GET's "version", or "*": the key exists) or `if_none_match`
         (create only) make it a compare-and-set: 412 with the current "version" when the condition fails."""
         headers = _headers(request_id, if_match, if_none_match)
-        return self._call("PUT", f"/kvs/keys/{quote(key, safe='')}", {"value": value, "causal-context": {}}, headers)
+        return self._call("PUT", key_path(key), {"value": value, "causal-context": {}}, headers)
 
     def get(self, key: str) -> tuple[int, dict]:
         """GET a key; a 200 body carries its "value" and "version"."""
-        return self._call("GET", f"/kvs/keys/{quote(key, safe='')}", {"causal-context": {}})
+        return self._call("GET", key_path(key), {"causal-context": {}})
 
     def delete(self, key: str, request_id: str | None = None, if_match: int | str | None = None) -> tuple[int, dict]:
         headers = _headers(request_id, if_match, False)
-        return self._call("DELETE", f"/kvs/keys/{quote(key, safe='')}", {"causal-context": {}}, headers)
+        return self._call("DELETE", key_path(key), {"causal-context": {}}, headers)
 
     # -- seed 004's batches: keys and values are str or bytes --------------------------------------------
 

@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 import requests
 
-from kvs.client import data_object, data_value
+from kvs.client import data_object, data_value, key_path
 from kvs.config.ring import HashRing
 
 CONNECT_SECONDS = 1.0              # one connection attempt
@@ -149,7 +149,7 @@ class Client:
         headers = dict(headers or {})
         if method != "GET":
             headers["Idempotency-Key"] = uuid.uuid4().hex      # every attempt of this write: applied once
-        path = f"/kvs/keys/{quote(key, safe='')}"
+        path = key_path(key)
         deadline = time.monotonic() + self.timeout
         pause = RETRY_PAUSE
         while True:

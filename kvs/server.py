@@ -29,7 +29,7 @@ from typing import Callable
 
 from kvs.http.aio import HttpClient, HttpServer, new_event_loop
 from kvs.http.common import PeerAuth, Services
-from kvs.http.keys import KeyRequests, is_fast, refusal
+from kvs.http.keys import FORWARDED_BODY_MARGIN, KEYS_PREFIX, KeyRequests, is_fast, refusal
 from kvs.logs import access
 from kvs.metrics import observe_request
 from kvs.node.metrics import COLLECTOR
@@ -72,7 +72,7 @@ class NodeServer:
         remote = Remote(forwarder)
         self.view_change = ViewChange(self.node, remote)
         # One per node: the key path and the Flask apps must share the memory of accepted nonces.
-        peer_auth = PeerAuth(settings.secret, self.node.trusts_host)
+        peer_auth = PeerAuth(settings.secret, settings.address, self.node.trusts_host)
         self._services = Services(self.node, ShardQueries(self.node, forwarder), self.view_change, peer_auth)
         app = create_app(self._services)
         source_ip = settings.bind_host if settings.bind_host not in ("", "0.0.0.0", "::") else None
@@ -80,7 +80,9 @@ class NodeServer:
         self.keys = KeyRouter(self.node, AsyncForwarder(self._client, settings.secret), self.loop)
         self.http = HttpServer(KeyRequests(settings, self.keys, peer_auth), app, fast_paths=is_fast,
                                max_body_bytes=settings.max_body_bytes, wsgi_threads=WSGI_THREADS,
-                               refusal=refusal, body_limits=[("/internal/", INTERNAL_BODY_BYTES)],
+                               refusal=refusal,
+                               body_limits=[("/internal/", INTERNAL_BODY_BYTES),
+                                            (KEYS_PREFIX, settings.max_body_bytes + FORWARDED_BODY_MARGIN)],
                                large_body_gate=peer_auth.may_be_peer, large_bodies_bytes=2 * INTERNAL_BODY_BYTES,
                                observe=_observe)
         COLLECTOR.watch(self.node, self.view_change.progress.to_dict)

@@ -62,13 +62,18 @@ def normalize_address(text: str) -> str:
 
 
 def parse_view(text: str) -> tuple[str, ...]:
-    """Parse a comma-separated VIEW, keeping order and dropping duplicates (at most MAX_VIEW_NODES)."""
+    """Parse a comma-separated VIEW, keeping order (at most MAX_VIEW_NODES). A node named twice (also
+    as "host" and "host:13800") is refused: the view's length decides the shard count, and a view that
+    is not what its writer meant must not be read as something else."""
     if text.count(",") >= MAX_VIEW_NODES:
         raise BadRequest(f"a view has at most {MAX_VIEW_NODES} nodes")
     seen: dict[str, None] = {}
     for part in text.split(","):
         if part.strip():
-            seen[normalize_address(part)] = None
+            address = normalize_address(part)
+            if address in seen:
+                raise BadRequest(f"the view names {address} twice")
+            seen[address] = None
     return tuple(seen)
 
 

@@ -53,6 +53,8 @@ class FuzzRequest:
     extra: bytes = b""              # appended after the message (what a lying Content-Length leaves over)
     extra_methods: list[str] = field(default_factory=list)     # of the requests in `extra`, when known
     lines: list[bytes] = field(default_factory=list)
+    # (path, query, headers) of a request to be signed as a node signs it, for the node it is sent to
+    to_sign: tuple | None = None
 
     def __repr__(self) -> str:
         return f"FuzzRequest({self.framing}: {self.wire()[:400]!r}, {len(self.body)} body bytes)"

@@ -20,6 +20,7 @@ every time. Soaks: KVS_FUZZ_EXAMPLES=N runs N examples per test, KVS_FUZZ_SEED=S
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -219,20 +220,31 @@ def signed_or_not(draw, requests_: st.SearchStrategy[fz.FuzzRequest]) -> fz.Fuzz
         marks = {FORWARDED.lower(), REQUEST_ID.lower(), SIGNATURE.lower(), DEADLINE.lower()}
         request.headers = [h for h in request.headers if h[0].lower() not in marks]
         signed = {FORWARDED: "1", REQUEST_ID: rid}
-        request.headers += list(signed.items()) + [
-            (SIGNATURE, signature(request.method, path, query, signed, request.body))]
+        request.headers += list(signed.items())
+        request.to_sign = (path, query, signed)        # signed for the node it goes to: see `for_node`
     return request
 
 
-def signature(method: str, path: str, query: str, headers: dict, body: bytes) -> str:
+def for_node(node: str, request: fz.FuzzRequest) -> fz.FuzzRequest:
+    """`request` as sent to `node`: with its signature, made for that node, if it is to be signed."""
+    if request.to_sign is None:
+        return request
+    path, query, signed = request.to_sign
+    return dataclasses.replace(request, headers=request.headers + [
+        (SIGNATURE, signature(request.method, path, query, signed, request.body, node))])
+
+
+def signature(method: str, path: str, query: str, headers: dict, body: bytes, receiver: str) -> str:
     """A valid X-Kvs-Signature for a request whose path the receiver reads as `path` (the key handler
     decodes UTF-8, Flask reads PEP 3333's latin-1; `peers.sign` itself decodes UTF-8, as the key path)."""
     ts, nonce = int(time.time()), secrets.token_hex(16)
-    mac = hmac.new(TEST_SECRET.encode(), signed_message(method, path, query, ts, nonce, headers), hashlib.sha256)
+    mac = hmac.new(TEST_SECRET.encode(), signed_message(method, path, query, ts, nonce, headers, receiver),
+                   hashlib.sha256)
     mac.update(body)
     value = f"t={ts},n={nonce},s={mac.hexdigest()}"
     # the receiver's own check accepts it (so the fuzzer really reaches what lies behind it)
-    verify(TEST_SECRET, {**headers, SIGNATURE: value}, method, path, query, body, NonceCache(SIGNATURE_WINDOW))
+    verify(TEST_SECRET, {**headers, SIGNATURE: value}, method, path, query, body, NonceCache(SIGNATURE_WINDOW),
+           receiver=receiver)
     return value
 
 
@@ -241,7 +253,7 @@ def test_random_key_requests_get_a_documented_answer_in_time_and_leave_preloaded
     @given(node=st.sampled_from(fuzzed.view), other=st.sampled_from(fuzzed.view), case=key_cases())
     def run(node, other, case):
         assume(harmless(case.request, case.preloaded is not None))
-        answers = send_noted(node, case.request)
+        answers = send_noted(node, for_node(node, case.request))
         assert len(answers) == 1, answers
         status = answers[0].status
         if case.preloaded is not None and status == 200:
@@ -264,7 +276,7 @@ def test_random_admin_info_and_internal_requests_are_refused_or_answered_in_time
     @given(node=st.sampled_from(fuzzed.view), request=signed_or_not(fz.well_formed(fz.other_targets)))
     def run(node, request):
         assume(harmless(request))
-        answers = send_noted(node, request)
+        answers = send_noted(node, for_node(node, request))
         assert len(answers) == 1, answers
         path = split_target(request.target)[0]
         if request.method == "PUT" and path in fz.ADMIN_PATHS:

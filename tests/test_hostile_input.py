@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import pickle
 import socket
 import time
 import uuid
@@ -25,7 +27,9 @@ import pytest
 import requests
 
 from kvs.client import KvsClient
+from kvs.cluster_client import Client as ClusterClient
 from kvs.routing.peers import FORWARDED, REQUEST_ID, SIGNATURE, sign
+from kvs.testing.cluster import wait_until
 
 from .conftest import TEST_SECRET, start_cluster
 
@@ -45,9 +49,9 @@ def raw_request(address: str, method: str, path: str, body: bytes = b"", headers
         conn.close()
 
 
-def signed(method: str, path: str, body: bytes) -> dict:
+def signed(method: str, path: str, body: bytes, to: str) -> dict:
     headers = {FORWARDED: "1", REQUEST_ID: uuid.uuid4().hex}
-    headers[SIGNATURE] = sign(TEST_SECRET, method, path, headers, body)
+    headers[SIGNATURE] = sign(TEST_SECRET, method, path, headers, body, to=to)
     return headers
 
 
@@ -79,6 +83,56 @@ def test_dot_keys_get_the_same_answer_through_every_node(three_shards, key):
     for node in nodes:
         status, body = raw_request(node, "GET", f"/kvs/keys/{key}")
         assert (status, body.get("value")) == (200, "dots"), (node, body)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("condition", [{}, {"If-None-Match": "*"}])
+def test_a_body_of_exactly_the_limit_is_written_through_every_node(three_shards, condition):
+    """A forwarding node re-encoded the body (with spaces) and added the write's condition: a body of
+    exactly 1 MiB got 201 from its owner and 413 through the other nodes."""
+    limit = 1 << 20
+    for i, node in enumerate(three_shards.view):
+        key = f"at-the-limit-{len(condition)}-{i}"
+        body = b'{"value":"' + b"v" * (limit - len(b'{"value":""}')) + b'"}'
+        assert len(body) == limit
+        status, answer = raw_request(node, "PUT", f"/kvs/keys/{key}", body, condition)
+        assert status == 201, (node, answer)
+        for reader in three_shards.view:
+            assert len(raw_request(reader, "GET", f"/kvs/keys/{key}")[1]["value"]) == len(body) - 12
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("given", ["k" * 129, "tab\tin-it", "caf\u00e9"])
+def test_an_idempotency_key_that_is_too_long_or_not_printable_ascii_is_a_400(three_shards, given):
+    """Every replica keeps a write's request id in its deduplication table and Raft log (a batch one
+    per pair): a 60 KB Idempotency-Key on 900 pairs grew every node by ~27 MB per request."""
+    headers = {REQUEST_ID: given.encode("utf-8").decode("latin-1")}     # http.client sends latin-1
+    for node in three_shards.view:
+        status, body = raw_request(node, "PUT", "/kvs/keys/idempotent", json.dumps({"value": "v"}).encode(),
+                                   headers)
+        assert status == 400 and REQUEST_ID in body["error"], (node, status, body)
+        pair = {"key": {"encoding": "string", "data": "idempotent"}, "value": {"encoding": "string", "data": "v"}}
+        status, body = raw_request(node, "PUT", "/set", json.dumps([pair]).encode(), headers)
+        assert status == 400 and REQUEST_ID in body["error"], (node, status, body)
+    status, body = raw_request(three_shards.view[0], "PUT", "/kvs/keys/idempotent",
+                               json.dumps({"value": "v"}).encode(), {REQUEST_ID: "k" * 128})
+    assert status in (200, 201), body
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("key", [".", ".."])
+def test_the_project_s_own_clients_reach_dot_keys_through_every_node(three_shards, key):
+    """requests and urllib3 remove "." and ".." segments: the clients sent /kvs/keys/ and /kvs/."""
+    value = f"written by the client: {key}"
+    assert KvsClient(three_shards.view[0]).put(key, value)[0] in (200, 201)
+    for node in three_shards.view:
+        status, body = KvsClient(node).get(key)
+        assert (status, body.get("value")) == (200, value), (node, body)
+    client = ClusterClient(three_shards.view[1:2])
+    assert client.get(key) == value
+    client.put(key, value + "!")
+    assert raw_request(three_shards.view[2], "GET", f"/kvs/keys/{key}")[1]["value"] == value + "!"
+    client.close()
 
 
 @pytest.mark.cluster
@@ -135,6 +189,16 @@ def test_malformed_addresses_in_a_view_change_are_a_400(cluster, entry):
 
 
 @pytest.mark.cluster
+def test_a_view_that_names_a_node_twice_is_a_400_not_a_smaller_view(cluster):
+    node = cluster.view[0]
+    epoch = raw_request(node, "GET", "/kvs/view-change")[1]["epoch"]
+    view = ",".join(cluster.view + [cluster.view[0]])      # 7 entries, 6 nodes: was taken as 6 with repl-factor 3
+    status, body = raw_request(node, "PUT", "/kvs/view-change", json.dumps({"view": view, "repl-factor": 3}).encode())
+    assert status == 400 and "twice" in body["error"], body
+    assert raw_request(node, "GET", "/kvs/view-change")[1]["epoch"] == epoch
+
+
+@pytest.mark.cluster
 def test_a_value_with_a_lone_surrogate_is_a_400_and_digests_still_work(cluster):
     node = cluster.view[0]
     status, body = raw_request(node, "PUT", "/kvs/keys/surrogate", b'{"value": "\\ud800"}')
@@ -156,7 +220,7 @@ def test_a_value_with_a_lone_surrogate_is_a_400_and_digests_still_work(cluster):
 ])
 def test_signed_malformed_bodies_on_internal_endpoints_are_a_400(cluster, path, body):
     node = cluster.replicas_of("1")[0]
-    status, reply = raw_request(node, "POST", path, body, signed("POST", path, body))
+    status, reply = raw_request(node, "POST", path, body, signed("POST", path, body, node))
     assert status == 400, reply
 
 
@@ -170,7 +234,7 @@ def test_only_a_request_signed_like_a_node_s_may_send_an_internal_body_over_the_
     for headers in ({}, forged):
         status, reply = raw_request(node, "POST", "/internal/epochs", body, headers)
         assert status == 413, reply
-    status, reply = raw_request(node, "POST", "/internal/epochs", body, signed("POST", "/internal/epochs", body))
+    status, reply = raw_request(node, "POST", "/internal/epochs", body, signed("POST", "/internal/epochs", body, node))
     assert status == 400 and "active" in reply["error"], reply     # read, authenticated, then refused
 
 
@@ -340,3 +404,31 @@ def test_the_largest_value_a_client_may_write_survives_view_changes_and_is_read_
     resp = requests.put(f"http://{cluster.view[2]}/kvs/reshard", json={"shard-count": 1}, timeout=120)
     assert resp.status_code == 200, resp.text
     assert sum(s["key-count"] for s in resp.json()["shards"]) == 0
+
+
+class _Planted:
+    """A pickle that, loaded by a plain unpickler, creates a directory: proof that code ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("planted_file", ["journal.meta", "snapshot"])
+def test_a_pickle_planted_in_a_node_s_own_files_runs_no_code(make_cluster, tmp_path, planted_file):
+    """Issue 11 defect 8 covered pickles from the network; a node's journal term/vote file and its
+    snapshots are unpickled too, at start, through the same restricted unpickler."""
+    cluster = make_cluster(1, 1)
+    node = cluster.view[0]
+    assert KvsClient(node).put("planted", "v")[0] == 201
+    cluster.kill(node)
+    marker = str(tmp_path / "code-ran")
+    with open(os.path.join(cluster.nodes[node].data_dir, "shard-1", planted_file), "wb") as f:
+        f.write(pickle.dumps(_Planted(marker), protocol=2))
+    cluster.start_node(node)
+    wait_until(lambda: "is not allowed" in cluster.log_tail(node, 200), 60, message="the refusal logged")
+    assert "refused to unpickle os.makedirs" in cluster.log_tail(node, 200)
+    assert not os.path.exists(marker)

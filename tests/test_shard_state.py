@@ -241,3 +241,22 @@ def test_the_deduplication_table_keeps_a_digest_of_a_value_not_the_value():
     # a retry is still recognised, and a different value under the same id still refused
     assert state.apply(("put", "rid-0", "k", big + "0")) == Written(False)
     assert isinstance(state.apply(("put", "rid-0", "k", big + "9")), Invalid)
+
+
+def test_the_deduplication_table_keeps_a_digest_of_each_value_not_the_value():
+    """Issue 11 defect 3: 50 PUTs of 1 MiB to one key, then a DELETE, left 0 keys and 50 MiB per replica
+    in the deduplication table (and in every snapshot). A retry must still be recognised by its value."""
+    import pickle
+
+    s = ShardState()
+    big = "é" * (1 << 19)                                    # 1 MiB of UTF-8
+    for i in range(50):
+        assert isinstance(s.apply(("put", f"r{i}", "k", big + str(i))), Written)
+        assert isinstance(s.apply(("set-batch", f"b{i}", ((0, f"p{i}", big + str(i)),))), tuple)
+    for i in range(50):
+        s.apply(("delete", f"d{i}", f"p{i}"))
+    assert isinstance(s.apply(("delete", "d", "k")), Deleted) and s.key_count() == 0
+    assert len(pickle.dumps(s.snapshot())) < 100 * 1024           # 100 entries of a few hundred bytes each
+    # the digest still tells a retry (same id, same value: the first answer) from a reused id
+    assert s.apply(("put", "r0", "k", big + "0")) == Written(replaced=False, version=0)
+    assert isinstance(s.apply(("put", "r0", "k", big + "other")), Invalid)

@@ -19,7 +19,7 @@ import os
 import threading
 from typing import Callable
 
-from kvs.config.epoch import ConfigEpoch
+from kvs.config.epoch import MAX_NUMBER, ConfigEpoch
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +28,29 @@ METADATA_FILE = "metadata.json"
 
 
 def valid_epoch(epoch: object) -> bool:
+    """Whether `ConfigEpoch.from_dict` takes `epoch` (every rule of `kvs.config.epoch._check_epoch`)."""
     try:
         ConfigEpoch.from_dict(epoch)
         return True
-    except Exception:           # any shape error of a damaged file
+    except Exception:           # InvalidEpoch, or anything else a damaged file could cause: never raise
         return False
 
 
+def valid_revision(revision: object) -> bool:
+    return type(revision) is int and 0 <= revision < MAX_NUMBER
+
+
 def valid_pushed(record: object) -> bool:
-    revision = record.get("revision", 0) if isinstance(record, dict) else None
-    return (isinstance(record, dict) and (not record or valid_epoch(record.get("active")))
-            and (record.get("pending") is None or valid_epoch(record["pending"]))
-            and isinstance(revision, int) and not isinstance(revision, bool) and revision >= 0)
+    """Whether `record` is a PUSHED_FILE record `EpochNews` could have written: {} (no news yet), or a valid
+    active epoch, a valid pending one or none, and a revision 0 <= r < 2**63. False, never an exception,
+    for any other JSON value."""
+    if not isinstance(record, dict):
+        return False
+    if not record:
+        return True
+    pending = record.get("pending")
+    return (valid_revision(record.get("revision", 0)) and valid_epoch(record.get("active"))
+            and (pending is None or valid_epoch(pending)))
 
 
 def valid_metadata(record: object) -> bool:
@@ -74,8 +85,17 @@ def load_record(data_dir: str, name: str, valid: Callable[[object], bool]) -> di
         pass
     log.error("%s is damaged; it is set aside as %s.bad and ignored (the node learns again from its "
               "peers)", path, name)
-    os.replace(path, path + ".bad")
+    try:
+        os.replace(path, path + ".bad")
+    except OSError as exc:      # it is ignored all the same (again at the next start): never crash on it
+        log.error("could not set %s aside: %s", path, exc)
     return {}
+
+
+def _number(epoch: object) -> int | None:
+    """An epoch dict's number if it is a valid one (>= 1), else None."""
+    number = epoch.get("number") if isinstance(epoch, dict) else None
+    return number if type(number) is int and 1 <= number < MAX_NUMBER else None
 
 
 class EpochNews:
@@ -90,7 +110,14 @@ class EpochNews:
         self._record: dict = load_record(data_dir, PUSHED_FILE, valid_pushed)   # {"active", "pending", "revision"}
 
     def learn(self, active: dict, pending: dict | None, revision: int = 0) -> bool:
-        """Take the news if it is newer than what is known; True if it was taken."""
+        """Take the news if it is newer than what is known; True if it was taken.
+
+        Callers pass epochs `ConfigEpoch.from_dict` accepted (`kvs.reconfig.protocol`); news whose numbers
+        or revision are not integers is refused here all the same, so that the comparisons below (and the
+        supervisor's, on what is kept) can never raise."""
+        if not (_number(active) and (pending is None or _number(pending)) and valid_revision(revision)):
+            log.error("news of epochs without integer numbers and revision ignored")
+            return False
         with self._lock:
             known = self._record.get("active")
             if known is not None and active["number"] < known["number"]:

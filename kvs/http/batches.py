@@ -58,9 +58,11 @@ class BatchRequests:
 
     async def __call__(self, request: Request) -> Response:
         method, path = request.method, request.path
-        request_id = request.headers.get(peers.REQUEST_ID) or self._new_id()
+        request_id = self._new_id()         # echoed if the client's Idempotency-Key is refused
         echo = [(REQUEST_ID_HEADER, request_id)]
         try:
+            request_id = peers.request_id_of(request.headers, lambda: request_id)
+            echo = [(REQUEST_ID_HEADER, request_id)]
             if path.startswith(ROUTE):
                 return await self._forwarded(request, request_id)
             if method not in PUBLIC[path]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -24,8 +25,6 @@ from kvs.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_DEPTH = 64
-
 
 class PeerAuth:
     """Tells a node-to-node request from a client's, and refuses one that only pretends.
@@ -34,10 +33,11 @@ class PeerAuth:
     apps (on worker threads): with a secret it owns the node's memory of accepted nonces
     (`kvs.routing.nonces`), which must be one for a replay to be refused whichever path it takes."""
 
-    def __init__(self, secret: str | None, trusted: Callable[[str], bool] | None = None):
+    def __init__(self, secret: str | None, address: str, trusted: Callable[[str], bool] | None = None):
         self._secret = secret
+        self._address = address             # this node's, as the view names it: what signatures are made for
         self._trusted = trusted
-        self.nonces = NonceCache(peers.SIGNATURE_WINDOW) if secret else None
+        self.nonces = NonceCache(peers.SIGNATURE_WINDOW, since=int(time.time())) if secret else None
 
     def is_forwarded(self, headers: Mapping[str, str], method: str, path: str, query: str, raw: bytes,
                      sender: str | None = None) -> bool:
@@ -51,7 +51,7 @@ class PeerAuth:
         if headers.get(peers.FORWARDED) != "1":
             return False
         if self.nonces is not None:
-            peers.verify(self._secret, headers, method, path, query, raw, self.nonces)
+            peers.verify(self._secret, headers, method, path, query, raw, self.nonces, receiver=self._address)
         elif self._trusted is not None and (sender is None or not self._trusted(sender)):
             raise Unauthorized("node-to-node requests of an unsecured cluster come only from its nodes' hosts")
         return True

@@ -6,17 +6,25 @@ asked for (the cluster is unauthenticated anyway, and says so at start).
 Bodies are checked into the protocol's typed records before anything runs;
 a malformed one is a 400. A group command that its state machine refuses
 (`Invalid`) is a 409 (`StepRefused`), never a success.
+
+Exports answer one page each (`read_page`): the rows after the request's
+cursor, up to its budget in encoded bytes, capped by this node's page size
+(KVS_EXPORT_PAGE_BYTES, default 1 MiB, read once at start), so a reply never
+grows with the shard.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from json.encoder import encode_basestring_ascii
 
 from flask import Blueprint, Response, request
 
 from kvs.errors import BadRequest, NotFound, Unauthorized
 from kvs.fsm.base import Invalid
-from kvs.fsm.commands import command_from_json
+from kvs.fsm.commands import command_from_json, dedup_to_json
 from kvs.http.common import json_response, parse_body, services
 from kvs.reconfig.protocol import Epochs, Exported, ExportRequest, KnownEpochs, MetadataMembership
 from kvs.reconfig.remote import STEP_SECONDS, StepRefused
@@ -26,7 +34,19 @@ FRESH_READ_SECONDS = 2.0     # GET /internal/epochs?fresh=1: a ReadIndex round o
 
 internal = Blueprint("internal", __name__, url_prefix="/internal")
 
-_SLICE_ROWS = 2000
+
+def _page_bytes(environ=os.environ) -> int:
+    """KVS_EXPORT_PAGE_BYTES: the most an export page carries, in encoded bytes of its rows (a page still
+    carries one row larger than that: a value may be 1 MiB)."""
+    raw = environ.get("KVS_EXPORT_PAGE_BYTES", "").strip()
+    if not raw:
+        return 1 << 20
+    if not raw.isdigit() or not 0 < int(raw) <= 1 << 30:
+        raise ValueError(f"KVS_EXPORT_PAGE_BYTES must be a number of bytes from 1 to 2**30, not {raw!r}")
+    return int(raw)
+
+
+PAGE_BYTES = _page_bytes()
 
 
 @internal.before_request
@@ -107,29 +127,52 @@ def group_command(shard_id: str) -> Response:
 @internal.route("/groups/<shard_id>/export", methods=["POST"])
 def export(shard_id: str) -> Response:
     r = _checked(ExportRequest.from_json, False)
-    (number, items, versions, dedup, moving), revision = _group(shard_id).read(
-        lambda state: (state.export_rows(r.source, r.old_ring, r.new_ring, r.destination), state.revision),
-        _deadline())
-    items = [(key, value, versions.get(key, 0)) for key, value in _sliced_filter(items, lambda row: moving(row[0]))]
-    dedup = _sliced_filter(dedup, lambda row: moving(row[1][1]))
-    return json_response(200, Exported(items, [], dedup, number, revision).to_json())
+    return json_response(200, _group(shard_id).read(lambda state: read_page(state, r), _deadline()).to_json())
 
 
 @internal.route("/groups/<shard_id>/changes", methods=["POST"])
 def export_changes(shard_id: str) -> Response:
     r = _checked(ExportRequest.from_json, True)
-    (items, deleted, dedup, number), revision = _group(shard_id).read(
-        lambda state: (state.export_changes(r.source, r.old_ring, r.new_ring, r.destination, r.since),
-                       state.revision), _deadline())
-    return json_response(200, Exported(items, deleted, dedup, number, revision).to_json())
+    return json_response(200, _group(shard_id).read(lambda state: read_page(state, r), _deadline()).to_json())
 
 
-def _sliced_filter(rows: list, keep) -> list:
-    """The rows `keep` accepts, filtered in slices that each end by yielding the GIL: a scan of every
-    key of a shard takes tens of milliseconds of pure Python, and would otherwise make the request
-    threads serving other keys wait a switch interval for each step of their work."""
-    kept: list = []
-    for start in range(0, len(rows), _SLICE_ROWS):
-        kept.extend(row for row in rows[start:start + _SLICE_ROWS] if keep(row))
-        time.sleep(0)
-    return kept
+def read_page(state, r: ExportRequest, page_bytes: int | None = None) -> Exported:
+    """One page of an export, read from a shard's state after a read index: the rows after `r.after`
+    (`ShardState.export_page_rows`) until the next one would take the encoded rows past the budget
+    (the request's, at most `page_bytes`); at least one row. The scans of the shard's keys run in
+    slices, each ending by yielding the GIL: pure Python over every key takes tens of milliseconds, and
+    would otherwise make the request threads serving other keys wait a switch interval for each step
+    of their work."""
+    budget = min(r.budget or PAGE_BYTES, page_bytes or PAGE_BYTES)
+    number, revision, rows = state.export_page_rows(r.source, r.old_ring, r.new_ring, r.destination, r.since,
+                                                     r.after)
+    page: dict[str, list] = {"item": [], "deleted": [], "dedup": []}
+    used, cursor, more = 0, None, False
+    for row in rows:
+        if row is None:
+            time.sleep(0)
+            continue
+        kind, value, position = row
+        size = _encoded_size(kind, value)
+        if cursor is not None and used + size > budget:
+            more = True
+            break
+        page[kind].append(value)
+        used += size
+        cursor = position
+    return Exported(page["item"], page["deleted"], page["dedup"], number, revision, more, cursor)
+
+
+def _encoded_size(kind: str, value) -> int:
+    """The bytes a row takes in the page's JSON (`Exported.to_json`, compact), with its comma."""
+    if kind == "item":                      # [key, value, version]
+        return 5 + _data_size(value[0]) + _data_size(value[1]) + len(str(value[2]))
+    if kind == "deleted":
+        return 1 + _data_size(value)
+    encoded = dedup_to_json([value])        # nothing for a result type the wire does not carry
+    return 1 + len(json.dumps(encoded[0], separators=(",", ":"))) if encoded else 0
+
+
+def _data_size(x: str | bytes) -> int:
+    """len(json.dumps(data_to_json(x))), without encoding bytes into base64 to count them."""
+    return len(encode_basestring_ascii(x)) if isinstance(x, str) else 10 + 4 * ((len(x) + 2) // 3)

@@ -41,6 +41,11 @@ from kvs.settings import NodeSettings
 
 MAX_KEY_LENGTH = 50
 KEYS_PREFIX = "/kvs/keys/"
+# A forwarded key request may be this much larger than the client's body limit: its sender re-encodes
+# the value compactly (never longer than the client's encoding) and adds the write's condition. Only a
+# request that may be a node's gets it (kvs.http.aio.HttpServer's large-body gate): a value refused
+# through one node must be refused through every node, and one accepted accepted through every node.
+FORWARDED_BODY_MARGIN = 4096
 KEY_METHODS = ("GET", "PUT", "DELETE")
 
 
@@ -108,8 +113,9 @@ class KeyRequests:
         method = request.method
         context: dict = {}
         path = decoded_path(request.path)
-        request_id = request.headers.get(peers.REQUEST_ID) or self._new_id()
+        request_id = self._new_id()         # echoed if the client's Idempotency-Key is refused
         try:
+            request_id = peers.request_id_of(request.headers, lambda: request_id)
             if path is None:
                 raise BadRequest("The key is not valid UTF-8")
             if method not in KEY_METHODS:

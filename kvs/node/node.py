@@ -29,6 +29,7 @@ from kvs.config.epoch import ConfigEpoch
 from kvs.config.records import METADATA_FILE, EpochNews, load_record, valid_metadata, write_record
 from kvs.node.metrics import LeaderWatch
 from kvs.node.status import describe, liveness, readiness
+from kvs.node.trust import HostTrust
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Node:
         self._supervisor_error: str | None = None
         self._build = GroupFactory(settings, self._timing, on_metadata_applied=self._meta_changed.set)
         self._recovery = GroupRecovery()     # groups whose journal failed, closed until their disk heals
+        self._trust = HostTrust(self._known_addresses())
 
     # -- life cycle (threads are started and stopped by kvs.server) --------------------------------
 
@@ -77,6 +79,7 @@ class Node:
             while not stopping.is_set():
                 try:
                     self._supervise_once()
+                    self._trust.refresh(self._known_addresses())
                     self._leaders.sample(self.all_groups())
                     self._supervisor_error = None
                 except Exception as exc:
@@ -365,16 +368,12 @@ class Node:
         return None
 
     def trusts_host(self, host: str) -> bool:
-        """Whether `host` is the host of a node this node knows: its VIEW, the active and pending
-        epochs' views, the metadata members (node-to-node requests of an unsecured cluster)."""
-        known = set(self.settings.view) | {self.settings.address}
-        epoch = self._epoch
-        if epoch is not None:
-            known.update(epoch.view)
-            known.update(epoch.metadata_members)
-        pending = self._news.pending or {}
-        known.update(pending.get("view") or ())
-        return host in {address.rsplit(":", 1)[0] for address in known}
+        return self._trust.trusts(host)     # node-to-node requests of an unsecured cluster (kvs.node.trust)
+
+    def _known_addresses(self) -> set[str]:     # its VIEW, the epochs' views, the metadata members
+        epoch, pending = self._epoch, self._news.pending or {}
+        known = set(self.settings.view) | {self.settings.address} | set(pending.get("view") or ())
+        return known | (set(epoch.view) | set(epoch.metadata_members) if epoch is not None else set())
 
     def shard_groups(self) -> dict[str, RaftGroup]:
         with self._lock:                    # this node's shard replicas by shard id

@@ -1,12 +1,14 @@
 """RangeCopy: moving one range of keys from its source group into its destination group.
 
-A copy is read from the source after a read index (`Remote.export`) and
-installed into the destination through the destination's own log, in
-`Install` commands of about CHUNK_BYTES each (with the keys' slice of the
-deduplication table, so a retried write is still recognised after the move).
-The first copy of a move replaces any earlier partial one (`clear`); later
-copies carry only the keys written (or deleted) at the source since the change
-number the previous copy was read at.
+A copy is read from the source page by page (`Remote.export`, each page after
+its own read index: the rows after a cursor, up to PAGE_BYTES, the source
+capping it) and each page is installed into the destination through the
+destination's own log before the next is read, in `Install` commands of about
+CHUNK_BYTES each (with the keys' slice of the deduplication table, so a retried
+write is still recognised after the move): the coordinator holds one page, not
+the range. The first copy of a move replaces any earlier partial one (`clear`,
+on its first install only); later copies carry only the keys written (or
+deleted) at the source since the change number the previous copy was read at.
 
 The copier remembers which keys it moved away from each source: after the
 commit, the coordinator drops exactly those keys there, in slices, instead of
@@ -16,6 +18,7 @@ one command that scans the whole shard.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from kvs.config.epoch import ConfigEpoch
 from kvs.fsm.commands import Install
@@ -24,6 +27,7 @@ from kvs.reconfig.protocol import ExportRequest
 from kvs.reconfig.remote import Remote
 
 CHUNK_BYTES = 64 * 1024   # one install command carries about this much (requests are capped at 1 MiB)
+PAGE_BYTES = 1 << 20      # an export page carries about this much at most (the source may cap it lower)
 COPY_PAUSE_RATIO = 3.0    # the bulk copy pauses this long, relative to each install, between installs
 
 
@@ -36,28 +40,53 @@ class RangeCopy:
     def copy(self, move: Move, plan: Plan, current: ConfigEpoch, since: int | None) -> int:
         """Copy a move's keys into its destination: all of them (since=None, replacing any earlier
         partial copy), or only those written after change number `since`. Returns the change number
-        the copy was read at."""
+        the copy was read at: its first page's.
+
+        Why the first page's: each page is a separate read, at a later moment than the one before. The
+        first page reads the source's change number N before any of its rows, so every write of a
+        moving key applied after that read is numbered above N (`kvs.fsm.handover`, "Change
+        tracking"); a later page reads each row as of its own, later, moment. A key whose row a page
+        sent may be written again before the last page, and a key of a later page may be deleted
+        before that page is read: either way the write is numbered above N, and the next catch-up,
+        `since` N, carries the key's current value or its deletion, as it carries the writes made
+        while a one-shot export was read. A later page's number would skip writes to keys already
+        sent. (Rows read after N and also numbered above it travel twice: installs are idempotent.)"""
         old_ring, new_ring = current.ring.to_dict(), plan.epoch.ring.to_dict()
-        exported = self._remote.export(current, move.source,
-                                       ExportRequest(move.source, old_ring, new_ring, move.destination, since))
         n = plan.epoch.number
-        if since is None:
-            self._progress.keys_total += len(exported.items)
         copied = self.copied_keys.setdefault((n, move.source), set())
-        for i, (items, dedup, deleted) in enumerate(batches(exported.items, exported.dedup, exported.deleted)):
-            started = time.monotonic()
-            self._remote.command(plan.epoch, move.destination,
-                                 Install(n, move.source, old_ring, new_ring, items, dedup,
-                                         clear=since is None and i == 0, deleted=deleted,
-                                         revision=exported.revision))
-            self._progress.keys_moved += len(items) + len(deleted)
-            copied.update(row[0] for row in items)
-            copied.update(deleted)
+        request = ExportRequest(move.source, old_ring, new_ring, move.destination, since, budget=PAGE_BYTES)
+        first_number, installs = None, 0
+        while True:
+            page = self._remote.export(current, move.source, request)
+            if first_number is None:
+                first_number = page.number
             if since is None:
-                # Pacing, not synchronisation: the bulk copy shares the cores and the destination's log with
-                # client traffic, so it leaves them as much time as each install took.
-                time.sleep((time.monotonic() - started) * COPY_PAUSE_RATIO)
-        return exported.number
+                self._progress.keys_total += len(page.items)
+            # An empty page (an empty range) is still one install: the first one clears. Each install carries
+            # the source's revision as its page read it, and the destination's counter goes past it (and
+            # past every version installed): what matters is that after the last catch-up, read after the
+            # freeze, the destination is past every version a moving key had at the source, so a key
+            # deleted there (not copied) never gets a version it had (`kvs.fsm.handover` `_install`).
+            # The revision only grows, so each page's own is the newest known when it is installed, and
+            # the destination ends past the last page's of the last round, as past the one-shot
+            # export's before.
+            for items, dedup, deleted in batches(page.items, page.dedup, page.deleted):
+                started = time.monotonic()
+                self._remote.command(plan.epoch, move.destination,
+                                     Install(n, move.source, old_ring, new_ring, items, dedup,
+                                             clear=since is None and installs == 0, deleted=deleted,
+                                             revision=page.revision))
+                installs += 1
+                self._progress.keys_moved += len(items) + len(deleted)
+                copied.update(row[0] for row in items)
+                copied.update(deleted)
+                if since is None:
+                    # Pacing, not synchronisation: the bulk copy shares the cores and the destination's log
+                    # with client traffic, so it leaves them as much time as each install took.
+                    time.sleep((time.monotonic() - started) * COPY_PAUSE_RATIO)
+            if not page.more:
+                return first_number
+            request = replace(request, after=page.cursor)
 
 
 def batches(items: list, dedup: list, deleted: list) -> list[tuple[list, list, list]]:

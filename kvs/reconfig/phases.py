@@ -7,9 +7,10 @@ Each step is recorded in the metadata group (`kvs.fsm.meta`) before or after it 
    it joins; kept shards' leaders move their Raft members to the plan's
    replicas (`kvs.reconfig.shard_membership`) and the coordinator waits until
    they have, new members caught up.
-2. copy: every moving range is exported from its source group (after a read
-   index) and installed into its destination through the destination's own
-   log, with its slice of the deduplication table, while the source serves
+2. copy: every moving range is exported from its source group page by page
+   (each page after a read index, at most 1 MiB) and each page installed into
+   its destination through the destination's own log before the next is read,
+   with its slice of the deduplication table, while the source serves
    (`kvs.reconfig.copy`).
 3. catch up, freeze, catch up: sources number every write of a moving key
    from the start of the copy (`Track`); a few rounds copy only the keys

@@ -12,8 +12,16 @@ fields. The group commands themselves are `kvs.fsm.commands`.
     GET  /internal/epochs                 KnownEpochs: what this node's metadata replica knows
     POST /internal/metadata               MetadataMembership: join or leave the metadata group
     POST /internal/groups/<id>/commands   {"command": AdminCommand} -> {"result": int | bool}
-    POST /internal/groups/<id>/export     ExportRequest -> Exported: the moving keys, after a read index
-    POST /internal/groups/<id>/changes    ExportRequest with since -> Exported: only what changed since
+    POST /internal/groups/<id>/export     ExportRequest -> Exported: a page of the moving keys, after a read index
+    POST /internal/groups/<id>/changes    ExportRequest with since -> Exported: a page of what changed since
+
+Exports are paged (`kvs.fsm.handover`, "Export in pages"): a request names a
+cursor, `after` (the position of the last row already received: {"key": K,
+"request": null, or the request id of a deduplication row of K}; absent or null:
+from the start) and a `budget` (bytes of encoded rows wanted; the source caps
+it, KVS_EXPORT_PAGE_BYTES); the page holds the rows after the cursor in the
+export order up to the budget (at least one), `more` (whether rows remain) and
+`cursor` (the position of its last row: the next request's `after`).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from kvs.config.epoch import ConfigEpoch
+from kvs.config.epoch import ConfigEpoch, InvalidEpoch
+from kvs.fsm.batch import key_order
 from kvs.fsm.commands import (check_ring, check_text, data_from_json, data_to_json, dedup_from_json, dedup_to_json,
                                items_from_json, items_to_json)
 
@@ -45,7 +54,9 @@ def _epoch(value: object, what: str) -> dict:
     """An epoch dict that `ConfigEpoch.from_dict` accepts (checked here, so no bad one is ever stored)."""
     try:
         ConfigEpoch.from_dict(value)
-    except Exception:            # any shape error: KeyError, TypeError, ValueError, AttributeError, ...
+    except InvalidEpoch as exc:
+        raise ValueError(f"{what} is not a valid epoch: {exc}") from None
+    except Exception:            # anything `from_dict`'s checks did not foresee: still no 500
         raise ValueError(f"{what} is not a valid epoch") from None
     return value
 
@@ -158,20 +169,52 @@ class NodeStatus:
                    {str(name): GroupStatus.from_json(g) for name, g in groups.items() if isinstance(g, dict)})
 
 
+MAX_BUDGET = 2 ** 62
+
+
+def cursor_to_json(cursor: tuple | None) -> dict | None:
+    return None if cursor is None else {"key": data_to_json(cursor[0]), "request": cursor[1]}
+
+
+def cursor_from_json(value: object, what: str) -> tuple | None:
+    """A cursor, (key, request id | None), or None; ValueError for anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or "key" not in value or not set(value) <= {"key", "request"}:
+        raise ValueError(f"{what} must be null or {{\"key\": key, \"request\": null or a request id}}")
+    rid = value.get("request")
+    if rid is not None and not isinstance(rid, str):
+        raise ValueError(f"{what}: request must be null or a string")
+    try:
+        return data_from_json(value["key"]), rid
+    except ValueError:
+        raise ValueError(f"{what}: key must be a string or {{\"b64\": base64}}") from None
+
+
+def cursor_order(cursor: tuple) -> tuple:
+    """Where a cursor is in the export order: a key's own row, then its dedup rows by request id."""
+    key, rid = cursor
+    return key_order(key), rid is not None, rid or ""
+
+
 @dataclass(frozen=True)
 class ExportRequest:
-    """The keys of shard `source` that `old_ring` gives it and `new_ring` gives `destination`."""
+    """A page of the keys of shard `source` that `old_ring` gives it and `new_ring` gives `destination`."""
     source: str
     old_ring: dict
     new_ring: dict
     destination: str
     since: int | None = None   # only those written after this change number (None: all of them)
+    after: tuple | None = None     # cursor: the position of the last row already received (None: the start)
+    budget: int | None = None      # bytes of encoded rows wanted (None: the source's page size, its maximum)
 
     def to_json(self) -> dict:
         body = {"source": self.source, "old_ring": self.old_ring, "new_ring": self.new_ring,
-                "destination": self.destination}
+                "destination": self.destination, "after": cursor_to_json(self.after)}
         if self.since is not None:
             body["since"] = self.since
+        if self.budget is not None:
+            body["budget"] = self.budget
         return body
 
     @classmethod
@@ -180,31 +223,44 @@ class ExportRequest:
         since = b.get("since")
         if with_since and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
             raise ValueError("since must be a non-negative integer")
+        budget = b.get("budget")
+        if budget is not None and (type(budget) is not int or not 0 < budget <= MAX_BUDGET):
+            raise ValueError("budget must be a positive integer")
         return cls(check_text(b.get("source"), "source"), check_ring(b.get("old_ring"), "old_ring"),
                    check_ring(b.get("new_ring"), "new_ring"), check_text(b.get("destination"), "destination"),
-                   since if with_since else None)
+                   since if with_since else None, cursor_from_json(b.get("after"), "after"), budget)
 
 
 @dataclass(frozen=True)
 class Exported:
+    """One page of an export."""
     items: list                # [(key, value, version)]
     deleted: list              # keys deleted since the previous copy
     dedup: list                # deduplication rows of these keys
-    number: int                # the change number the copy was read at
+    number: int                # the change number this page was read at
     revision: int = 0          # the source's revision counter (the destination's versions go past it)
+    more: bool = False         # rows remain after this page
+    cursor: tuple | None = None    # the position of this page's last row (None: the page is empty)
 
     def to_json(self) -> dict:
         return {"items": items_to_json(self.items), "deleted": [data_to_json(k) for k in self.deleted],
-                "dedup": dedup_to_json(self.dedup), "number": self.number, "revision": self.revision}
+                "dedup": dedup_to_json(self.dedup), "number": self.number, "revision": self.revision,
+                "more": self.more, "cursor": cursor_to_json(self.cursor)}
 
     @classmethod
     def from_json(cls, body: object) -> "Exported":
         b = _object(body)
         items, deleted, number = b.get("items"), b.get("deleted"), b.get("number")
-        if not isinstance(items, list) or not isinstance(deleted, list) or not isinstance(number, int):
+        if not isinstance(items, list) or not isinstance(deleted, list) or type(number) is not int or number < 0:
             raise ValueError("an export has items, deleted and number")
         revision = b.get("revision", 0)
         if type(revision) is not int or revision < 0:
             raise ValueError("an export's revision is a non-negative integer")
+        more = b.get("more", False)         # absent: a source that sends the whole range at once
+        if not isinstance(more, bool):
+            raise ValueError("an export's more is true or false")
+        cursor = cursor_from_json(b.get("cursor"), "cursor")
+        if more and cursor is None:
+            raise ValueError("an export with more rows names its cursor")
         return cls(items_from_json(items), [data_from_json(k) for k in deleted], dedup_from_json(b.get("dedup")),
-                   number, revision)
+                   number, revision, more, cursor)

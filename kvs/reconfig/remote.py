@@ -55,11 +55,17 @@ class Remote:
         return result
 
     def export(self, epoch: ConfigEpoch, shard_id: str, request: ExportRequest) -> Exported:
-        """The moving keys of `request` as the group holds them (all, or those changed since)."""
+        """One page of the moving keys of `request` as the group holds them (all, or those changed since):
+        the rows after `request.after`, up to its budget. A page that does not move past the request's
+        cursor is malformed (a copy that follows it would never end)."""
         what = "export" if request.since is None else "changes"
         body = self._group_step(epoch, shard_id, what, request.to_json())
         try:
-            return Exported.from_json(body)
+            page = Exported.from_json(body)
+            if page.cursor is not None and request.after is not None \
+                    and protocol.cursor_order(page.cursor) <= protocol.cursor_order(request.after):
+                raise ValueError("its cursor does not move past the request's")
+            return page
         except (TypeError, ValueError) as exc:
             raise Unavailable(f"shard {shard_id} sent a malformed {what}: {exc}") from None
 

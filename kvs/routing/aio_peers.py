@@ -31,12 +31,14 @@ class AsyncForwarder:
         if deadline - time.monotonic() <= 0:
             raise PeerUnreachable(f"{address}: no time left")
         if body is None:
-            # UTF-8, not \\u escapes: a value a client could send fits the receiver's limit as well
-            body = b"" if payload is None else json.dumps(payload, ensure_ascii=False).encode()
+            # Compact UTF-8, not \\u escapes: a value re-encoded so takes no more bytes than in the client's
+            # body; with its condition, what a client could send fits the receiver's FORWARDED_BODY_MARGIN.
+            body = b"" if payload is None else json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
         def headers() -> dict[str, str]:
             # made for each transmission: if the client sends it again, it goes with a new nonce
-            return forwarded_headers(self._secret, method, path, request_id, body, deadline - time.monotonic())
+            return forwarded_headers(self._secret, method, path, request_id, body, deadline - time.monotonic(),
+                                     address)
 
         status, response_headers, raw = await self._client.request(address, method, path, headers, body, deadline)
         return peer_response(address, status, raw, response_headers.get(LEADER_HINT))

@@ -33,13 +33,15 @@ MAX_NONCES = 1_000_000
 
 
 class NonceCache:
-    def __init__(self, window: int, capacity: int = MAX_NONCES):
+    def __init__(self, window: int, capacity: int = MAX_NONCES, since: int = 0):
         self._window = window
         self._capacity = capacity
         self._by_second: dict[int, set[str]] = {}
         # Signatures from before this second are refused: their nonces are forgotten. It never goes back, so
         # after the clock steps back, signatures older than where it was are refused until it gets there again.
-        self._oldest = 0
+        # It starts at `since`: a node passes the second it started, since the nonces it admitted before a
+        # restart are gone (a request signed before then is refused; its sender's retry is signed anew).
+        self._oldest = since
         self._size = 0
         self._lock = threading.Lock()
 

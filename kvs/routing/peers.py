@@ -8,13 +8,15 @@ every caller (the router, the view-change coordinator) uses.
 When the cluster has a secret, each forwarded request carries an HMAC-SHA256
 signature over everything that gives it its meaning: the method, the
 percent-decoded path, the query string as sent, the timestamp, a fresh random
-nonce, the request id, the X-Kvs-Deadline-Ms and X-Kvs-Forwarded values and the
-body (`signed_message` builds that string, for the sender and the receiver
-alike). A node that has the secret refuses a forwarded request whose signature
-is missing, malformed, wrong, more than `SIGNATURE_WINDOW` seconds away from its
-own clock, or whose nonce it has already accepted (`kvs.routing.nonces`): a
-captured request cannot be sent again, nor changed. The request id is not the
-nonce: it stays the same across retries (that is what makes a write
+nonce, the receiving node's address, the request id, the X-Kvs-Deadline-Ms and
+X-Kvs-Forwarded values and the body (`signed_message` builds that string, for
+the sender and the receiver alike). A node that has the secret refuses a
+forwarded request whose signature is missing, malformed, wrong (also: made for
+another node), more than `SIGNATURE_WINDOW` seconds away from its own clock,
+made before the node started (the nonces it accepted before a restart are
+gone), or whose nonce it has already accepted (`kvs.routing.nonces`): a
+captured request cannot be sent again, to any node, nor changed. The request id
+is not the nonce: it stays the same across retries (that is what makes a write
 exactly-once), and each retry is signed anew.
 
 Headers kvs uses between nodes:
@@ -41,7 +43,7 @@ from urllib.parse import unquote
 import requests
 from requests.adapters import HTTPAdapter
 
-from kvs.errors import Unauthorized, Unavailable
+from kvs.errors import BadRequest, Unauthorized, Unavailable
 from kvs.routing.nonces import NonceCache
 
 T = TypeVar("T")
@@ -51,12 +53,27 @@ DEADLINE = "X-Kvs-Deadline-Ms"
 SIGNATURE = "X-Kvs-Signature"
 LEADER_HINT = "X-Kvs-Leader"
 REQUEST_ID = "Idempotency-Key"
+# Every replica keeps a write's request id in its deduplication table, its Raft log and its snapshots
+# (a batch keeps "<id>#<i>" for each pair), so a client's id is bounded like a key, not like a header.
+MAX_REQUEST_ID_CHARS = 128
 # How far a signature's time may be from the receiver's clock. A cluster's nodes are expected to keep
 # NTP-synced clocks (well within a second); a request is verified once its body is read and a worker
 # thread takes it, so a large transfer on a loaded node may take most of a view-change step's 30 s:
 # twice that is the margin. The nonces of every accepted signature are kept this long, and no longer.
 SIGNATURE_WINDOW = 60
 CONNECT_TIMEOUT = 0.5
+
+
+def request_id_of(headers: Mapping[str, str], new_id: Callable[[], str]) -> str:
+    """The request's Idempotency-Key if it has one, else a new id; BadRequest if the key is not 1 to
+    MAX_REQUEST_ID_CHARS printable ASCII characters (a retry with a key we changed would not be
+    recognised as one, so a bad key is refused, never replaced)."""
+    given = headers.get(REQUEST_ID)
+    if given is None or given == "":
+        return new_id()
+    if len(given) > MAX_REQUEST_ID_CHARS or not (given.isascii() and given.isprintable()):
+        raise BadRequest(f"{REQUEST_ID} must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters")
+    return given
 
 
 class PeerUnreachable(Exception):
@@ -115,15 +132,19 @@ class PeerResponse:
 _SIGNATURE = re.compile(r"t=([0-9]{1,12}),n=([0-9a-f]{32}),s=([0-9a-f]{64})")
 
 
-def signed_message(method: str, path: str, query: str, ts: int, nonce: str, headers: Mapping[str, str]) -> bytes:
+def signed_message(method: str, path: str, query: str, ts: int, nonce: str, headers: Mapping[str, str],
+                   receiver: str) -> bytes:
     """What a signature covers besides the body (which follows it), the one definition for sender and
-    receiver: `path` percent-decoded (as the receiver's router reads it), `query` as sent (without the
-    "?"), and the headers that change what the receiver does. Each field of free text is prefixed by
-    its length, so that none can pose as another (a decoded path may hold a newline); the method (an
-    HTTP token), the time and the nonce (hex) cannot. An f-string, not JSON: a third of the cost."""
+    receiver: the receiving node (its address as the view names it: a request captured on its way to
+    one node is refused by every other), `path` percent-decoded (as the receiver's router reads it),
+    `query` as sent (without the "?"), and the headers that change what the receiver does. Each field
+    of free text is prefixed by its length, so that none can pose as another (a decoded path may hold a
+    newline); the method (an HTTP token), the time and the nonce (hex) cannot. An f-string, not JSON:
+    a third of the cost."""
     rid, deadline, forwarded = headers.get(REQUEST_ID, ""), headers.get(DEADLINE, ""), headers.get(FORWARDED, "")
-    return (f"{method}\n{ts}\n{nonce}\n{len(path)}:{path}\n{len(query)}:{query}\n{len(rid)}:{rid}\n"
-            f"{len(deadline)}:{deadline}\n{len(forwarded)}:{forwarded}\n").encode("utf-8", "surrogatepass")
+    return (f"{method}\n{ts}\n{nonce}\n{len(receiver)}:{receiver}\n{len(path)}:{path}\n{len(query)}:{query}\n"
+            f"{len(rid)}:{rid}\n{len(deadline)}:{deadline}\n{len(forwarded)}:{forwarded}\n"
+            ).encode("utf-8", "surrogatepass")
 
 
 def _mac(secret: str, message: bytes, body: bytes) -> str:
@@ -132,14 +153,15 @@ def _mac(secret: str, message: bytes, body: bytes) -> str:
     return mac.hexdigest()
 
 
-def sign(secret: str, method: str, target: str, headers: Mapping[str, str], body: bytes,
+def sign(secret: str, method: str, target: str, headers: Mapping[str, str], body: bytes, *, to: str,
          now: float | None = None, nonce: str | None = None) -> str:
-    """The X-Kvs-Signature value of a request to `target` (its path and query as sent, percent-encoded)
-    whose other headers are `headers`: a fresh nonce unless one is given (tests give one)."""
+    """The X-Kvs-Signature value of a request to the node at `to` for `target` (its path and query as
+    sent, percent-encoded) whose other headers are `headers`: a fresh nonce unless one is given (tests
+    give one)."""
     ts = int(time.time() if now is None else now)
     nonce = secrets.token_hex(16) if nonce is None else nonce
     path, _, query = target.partition("?")
-    message = signed_message(method, unquote(path), query, ts, nonce, headers)
+    message = signed_message(method, unquote(path), query, ts, nonce, headers, to)
     return f"t={ts},n={nonce},s={_mac(secret, message, body)}"
 
 
@@ -151,9 +173,10 @@ def plausible_signature(header: str | None, now: float | None = None) -> bool:
 
 
 def verify(secret: str, headers: Mapping[str, str], method: str, path: str, query: str, body: bytes,
-           seen: NonceCache, now: float | None = None) -> None:
-    """Raise Unauthorized unless the request carries a valid signature, made within the window, whose
-    nonce `seen` has not admitted before. `path` is percent-decoded, `query` as received."""
+           seen: NonceCache, now: float | None = None, *, receiver: str) -> None:
+    """Raise Unauthorized unless the request carries a valid signature for `receiver` (this node's
+    address), made within the window, whose nonce `seen` has not admitted before. `path` is
+    percent-decoded, `query` as received."""
     header = headers.get(SIGNATURE)
     if not header:
         raise Unauthorized("forwarded request without a signature")
@@ -164,7 +187,8 @@ def verify(secret: str, headers: Mapping[str, str], method: str, path: str, quer
     now = time.time() if now is None else now
     if abs(now - ts) > SIGNATURE_WINDOW:
         raise Unauthorized("signature expired")
-    if not hmac.compare_digest(_mac(secret, signed_message(method, path, query, ts, nonce, headers), body), given):
+    message = signed_message(method, path, query, ts, nonce, headers, receiver)
+    if not hmac.compare_digest(_mac(secret, message, body), given):
         raise Unauthorized("bad signature")
     # Only now, authentic: a sender without the secret cannot fill the cache.
     if not seen.admit(ts, nonce, now):
@@ -172,9 +196,10 @@ def verify(secret: str, headers: Mapping[str, str], method: str, path: str, quer
 
 
 def forwarded_headers(secret: str | None, method: str, target: str, request_id: str, body: bytes,
-                      remaining: float) -> dict[str, str]:
-    """The headers of one transmission of a node-to-node request to `target` (path and query as sent):
-    marked forwarded, its deadline, its id, and signed with a fresh nonce (build them again to resend)."""
+                      remaining: float, to: str) -> dict[str, str]:
+    """The headers of one transmission of a node-to-node request to the node at `to` for `target` (path
+    and query as sent): marked forwarded, its deadline, its id, and signed with a fresh nonce (build
+    them again to resend)."""
     headers = {
         FORWARDED: "1",
         DEADLINE: str(max(1, int(remaining * 1000))),
@@ -182,7 +207,7 @@ def forwarded_headers(secret: str | None, method: str, target: str, request_id: 
         "Content-Type": "application/json",
     }
     if secret:
-        headers[SIGNATURE] = sign(secret, method, target, headers, body)
+        headers[SIGNATURE] = sign(secret, method, target, headers, body, to=to)
     return headers
 
 
@@ -229,7 +254,7 @@ class Forwarder:
         if remaining <= 0:
             raise PeerUnreachable(f"{address}: no time left")
         body = b"" if payload is None else json.dumps(payload).encode()
-        headers = forwarded_headers(self._secret, method, path, request_id, body, remaining)
+        headers = forwarded_headers(self._secret, method, path, request_id, body, remaining, address)
         try:
             resp = self._session().request(method, f"http://{address}{path}", data=body or None, headers=headers,
                                            timeout=(min(CONNECT_TIMEOUT, remaining), remaining))

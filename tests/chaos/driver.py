@@ -116,7 +116,7 @@ class ClusterDriver(ABC):
         signed with the cluster secret as a node would), or None if it does not answer."""
         path, request_id = "/internal/epochs", uuid.uuid4().hex
         headers = {FORWARDED: "1", REQUEST_ID: request_id}
-        headers[SIGNATURE] = sign(SECRET, "GET", path, headers, b"")
+        headers[SIGNATURE] = sign(SECRET, "GET", path, headers, b"", to=node)
         try:
             resp = requests.get(f"http://{self.client_address(node)}{path}", headers=headers, timeout=timeout)
             return resp.json() if resp.status_code == 200 else None

@@ -21,12 +21,15 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import requests
 from flask import Flask, Response as FlaskResponse, request as flask_request
 
 from kvs.http.aio import HttpClient, HttpServer, Request, Response, new_event_loop
+from kvs.http.aio.connection import Connection
+from kvs.http.aio.streaming import drained
 from kvs.routing.peers import PeerUnreachable
 
 WAIT = 10.0
@@ -935,3 +938,29 @@ def test_a_streaming_client_that_reads_nothing_is_dropped_after_the_idle_timeout
     running.wait_until(lambda: any(c.write_paused for c in running.server.connections), "the write buffer to fill")
     running.wait_until(lambda: not running.server.connections, "the stalled stream's connection dropped")
     assert raw.at_eof()
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+def test_a_resume_that_comes_before_the_streamed_body_waits_is_not_missed(uvloop):
+    # The race the big-value listing hit: the transport paused, then resumed in the same loop turn in which
+    # the body began to wait. A waiter that missed the resume stalled the stream for the idle timeout.
+    loop = new_event_loop() if uvloop else asyncio.new_event_loop()
+    server = types.SimpleNamespace(loop=loop, max_body_bytes=1024, idle_timeout=60.0, max_pipelined=8)
+    conn = Connection(server)
+    conn.transport = types.SimpleNamespace(pause_reading=lambda: None, resume_reading=lambda: None)
+    conn.current = loop.create_future()     # a request (the stream) is being served
+
+    async def pause_then_resume_before_the_waiter_runs() -> bool:
+        conn.pause_writing()
+        waiting = asyncio.ensure_future(drained(conn))
+        conn.resume_writing()
+        return await asyncio.wait_for(waiting, WAIT)
+
+    try:
+        assert loop.run_until_complete(pause_then_resume_before_the_waiter_runs()) is True
+        conn.pause_writing()                 # and a later pause is waited out by a later resume
+        later = asyncio.ensure_future(drained(conn), loop=loop)
+        loop.call_soon(conn.resume_writing)
+        assert loop.run_until_complete(asyncio.wait_for(later, WAIT)) is True
+    finally:
+        loop.close()

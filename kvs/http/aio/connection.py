@@ -1,8 +1,7 @@
 """One client connection of `kvs.http.aio.server.HttpServer`: parsing, serving in order, refusing, closing.
 
-The server's docstring says what a connection does; this module is how. A
-connection reads the server's limits and shared pieces (loop, thread pool, WSGI
-runner, fast handler) from the server object it is built with.
+The server's docstring says what a connection does; this module is how. A connection reads the server's
+limits and shared pieces (loop, thread pool, WSGI runner, fast handler) from the server it is built with.
 """
 
 from __future__ import annotations
@@ -104,9 +103,7 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # The client sent its last request (half-close): answer what is complete, then close.
         self.closing = True
-        if self.current is None and not self.queue:
-            return False
-        return True
+        return self.current is not None or bool(self.queue)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -305,10 +302,14 @@ class Connection(asyncio.Protocol):
         else:
             self._finish(request, b"")
 
-    async def writable(self) -> None:
-        """Until the transport resumes writing (or the connection is lost)."""
-        self._resumed = self._resumed or self.loop.create_future()
-        await self._resumed
+    def writable(self) -> asyncio.Future:
+        """Done once writing resumes or the connection is lost. Made now, not in a coroutine: its task would
+        run a loop turn later and could miss a resume in between (the stream then stalled for idle_timeout)."""
+        if self._resumed is None or self._resumed.done():
+            self._resumed = self.loop.create_future()
+        if not self.write_paused or self.lost:
+            self._resumed.set_result(None)
+        return self._resumed
 
     def _wsgi_done(self, request: Request, future: asyncio.Future) -> None:
         if future.cancelled():

@@ -32,12 +32,10 @@ async def write_streamed(conn: Any, request: Request, response: Response, keep_a
             if piece:
                 conn.transport.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                 conn.last_activity = conn.loop.time()
-            while conn.write_paused and not conn.lost:
-                await asyncio.wait_for(conn.writable(), conn.server.idle_timeout)
-    except asyncio.TimeoutError:
-        log.warning("%s %s: the client read nothing for %ss; connection dropped", request.method, request.path,
-                    conn.server.idle_timeout)
-        return False
+            if not await drained(conn):
+                log.warning("%s %s: the client read nothing for %ss; connection dropped", request.method,
+                            request.path, conn.server.idle_timeout)
+                return False
     except Exception:
         log.exception("streaming %s %s failed midway", request.method, request.path)
         return False
@@ -46,3 +44,14 @@ async def write_streamed(conn: Any, request: Request, response: Response, keep_a
     if chunked and not conn.lost:
         conn.transport.write(b"0\r\n\r\n")
     return not conn.lost
+
+
+async def drained(conn: Any) -> bool:
+    """Wait while the client does not read; False if it read nothing for the idle timeout. Only this wait's
+    timeout counts as the client's: a TimeoutError from the handler's iterator is the handler's failure."""
+    while conn.write_paused and not conn.lost:
+        try:
+            await asyncio.wait_for(conn.writable(), conn.server.idle_timeout)
+        except asyncio.TimeoutError:
+            return False
+    return True

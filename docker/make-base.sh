@@ -18,6 +18,16 @@ if docker image inspect "$TAG" >/dev/null 2>&1; then
     exit 0
 fi
 
+# One make-base at a time per root filesystem: two debootstraps into one directory (a soak's image
+# build beside the test suite's) removed each other's work and both failed.
+mkdir -p "$(dirname "$ROOTFS")"
+exec 9>"$ROOTFS.lock"
+flock 9
+if docker image inspect "$TAG" >/dev/null 2>&1; then
+    log "$TAG was made meanwhile"
+    exit 0
+fi
+
 # A finished debootstrap removes its /debootstrap work directory; python3 must be there.
 rootfs_complete() { [[ -x "$ROOTFS/usr/bin/python3" && -d "$ROOTFS/usr/lib/python3.11/venv" && ! -e "$ROOTFS/debootstrap" ]]; }
 

@@ -237,8 +237,11 @@ def test_a_malformed_append_entries_reaches_pysyncobj_unchanged():
     base = {"type": "append_entries", "term": 2, "commit_index": 3, "prevLogIdx": 1, "prevLogTerm": 2}
     for message in ({**base, "prevLogIdx": None}, {**base, "prevLogIdx": "1"}, {**base, "commit_index": None},
                     {**base, "entries": "abc"}, {**base, "entries": [(NO_OP, 5, 2)]},      # not the next index
-                    {**base, "entries": [(NO_OP, 2)]}, {**base, "prevLogTerm": 1}):
+                    {**base, "entries": [(NO_OP, 2)]}):
         assert append_entries.screen(message, entries_from) == append_entries.Screened(message)
+    # a well-formed one that does not match is refused by the replica, and commits nothing on its way
+    refused = append_entries.screen({**base, "prevLogTerm": 1}, entries_from)
+    assert refused == append_entries.Screened({"type": "append_entries", "term": 2, "commit_index": 0}, refused=True)
     assert append_entries.complete_transmission({**base, "data": b"x"}, "", pysyncobj.pickle.loads) is None
 
 

@@ -37,9 +37,23 @@ membership changes of the entries it appends, the answer):
   unverified suffix (maybe an old term's entries the leader has replaced).
   Raft's rule is min(leaderCommit, index of last new entry).
 
-A message PySyncObj will refuse (missing or different previous entry, older
-term) or cannot parse goes through unchanged: its handling stays PySyncObj's.
-`screen` is pure: no I/O, nothing raised for any input.
+* A message whose previous entry the follower lacks or holds with another
+  term is refused, as PySyncObj would, but the answer is the replica's
+  (`Screened.refused`, `refusal_hint`): PySyncObj told the leader to go back
+  one entry, or to the follower's end, and its leader takes the last such
+  answer. While it sends more (every tick that adds an entry), the answers
+  to those later messages undid each step back, so a follower with a long
+  tail of an old leader's entries was never repaired; when its group needed
+  it for a majority (soak seed 33: the third replica down), the group took no
+  write and no read for 14 s. The hint now skips the conflicting term's whole
+  run (as etcd's Raft does), and until a message matches again the follower
+  never answers a later one with a higher hint, so the last answer the
+  leader takes is the lowest. Any hint is safe: nextIndex decides only what
+  is sent next, and matching entries sent again are skipped (above).
+
+A message PySyncObj will refuse for its term, or cannot parse, goes through
+unchanged: its handling stays PySyncObj's. `screen` and `refusal_hint` are
+pure: no I/O, nothing raised for any input.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ class Screened:
 
     message: dict
     answer: int | None = None       # set: answer success with this next_node_idx after the handler ran
+    refused: bool = False           # set: answer "reset" (refusal_hint) after the handler ran
 
 
 def complete_transmission(finish: dict, received: Any, loads: Callable[[bytes], Any]) -> dict | None:
@@ -93,7 +108,10 @@ def screen(message: dict, entries_from: Callable[[int], list]) -> Screened:
     prev, prev_term, entries = message["prevLogIdx"], message.get("prevLogTerm"), list(message.get("entries", []))
     local = entries_from(prev)
     if not local or local[0][2] != prev_term:
-        return Screened(message)                     # PySyncObj answers "reset": the leader goes back
+        # Without prevLogIdx PySyncObj does only the term, leader and timer part; a commit index of 0
+        # commits nothing (the message verified no entry), and the replica answers the refusal.
+        common = {k: v for k, v in message.items() if k not in ("prevLogIdx", "prevLogTerm", "entries")}
+        return Screened({**common, "commit_index": 0}, refused=True)
     matched = 0          # indexes line up (both consecutive from prev); same term = same entry (Log Matching)
     while matched < len(entries) and matched + 1 < len(local) and local[matched + 1][2] == entries[matched][2]:
         matched += 1
@@ -109,3 +127,27 @@ def screen(message: dict, entries_from: Callable[[int], list]) -> Screened:
     return Screened({**message, "prevLogIdx": prev + matched,
                      "prevLogTerm": entries[matched - 1][2] if matched else prev_term,
                      "entries": entries[matched:], "commit_index": commit})
+
+
+def refusal_hint(prev: int, first: int, last: int, term_at: Callable[[int], Any], lower: int | None) -> int:
+    """The nextIndex a follower whose log runs from `first` to `last` asks for after refusing a message
+    whose previous entry `prev` it lacks or holds with another term: past its end, its end + 1; in its log,
+    the first index of the run of its term at `prev` (terms never decrease along a log); never more than
+    `lower`, its last refusal's hint to this leader in this term if no message matched since; never at or
+    below `first`, the entry its snapshot ends at, which is committed, so the leader's own."""
+    if prev > last:
+        hint = last + 1
+    elif prev <= first:
+        hint = first + 1
+    else:
+        term, low, high = term_at(prev), first + 1, prev
+        while low < high:
+            middle = (low + high) // 2
+            if term_at(middle) < term:
+                low = middle + 1
+            else:
+                high = middle
+        hint = low
+    if lower is not None:
+        hint = min(hint, lower)
+    return max(hint, first + 1)

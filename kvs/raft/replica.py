@@ -31,7 +31,10 @@ waiting instead, with six documented changes that touch PySyncObj internals
    gets the message without prevLogIndex (it then does the term, leader,
    timer and commit part only) and we answer success up to the last verified
    entry ourselves. The commit index a message sets is capped at the last
-   entry it verified, and a snapshot chunk commits nothing.
+   entry it verified, and a snapshot chunk commits nothing. A message that does
+   not match is refused by the replica, with a hint that skips the conflicting
+   term and never rises until a message matches: PySyncObj's hints, answering
+   messages sent meanwhile, undid every step back (soak seed 33).
 5. Learners: a replica opened with `learner=True` is PySyncObj's read-only
    node (no address of its own: it connects to every member, which take it
    for a read-only peer). The leader sends it the log and snapshots like a
@@ -138,7 +141,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 
-from kvs.raft.append_entries import Screened, complete_transmission, screen
+from kvs.raft.append_entries import Screened, complete_transmission, refusal_hint, screen
 from kvs.raft.disk import JournalFailure, fsync_file_and_directory
 from kvs.raft.joiner import JoinerQuorum
 from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
@@ -159,6 +162,7 @@ class Replica(SyncObj):
         # change 5: a learner stays connected to every replica it was told of (see _connect_also)
         self._also_connect = [TCPNode(a) for a in (tuple(peers) if learner else ()) + tuple(also_connect)]
         self._foreign_logged = False
+        self._refused: tuple[tuple, int] | None = None    # change 4: ((term, leader), hint) of the last refusal
         self._state = state
         self._on_applied = on_applied
         self._sent_log_index = 0
@@ -261,10 +265,26 @@ class Replica(SyncObj):
         if screened.message is not message and "commit_index" in message:
             # Only the commit decision is capped: PySyncObj's readiness check and status keep the leader's.
             self._SyncObj__leaderCommitIndex = message["commit_index"]
+        # Answers PySyncObj did not give (it saw no prevLogIdx) go through __sendNextNodeIdx and
+        # RaftTransport.send, like its own: synced first.
+        if screened.refused:
+            self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=self._refusal_hint(node, message), reset=True)
+        elif screened.answer is not None or ("prevLogIdx" in screened.message
+                                             and "transmission" not in screened.message):
+            self._refused = None                            # a message matched: the next refusal starts afresh
         if screened.answer is not None:
-            # Every entry matched and the log goes on: PySyncObj saw no prevLogIdx and did not answer.
-            # Through __sendNextNodeIdx and RaftTransport.send, like its own answer: synced first.
+            # Every entry matched and the log goes on.
             self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=screened.answer, success=True)
+
+    def _refusal_hint(self, node: Any, message: dict) -> int:
+        """See `kvs.raft.append_entries.refusal_hint`; remembers it for the leader's next messages."""
+        journal = self._SyncObj__raftLog
+        first, last = journal[0][1], journal[-1][1]
+        leader = (message["term"], getattr(node, "id", node))
+        lower = self._refused[1] if self._refused is not None and self._refused[0] == leader else None
+        hint = refusal_hint(message["prevLogIdx"], first, last, lambda index: journal[index - first][2], lower)
+        self._refused = (leader, hint)
+        return hint
 
     def _screen_append_entries(self, message: dict) -> Screened:
         if "prevLogIdx" not in message:

@@ -160,7 +160,7 @@ class ChaosRun:
                               for e in self.faults.events]
         self.report.view_changes = [asdict(c) | {"description": c.describe()} for c in self.changes.events]
         if self.report.violations:
-            self._save(history)
+            self._save(history, [address for _, address in records])
         return self.report
 
     def _inject_schedule(self, stop: threading.Event) -> None:
@@ -305,7 +305,15 @@ class ChaosRun:
         violations, self.report.unavailability = check.run(records)
         self.report.violations += violations
 
-    def _save(self, history: list[Operation]) -> None:
+    def _save(self, history: list[Operation], addresses: list[str]) -> None:
+        """A violating run's record: schedules, outcomes, the history with the node each operation was sent
+        to, and every node's log (the process backend's data directory is gone with its machine)."""
+        logs = {}
+        for node in self.driver.all_nodes():
+            try:
+                logs[node] = self.driver.logs(node, lines=2000)
+            except Exception as exc:                # a container already removed: say so, keep the rest
+                logs[node] = f"(no log: {exc})"
         os.makedirs(self.artifacts_dir, exist_ok=True)
         path = os.path.join(self.artifacts_dir, f"chaos-{self.report.backend}-seed{self.report.seed}.json")
         with open(path, "w") as f:
@@ -313,7 +321,8 @@ class ChaosRun:
                        "schedule": [asdict(x) for x in self.schedule], "faults": self.report.faults,
                        "view_change_schedule": [asdict(x) for x in self.view_change_schedule],
                        "view_changes": self.report.view_changes, "final_epoch": self.report.final_epoch,
-                       "violations": self.report.violations, "history": history_to_json(history)}, f)
+                       "violations": self.report.violations, "history": history_to_json(history),
+                       "sent-to": addresses, "logs": logs}, f)
         self.report.artifacts = path
 
 

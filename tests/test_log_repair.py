@@ -85,19 +85,35 @@ def test_a_new_leader_s_refusals_do_not_inherit_the_last_one_s(tmp_path):
         f.close()
 
 
-@pytest.mark.parametrize("prev, lower, hint", [
-    (60, None, 41),      # past the end: the end + 1
-    (40, None, 21),      # in the log: the first index of the run of the term at prev
-    (20, None, 11),
-    (12, None, 11),
-    (10, None, 11),      # at or before the snapshot's end (10): the entry after it, never lower
-    (3, None, 11),
-    (60, 25, 25),        # never more than the last refusal's hint
-    (60, 4, 11),         # ... nor at or below the snapshot's end
+@pytest.mark.parametrize("prev, commit, lower, hint", [
+    (60, 10, None, 41),      # past the end: the end + 1
+    (40, 10, None, 21),      # in the log: the first index of the run of the term at prev
+    (20, 10, None, 11),
+    (12, 10, None, 11),
+    (10, 10, None, 11),      # at or before the snapshot's end (10): the entry after it, never lower
+    (3, 10, None, 11),
+    (60, 10, 25, 25),        # never more than the last refusal's hint
+    (60, 10, 4, 11),         # ... nor at or below the snapshot's end
+    (20, 15, None, 16),      # nor at or below the commit index: committed entries are the leader's
+    (40, 25, 4, 26),
+    (60, 99, None, 41),      # a commit index past the end (the log was cut since) counts up to the end
 ])
-def test_a_refusal_hint_skips_a_term_s_run_and_stays_above_the_snapshot(prev, lower, hint):
+def test_a_refusal_hint_skips_a_term_s_run_and_stays_above_what_is_committed(prev, commit, lower, hint):
     terms = {i: (1 if i <= 20 else 3) for i in range(10, 41)}          # the log: 10 (snapshot end) .. 40
-    assert refusal_hint(prev, 10, 40, terms.__getitem__, lower) == hint
+    assert refusal_hint(prev, 10, 40, commit, terms.__getitem__, lower) == hint
+
+
+def test_a_refusal_never_sends_the_leader_back_over_committed_entries(tmp_path):
+    f = Follower(tmp_path)
+    try:
+        f.append(1, 0, entries(2, 5, 1), term=1)
+        f.append(5, 1, entries(6, 40, 2), commit=30, term=2)       # the old leader committed up to 30
+        assert f.commit_index == 30
+        assert refused(f.append(35, 3, [], term=3), 31)            # not 6: 6..30 are the new leader's too
+        assert acknowledged(f.append(30, 2, entries(31, 32, 3), term=3), 33)
+        assert f.truncated == [[(i, 2) for i in range(31, 41)]]
+    finally:
+        f.close()
 
 
 # -- a real group: the seed's situation ---------------------------------------------------------

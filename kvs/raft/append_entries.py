@@ -46,10 +46,12 @@ membership changes of the entries it appends, the answer):
   tail of an old leader's entries was never repaired; when its group needed
   it for a majority (soak seed 33: the third replica down), the group took no
   write and no read for 14 s. The hint now skips the conflicting term's whole
-  run (as etcd's Raft does), and until a message matches again the follower
-  never answers a later one with a higher hint, so the last answer the
-  leader takes is the lowest. Any hint is safe: nextIndex decides only what
-  is sent next, and matching entries sent again are skipped (above).
+  run, down to the follower's commit index (committed entries are the
+  leader's too), and until a message matches again the follower never
+  answers a later one with a higher hint, so the last answer the leader
+  takes is the lowest. Any hint is safe: nextIndex decides only what is sent
+  next, and matching entries sent again are skipped (above); one too low
+  costs a resend, or a snapshot if the leader compacted past it.
 
 A message PySyncObj will refuse for its term, or cannot parse, goes through
 unchanged: its handling stays PySyncObj's. `screen` and `refusal_hint` are
@@ -129,18 +131,20 @@ def screen(message: dict, entries_from: Callable[[int], list]) -> Screened:
                      "entries": entries[matched:], "commit_index": commit})
 
 
-def refusal_hint(prev: int, first: int, last: int, term_at: Callable[[int], Any], lower: int | None) -> int:
+def refusal_hint(prev: int, first: int, last: int, commit: int, term_at: Callable[[int], Any],
+                 lower: int | None) -> int:
     """The nextIndex a follower whose log runs from `first` to `last` asks for after refusing a message
     whose previous entry `prev` it lacks or holds with another term: past its end, its end + 1; in its log,
     the first index of the run of its term at `prev` (terms never decrease along a log); never more than
     `lower`, its last refusal's hint to this leader in this term if no message matched since; never at or
-    below `first`, the entry its snapshot ends at, which is committed, so the leader's own."""
+    below its commit index or `first` (the entry its snapshot ends at): committed entries are the leader's."""
+    floor = max(first, min(commit, last)) + 1
     if prev > last:
         hint = last + 1
-    elif prev <= first:
-        hint = first + 1
+    elif prev < floor:
+        hint = floor
     else:
-        term, low, high = term_at(prev), first + 1, prev
+        term, low, high = term_at(prev), floor, prev
         while low < high:
             middle = (low + high) // 2
             if term_at(middle) < term:
@@ -150,4 +154,4 @@ def refusal_hint(prev: int, first: int, last: int, term_at: Callable[[int], Any]
         hint = low
     if lower is not None:
         hint = min(hint, lower)
-    return max(hint, first + 1)
+    return max(hint, floor)

@@ -33,8 +33,9 @@ waiting instead, with six documented changes that touch PySyncObj internals
    entry ourselves. The commit index a message sets is capped at the last
    entry it verified, and a snapshot chunk commits nothing. A message that does
    not match is refused by the replica, with a hint that skips the conflicting
-   term and never rises until a message matches: PySyncObj's hints, answering
-   messages sent meanwhile, undid every step back (soak seed 33).
+   term (down to the commit index) and never rises until a message matches:
+   PySyncObj's hints, answering messages sent meanwhile, undid every step back
+   (soak seed 33).
 5. Learners: a replica opened with `learner=True` is PySyncObj's read-only
    node (no address of its own: it connects to every member, which take it
    for a read-only peer). The leader sends it the log and snapshots like a
@@ -282,7 +283,8 @@ class Replica(SyncObj):
         first, last = journal[0][1], journal[-1][1]
         leader = (message["term"], getattr(node, "id", node))
         lower = self._refused[1] if self._refused is not None and self._refused[0] == leader else None
-        hint = refusal_hint(message["prevLogIdx"], first, last, lambda index: journal[index - first][2], lower)
+        hint = refusal_hint(message["prevLogIdx"], first, last, self.raftCommitIndex,
+                            lambda index: journal[index - first][2], lower)
         self._refused = (leader, hint)
         return hint
 

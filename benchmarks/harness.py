@@ -110,6 +110,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def dir_bytes(path: str) -> int:
+    """The files' sizes under `path`: a journal's preallocated zeros (up to 1 MiB per group) count, as on disk."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:

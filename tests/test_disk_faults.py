@@ -57,7 +57,8 @@ LIMITED_CHILD = textwrap.dedent("""
         journal.add(b"x" * 100, i, 1)
     journal.sync()
     # Room for one more record and half of the next: the kernel writes that half and refuses the rest.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + {room}, hard))
+    # (The limit is on the offset a write reaches, so the zeros preallocated past the log do not help.)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10 * {record} + {room}, hard))
     accepted, error = [], None
     for i in range(11, 20):
         try:
@@ -92,7 +93,7 @@ LIMITED_CHILD = textwrap.dedent("""
 def run_limited_child(tmp_path) -> dict:
     meta_dir = tmp_path / "meta"
     meta_dir.mkdir()
-    script = LIMITED_CHILD.format(room=RECORD + RECORD // 2)
+    script = LIMITED_CHILD.format(record=RECORD, room=RECORD + RECORD // 2)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "journal"), str(meta_dir)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -121,22 +122,22 @@ def test_a_meta_write_that_fails_leaves_no_tmp_file_and_the_old_term(tmp_path):
 
 
 class FailingWrites:
-    """os.write as a full disk answers it, for the journals whose fd is in `fds`: a short write, then ENOSPC."""
+    """os.pwrite as a full disk answers it, for the journals whose fd is in `fds`: a short write, then ENOSPC."""
 
     def __init__(self, monkeypatch):
         self.fds: set[int] = set()
         self.calls = 0
-        real = journal_module._write
+        real = journal_module._pwrite
 
-        def write(fd: int, data) -> int:
+        def pwrite(fd: int, data, offset: int) -> int:
             if fd not in self.fds:
-                return real(fd, data)
+                return real(fd, data, offset)
             self.calls += 1
             if len(data) > 1 and self.calls % 2:
-                return real(fd, bytes(data[:len(data) // 2]))
+                return real(fd, bytes(data[:len(data) // 2]), offset)
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(journal_module, "_write", write)
+        monkeypatch.setattr(journal_module, "_pwrite", pwrite)
 
 
 def synced_journal(tmp_path, entries: int) -> tuple[str, DurableJournal]:

@@ -20,7 +20,7 @@ import pytest
 from pysyncobj import SyncObj, SyncObjConf, replicated
 
 from kvs.testing.cluster import find_free_base_port, wait_until
-from kvs.raft import journal as journal_module, storage
+from kvs.raft import journal as journal_module, records, storage
 from kvs.raft.group import RaftGroup, RaftTiming
 from kvs.fsm.shard import ShardState
 
@@ -161,8 +161,10 @@ def test_a_torn_last_record_is_dropped_and_the_rest_kept(tmp_path):
     for i in range(1, 6):
         journal.add(b"cmd%d" % i, i, 1)
     journal._destroy()
-    with open(path, "ab") as f:
-        f.write(journal_module._encode(b"cmd6", 6, 1)[:-2])     # killed in the middle of a write
+    end = sum(len(records.encode(b"cmd%d" % i, i, 1)) for i in range(1, 6))
+    with open(path, "r+b") as f:                         # at the log's end, before the preallocated zeros
+        f.seek(end)
+        f.write(records.encode(b"cmd6", 6, 1)[:-2])     # killed in the middle of a write
     reopened = storage.DurableJournal(path)
     assert [e[1] for e in entries_of(reopened)] == [1, 2, 3, 4, 5]
     reopened.add(b"cmd6", 6, 1)

@@ -141,6 +141,29 @@ def write_all(fd: int, data: bytes, write=os.write) -> None:
         view = view[written:]
 
 
+def pwrite_all(fd: int, data: bytes, offset: int, pwrite=os.pwrite) -> None:
+    """`write_all` at a file offset: every byte of `data` written at `offset`, or OSError."""
+    view = memoryview(data)
+    while view:
+        written = pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[written:]
+        offset += written
+
+
+def fill_with_zeros(fd: int, start: int, end: int, pwrite=os.pwrite) -> None:
+    """Write zero bytes over [start, end) of the file, growing it to `end`; OSError if the disk refuses.
+
+    Real zeros rather than `posix_fallocate`: an overwrite of a written block
+    needs no extent conversion, so its fdatasync commits data only."""
+    zeros = bytes(min(end - start, 1 << 16))
+    while start < end:
+        piece = min(len(zeros), end - start)
+        pwrite_all(fd, memoryview(zeros)[:piece], start, pwrite)
+        start += piece
+
+
 def fsync_directory(directory: str) -> None:
     """Make the names in `directory` (a rename, a new file) durable."""
     fd = os.open(directory or ".", os.O_RDONLY)

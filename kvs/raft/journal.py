@@ -23,6 +23,14 @@ The switch is per journal path (`kvs.raft.disk.set_fsync`, filled by
 `RaftGroup` from `KVS_FSYNC` before PySyncObj calls the journal factory,
 which takes only a path); a journal whose path was never registered fsyncs.
 
+Preallocation. The file is grown ahead of the log in zero-filled chunks, and
+that growth is fsynced from the one-second timer, so the fdatasync before an
+acknowledgement commits data only, not the file's new size (on ext4 about a
+third cheaper, and it is on every write's path). The log's end is therefore
+where the checksum scan stops, not the file's size: an all-zero header never
+checks. Truncations stay physical `ftruncate`s, so no stale record can lie
+behind the log's end and come back on the next open.
+
 Disk faults (a full disk, a size limit, EIO). Every change is all or nothing:
 an append loops over short writes and, if one fails, cuts the file back to the
 last whole record, so no later append can land behind a torn one; a failed
@@ -41,17 +49,15 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import struct
 import time
-import zlib
 from typing import Any
 
 from pysyncobj.journal import Journal
 
 from kvs.metrics import FSYNC_SECONDS
-from kvs.raft import codec
+from kvs.raft import codec, records
 from kvs.raft.disk import (FailStop, JournalError, JournalFailure, JournalSyncError, JournalWriteError, cut_file,
-                           fsync_directory, fsync_enabled, replace_file, set_fsync, write_all)
+                           fill_with_zeros, fsync_directory, fsync_enabled, pwrite_all, replace_file, set_fsync)
 
 __all__ = ["DurableJournal", "JournalError", "JournalFailure", "JournalSyncError", "JournalWriteError", "set_fsync",
            "fsync_enabled"]
@@ -61,22 +67,15 @@ log = logging.getLogger(__name__)
 JOURNAL_NAME = "journal"
 META_SUFFIX = ".meta"
 
-# record = header + command; header = command length, crc32, index, term
-_HEADER = struct.Struct("<IIQQ")
-
 _fdatasync = getattr(os, "fdatasync", os.fsync)     # macOS has no fdatasync
-_write = os.write                                   # a seam for tests that make writes fail
+_pwrite = os.pwrite                                 # a seam for tests that make writes fail
 
-Entry = tuple  # (command: bytes, index: int, term: int), as PySyncObj uses them
+# Preallocation chunks: a group's first is small (most groups write little), each later one twice the
+# last, up to 1 MiB: the room a disk must have for a halted group to be reopened (disk._PROBE_BYTES).
+_FIRST_CHUNK = 64 << 10
+_LAST_CHUNK = 1 << 20
 
-
-def _checksum(command: bytes, index: int, term: int) -> int:
-    return zlib.crc32(command, zlib.crc32(struct.pack("<QQ", index, term)))
-
-
-def _encode(command: bytes, index: int, term: int) -> bytes:
-    return _HEADER.pack(len(command), _checksum(command, index, term), index, term) + command
-
+Entry = records.Entry
 
 class DurableJournal(FailStop, Journal):
     """An append-only, checksummed Raft log file with atomic compaction and group-commit fsync.
@@ -95,11 +94,13 @@ class DurableJournal(FailStop, Journal):
         self.synced_index = 0               # index of the last entry the last sync covered (0: none)
         self.sync_count = 0                 # fdatasync calls made by sync()
         self._fd: int | None = None
+        self._chunk = _FIRST_CHUNK
+        self._room_refused = False          # the disk refused the last preallocation
         created = not os.path.exists(path)
-        self._load()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._end = self._load()            # the log's end; the file may be longer (zeros: preallocated)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            self._end = os.fstat(self._fd).st_size
+            self._allocated = os.fstat(self._fd).st_size
             # What is on disk at open is trusted, as after any restart; but it may still sit unsynced in
             # the page cache (the previous process died, or its group was closed, before its next sync):
             # the journal starts dirty, so the first acknowledgement is preceded by one fdatasync.
@@ -115,25 +116,18 @@ class DurableJournal(FailStop, Journal):
 
     # -- opening -------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self) -> int:
+        """Read the records up to the first that does not check; the offset where the log ends."""
         try:
             with open(self._path, "rb") as f:
                 blob = f.read()
         except FileNotFoundError:
-            return
-        offset = 0
-        while offset + _HEADER.size <= len(blob):
-            length, crc, index, term = _HEADER.unpack_from(blob, offset)
-            start = offset + _HEADER.size
-            command = blob[start:start + length]
-            if len(command) != length or _checksum(command, index, term) != crc:
-                break
-            self._entries.append((command, index, term))
-            self._offsets.append(offset)
-            offset = start + length
-        if offset != len(blob):
+            return 0
+        self._entries, self._offsets, offset = records.scan(blob)
+        if not records.only_zeros_after(blob, offset):
             log.warning("journal %s: dropping %d bytes of a torn tail", self._path, len(blob) - offset)
             os.truncate(self._path, offset)
+        return offset                       # what follows is preallocated zeros, kept for later appends
 
     def _align_to_snapshot(self, prev: Entry, last: Entry) -> None:
         """Make the journal start at the snapshot's boundary entries (prev, last)."""
@@ -162,15 +156,18 @@ class DurableJournal(FailStop, Journal):
     def add(self, command: bytes, idx: int, term: int) -> None:
         self._check()
         command = bytes(command)
-        record = _encode(command, idx, term)
+        record = records.encode(command, idx, term)
+        if self._end + len(record) > self._allocated and not self._room_refused:
+            self._preallocate(len(record))  # rarely: the one-second timer keeps a chunk ahead
         try:
-            write_all(self._fd, record, _write)
+            pwrite_all(self._fd, record, self._end, _pwrite)
         except OSError as exc:
             # All or nothing: cut the prefix that did reach the file, so that no later append lands behind
             # a torn record (on reload the checksum scan would stop there and drop everything after it).
             # Best effort: if the cut fails too, the torn bytes are past `trusted_end` and cut on reopen.
             try:
                 os.ftruncate(self._fd, self._end)
+                self._allocated = self._end
             except OSError:
                 pass
             raise self._fail("append", exc, JournalWriteError) from exc
@@ -178,6 +175,7 @@ class DurableJournal(FailStop, Journal):
         self._entries.append((command, idx, term))
         self._offsets.append(self._end)
         self._end += len(record)
+        self._allocated = max(self._allocated, self._end)
 
     def _truncate(self, end: int) -> None:
         self._check()
@@ -186,8 +184,31 @@ class DurableJournal(FailStop, Journal):
         except OSError as exc:
             raise self._fail("truncate", exc, JournalWriteError) from exc
         self._dirty = True
-        self._end = end
+        self._end = self._allocated = end
         self._synced_end = min(self._synced_end, end)
+
+    def _preallocate(self, needed: int) -> bool:
+        """Grow the file by zeros to a chunk past the log's end plus `needed` bytes; False if the disk refused.
+
+        Never fails the journal: on a full disk the appends grow the file
+        themselves, exactly, and only a record that cannot be written fails it."""
+        target = self._end + needed + self._chunk
+        try:
+            fill_with_zeros(self._fd, self._allocated, target, _pwrite)
+        except OSError as exc:
+            self._room_refused = True       # appends stop trying until the timer succeeds again
+            log.info("journal %s: cannot preallocate %d bytes (%s); appends grow the file", self._path,
+                     target - self._allocated, exc)
+            try:
+                os.ftruncate(self._fd, self._allocated)     # hand back what the partial fill took
+            except OSError:
+                pass
+            return False
+        self._allocated = target
+        self._room_refused = False
+        self._chunk = min(self._chunk * 2, _LAST_CHUNK)
+        self._dirty = True                  # the new size must be synced too
+        return True
 
     def clear(self) -> None:
         self._truncate(0)
@@ -206,19 +227,19 @@ class DurableJournal(FailStop, Journal):
     def deleteEntriesTo(self, entryTo: int) -> None:
         self._check()
         kept = self._entries[entryTo:]
-        records = [_encode(*entry) for entry in kept]
+        encoded = [records.encode(*entry) for entry in kept]
         # With fsync on, the new file is fsynced before the rename and the directory after: every
         # kept entry is then durable, whatever the old file's unsynced tail held. A failure before
         # the rename leaves the old file whole (and no .tmp).
         try:
-            replace_file(self._path, b"".join(records), self._fsync)
+            replace_file(self._path, b"".join(encoded), self._fsync)
         except OSError as exc:
             raise self._fail("compaction", exc, JournalWriteError) from exc
         # The new file is in place: from here on every offset refers to it, also if what follows fails.
         self._entries = kept
         self._offsets = []
         offset = 0
-        for record in records:
+        for record in encoded:
             self._offsets.append(offset)
             offset += len(record)
         self._end = offset
@@ -228,9 +249,10 @@ class DurableJournal(FailStop, Journal):
             self.synced_index = kept[-1][1] if kept else 0
         else:
             self._synced_end = min(self._synced_end, offset)
+        self._allocated = offset
         try:
             self._close_fd()
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+            self._fd = os.open(self._path, os.O_WRONLY)
             if self._fsync:
                 fsync_directory(os.path.dirname(self._path))
         except OSError as exc:
@@ -364,5 +386,10 @@ class DurableJournal(FailStop, Journal):
         return self._meta.get("voted_for")
 
     def onOneSecondTimer(self) -> None:
-        if self._meta_dirty and self._failure is None:
+        if self._failure is not None:
+            return
+        # Keep at least half a chunk ahead of the log, and sync the growth here, off the write path.
+        if self._allocated - self._end < self._chunk // 2 and self._preallocate(0):
+            self.sync()
+        if self._meta_dirty:
             self._store_meta()

@@ -20,7 +20,7 @@ import pytest
 from pysyncobj import SyncObj, SyncObjConf, replicated
 
 from kvs.testing.cluster import find_free_base_port, wait_until
-from kvs.raft import journal as journal_module, records, storage
+from kvs.raft import records, storage
 from kvs.raft.group import RaftGroup, RaftTiming
 from kvs.fsm.shard import ShardState
 

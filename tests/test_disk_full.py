@@ -16,6 +16,7 @@ import resource
 
 import pytest
 
+from kvs.raft import disk, records
 from kvs.testing.cluster import wait_until
 
 from .disk_full import SHARD, DiskFullScenario
@@ -35,7 +36,11 @@ def test_a_leader_whose_journal_cannot_grow_halts_the_others_serve_and_it_catche
     unlimited = resource.prlimit(pid, resource.RLIMIT_FSIZE)
 
     def take_space() -> None:
-        limit = max(os.path.getsize(journal), os.path.getsize(log_path)) + HEADROOM
+        # The limit is on the offset a write reaches: from the log's end, not the file's preallocated size.
+        with open(journal, "rb") as f:
+            log_end = records.scan(f.read())[2]
+        limit = max(log_end, os.path.getsize(log_path)) + HEADROOM
+        assert limit < disk._PROBE_BYTES, "the recovery's probe would pass while the limit holds"
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, unlimited[1]))
 
     def give_space_back() -> None:

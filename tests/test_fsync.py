@@ -61,13 +61,10 @@ def test_one_fdatasync_covers_a_whole_batch_and_a_clean_journal_costs_none(tmp_p
     assert journal.sync() is True
     assert counter.calls == 1 and journal.synced_index == 100 and not journal.dirty
     assert journal.sync() is False and counter.calls == 1
-    journal.deleteEntriesFrom(90)                         # a truncation must be durable too
-    assert journal.dirty and journal.synced_index == 90
-    journal.sync()
+    journal.deleteEntriesFrom(90)                         # a truncation is made durable at once
+    assert not journal.dirty and journal.synced_index == 90 and counter.calls == 2
     journal.clear()
-    assert journal.dirty
-    journal.sync()
-    assert counter.calls == 3
+    assert not journal.dirty and counter.calls == 3
     journal._destroy()
 
 

@@ -13,12 +13,15 @@ costs nothing but the saving, never the journal.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
-from kvs.raft import records
+from kvs.raft import disk, records
+from kvs.raft.disk import Room
 from kvs.raft.journal import DurableJournal
 
 COMMAND = b"c" * 100
@@ -29,13 +32,16 @@ def indexes(journal: DurableJournal) -> list[int]:
     return [journal[i][1] for i in range(len(journal))]
 
 
-def test_after_the_timer_a_batch_and_its_fsync_do_not_grow_the_file(tmp_path):
+def test_the_timer_grows_the_file_and_syncs_it_so_a_batch_and_its_fsync_do_not(tmp_path):
     path = str(tmp_path / "journal")
     journal = DurableJournal(path, fsync=True)
     journal.add(COMMAND, 1, 1)
     journal.sync()
+    assert os.path.getsize(path) == RECORD, "an append grew the file by more than its record"
+    syncs = journal.sync_count
     journal.onOneSecondTimer()
     size = os.path.getsize(path)
+    assert size > RECORD and journal.sync_count == syncs + 1 and not journal.dirty, "the growth was not synced"
     for i in range(2, 52):
         journal.add(COMMAND, i, 1)
     assert journal.sync()
@@ -50,6 +56,7 @@ def test_the_preallocated_zeros_are_kept_on_reopening_and_appends_continue_at_th
     journal = DurableJournal(path, fsync=True)
     for i in range(1, 4):
         journal.add(COMMAND, i, 1)
+    journal.onOneSecondTimer()
     journal._destroy()
     size = os.path.getsize(path)
     assert size > 3 * RECORD
@@ -69,8 +76,13 @@ def test_truncation_cuts_the_file_so_no_removed_record_comes_back(tmp_path):
     journal = DurableJournal(path, fsync=True)
     for i in range(1, 11):
         journal.add(COMMAND, i, 1)
+    journal.onOneSecondTimer()
+    syncs = journal.sync_count
     journal.deleteEntriesFrom(6)                # a conflict: indexes 7..10 go
     assert os.path.getsize(path) == 6 * RECORD
+    # Synced before anything is written over the cut range: a crash that kept a new record there but
+    # not the cut would otherwise bring back the old records behind it.
+    assert journal.sync_count == syncs + 1 and not journal.dirty
     journal.add(COMMAND, 7, 2)
     journal._destroy()
     reopened = DurableJournal(path)
@@ -127,3 +139,45 @@ def test_a_disk_that_refuses_the_room_still_takes_every_record_that_fits(tmp_pat
     assert result["sizes"] == [i * RECORD for i in range(1, count + 1)], "a partial preallocation was kept"
     assert result["error"] == "JournalWriteError"
     assert indexes(DurableJournal(path)) == list(range(1, count + 1))
+
+
+def test_a_chunk_grows_only_while_chunks_are_used_up_quickly(tmp_path):
+    fd = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        room = Room(str(tmp_path / "file"), 0)
+        sizes = []
+        for now in (0.0, 20.0, 40.0):                  # a slow writer: one chunk every 20 s
+            assert room.grow(fd, room.allocated, now)
+            sizes.append(room.chunk)
+        for now in (41.0, 42.0, 43.0, 44.0, 45.0, 46.0):   # a fast one: a chunk a second
+            assert room.grow(fd, room.allocated, now)
+            sizes.append(room.chunk)
+        first = 64 << 10
+        assert sizes == [first] * 3 + [2 * first, 4 * first, 8 * first, 16 * first, 16 * first, 16 * first]
+        end = room.allocated - room.chunk // 2 + 1     # less than half a chunk left
+        assert room.wanted(end, 50.0) and not room.wanted(end - 2, 50.0)
+        assert os.fstat(fd).st_size == room.allocated
+    finally:
+        os.close(fd)
+
+
+def test_a_nearly_full_disk_gets_no_room_taken_and_the_refusal_is_logged_once(tmp_path, monkeypatch, caplog):
+    class NearlyFull:
+        f_frsize, f_bavail = 4096, 300            # 1.2 MB free: under the 2 MiB any fill must leave
+
+    monkeypatch.setattr(disk.os, "fstatvfs", lambda fd: NearlyFull)
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path, fsync=True)
+    journal.add(COMMAND, 1, 1)
+    with caplog.at_level(logging.INFO):
+        journal.onOneSecondTimer()
+        assert os.path.getsize(path) == RECORD
+        assert not journal._room.wanted(RECORD, time.monotonic()), "no backoff after a refusal"
+        journal._room._retry_at = 0.0              # as if the backoff had passed
+        journal.onOneSecondTimer()
+    assert os.path.getsize(path) == RECORD and journal.failure is None
+    assert len([r for r in caplog.records if "no room preallocated" in r.getMessage()]) == 1
+    monkeypatch.undo()                              # space returns
+    journal._room._retry_at = 0.0
+    journal.onOneSecondTimer()
+    assert os.path.getsize(path) > RECORD

@@ -35,6 +35,16 @@ _PROBE_PREFIX = ".probe-"
 # removed .tmp), and a probe that fit in them would reopen the group only to fail it again at once.
 _PROBE_BYTES = 1 << 20
 
+# Room (a journal's preallocation): a file's first chunk is small, as most groups write little; a
+# chunk used up within _FAST_FILL seconds makes the next twice as big, up to what the recovery probe
+# asks of a disk. A fill never leaves less than _KEEP_FREE free on the file system: the room of one
+# group must not take the space another group's next record, vote or probe needs.
+_FIRST_CHUNK = 64 << 10
+_LAST_CHUNK = _PROBE_BYTES
+_KEEP_FREE = 2 * _PROBE_BYTES
+_FAST_FILL = 10.0
+_RETRY_SECONDS = (1.0, 30.0)
+
 
 def set_fsync(journal_path: str, enabled: bool) -> None:
     """Choose whether the journal at `journal_path` fsyncs (the default for an unregistered path is on).
@@ -162,6 +172,62 @@ def fill_with_zeros(fd: int, start: int, end: int, pwrite=os.pwrite) -> None:
         piece = min(len(zeros), end - start)
         pwrite_all(fd, memoryview(zeros)[:piece], start, pwrite)
         start += piece
+
+
+class Room:
+    """Zero-filled room kept past a file's logical end, so that its writes rarely change its size.
+
+    An fdatasync after a write into a file's existing blocks commits the data
+    only; one after a write that grows the file must also commit the new size,
+    a file-system journal commit (on ext4 about a third more, and concurrent
+    ones queue behind each other). The owner writes at its logical end,
+    tells `wrote` and `cut` where that end is, and calls `grow` when `wanted`
+    says, off its write path, then syncs the growth. `grow` never raises: a
+    disk that refuses the room costs the saving, not the file."""
+
+    def __init__(self, path: str, allocated: int):
+        self.path = path
+        self.allocated = allocated          # the file's size: the logical end, then zeros
+        self.chunk = _FIRST_CHUNK
+        self._filled_at: float | None = None
+        self._retry_at = 0.0
+        self._backoff = _RETRY_SECONDS[0]
+        self._refused = False
+
+    def wanted(self, end: int, now: float) -> bool:
+        """Whether less than half a chunk is left past `end` (and no refusal is being waited out)."""
+        return self.allocated - end < self.chunk // 2 and now >= self._retry_at
+
+    def grow(self, fd: int, end: int, now: float, pwrite=os.pwrite) -> bool:
+        """Fill zeros from the current size to a chunk past `end`; True if the file grew."""
+        if self._filled_at is not None and now - self._filled_at < _FAST_FILL:
+            self.chunk = min(self.chunk * 2, _LAST_CHUNK)
+        start, target = max(self.allocated, end), end + self.chunk
+        try:
+            disk = os.fstatvfs(fd)
+            if disk.f_bavail * disk.f_frsize - (target - start) < _KEEP_FREE:
+                raise OSError(errno.ENOSPC, f"it would leave less than {_KEEP_FREE} bytes free")
+            fill_with_zeros(fd, start, target, pwrite)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)     # hand back what a partial fill took
+            self.allocated = start
+            self._retry_at, self._backoff = now + self._backoff, min(self._backoff * 2, _RETRY_SECONDS[1])
+            if not self._refused:
+                self._refused = True
+                log.warning("%s: no room preallocated (%s); its writes grow it until there is", self.path, exc)
+            return False
+        if self._refused:
+            self._refused = False
+            log.info("%s: room preallocated again", self.path)
+        self.allocated, self._filled_at, self._backoff = target, now, _RETRY_SECONDS[0]
+        return True
+
+    def wrote(self, end: int) -> None:
+        self.allocated = max(self.allocated, end)
+
+    def cut(self, end: int) -> None:
+        self.allocated = end
 
 
 def fsync_directory(directory: str) -> None:

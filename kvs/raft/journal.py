@@ -23,13 +23,14 @@ The switch is per journal path (`kvs.raft.disk.set_fsync`, filled by
 `RaftGroup` from `KVS_FSYNC` before PySyncObj calls the journal factory,
 which takes only a path); a journal whose path was never registered fsyncs.
 
-Preallocation. The file is grown ahead of the log in zero-filled chunks, and
-that growth is fsynced from the one-second timer, so the fdatasync before an
-acknowledgement commits data only, not the file's new size (on ext4 about a
-third cheaper, and it is on every write's path). The log's end is therefore
-where the checksum scan stops, not the file's size: an all-zero header never
-checks. Truncations stay physical `ftruncate`s, so no stale record can lie
-behind the log's end and come back on the next open.
+Preallocation. The file is grown ahead of the log in zero-filled chunks
+(`kvs.raft.disk.Room`), and that growth is fsynced from the one-second timer,
+so the fdatasync before an acknowledgement commits data only, not the file's
+new size (on ext4 about a third cheaper, and it is on every write's path). The
+log's end is therefore where the checksum scan stops (`kvs.raft.records`), not
+the file's size: an all-zero header never checks. Truncations stay physical
+`ftruncate`s, synced at once, so no stale record can lie behind the log's end
+and come back on the next open.
 
 Disk faults (a full disk, a size limit, EIO). Every change is all or nothing:
 an append loops over short writes and, if one fails, cuts the file back to the
@@ -56,8 +57,8 @@ from pysyncobj.journal import Journal
 
 from kvs.metrics import FSYNC_SECONDS
 from kvs.raft import codec, records
-from kvs.raft.disk import (FailStop, JournalError, JournalFailure, JournalSyncError, JournalWriteError, cut_file,
-                           fill_with_zeros, fsync_directory, fsync_enabled, pwrite_all, replace_file, set_fsync)
+from kvs.raft.disk import (FailStop, JournalError, JournalFailure, JournalSyncError, JournalWriteError, Room,
+                           cut_file, fsync_directory, fsync_enabled, pwrite_all, replace_file, set_fsync)
 
 __all__ = ["DurableJournal", "JournalError", "JournalFailure", "JournalSyncError", "JournalWriteError", "set_fsync",
            "fsync_enabled"]
@@ -69,11 +70,6 @@ META_SUFFIX = ".meta"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)     # macOS has no fdatasync
 _pwrite = os.pwrite                                 # a seam for tests that make writes fail
-
-# Preallocation chunks: a group's first is small (most groups write little), each later one twice the
-# last, up to 1 MiB: the room a disk must have for a halted group to be reopened (disk._PROBE_BYTES).
-_FIRST_CHUNK = 64 << 10
-_LAST_CHUNK = 1 << 20
 
 Entry = records.Entry
 
@@ -94,13 +90,11 @@ class DurableJournal(FailStop, Journal):
         self.synced_index = 0               # index of the last entry the last sync covered (0: none)
         self.sync_count = 0                 # fdatasync calls made by sync()
         self._fd: int | None = None
-        self._chunk = _FIRST_CHUNK
-        self._room_refused = False          # the disk refused the last preallocation
         created = not os.path.exists(path)
         self._end = self._load()            # the log's end; the file may be longer (zeros: preallocated)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            self._allocated = os.fstat(self._fd).st_size
+            self._room = Room(path, os.fstat(self._fd).st_size)
             # What is on disk at open is trusted, as after any restart; but it may still sit unsynced in
             # the page cache (the previous process died, or its group was closed, before its next sync):
             # the journal starts dirty, so the first acknowledgement is preceded by one fdatasync.
@@ -126,7 +120,7 @@ class DurableJournal(FailStop, Journal):
         self._entries, self._offsets, offset = records.scan(blob)
         if not records.only_zeros_after(blob, offset):
             log.warning("journal %s: dropping %d bytes of a torn tail", self._path, len(blob) - offset)
-            os.truncate(self._path, offset)
+            cut_file(self._path, offset, self._fsync)      # durable before anything is written over it
         return offset                       # what follows is preallocated zeros, kept for later appends
 
     def _align_to_snapshot(self, prev: Entry, last: Entry) -> None:
@@ -157,8 +151,6 @@ class DurableJournal(FailStop, Journal):
         self._check()
         command = bytes(command)
         record = records.encode(command, idx, term)
-        if self._end + len(record) > self._allocated and not self._room_refused:
-            self._preallocate(len(record))  # rarely: the one-second timer keeps a chunk ahead
         try:
             pwrite_all(self._fd, record, self._end, _pwrite)
         except OSError as exc:
@@ -167,7 +159,7 @@ class DurableJournal(FailStop, Journal):
             # Best effort: if the cut fails too, the torn bytes are past `trusted_end` and cut on reopen.
             try:
                 os.ftruncate(self._fd, self._end)
-                self._allocated = self._end
+                self._room.cut(self._end)
             except OSError:
                 pass
             raise self._fail("append", exc, JournalWriteError) from exc
@@ -175,7 +167,7 @@ class DurableJournal(FailStop, Journal):
         self._entries.append((command, idx, term))
         self._offsets.append(self._end)
         self._end += len(record)
-        self._allocated = max(self._allocated, self._end)
+        self._room.wrote(self._end)
 
     def _truncate(self, end: int) -> None:
         self._check()
@@ -184,37 +176,19 @@ class DurableJournal(FailStop, Journal):
         except OSError as exc:
             raise self._fail("truncate", exc, JournalWriteError) from exc
         self._dirty = True
-        self._end = self._allocated = end
+        self._end = end
+        self._room.cut(end)
         self._synced_end = min(self._synced_end, end)
 
-    def _preallocate(self, needed: int) -> bool:
-        """Grow the file by zeros to a chunk past the log's end plus `needed` bytes; False if the disk refused.
-
-        Never fails the journal: on a full disk the appends grow the file
-        themselves, exactly, and only a record that cannot be written fails it."""
-        target = self._end + needed + self._chunk
-        try:
-            fill_with_zeros(self._fd, self._allocated, target, _pwrite)
-        except OSError as exc:
-            self._room_refused = True       # appends stop trying until the timer succeeds again
-            log.info("journal %s: cannot preallocate %d bytes (%s); appends grow the file", self._path,
-                     target - self._allocated, exc)
-            try:
-                os.ftruncate(self._fd, self._allocated)     # hand back what the partial fill took
-            except OSError:
-                pass
-            return False
-        self._allocated = target
-        self._room_refused = False
-        self._chunk = min(self._chunk * 2, _LAST_CHUNK)
-        self._dirty = True                  # the new size must be synced too
-        return True
+    # Both cuts are synced at once (they are rare): records are later written over the cut range, in
+    # place, and a crash that kept such a record but not the cut would bring back the old ones behind it.
 
     def clear(self) -> None:
         self._truncate(0)
         self.synced_index = 0
         self._entries = []
         self._offsets = []
+        self.sync()
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         if entryFrom >= len(self._entries):
@@ -223,6 +197,7 @@ class DurableJournal(FailStop, Journal):
         del self._entries[entryFrom:]
         del self._offsets[entryFrom:]
         self.synced_index = min(self.synced_index, self._entries[-1][1] if self._entries else 0)
+        self.sync()
 
     def deleteEntriesTo(self, entryTo: int) -> None:
         self._check()
@@ -249,7 +224,7 @@ class DurableJournal(FailStop, Journal):
             self.synced_index = kept[-1][1] if kept else 0
         else:
             self._synced_end = min(self._synced_end, offset)
-        self._allocated = offset
+        self._room.cut(offset)
         try:
             self._close_fd()
             self._fd = os.open(self._path, os.O_WRONLY)
@@ -388,8 +363,10 @@ class DurableJournal(FailStop, Journal):
     def onOneSecondTimer(self) -> None:
         if self._failure is not None:
             return
-        # Keep at least half a chunk ahead of the log, and sync the growth here, off the write path.
-        if self._allocated - self._end < self._chunk // 2 and self._preallocate(0):
+        # Keep room ahead of the log, and sync the growth here, off the write path.
+        now = time.monotonic()
+        if self._room.wanted(self._end, now) and self._room.grow(self._fd, self._end, now, _pwrite):
+            self._dirty = True
             self.sync()
         if self._meta_dirty:
             self._store_meta()

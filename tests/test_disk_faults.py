@@ -57,7 +57,6 @@ LIMITED_CHILD = textwrap.dedent("""
         journal.add(b"x" * 100, i, 1)
     journal.sync()
     # Room for one more record and half of the next: the kernel writes that half and refuses the rest.
-    # (The limit is on the offset a write reaches, so the zeros preallocated past the log do not help.)
     resource.setrlimit(resource.RLIMIT_FSIZE, (10 * {record} + {room}, hard))
     accepted, error = [], None
     for i in range(11, 20):

@@ -12,6 +12,7 @@ costs nothing but the saving, never the journal.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,9 +21,12 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from kvs.raft import disk, records
+from kvs.raft import journal as journal_module
 from kvs.raft.disk import Room
-from kvs.raft.journal import DurableJournal
+from kvs.raft.journal import DurableJournal, JournalWriteError
 
 COMMAND = b"c" * 100
 RECORD = len(records.encode(COMMAND, 1, 1))
@@ -161,11 +165,76 @@ def test_a_chunk_grows_only_while_chunks_are_used_up_quickly(tmp_path):
         os.close(fd)
 
 
-def test_a_nearly_full_disk_gets_no_room_taken_and_the_refusal_is_logged_once(tmp_path, monkeypatch, caplog):
-    class NearlyFull:
-        f_frsize, f_bavail = 4096, 300            # 1.2 MB free: under the 2 MiB any fill must leave
+def test_neither_a_refused_fill_nor_a_fill_after_a_cut_makes_the_next_chunk_bigger(tmp_path, monkeypatch):
+    fd = os.open(tmp_path / "file", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        room = Room(str(tmp_path / "file"), 0)
+        assert room.grow(fd, 0, 0.0) and room.chunk == 64 << 10
+        real = disk.os.fstatvfs
+        monkeypatch.setattr(disk.os, "fstatvfs", lambda fd: Free(0))
+        for now in (1.0, 2.0, 3.0):                     # refused, quickly one after the other
+            assert not room.grow(fd, room.allocated, now)
+        assert room.chunk == 64 << 10
+        monkeypatch.setattr(disk.os, "fstatvfs", real)
+        room.cut(0)                                     # a compaction: nothing of the chunk was used
+        assert room.grow(fd, 0, 4.0) and room.chunk == 64 << 10
+    finally:
+        os.close(fd)
 
-    monkeypatch.setattr(disk.os, "fstatvfs", lambda fd: NearlyFull)
+
+class Free:
+    """What os.fstatvfs says of a file system with `free` bytes available."""
+
+    f_frsize = 4096
+
+    def __init__(self, free: int):
+        self.f_bavail = free // self.f_frsize
+
+
+def test_a_cut_of_a_torn_tail_at_opening_is_synced(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path, fsync=True)
+    for i in range(1, 4):
+        journal.add(COMMAND, i, 1)
+    journal._destroy()
+    with open(path, "ab") as f:
+        f.write(records.encode(COMMAND, 4, 1)[:-3])     # torn
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    reopened = DurableJournal(path, fsync=True)
+    assert indexes(reopened) == [1, 2, 3] and os.path.getsize(path) == 3 * RECORD
+    assert path in synced, "the cut was not synced before records could be written over it"
+
+
+def test_an_append_that_fails_in_the_preallocated_room_leaves_no_torn_record(tmp_path, monkeypatch):
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path, fsync=True)
+    for i in range(1, 4):
+        journal.add(COMMAND, i, 1)
+    journal.onOneSecondTimer()
+    assert os.path.getsize(path) > 4 * RECORD
+    real = journal_module._pwrite
+
+    def half_then_full(fd, data, offset):
+        if len(data) > 1 and not half_then_full.cut:
+            half_then_full.cut = True
+            return real(fd, bytes(data[:len(data) // 2]), offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    half_then_full.cut = False
+    monkeypatch.setattr(journal_module, "_pwrite", half_then_full)
+    with pytest.raises(JournalWriteError):
+        journal.add(COMMAND, 4, 1)
+    monkeypatch.undo()
+    assert os.path.getsize(path) == 3 * RECORD, "the torn half record (or the room past it) was left"
+    journal._destroy()
+    assert indexes(DurableJournal(path)) == [1, 2, 3]
+
+
+def test_a_nearly_full_disk_gets_no_room_taken_and_the_refusal_is_logged_once(tmp_path, monkeypatch, caplog):
+    # 2 MiB and 32 KiB free: more than the 2 MiB a fill must leave, but not once the 64 KiB fill counts.
+    monkeypatch.setattr(disk.os, "fstatvfs", lambda fd: Free((2 << 20) + (32 << 10)))
     path = str(tmp_path / "journal")
     journal = DurableJournal(path, fsync=True)
     journal.add(COMMAND, 1, 1)

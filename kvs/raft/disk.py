@@ -22,6 +22,7 @@ import glob
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -38,12 +39,14 @@ _PROBE_BYTES = 1 << 20
 # Room (a journal's preallocation): a file's first chunk is small, as most groups write little; a
 # chunk used up within _FAST_FILL seconds makes the next twice as big, up to what the recovery probe
 # asks of a disk. A fill never leaves less than _KEEP_FREE free on the file system: the room of one
-# group must not take the space another group's next record, vote or probe needs.
+# group must not take the space another group's next record, vote or probe needs. The groups of a
+# node fill one at a time (_FILL_LOCK: each ticks on its own thread), so two cannot both pass the check.
 _FIRST_CHUNK = 64 << 10
 _LAST_CHUNK = _PROBE_BYTES
 _KEEP_FREE = 2 * _PROBE_BYTES
 _FAST_FILL = 10.0
 _RETRY_SECONDS = (1.0, 30.0)
+_FILL_LOCK = threading.Lock()
 
 
 def set_fsync(journal_path: str, enabled: bool) -> None:
@@ -189,7 +192,8 @@ class Room:
         self.path = path
         self.allocated = allocated          # the file's size: the logical end, then zeros
         self.chunk = _FIRST_CHUNK
-        self._filled_at: float | None = None
+        self._filled_at: float | None = None    # when the last fill succeeded, and the log's end then
+        self._filled_end = 0
         self._retry_at = 0.0
         self._backoff = _RETRY_SECONDS[0]
         self._refused = False
@@ -200,14 +204,17 @@ class Room:
 
     def grow(self, fd: int, end: int, now: float, pwrite=os.pwrite) -> bool:
         """Fill zeros from the current size to a chunk past `end`; True if the file grew."""
-        if self._filled_at is not None and now - self._filled_at < _FAST_FILL:
-            self.chunk = min(self.chunk * 2, _LAST_CHUNK)
-        start, target = max(self.allocated, end), end + self.chunk
+        chunk = self.chunk
+        if (self._filled_at is not None and now - self._filled_at < _FAST_FILL
+                and end - self._filled_end >= chunk // 2):
+            chunk = min(chunk * 2, _LAST_CHUNK)     # the last chunk was really written, and quickly
+        start, target = max(self.allocated, end), end + chunk
         try:
-            disk = os.fstatvfs(fd)
-            if disk.f_bavail * disk.f_frsize - (target - start) < _KEEP_FREE:
-                raise OSError(errno.ENOSPC, f"it would leave less than {_KEEP_FREE} bytes free")
-            fill_with_zeros(fd, start, target, pwrite)
+            with _FILL_LOCK:
+                disk = os.fstatvfs(fd)
+                if disk.f_bavail * disk.f_frsize - (target - start) < _KEEP_FREE:
+                    raise OSError(errno.ENOSPC, f"it would leave less than {_KEEP_FREE} bytes free")
+                fill_with_zeros(fd, start, target, pwrite)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)     # hand back what a partial fill took
@@ -220,7 +227,8 @@ class Room:
         if self._refused:
             self._refused = False
             log.info("%s: room preallocated again", self.path)
-        self.allocated, self._filled_at, self._backoff = target, now, _RETRY_SECONDS[0]
+        self.allocated, self.chunk, self._backoff = target, chunk, _RETRY_SECONDS[0]
+        self._filled_at, self._filled_end = now, end
         return True
 
     def wrote(self, end: int) -> None:

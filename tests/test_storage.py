@@ -11,6 +11,7 @@ disk, for stock PySyncObj and for kvs's storage, and restart from it.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import time
 
@@ -206,3 +207,24 @@ def test_the_journal_aligns_itself_with_its_snapshot(tmp_path, journal_range, ex
         assert indexes == []
     else:
         assert indexes == list(range(expected[0], expected[1] + 1))
+
+
+def test_a_snapshot_is_made_durable_before_the_journal_is_cut_to_it_at_opening(tmp_path, monkeypatch):
+    # A process may die between renaming a new snapshot into place and syncing its directory; the
+    # next one cuts the journal to that snapshot, durably, so the rename must be durable first.
+    journal_path, snapshot_path = storage.group_files(str(tmp_path))
+    journal = storage.DurableJournal(journal_path)
+    for i in range(1, 21):
+        journal.add(b"c%d" % i, i, 1)
+    journal._destroy()
+    with open(snapshot_path, "wb") as f:
+        pickle.dump({"prev": (b"c9", 9, 1), "last": (b"c10", 10, 1)}, f)
+    synced, order = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 order.append("fsync"), real_fsync(fd))[-1])
+    monkeypatch.setattr(os, "replace", lambda *a, real=os.replace: (order.append("cut"), real(*a))[-1])
+    aligned = storage.create_journal(journal_path)
+    assert [aligned[i][1] for i in range(len(aligned))] == list(range(9, 21))
+    assert snapshot_path in synced and str(tmp_path) in synced, "the snapshot or its name was not synced"
+    assert order.index("fsync") < order.index("cut"), "the journal was cut before the snapshot was durable"

@@ -50,6 +50,7 @@ import pysyncobj.syncobj
 from pysyncobj.journal import Journal, MemoryJournal
 
 from kvs.raft import codec
+from kvs.raft.disk import fsync_enabled, fsync_file_and_directory
 from kvs.raft.journal import JOURNAL_NAME, DurableJournal
 from kvs.raft.snapshots import (SNAPSHOT_FORMAT_SLICED, SNAPSHOT_NAME, TEMP_SUFFIX, BackgroundSerializer,
                                 SnapshotCodec, read_snapshot_boundary)
@@ -68,7 +69,14 @@ def create_journal(journal_path: str | None = None) -> Journal:
     if journal_path is None:
         return MemoryJournal()
     snapshot_path = os.path.join(os.path.dirname(journal_path), SNAPSHOT_NAME)
-    return DurableJournal(journal_path, read_snapshot_boundary(snapshot_path))
+    boundary = read_snapshot_boundary(snapshot_path)
+    if boundary is not None and fsync_enabled(journal_path):
+        # The journal is about to be cut to this snapshot's boundary, durably: the snapshot's rename
+        # must be durable first. A process that died between renaming it and syncing its directory
+        # leaves it only in the page cache, and a power loss then would pair the old snapshot with
+        # a journal cut for the new one.
+        fsync_file_and_directory(snapshot_path)
+    return DurableJournal(journal_path, boundary)
 
 
 def install() -> None:

@@ -36,6 +36,16 @@ def indexes(journal: DurableJournal) -> list[int]:
     return [journal[i][1] for i in range(len(journal))]
 
 
+def journal_with_room(tmp_path, count: int) -> tuple[str, DurableJournal]:
+    """A fsyncing journal of `count` records (indexes 1..count, term 1) whose timer has grown room."""
+    path = str(tmp_path / "journal")
+    journal = DurableJournal(path, fsync=True)
+    for i in range(1, count + 1):
+        journal.add(COMMAND, i, 1)
+    journal.onOneSecondTimer()
+    return path, journal
+
+
 def test_the_timer_grows_the_file_and_syncs_it_so_a_batch_and_its_fsync_do_not(tmp_path):
     path = str(tmp_path / "journal")
     journal = DurableJournal(path, fsync=True)
@@ -56,11 +66,7 @@ def test_the_timer_grows_the_file_and_syncs_it_so_a_batch_and_its_fsync_do_not(t
 
 
 def test_the_preallocated_zeros_are_kept_on_reopening_and_appends_continue_at_the_logs_end(tmp_path):
-    path = str(tmp_path / "journal")
-    journal = DurableJournal(path, fsync=True)
-    for i in range(1, 4):
-        journal.add(COMMAND, i, 1)
-    journal.onOneSecondTimer()
+    path, journal = journal_with_room(tmp_path, 3)
     journal._destroy()
     size = os.path.getsize(path)
     assert size > 3 * RECORD
@@ -76,11 +82,7 @@ def test_the_preallocated_zeros_are_kept_on_reopening_and_appends_continue_at_th
 
 
 def test_truncation_cuts_the_file_so_no_removed_record_comes_back(tmp_path):
-    path = str(tmp_path / "journal")
-    journal = DurableJournal(path, fsync=True)
-    for i in range(1, 11):
-        journal.add(COMMAND, i, 1)
-    journal.onOneSecondTimer()
+    path, journal = journal_with_room(tmp_path, 10)
     syncs = journal.sync_count
     journal.deleteEntriesFrom(6)                # a conflict: indexes 7..10 go
     assert os.path.getsize(path) == 6 * RECORD
@@ -208,11 +210,7 @@ def test_a_cut_of_a_torn_tail_at_opening_is_synced(tmp_path, monkeypatch):
 
 
 def test_an_append_that_fails_in_the_preallocated_room_leaves_no_torn_record(tmp_path, monkeypatch):
-    path = str(tmp_path / "journal")
-    journal = DurableJournal(path, fsync=True)
-    for i in range(1, 4):
-        journal.add(COMMAND, i, 1)
-    journal.onOneSecondTimer()
+    path, journal = journal_with_room(tmp_path, 3)
     assert os.path.getsize(path) > 4 * RECORD
     real = journal_module._pwrite
 

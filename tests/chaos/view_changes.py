@@ -330,15 +330,20 @@ class ViewChangeLane:
         progress on this node").
         """
         waited = time.monotonic()
+        seen: list[str] = []            # the phases the node reported, in order, each once
 
         def idle() -> bool:
             status = self.driver.view_change_status(node, timeout=1.0)
-            return status is not None and status["progress"]["phase"] in IDLE_PROGRESS
+            phase = status["progress"]["phase"] if status is not None else None
+            if phase is not None and (not seen or seen[-1] != phase):
+                seen.append(phase)
+            return phase in IDLE_PROGRESS
 
         try:
             wait_until(idle, IDLE_LIMIT, interval=0.1, message=f"{node} idle")
         except TimeoutError as exc:
-            return str(exc)
+            # Which phase held it: seed 69 on b03b7db had to be explained from the code without it.
+            return f"{exc} (phases seen: {', '.join(seen) or 'none'})"
         waited = time.monotonic() - waited
         return f"{node} was busy with the previous change for {waited:.1f}s" if waited > 0.5 else None
 

@@ -66,8 +66,8 @@ class NodeServer:
     def __init__(self, settings: NodeSettings):
         self.settings = settings
         self.stopping = threading.Event()
-        self.node = Node(settings)
         self.loop = new_event_loop()
+        self.node = Node(settings, loop=self.loop)
         forwarder = Forwarder(settings.secret, settings.bind_host)
         remote = Remote(forwarder)
         self.view_change = ViewChange(self.node, remote)
@@ -105,6 +105,9 @@ class NodeServer:
         if not self.settings.secured:
             log.warning("KVS_SECRET is not set: Raft ports accept unauthenticated pickles and "
                         "node-to-node HTTP is not authenticated")
+        if self.settings.raft_on_loop:
+            log.warning("KVS_RAFT_ON_LOOP=on: shard groups tick on the event loop (experimental; "
+                        "a snapshot install or an fsync now pauses this node's HTTP too)")
         if not self.settings.admin_token:
             log.warning("KVS_ADMIN_TOKEN is not set: anyone who reaches this node can change the cluster's view")
         for name, body in self._workers:
@@ -151,14 +154,22 @@ class NodeServer:
         elif led:
             log.info("handed leadership of %s over", ", ".join(g.name for g in led))
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self.node.wake()
-        self.view_change.stop()
+    def _join_workers(self) -> None:
         for thread in self._threads:
             thread.join(JOIN_SECONDS)
             if thread.is_alive():
                 log.warning("thread %s did not stop within %ss", thread.name, JOIN_SECONDS)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.node.wake()
+        self.view_change.stop()
+        if not self.settings.raft_on_loop or self.loop.is_closed() or self.loop.is_running():
+            self._join_workers()
+        else:
+            # The loop keeps running while the supervisor closes the replicas: those that tick on it
+            # (kvs.raft.loop_poller) keep answering their peers until the loop has let go of them.
+            self.loop.run_until_complete(asyncio.to_thread(self._join_workers))
         self.keys.close()
         self._client.close()
         self.loop.close()

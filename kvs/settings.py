@@ -7,6 +7,8 @@ REPL_FACTOR. kvs adds DATA_DIR (Raft journals and snapshots) and KVS_SECRET
 KVS_FSYNC (`on`, the default, or `off`) chooses whether the Raft journal is
 fsynced before a write is acknowledged; `off` is for tests and benchmarks
 only: acknowledged writes then survive a killed process, not a power failure.
+KVS_RAFT_ON_LOOP (`off`, the default, or `on`; EXPERIMENTAL) makes the shard
+groups' Raft replicas tick on the node's event loop (`kvs.raft.loop_poller`).
 
 Raft ports are derived from the HTTP port: the replica a node runs in its
 k-th group slot listens on ``http_port + raft_port_offset * (k + 1)``; slot 0
@@ -106,6 +108,7 @@ class NodeSettings:
     compaction_entries: int = DEFAULT_COMPACTION_ENTRIES
     listen_host: str = field(default="")
     fsync: bool = True          # KVS_FSYNC: fsync the Raft journal before acknowledging
+    raft_on_loop: bool = False  # KVS_RAFT_ON_LOOP: shard groups tick on the event loop (experimental)
 
     @property
     def http_port(self) -> int:
@@ -166,8 +169,10 @@ class NodeSettings:
         secret = pick("secret", "KVS_SECRET", None)
         admin_token = pick("admin_token", "KVS_ADMIN_TOKEN", None)
         fsync = str(pick("fsync", "KVS_FSYNC", "on")).strip().lower()
-        if fsync not in ("on", "off"):
-            raise BadRequest(f"KVS_FSYNC must be 'on' or 'off', not {fsync!r}")
+        on_loop = str(pick("raft_on_loop", "KVS_RAFT_ON_LOOP", "off")).strip().lower()
+        for name, value in (("KVS_FSYNC", fsync), ("KVS_RAFT_ON_LOOP", on_loop)):
+            if value not in ("on", "off"):
+                raise BadRequest(f"{name} must be 'on' or 'off', not {value!r}")
         return cls(
             address=address,
             view=view,
@@ -180,4 +185,5 @@ class NodeSettings:
             compaction_entries=compaction,
             listen_host=str(pick("listen", "KVS_LISTEN", "")),
             fsync=fsync == "on",
+            raft_on_loop=on_loop == "on",
         )

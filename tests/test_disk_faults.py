@@ -36,6 +36,7 @@ from kvs.raft.journal import DurableJournal, JournalError, JournalFailure, Journ
 from kvs.raft.recovery import GroupRecovery
 from kvs.settings import NodeSettings
 from kvs.testing.cluster import find_free_base_port, wait_until
+from tests.test_loop_poller import running_loop
 
 RECORD = 24 + 100          # header + a 100-byte command
 
@@ -240,11 +241,21 @@ def test_a_group_that_halts_again_soon_after_its_reopening_keeps_its_backoff(tmp
 TIMING = RaftTiming(compaction_entries=10**9, compaction_seconds=10**9)
 
 
-def start_groups(tmp_path, count: int) -> list[RaftGroup]:
+def start_groups(tmp_path, count: int, loop=None) -> list[RaftGroup]:
     base = find_free_base_port(count)
     addresses = [f"127.0.0.1:{base + i}" for i in range(count)]
-    return [RaftGroup("disk", a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, TIMING)
+    return [RaftGroup("disk", a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, TIMING, loop=loop)
             for i, a in enumerate(addresses)]
+
+
+@pytest.fixture(params=["tick threads", "event loop"])
+def raft_loop(request):
+    """None (each replica has its tick thread), or a running loop that ticks them (kvs.raft.loop_poller)."""
+    if request.param == "tick threads":
+        yield None
+        return
+    with running_loop() as loop:
+        yield loop
 
 
 def one_leader(groups: list[RaftGroup]) -> RaftGroup | None:
@@ -280,10 +291,10 @@ class FullDisk:
 
 
 def test_a_replica_whose_journal_fails_halts_the_group_goes_on_and_it_catches_up_once_reopened(
-        tmp_path, monkeypatch, caplog):
+        tmp_path, monkeypatch, caplog, raft_loop):
     failing = FailingWrites(monkeypatch)
     disk = FullDisk(monkeypatch)
-    groups = start_groups(tmp_path, 3)
+    groups = start_groups(tmp_path, 3, raft_loop)
     addresses = sorted(g.self_address for g in groups)
     try:
         for i in range(20):
@@ -296,7 +307,9 @@ def test_a_replica_whose_journal_fails_halts_the_group_goes_on_and_it_catches_up
             assert leader.failure is not None and leader.failure.operation == "append"
             assert leader.status()["role"] == "failed" and not leader.is_leader()
             wait_until(lambda: leader._replica._SyncObj__raftLog.failure is not None, 1)
-        assert not [r for r in caplog.records if "failed _onTick" in r.getMessage()], "a traceback per tick"
+        assert not [r for r in caplog.records if r.getMessage() in ("a Raft tick failed", "a Raft message handler failed")
+                           or "failed _onTick" in r.getMessage()], \
+            "a traceback per tick or per message"
 
         recovery = GroupRecovery()
         recovery.take("victim", leader)                     # closed; its journal is whole on disk
@@ -305,7 +318,7 @@ def test_a_replica_whose_journal_fails_halts_the_group_goes_on_and_it_catches_up
 
         def reopen(key: str) -> RaftGroup:
             return RaftGroup("disk", addresses[index], addresses, ShardState(), str(tmp_path / f"r{index}"), None,
-                             TIMING)
+                             TIMING, loop=raft_loop)
 
         assert recovery.reopen_due(reopen) == {}            # the probe fails: not reopened, tried again later
         assert recovery.status()["disk"]["reopen-attempts"] == 1
@@ -324,6 +337,38 @@ def test_a_replica_whose_journal_fails_halts_the_group_goes_on_and_it_catches_up
     finally:
         for g in groups:
             g.close()
+
+
+def test_on_the_event_loop_a_follower_whose_journal_fails_in_a_handler_stops_reading_its_sockets(
+        tmp_path, monkeypatch, caplog):
+    # A follower's appends run in PySyncObj's append_entries handler, which a replica on the loop runs
+    # outside its ticks (kvs.raft.loop_poller): the failure must halt it there too, be logged once
+    # (by the journal), and leave no readable socket that the loop would dispatch forever.
+    failing = FailingWrites(monkeypatch)
+    with running_loop() as loop:
+        groups = start_groups(tmp_path, 3, loop)
+        try:
+            put(groups, "before")
+            leader = one_leader(groups)
+            follower = next(g for g in groups if g is not leader)
+            failing.fds.add(follower._replica._SyncObj__raftLog._fd)
+            dispatches = []
+            real_dispatch = follower._poller._dispatch
+            monkeypatch.setattr(follower._poller, "_dispatch", lambda: dispatches.append(1) or real_dispatch())
+            with caplog.at_level(logging.ERROR):
+                for i in range(10):
+                    put(groups, f"during-{i}")
+                wait_until(lambda: follower.failure is not None, 10, message="the follower halted")
+                assert follower.failure.operation == "append"
+                wait_until(lambda: not follower._poller._attached, 10, message="the loop let go of its sockets")
+                seen = len(dispatches)
+                for i in range(10):
+                    put(groups, f"after-{i}")           # the leader keeps sending to it
+                assert len(dispatches) == seen, "a halted replica's sockets were dispatched"
+            assert not [r for r in caplog.records if r.getMessage() == "a Raft message handler failed"]
+        finally:
+            for g in groups:
+                g.close()
 
 
 def test_a_node_closes_its_halted_groups_and_reopens_them_even_while_its_metadata_replica_is_down(

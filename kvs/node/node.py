@@ -38,7 +38,7 @@ _META = METADATA_GROUP      # the metadata group's key in the recovery (shard id
 
 
 class Node:
-    def __init__(self, settings: NodeSettings, timing: RaftTiming | None = None):
+    def __init__(self, settings: NodeSettings, timing: RaftTiming | None = None, loop: object = None):
         self.settings = settings
         self._timing = timing or RaftTiming(compaction_entries=settings.compaction_entries, fsync=settings.fsync)
         self._lock = threading.Lock()
@@ -60,7 +60,7 @@ class Node:
         self._leaders = LeaderWatch()                   # leader changes, sampled every round (metrics)
         self._supervisor_running = False
         self._supervisor_error: str | None = None
-        self._build = GroupFactory(settings, self._timing, on_metadata_applied=self._meta_changed.set)
+        self._build = GroupFactory(settings, self._timing, on_metadata_applied=self._meta_changed.set, loop=loop)
         self._recovery = GroupRecovery()     # groups whose journal failed, closed until their disk heals
         self._trust = HostTrust(self._known_addresses())
 

@@ -37,11 +37,13 @@ from kvs.metrics import PROPOSALS_FAILED
 from kvs.errors import Unavailable
 from kvs.raft import storage
 from kvs.raft.journal import JournalFailure, set_fsync
+from kvs.raft.loop_poller import LoopPoller, LoopReplica, install as install_loop_poller
 from kvs.raft.replica import Replica
 
 log = logging.getLogger(__name__)
 
 storage.install()
+install_loop_poller()
 
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}
 _RETRY_BACKOFF = (0.005, 0.2)    # first and largest pause between retries, seconds
@@ -84,7 +86,8 @@ class RaftGroup:
     def __init__(self, name: str, self_address: str, peers: list[str], state: Any, directory: str,
                  secret: str | None, timing: RaftTiming = RaftTiming(),
                  on_applied: Callable[[], None] | None = None, bind_host: str | None = None,
-                 learner: bool = False, also_connect: tuple[str, ...] = (), hold_election: bool = False):
+                 learner: bool = False, also_connect: tuple[str, ...] = (), hold_election: bool = False,
+                 loop: Any = None):
         self.name = name
         self.self_address = self_address
         self.state = state
@@ -122,14 +125,22 @@ class RaftGroup:
             commandsWaitLeader=True,
             dynamicMembershipChange=True,
         )
+        # On the event loop (EXPERIMENTAL, kvs.raft.loop_poller): no tick thread; the loop runs it.
+        self._poller = LoopPoller(loop, timing.tick) if loop is not None else None
+        if self._poller is not None:
+            conf.autoTick = False
+            conf.pollerType = self._poller
         peers = [p for p in peers if p != self_address]
         # learner: it only receives the log, without a vote, until the configuration names it; it also
         # connects to `also_connect`. hold_election: no campaign before a leader was heard (a promoted
         # learner). See kvs.raft.replica, change 5.
-        self._replica = Replica(self_address, peers, state, conf, on_applied, group=name, learner=learner,
-                                also_connect=also_connect, hold_election=hold_election)
+        kind = Replica if self._poller is None else LoopReplica
+        self._replica = kind(self_address, peers, state, conf, on_applied, group=name, learner=learner,
+                             also_connect=also_connect, hold_election=hold_election)
         self._transfer_wanted = False
         self._replica.addOnTickCallback(self._transfer_on_tick)
+        if self._poller is not None:
+            self._poller.attach(lambda: self._replica._onTick(0.0), self._replica.run_handlers)
 
     # -- commands and reads ------------------------------------------------------
 
@@ -138,6 +149,7 @@ class RaftGroup:
 
         Raises Unavailable at the deadline; the command may still be applied later.
         """
+        self._not_on_loop()
         backoff = _RETRY_BACKOFF[0]
         while True:
             remaining = deadline - time.monotonic()
@@ -155,6 +167,11 @@ class RaftGroup:
             time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, _RETRY_BACKOFF[1])
 
+    def _not_on_loop(self) -> None:
+        # A replica that ticks on the loop would wait for itself there: a programming error.
+        if self._poller is not None and self._poller.on_loop_thread():
+            raise RuntimeError(f"group {self.name}: a blocking call on the event loop that runs it")
+
     def propose(self, command: tuple, callback: Callable[[Any, int], None]) -> None:
         """Propose without waiting; `callback(result, error)` runs on the tick thread and must not block."""
         self._replica.submit(command, callback)
@@ -162,6 +179,7 @@ class RaftGroup:
     def read(self, fn: Callable[[Any], Any], deadline: float) -> Any:
         """Run `fn(state)` once a ReadIndex round says this replica holds every write acknowledged
         before the call (kvs.raft.read_index); retried until the deadline, then Unavailable."""
+        self._not_on_loop()
         backoff = _RETRY_BACKOFF[0]
         while True:
             remaining = deadline - time.monotonic()
@@ -181,6 +199,16 @@ class RaftGroup:
         """The ReadIndex request itself, for callers that wait their own way (the event loop)."""
         self._replica.read_index(callback)
 
+    def tick_now(self) -> None:
+        """On the event loop, for a group that ticks there: append and send what was just proposed."""
+        if self._poller is not None:
+            self._poller.tick_now()
+
+    @property
+    def on_loop(self) -> bool:
+        """Whether this replica ticks on the node's event loop (its callbacks then run there)."""
+        return self._poller is not None
+
     # -- membership (the metadata group follows the view; see kvs.reconfig.membership) ------
 
     def change_members(self, op: str, raft_address: str, deadline: float, on_appended: Callable[[], None]) -> None:
@@ -191,6 +219,7 @@ class RaftGroup:
         6), so its node should start right after the proposal (`on_appended`). The leader refuses a
         second change while one is uncommitted (change 6 too), and a leader cannot remove itself
         (see `transfer_leadership`)."""
+        self._not_on_loop()
         pending = _Pending()
         if op == "add":
             self._replica.addNodeToCluster(raft_address, pending.resolve)
@@ -286,6 +315,11 @@ class RaftGroup:
         }
 
     def close(self) -> None:
-        self._replica.destroy_synchronous()
+        if self._poller is not None:
+            self._poller.detach()               # the loop lets go of it; then it is this thread's
+            self._replica.destroy()             # autoTick off: sockets and journal closed at once
+            self._poller.close()
+        else:
+            self._replica.destroy_synchronous()
         self._replica.fail_reads()
         self._codec.close()         # after the tick thread: no rename can follow this

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Callable
+from typing import Any, Callable
 
 from kvs.config.epoch import ConfigEpoch
 from kvs.fsm.meta import MetadataState
@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 
 class GroupFactory:
-    def __init__(self, settings: NodeSettings, timing: RaftTiming, on_metadata_applied: Callable[[], None]):
+    def __init__(self, settings: NodeSettings, timing: RaftTiming, on_metadata_applied: Callable[[], None],
+                 loop: Any = None):
         self._settings = settings
         self._timing = timing
         self._on_metadata_applied = on_metadata_applied
+        self._loop = loop           # the node's event loop: shard groups tick on it with KVS_RAFT_ON_LOOP=on
 
     def metadata_group(self, peers: list[str] | None) -> RaftGroup:
         """This node's metadata replica; `peers` (Raft addresses) as last seen, else the VIEW's."""
@@ -100,4 +102,5 @@ class GroupFactory:
         ownership = (origin_number, shard_id, origin_ring)
         return RaftGroup(f"shard-{shard_id}", me, [p for p in peers if p != me], ShardState(ownership), directory,
                          s.secret, self._timing, bind_host=s.bind_host, learner=joining, also_connect=planned,
-                         hold_election=promoted_members is not None)
+                         hold_election=promoted_members is not None,
+                         loop=self._loop if s.raft_on_loop else None)

@@ -131,9 +131,14 @@ class LoopGroup:
             reads, self._reads = self._reads, []
             self._waiting.update(reads)
             self.group.read_index(lambda ok, reads=reads: self._from_tick(self._read_ready, reads, ok, None))
+        self.group.tick_now()           # a group on the loop appends and sends them now (else a no-op)
 
     def _from_tick(self, handler: Callable, waiting: list, result: Any, error: Any) -> None:
-        """On the tick thread: hand the outcome of a whole batch to the loop in one call."""
+        """On the thread that ticks the replica: hand the outcome of a whole batch to the loop in one call
+        (or, for a replica that ticks on the loop itself, to the handler right away)."""
+        if asyncio._get_running_loop() is self._loop:
+            handler(waiting, result, error)     # a group that ticks on the loop: no hand-off
+            return
         try:
             self._loop.call_soon_threadsafe(handler, waiting, result, error)
         except RuntimeError:

@@ -180,7 +180,14 @@ class RaftTransport(TCPTransport):
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any):
         if syncObj.conf.password:
             wire.prepare(syncObj.conf.password)     # here, not on the tick thread at a first connection
+        # Without a tick thread (a replica on the event loop), SyncObj's constructor spins until the
+        # port is bound; reported ready meanwhile, the bind happens (and is retried) at its ticks.
+        self.constructing = getattr(syncObj.conf.pollerType, "binds_at_first_tick", False)
         super().__init__(syncObj, selfNode, otherNodes)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready or self.constructing
 
     def addNode(self, node: Any) -> None:
         if node in self._connections:

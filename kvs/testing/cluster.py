@@ -118,11 +118,19 @@ class LocalCluster:
         return self
 
     def add_idle_node(self, port: int) -> str:
-        """Define and start a node that is not in the view (it must stay idle)."""
+        """Define and start a node that is not in the view (it must stay idle); returns once it serves
+        HTTP (/livez: an idle node is live, not ready), so that a view change may name it at once."""
         address = f"127.0.0.1:{port}"
         self._define(address, ",".join(self.view))
         self.start_node(address)
+        wait_until(lambda: self._live(address), 30, message=f"idle node {address} serves")
         return address
+
+    def _live(self, address: str) -> bool:
+        try:
+            return self.alive(address) and self.http(address, "/livez")[0] == 200
+        except requests.RequestException:
+            return False
 
     def define_spare_node(self) -> str:
         """Define (not start) a node addressed like the view's nodes, after the last one defined.

@@ -48,9 +48,14 @@ def random_value(size: int) -> str:
     return "".join(random.choices(string.ascii_letters + string.digits, k=size))
 
 
+RECORDED_ENVIRONMENT = ("KVS_RAFT_ON_LOOP", "KVS_FSYNC", "KVS_ACCESS_LOG", "KVS_LOG_LEVEL")
+
+
 def header(args: argparse.Namespace, host: dict) -> dict:
     return {"timestamp": now_utc(), "command": command_line(), "machine": host,
-            "settings": {k: v for k, v in vars(args).items() if k != "func"}}
+            "settings": {k: v for k, v in vars(args).items() if k != "func"},
+            # The nodes inherit this environment: e.g. KVS_RAFT_ON_LOOP chooses what is measured.
+            "environment": {k: v for k, v in os.environ.items() if k in RECORDED_ENVIRONMENT}}
 
 
 # -- scenarios -----------------------------------------------------------------------------------------

@@ -231,10 +231,10 @@ class DurabilityRecorder:
                 self.violations.append(f"{journal._path}: {what} {index}, fdatasynced only up to {durable}")
 
 
-def start_groups(tmp_path, count: int, timing: RaftTiming) -> list[RaftGroup]:
+def start_groups(tmp_path, count: int, timing: RaftTiming, loop=None) -> list[RaftGroup]:
     base = find_free_base_port(count)
     addresses = [f"127.0.0.1:{base + i}" for i in range(count)]
-    return [RaftGroup("fsync", a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, timing)
+    return [RaftGroup("fsync", a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, timing, loop=loop)
             for i, a in enumerate(addresses)]
 
 
@@ -261,8 +261,9 @@ def write_concurrently(group: RaftGroup, threads: int, per_thread: int) -> None:
     assert not errors, errors
 
 
-def run_writes(tmp_path, count: int, timing: RaftTiming) -> list[RaftGroup]:
-    groups = start_groups(tmp_path, count, timing)
+def run_writes(tmp_path, count: int, timing: RaftTiming, loop=None) -> list[RaftGroup]:
+    """Writes from 4 threads through the leader of `count` replicas (ticked by `loop` if given)."""
+    groups = start_groups(tmp_path, count, timing, loop)
     try:
         leader = wait_until(lambda: leader_of(groups), 20, message="one leader")
         write_concurrently(leader, threads=4, per_thread=25)

@@ -22,7 +22,7 @@ from kvs.raft.hosting import GroupFactory
 from kvs.raft.loop import LoopGroup
 from kvs.settings import NodeSettings
 from kvs.testing.cluster import find_free_base_port, wait_until
-from tests.test_fsync import DurabilityRecorder, leader_of, write_concurrently
+from tests.test_fsync import DurabilityRecorder, leader_of, run_writes, write_concurrently
 
 NEVER_COMPACT = RaftTiming(compaction_entries=10**9, compaction_seconds=10**9)
 
@@ -131,16 +131,7 @@ def test_replicas_close_when_their_loop_has_stopped(tmp_path, loop):
 
 def test_only_fdatasynced_entries_are_acknowledged_and_committed_on_the_loop(tmp_path, loop, monkeypatch):
     recorder = DurabilityRecorder(monkeypatch)
-    groups = start_groups(tmp_path, loop)
-    try:
-        leader = wait_until(lambda: leader_of(groups), 20, message="one leader")
-        write_concurrently(leader, threads=4, per_thread=25)
-        last = leader.status()["commit-index"]
-        wait_until(lambda: all(g.status()["commit-index"] >= last for g in groups), 20,
-                   message="every replica learnt the commit index")
-    finally:
-        for g in groups:
-            g.close()
+    run_writes(tmp_path, 3, NEVER_COMPACT, loop)
     assert recorder.acks > 0 and recorder.commits > 0
     assert recorder.violations == []
 

@@ -106,26 +106,17 @@ class LoopReplica(Replica):
         return self.journal_failure is None
 
 
+# PySyncObj's event bits and epoll's; HUP reads as ERROR, as PySyncObj's PollPoller reports it.
+_EPOLL_BITS = ((POLL_EVENT_TYPE.READ, select.EPOLLIN), (POLL_EVENT_TYPE.WRITE, select.EPOLLOUT),
+               (POLL_EVENT_TYPE.ERROR, select.EPOLLERR | select.EPOLLHUP))
+
+
 def _to_epoll(mask: int) -> int:
-    events = 0
-    if mask & POLL_EVENT_TYPE.READ:
-        events |= select.EPOLLIN
-    if mask & POLL_EVENT_TYPE.WRITE:
-        events |= select.EPOLLOUT
-    if mask & POLL_EVENT_TYPE.ERROR:
-        events |= select.EPOLLERR
-    return events
+    return sum(bits for event, bits in _EPOLL_BITS if mask & event)
 
 
 def _from_epoll(events: int) -> int:
-    mask = 0
-    if events & select.EPOLLIN:
-        mask |= POLL_EVENT_TYPE.READ
-    if events & select.EPOLLOUT:
-        mask |= POLL_EVENT_TYPE.WRITE
-    if events & (select.EPOLLERR | select.EPOLLHUP):
-        mask |= POLL_EVENT_TYPE.ERROR
-    return mask
+    return sum(event for event, bits in _EPOLL_BITS if events & bits)
 
 
 class LoopPoller(Poller):

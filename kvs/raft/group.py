@@ -37,7 +37,9 @@ from kvs.metrics import PROPOSALS_FAILED
 from kvs.errors import Unavailable
 from kvs.raft import storage
 from kvs.raft.journal import JournalFailure, set_fsync
-from kvs.raft.loop_poller import LoopPoller, LoopReplica, install as install_loop_poller
+from kvs.raft.loop_poller import LoopPoller, install as install_loop_poller
+from kvs.raft.loop_replica import LoopReplica
+from kvs.raft.resolver import install as install_resolver
 from kvs.raft.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -127,10 +129,13 @@ class RaftGroup:
         )
         # On the event loop (EXPERIMENTAL, kvs.raft.loop_poller): no tick thread; the loop runs it.
         self._poller = LoopPoller(loop, timing.tick) if loop is not None else None
+        peers = [p for p in peers if p != self_address]
         if self._poller is not None:
             conf.autoTick = False
             conf.pollerType = self._poller
-        peers = [p for p in peers if p != self_address]
+            # Host names resolve off the loop; the peers' and its own here, on the constructing thread.
+            install_resolver().prime(a.rsplit(":", 1)[0] for a in (*peers, *also_connect,
+                                                                   conf.bindAddress or self_address))
         # learner: it only receives the log, without a vote, until the configuration names it; it also
         # connects to `also_connect`. hold_election: no campaign before a leader was heard (a promoted
         # learner). See kvs.raft.replica, change 5.

@@ -26,10 +26,17 @@ as it is, see `install`):
   the closing thread then destroys it. On a loop that is not running, detach runs in place: no
   callback of the loop can run meanwhile. The one lock decides which of the two runs it.
 
-Not done in this phase (the design note, section 5 step 4): every fsync (the follower's before its
-acknowledgement, the leader's after sending, `.meta`, the journal's growth), a snapshot install,
-a catch-up send (up to `appendEntriesPeriod` per follower) and a host name's DNS lookup run on the
-loop and pause the node's HTTP meanwhile.
+- Off the loop (`run_off_loop`): a handler that would hold the loop for long (installing a
+  snapshot the leader sent: seconds at 300,000 keys) hands the replica to a worker thread. From
+  then on the loop runs nothing of the replica: its set is not watched and its ticks are skipped
+  (messages already read are held by `LoopReplica`). The worker starts once the loop's handlers
+  have returned, so it is the replica's only user. Then the loop takes it back, runs the
+  continuation under the fault policy, and ticks. `detach()` waits for such a worker.
+
+Still on the loop (the design note, section 7): every fsync (the follower's before its
+acknowledgement, the leader's after sending, `.meta`, the journal's growth) and compaction. A
+catch-up send is sliced (`kvs.raft.loop_replica`); host names resolve off the loop
+(`kvs.raft.resolver`).
 """
 
 from __future__ import annotations
@@ -43,8 +50,6 @@ from typing import Any, Callable
 
 import pysyncobj.syncobj
 from pysyncobj.poller import POLL_EVENT_TYPE, Poller
-
-from kvs.raft.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -62,48 +67,6 @@ def install() -> None:
 
     create_poller.kvs_loop_poller = True           # type: ignore[attr-defined]
     pysyncobj.syncobj.createPoller = create_poller
-
-
-class LoopReplica(Replica):
-    """A Replica whose poller is a LoopPoller: woken through the loop, and its commit-only
-    AppendEntries sent after the requests that the commit answers."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._SyncObj__transport.constructing = False      # binds at its first tick, on the loop
-        self._commit_send_deferred = False
-
-    def _wake(self) -> None:
-        self._poller.wake()         # (the PipeNotifier that Replica made stays unused)
-
-    def _replicate_now(self) -> None:
-        # When only the commit index moved, the AppendEntries that tells the followers (a pickle and an
-        # encryption per follower) waits one loop iteration: the requests this commit resolved run
-        # first and write their responses. New entries still leave at once.
-        if (self._isLeader() and self._SyncObj__raftLog[-1][1] == self._sent_log_index
-                and self.raftCommitIndex != self._sent_commit_index):
-            if not self._commit_send_deferred:
-                self._commit_send_deferred = True
-                self._poller.call_soon(self._send_deferred_commit)
-            return
-        super()._replicate_now()
-
-    def _send_deferred_commit(self) -> None:
-        self._commit_send_deferred = False
-        if self.journal_failure is None:
-            Replica._replicate_now(self)
-
-    def run_handlers(self, dispatch: Callable[[], None]) -> bool:
-        """PySyncObj's message handlers, under the disk fault policy that `Replica._onTick` applies to
-        them on a tick thread. False once halted (nothing ran): its sockets go unread."""
-        if self.journal_failure is not None:
-            return False
-        try:
-            dispatch()
-        except Exception:
-            if self.journal_failure is None:
-                raise
-        return self.journal_failure is None
 
 
 # PySyncObj's event bits and epoll's; HUP reads as ERROR, as PySyncObj's PollPoller reports it.
@@ -129,6 +92,9 @@ class LoopPoller(Poller):
         self._tick: Callable[[], None] | None = None
         self._handle: Callable[[Callable[[], None]], bool] | None = None
         self._attached = False
+        self._offloaded = False     # a worker thread owns the replica for now (run_off_loop)
+        self._worker: threading.Thread | None = None
+        self._work_due: tuple[Callable[[], None], Callable[[], None]] | None = None  # started after the handlers
         self._closing = False
         self._ticking = False
         self._tick_scheduled = False
@@ -172,6 +138,12 @@ class LoopPoller(Poller):
     def detach(self) -> None:
         """Take the replica back from the loop; returns once no tick or handler of it can run any more."""
         self._closing = True                # an attach still queued does nothing
+        try:
+            self._detach_from_loop()
+        finally:
+            self._join_worker()
+
+    def _detach_from_loop(self) -> None:
         if self._in_loop_thread() or self._loop.is_closed():
             self._detach()
             return
@@ -199,11 +171,20 @@ class LoopPoller(Poller):
     def close(self) -> None:
         self._epoll.close()
 
+    def _join_worker(self) -> None:
+        # A worker that has the replica (run_off_loop) is done with it before its closer takes it.
+        worker = self._worker
+        # It is bounded by local work (reading one snapshot file); it is waited for, however long.
+        while worker is not None and worker is not threading.current_thread() and worker.is_alive():
+            worker.join(_WAIT_SECONDS)
+            if worker.is_alive():
+                log.warning("closing a Raft replica: still waiting for its worker thread (%s)", worker.name)
+
     def _attach(self) -> None:
         if self._closing or self._attached:
             return
         self._attached = True
-        self._loop.add_reader(self._epoll.fileno(), self._dispatch)
+        self._watch()
         self._timer = self._loop.call_later(self._period, self._periodic)
         self._run_tick()
 
@@ -211,13 +192,23 @@ class LoopPoller(Poller):
         if not self._attached:
             return
         self._attached = False
+        self._unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _watch(self) -> None:
+        self._loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    def _unwatch(self) -> None:
         try:
             self._loop.remove_reader(self._epoll.fileno())
         except (RuntimeError, ValueError, OSError):
             pass            # a closed loop
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+
+    def _owned(self) -> bool:
+        """The loop runs this replica now: attached, and no worker has it."""
+        return self._attached and not self._offloaded
 
     def _in_loop_thread(self) -> bool:
         return asyncio._get_running_loop() is self._loop
@@ -236,7 +227,7 @@ class LoopPoller(Poller):
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """On the loop: `fn()` at the loop's next iteration, while this replica is attached."""
-        self._loop.call_soon(lambda: self._attached and fn())
+        self._loop.call_soon(lambda: self._owned() and fn())
 
     def tick_now(self) -> None:
         """On the loop: tick at once (the proposals just queued are appended and sent in this call)."""
@@ -262,7 +253,7 @@ class LoopPoller(Poller):
         self._run_tick()
 
     def _run_tick(self) -> None:
-        if not self._attached or self._tick is None:
+        if not self._owned() or self._tick is None:
             return
         self._ticking = True
         try:
@@ -275,16 +266,20 @@ class LoopPoller(Poller):
     def _dispatch(self) -> None:
         """The epoll set is readable: PySyncObj's handlers for what is ready, then one tick (as the
         thread's next tick followed its `poll`)."""
-        if not self._attached or self._handle is None:
+        self._handle_then_tick(self._dispatch_events)
+
+    def _handle_then_tick(self, handlers: Callable[[], None]) -> None:
+        if not self._owned() or self._handle is None:
             return
         self._ticking = True
         try:
-            running = self._handle(self._dispatch_events)
+            running = self._handle(handlers)
         except Exception:
             log.exception("a Raft message handler failed")
             running = True
         finally:
             self._ticking = False
+            self._start_worker()
         if not running:
             # Halted (its journal failed): it reads no socket any more, as a halted tick thread never
             # polled; its node closes it. Without this the level-triggered set would spin the loop.
@@ -298,6 +293,61 @@ class LoopPoller(Poller):
         except OSError:
             return
         for descr, event in events:
+            if self._offloaded:
+                return          # a handler gave the replica to a worker: the rest waits (level-triggered)
             callback = self._callbacks.get(descr)
             if callback is not None:
                 callback(descr, _from_epoll(event))
+
+    # -- work off the loop ---------------------------------------------------------------
+
+    def run_off_loop(self, work: Callable[[], None], then: Callable[[], None]) -> None:
+        """On the loop, from a handler: `work()` runs on a worker thread, which owns the replica from
+        when the handlers running now have returned; the loop neither reads its sockets nor ticks it
+        from now on. Then, back on the loop, `then()` runs under the replica's fault policy, followed
+        by what arrived meanwhile and a tick (or the replica is detached, if it halted). Anything
+        `work` raises is logged."""
+        if not self._owned() or self._work_due is not None:
+            raise RuntimeError("run_off_loop: the loop does not own this replica")
+        self._offloaded = True
+        self._unwatch()
+        self._work_due = (work, then)
+
+    def _start_worker(self) -> None:
+        due, self._work_due = self._work_due, None
+        if due is None:
+            return
+        worker = threading.Thread(target=self._work, args=due, daemon=True, name="raft-off-loop")
+        try:
+            worker.start()
+        except RuntimeError:
+            # No thread to be had: do the work here, late rather than never (the loop waits meanwhile).
+            log.exception("cannot start a thread for a Raft replica's work: doing it on the loop")
+            self._work(*due)
+            return
+        self._worker = worker
+
+    def _work(self, work: Callable[[], None], then: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:
+            log.exception("a Raft replica's work off the loop failed")
+        finally:
+            try:
+                self._loop.call_soon_threadsafe(self._resume, then)
+            except RuntimeError:
+                pass        # the loop is closed: the node is stopping, and detach() takes it from here
+
+    def _resume(self, then: Callable[[], None]) -> None:
+        self._offloaded = False
+        if not self._attached:
+            return          # detached meanwhile: its closer owns it
+        self._watch()
+
+        def handlers() -> None:
+            then()
+            # Then what arrived meanwhile (the leader's heartbeats, say), before the tick: a follower
+            # busy for longer than its election timeout must not take the wait for a lost leader.
+            if not self._offloaded:
+                self._dispatch_events()
+        self._handle_then_tick(handlers)

@@ -156,3 +156,22 @@ def test_kvs_raft_on_loop_puts_a_nodes_shard_groups_on_its_loop_and_leaves_the_m
     finally:
         shard.close()
         meta.close()
+
+
+def test_a_failure_that_repeats_on_every_tick_is_logged_once_a_minute_with_a_count(caplog):
+    from kvs.raft import loop_poller
+    clock = [1000.0]
+    failures = loop_poller._FailureLog(clock=lambda: clock[0])
+    for _ in range(50):
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            failures.report("a Raft tick failed")
+    clock[0] += loop_poller._FailureLog.INTERVAL + 1
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failures.report("a Raft tick failed")
+    messages = [r.getMessage() for r in caplog.records if r.name == loop_poller.__name__]
+    assert messages == ["a Raft tick failed", "a Raft tick failed (49 more since the last report)"]
+    assert all(r.exc_info for r in caplog.records if r.name == loop_poller.__name__)

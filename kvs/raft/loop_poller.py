@@ -82,6 +82,27 @@ def _from_epoll(events: int) -> int:
     return sum(event for event, bits in _EPOLL_BITS if events & bits)
 
 
+class _FailureLog:
+    """Logs a failure with its traceback the first time, then at most once a minute with a count: a
+    tick that keeps failing runs 50 times a second, and a log line each time would fill the disk."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._next = 0.0
+        self._suppressed = 0
+
+    def report(self, what: str) -> None:
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        suffix = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+        log.exception("%s%s", what, suffix)
+        self._next, self._suppressed = now + self.INTERVAL, 0
+
+
 class LoopPoller(Poller):
     binds_at_first_tick = True      # read by RaftTransport: see LoopReplica.__init__
     def __init__(self, loop: asyncio.AbstractEventLoop, period: float):
@@ -99,13 +120,17 @@ class LoopPoller(Poller):
         self._ticking = False
         self._tick_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
+        self._failures = _FailureLog()
 
     # -- PySyncObj's Poller ------------------------------------------------------------------
 
     def subscribe(self, descr: int, callback: Callable[[int, int], None], eventMask: int) -> None:
         events = _to_epoll(eventMask)
         try:
-            self._epoll.modify(descr, events) if descr in self._callbacks else self._epoll.register(descr, events)
+            if descr in self._callbacks:
+                self._epoll.modify(descr, events)
+            else:
+                self._epoll.register(descr, events)
         except FileExistsError:
             self._epoll.modify(descr, events)     # a reused number whose old socket was never unsubscribed
         except FileNotFoundError:
@@ -259,7 +284,7 @@ class LoopPoller(Poller):
         try:
             self._tick()
         except Exception:
-            log.exception("a Raft tick failed")     # as PySyncObj's tick thread does; the next tick retries
+            self._failures.report("a Raft tick failed")    # the next tick retries, as on PySyncObj's thread
         finally:
             self._ticking = False
 
@@ -275,7 +300,7 @@ class LoopPoller(Poller):
         try:
             running = self._handle(handlers)
         except Exception:
-            log.exception("a Raft message handler failed")
+            self._failures.report("a Raft message handler failed")
             running = True
         finally:
             self._ticking = False

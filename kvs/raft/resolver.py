@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def _lookup(host: str, family: int | None) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError, OSError) as exc:
+    except (OSError, UnicodeError) as exc:          # socket.gaierror is an OSError
         log.warning("cannot resolve %s: %s", host, exc)
         return []
     preferred = sorted({info[4][0] for info in infos if family is None or info[0] == family})
@@ -75,7 +75,6 @@ class BackgroundResolver:
         self._queued: set[str] = set()
         self._requests: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.lookups = 0            # getaddrinfo calls made (for tests)
 
     # -- PySyncObj's interface ------------------------------------------------------------
 
@@ -96,14 +95,15 @@ class BackgroundResolver:
         when stale), or None while nothing is known."""
         if _is_ip(hostname):
             return hostname
+        on_loop = _on_event_loop()
         now = time.monotonic()
         with self._lock:
             entry = self._cache.get(hostname)
             stale = entry is None or now - entry[0] > (self._cache_seconds if entry[2] else self._fail_cache_seconds)
-            if stale and (entry is not None or _on_event_loop()):
+            if stale and (entry is not None or on_loop):
                 self._request(hostname)
-        if entry is None and not _on_event_loop():
-            self._store(hostname, self._resolve_now(hostname))
+        if entry is None and not on_loop:
+            self._store(hostname, self._lookup(hostname, self._family))
             entry = self._cache[hostname]
         ips = entry[1] if entry is not None else []
         return random.choice(ips) if ips else None
@@ -120,7 +120,7 @@ class BackgroundResolver:
                 entry = self._cache.get(host)
                 if entry is not None and entry[2]:
                     continue
-            self._store(host, self._resolve_now(host))
+            self._store(host, self._lookup(host, self._family))
 
     def _request(self, host: str) -> None:
         # Under the lock.
@@ -136,15 +136,11 @@ class BackgroundResolver:
         while True:
             host = self._requests.get()
             try:
-                ips = self._resolve_now(host)
+                ips = self._lookup(host, self._family)
             except Exception:           # _lookup catches what getaddrinfo raises; an injected one may not
                 log.exception("resolving %s failed", host)
                 ips = []
             self._store(host, ips, done=True)
-
-    def _resolve_now(self, host: str) -> list[str]:
-        self.lookups += 1
-        return self._lookup(host, self._family)
 
     def _store(self, host: str, ips: list[str], done: bool = False) -> None:
         with self._lock:

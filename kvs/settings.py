@@ -20,6 +20,7 @@ setting (KVS_RAFT_PORT_OFFSET): every node must use the same value.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ def parse_view(text: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
+@functools.lru_cache(maxsize=4096)     # on every key request's path (`Node.leader_address`): parsing is the cost
 def raft_address(http_address: str, slot: int, offset: int) -> str:
     """The Raft address of the replica in `slot` of the node at `http_address`."""
     host, port = parse_address(http_address)

@@ -10,8 +10,10 @@ import asyncio
 
 import pytest
 
+from kvs.errors import Unavailable
 from kvs.fsm.base import Invalid
 from kvs.fsm.shard import Deleted, Mismatch, NotOwned, Written
+from kvs.routing.keys import KeyRouter
 from kvs.routing.peers import PeerResponse, PeerUnreachable
 from kvs.routing.write_batches import (LeaderChannel, command_from_json, command_to_json, result_from_json,
                                        result_to_json)
@@ -106,3 +108,36 @@ def test_a_leader_that_cannot_be_reached_hands_every_write_back():
         assert await asyncio.gather(*writes) == [None, None, None]
 
     asyncio.run(scenario())
+
+
+class _Group:
+    failure = None
+
+
+class _Node:
+    def group(self, shard_id):
+        return _Group() if shard_id == "1" else None
+
+
+class _Replica:
+    """Fails the commands whose key is "down" with Unavailable, answers the others."""
+
+    async def execute(self, command, deadline):
+        if command[2] == "down":
+            raise Unavailable("no commit before the deadline")
+        return Written(False, 1)
+
+
+@pytest.mark.parametrize("keys", [["down"], ["k"], ["k", "down", "k"]])
+def test_the_leader_answers_each_write_of_a_batch_lone_or_not_with_its_result_or_its_error(keys):
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        router = KeyRouter(_Node(), None, loop)
+        router._loop_group = lambda group: _Replica()
+        return await router.write_batch("1", [("put", f"r{i}", k, "v") for i, k in enumerate(keys)],
+                                        loop.time() + 60)
+
+    outcomes = asyncio.run(scenario())
+    assert [type(o) for o in outcomes] == [Unavailable if k == "down" else Written for k in keys]
+    assert [result_from_json(result_to_json(o)) for o in outcomes] == \
+        [None if k == "down" else Written(False, 1) for k in keys]      # "unavailable": the follower proposes it

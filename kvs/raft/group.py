@@ -204,6 +204,10 @@ class RaftGroup:
         """The ReadIndex request itself, for callers that wait their own way (the event loop)."""
         self._replica.read_index(callback)
 
+    def hold_commit_send(self) -> None:
+        """On the tick thread, from a commit callback: see `Replica.hold_commit_send`."""
+        self._replica.hold_commit_send()
+
     def tick_now(self) -> None:
         """On the event loop, for a group that ticks there: append and send what was just proposed."""
         if self._poller is not None:

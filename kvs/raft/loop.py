@@ -125,13 +125,19 @@ class LoopGroup:
             waiting = [(future, deadline) for _, future, deadline in chunk]
             self._waiting.update(waiting)
             self.group.propose(("batch", [command for command, _, _ in chunk]),
-                               lambda result, error, waiting=waiting: self._from_tick(self._wrote, waiting,
-                                                                                       result, error))
+                               lambda result, error, waiting=waiting: self._committed(waiting, result, error))
         if self._reads:
             reads, self._reads = self._reads, []
             self._waiting.update(reads)
             self.group.read_index(lambda ok, reads=reads: self._from_tick(self._read_ready, reads, ok, None))
         self.group.tick_now()           # a group on the loop appends and sends them now (else a no-op)
+
+    def _committed(self, waiting: list, result: Any, error: Any) -> None:
+        if asyncio._get_running_loop() is not self._loop:
+            # On the tick thread: no AppendEntries leaves for this commit index alone; the next one carries it
+            # (`Replica.hold_commit_send`), and the loop, waiting for the GIL to answer, gets it sooner.
+            self.group.hold_commit_send()
+        self._from_tick(self._wrote, waiting, result, error)
 
     def _from_tick(self, handler: Callable, waiting: list, result: Any, error: Any) -> None:
         """On the thread that ticks the replica: hand the outcome of a whole batch to the loop in one call

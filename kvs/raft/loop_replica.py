@@ -68,8 +68,7 @@ class LoopReplica(Replica):
         # When only the commit index moved, the AppendEntries that tells the followers (a pickle and an
         # encryption per follower) waits one loop iteration: the requests this commit resolved run
         # first and write their responses. New entries still leave at once.
-        if (self._isLeader() and self._SyncObj__raftLog[-1][1] == self._sent_log_index
-                and self.raftCommitIndex != self._sent_commit_index):
+        if self._isLeader() and self._replication.only_commit_moved():
             if not self._commit_send_deferred:
                 self._commit_send_deferred = True
                 self._poller.call_soon(self._send_deferred_commit)

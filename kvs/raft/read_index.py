@@ -117,8 +117,7 @@ class ReadIndex:
                 self._confirm()
         elif kind == INDEX_REQUEST:
             rid = message.get("id")
-            answer = lambda index, node=node, rid=rid: self._send(node, {"type": INDEX_REPLY, "id": rid,
-                                                                            "index": index})
+            answer = lambda index, node=node, rid=rid: self._answer(node, rid, index)
             if raft._isLeader():
                 self._start_round([answer], time.monotonic())
             else:
@@ -212,6 +211,13 @@ class ReadIndex:
     def _hand_out(takers: list[IndexConsumer], index: int | None) -> None:
         for take in takers:
             take(index)
+
+    def _answer(self, node: Any, rid: Any, index: int | None) -> None:
+        if index is not None:
+            # the follower waits to apply `index`: a commit index the leader held back leaves first
+            # (on the same connection, so it arrives before the answer)
+            self._raft.send_held_commit()
+        self._send(node, {"type": INDEX_REPLY, "id": rid, "index": index})
 
     def _send(self, node: Any, message: dict) -> None:
         self._raft._SyncObj__transport.send(node, message)

@@ -10,10 +10,11 @@ waiting instead, with six documented changes that touch PySyncObj internals
 
 1. Wake-up: submitting a command writes to a pipe the tick thread polls, so the
    command enters the log at once instead of at the next tick.
-2. Immediate replication: at the end of every tick, if the leader's log or
-   commit index moved since it last sent AppendEntries, it sends them now. One
-   message per follower covers everything queued in that tick (batching), and
-   followers learn commit indexes without waiting for a heartbeat.
+2. Immediate replication (`kvs.raft.replication`): at the end of every tick,
+   if the leader's log or commit index moved since it last sent AppendEntries,
+   it sends them now, one message per follower for everything queued in that
+   tick; a commit index that the event loop's requests wait for rides on the
+   next AppendEntries instead of a message of its own.
 3. No nextIndex regression: on a successful AppendEntries reply PySyncObj sets
    the follower's nextIndex back to the acknowledged position even when newer
    entries are already in flight, so it re-sends them with an older
@@ -147,6 +148,7 @@ from kvs.raft.disk import JournalFailure, fsync_file_and_directory
 from kvs.raft.joiner import JoinerQuorum
 from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
 from kvs.raft.read_index import ReadIndex
+from kvs.raft.replication import Replication
 from kvs.raft.transport import GROUP_FIELD, RaftTransport
 
 
@@ -166,8 +168,7 @@ class Replica(SyncObj):
         self._refused: tuple[tuple, int] | None = None    # change 4: ((term, leader), hint) of the last refusal
         self._state = state
         self._on_applied = on_applied
-        self._sent_log_index = 0
-        self._sent_commit_index = 0
+        self._replication = Replication(self)       # change 2
         self._wakeup: PipeNotifier | None = None
         self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
         self._joining = JoinerQuorum(self)          # change 6
@@ -215,18 +216,19 @@ class Replica(SyncObj):
                 self._wakeup.notify()
             except BlockingIOError:
                 pass        # the pipe is full: a wake-up is pending already (a tick thread that lags or halted)
+            except OSError:
+                pass        # the replica was closed meanwhile (a late wake from the loop): nothing to wake
 
-    # -- change 2: replicate at the end of the tick ------------------------------
+    # -- change 2: replicate at the end of the tick (kvs.raft.replication) ------
+
+    def hold_commit_send(self) -> None:     # from a commit callback whose requests the event loop answers
+        self._replication.hold()
+
+    def send_held_commit(self) -> None:     # before a follower is told a read index (kvs.raft.read_index)
+        self._replication.send_held()
 
     def _replicate_now(self) -> None:
-        if not self._isLeader():
-            return
-        last_index = self._SyncObj__raftLog[-1][1]
-        commit_index = self.raftCommitIndex
-        if last_index != self._sent_log_index or commit_index != self._sent_commit_index:
-            self._SyncObj__sendAppendEntries()
-            self._sent_log_index = last_index
-            self._sent_commit_index = commit_index
+        self._replication.send()
 
     # -- change 3: never move nextIndex backwards on success ---------------------
 

@@ -174,6 +174,11 @@ class KeyRouter:
             epoch = self._node.epoch
             raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number if epoch else 0)
         replica = self._loop_group(group)
+        if len(commands) == 1:              # a lone write (a follower at one client): no task to gather
+            try:
+                return [await replica.execute(commands[0], deadline)]
+            except Exception as exc:        # as gather(return_exceptions=True) reports it
+                return [exc]
         return await asyncio.gather(*(replica.execute(c, deadline) for c in commands), return_exceptions=True)
 
     async def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,

@@ -227,6 +227,9 @@ class ProcessDriver(ClusterDriver):
     def kill(self, node: str) -> None:
         self._cluster.kill(node)
 
+    def data_dir(self, node: str) -> str:
+        return self._cluster.nodes[node].data_dir
+
     def start_node(self, node: str) -> None:
         self._cluster.start_node(node)
 

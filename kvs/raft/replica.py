@@ -216,8 +216,6 @@ class Replica(SyncObj):
                 self._wakeup.notify()
             except BlockingIOError:
                 pass        # the pipe is full: a wake-up is pending already (a tick thread that lags or halted)
-            except OSError:
-                pass        # the replica was closed meanwhile (a late wake from the loop): nothing to wake
 
     # -- change 2: replicate at the end of the tick (kvs.raft.replication) ------
 

@@ -28,8 +28,8 @@ REQUEST_SECONDS = Histogram("kvs_http_request_duration_seconds",
                             ["endpoint", "code"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 FORWARDS = Counter("kvs_forwards_total",
                    "Requests this node sent on to another node: 'forward' (a key of a shard served elsewhere), "
-                   "'reroute' (a key that moved: routed again by a newer epoch), 'leader' (a follower's writes "
-                   "sent to its leader in a batch)", ["kind"], registry=REGISTRY)
+                   "'reroute' (a key that moved: routed again by a newer epoch), 'leader' (a write a follower "
+                   "had its leader propose)", ["kind"], registry=REGISTRY)
 PROPOSALS_FAILED = Counter("kvs_proposals_failed_total",
                            "Raft proposals that did not commit before their deadline, by group",
                            ["group"], registry=REGISTRY)

@@ -216,7 +216,6 @@ def test_a_value_with_a_lone_surrogate_is_a_400_and_digests_still_work(cluster):
     ("/internal/epochs", b'{"active": {"number": 99}}'),
     ("/internal/epochs", b'[1, 2]'),
     ("/internal/metadata", b'{"member": "yes"}'),
-    ("/internal/writes/1", b'{"commands": [["drop", "r", "k"]]}'),
 ])
 def test_signed_malformed_bodies_on_internal_endpoints_are_a_400(cluster, path, body):
     node = cluster.replicas_of("1")[0]

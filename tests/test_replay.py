@@ -9,13 +9,12 @@ anew) is still accepted, and still applied once.
 
 The first tests are units (sign/verify, the nonce cache); the rest run against
 real processes of a secured cluster and cover every receiver: the key path
-and the followers' write batches (event loop), the internal and public Flask
+(event loop), the internal and public Flask
 routes (worker threads).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -167,9 +166,8 @@ def secured(tmp_path_factory):
 def receivers(cluster) -> list[tuple[str, str, bytes]]:
     """One request per receiving path of a node: (method, path, body), each accepted once with a 200/201."""
     key = keys_of_shard(cluster, "1", 1, prefix="replay")[0]
-    batch = json.dumps({"commands": [["put", uuid.uuid4().hex, key, "batched"]]}).encode()
     return [("PUT", f"/kvs/keys/{key}", b'{"value": "v"}'), ("GET", f"/kvs/keys/{key}", b""),
-            ("POST", "/internal/writes/1", batch), ("GET", "/internal/status", b""),
+            ("GET", "/internal/status", b""),
             ("GET", "/kvs/shards/1", b"")]
 
 

@@ -28,12 +28,12 @@ import json
 import uuid
 from urllib.parse import unquote
 
-from kvs.errors import BadRequest, Unauthorized
+from kvs.errors import BadRequest
 from kvs.http.aio import Request, Response
 from kvs.http.batches import BatchRequests, is_batch
 from kvs.http.common import PeerAuth, error_reply, parse_body, request_deadline
 from kvs.logs import REQUEST_ID_HEADER
-from kvs.routing import peers, write_batches
+from kvs.routing import peers
 from kvs.routing.batches import BatchRouter
 from kvs.routing.keys import KeyRouter
 from kvs.routing.replies import Reply, etag
@@ -59,10 +59,10 @@ def decoded_path(raw: str) -> str | None:
 
 def is_fast(method: str, raw_path: str) -> bool:
     """Served on the loop (the server's `fast_paths`): key requests, seed 004's batches and their
-    forwarded parts, followers' write batches."""
+    forwarded parts."""
     if raw_path.startswith(KEYS_PREFIX):
         return len(raw_path) > len(KEYS_PREFIX)
-    return is_batch(method, raw_path) or (raw_path.startswith(write_batches.ROUTE) and method == "POST")
+    return is_batch(method, raw_path)
 
 
 def refusal(status: int, error: str, method: str, raw_path: str) -> Response:
@@ -85,29 +85,9 @@ class KeyRequests:
         self._batches = BatchRequests(settings, BatchRouter(router.node, router), peer_auth, self._new_id)
 
     async def __call__(self, request: Request) -> Response:
-        if request.path.startswith(write_batches.ROUTE):
-            return await self._write_batch(request)
         if is_batch(request.method, request.path):
             return await self._batches(request)
         return await self._key_request(request)
-
-    async def _write_batch(self, request: Request) -> Response:
-        """POST /internal/writes/<shard>: a follower's writes, proposed here (kvs.routing.write_batches)."""
-        path = decoded_path(request.path) or request.path
-        try:
-            if not self._peer_auth.is_forwarded(request.headers, request.method, path, request.query,
-                                                request.body, _host(request)):
-                raise Unauthorized("internal endpoints are for nodes only")
-            try:
-                commands = [write_batches.command_from_json(row) for row in parse_body(request.body)["commands"]]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise BadRequest(f"malformed write batch: {exc}") from None
-            outcomes = await self._router.write_batch(path[len(write_batches.ROUTE):], commands,
-                                                      request_deadline(self._settings, request.headers))
-            reply = Reply(200, {"results": [write_batches.result_to_json(o) for o in outcomes]})
-        except Exception as exc:
-            reply = error_reply(exc, request.method, path)
-        return Response.json(reply.status, reply.body)
 
     async def _key_request(self, request: Request) -> Response:
         method = request.method

@@ -29,7 +29,7 @@ from kvs.logs import REQUEST_ID_HEADER
 from kvs.metrics import CONTENT_TYPE, exposition
 from kvs.routing import peers
 
-INTERNAL_BODY_BYTES = 256 << 20   # node-to-node transfers: installs, write batches (kvs.server)
+INTERNAL_BODY_BYTES = 256 << 20   # node-to-node transfers: installs, batches (kvs.server)
 
 shards = Blueprint("shards", __name__)
 ops = Blueprint("ops", __name__)

@@ -204,6 +204,11 @@ class RaftGroup:
         """The ReadIndex request itself, for callers that wait their own way (the event loop)."""
         self._replica.read_index(callback)
 
+    def forward(self, commands: list, callback: Callable[[list | None], None]) -> None:
+        """A follower's writes, proposed by its leader (kvs.raft.forwarding); `callback(results)` runs on
+        the tick thread, with None if the leader did not take them (the caller proposes them itself)."""
+        self._replica.forward(commands, callback)
+
     def hold_commit_send(self) -> None:
         """On the tick thread, from a commit callback: see `Replica.hold_commit_send`."""
         self._replica.hold_commit_send()
@@ -330,5 +335,5 @@ class RaftGroup:
             self._poller.close()
         else:
             self._replica.destroy_synchronous()
-        self._replica.fail_reads()
+        self._replica.fail_waiting()
         self._codec.close()         # after the tick thread: no rename can follow this

@@ -13,6 +13,9 @@ and a Raft log entry per request; instead:
   and those that mean "maybe applied" are both retried with the same command
   (its request id makes a retry of an applied write return the first
   outcome) until the deadline, then `Unavailable`.
+* A follower's writes (`forward`) that arrive during one iteration go to the
+  leader together (`kvs.raft.forwarding`), and their results come back to
+  the loop in one call, as a batch's do.
 * Reads that arrive during one iteration share one ReadIndex request
   (`kvs.raft.read_index`); once it says the replica may be read, every
   waiting read runs on the local state.
@@ -41,6 +44,7 @@ SWEEP_SECONDS = 0.05
 _RETRY_BACKOFF = (0.005, 0.2)
 _TIMED_OUT = -1            # an outcome code of ours: the deadline passed while waiting
 _HALTED = -2               # another: the replica halted while the request waited
+_NOT_TAKEN = -3            # and another: the leader did not take a forwarded write
 
 
 class LoopGroup:
@@ -48,6 +52,7 @@ class LoopGroup:
         self.group = group
         self._loop = loop
         self._writes: list[tuple[tuple, asyncio.Future, float]] = []
+        self._forwards: list[tuple[tuple, asyncio.Future, float]] = []
         self._reads: list[tuple[asyncio.Future, float]] = []
         self._waiting: set[tuple[asyncio.Future, float]] = set()
         self._flush_scheduled = False
@@ -82,6 +87,19 @@ class LoopGroup:
             self._check_running()
             await asyncio.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
             backoff = min(backoff * 2, _RETRY_BACKOFF[1])
+
+    async def forward(self, command: tuple, deadline: float) -> Any | None:
+        """On a follower: `command` proposed by the leader (kvs.raft.forwarding, batched with its
+        neighbours); its result, or None if the leader did not take it (then propose it with `execute`:
+        the same request id makes a write applied twice return its first outcome)."""
+        if time.monotonic() >= deadline:
+            return None
+        self._check_running()
+        future = self._loop.create_future()
+        self._forwards.append((command, future, deadline))
+        self._schedule_flush()
+        result, error = await future
+        return result if error == FAIL_REASON.SUCCESS else None
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -126,6 +144,13 @@ class LoopGroup:
             self._waiting.update(waiting)
             self.group.propose(("batch", [command for command, _, _ in chunk]),
                                lambda result, error, waiting=waiting: self._committed(waiting, result, error))
+        forwards, self._forwards = self._forwards, []
+        for start in range(0, len(forwards), MAX_BATCH):
+            chunk = forwards[start:start + MAX_BATCH]
+            waiting = [(future, deadline) for _, future, deadline in chunk]
+            self._waiting.update(waiting)
+            self.group.forward([command for command, _, _ in chunk],
+                               lambda results, waiting=waiting: self._from_tick(self._forwarded, waiting, results, None))
         if self._reads:
             reads, self._reads = self._reads, []
             self._waiting.update(reads)
@@ -158,6 +183,13 @@ class LoopGroup:
             if not future.done():
                 future.set_result((result[i], FAIL_REASON.SUCCESS) if ok else (None, error))
 
+    def _forwarded(self, waiting: list, results: list | None, _: Any) -> None:
+        ok = isinstance(results, list) and len(results) == len(waiting)
+        for i, item in enumerate(waiting):
+            self._waiting.discard(item)
+            if not item[0].done():
+                item[0].set_result((results[i], FAIL_REASON.SUCCESS) if ok else (None, _NOT_TAKEN))
+
     def _read_ready(self, waiting: list, ok: bool, _: Any) -> None:
         for item in waiting:
             self._waiting.discard(item)
@@ -173,13 +205,14 @@ class LoopGroup:
             if not item[0].done():
                 item[0].set_result((None, _HALTED if halted else _TIMED_OUT))
         self._sweeper = None
-        if self._waiting or self._writes or self._reads:
+        if self._waiting or self._writes or self._forwards or self._reads:
             self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def close(self) -> None:
         """Every waiting request gets its answer now (Unavailable): the replica is going away."""
-        for item in list(self._waiting) + [(f, d) for _, f, d in self._writes] + self._reads:
+        queued = [(f, d) for _, f, d in self._writes + self._forwards]
+        for item in list(self._waiting) + queued + self._reads:
             if not item[0].done():
                 item[0].set_result((None, _TIMED_OUT))
         self._waiting.clear()
-        self._writes, self._reads = [], []
+        self._writes, self._forwards, self._reads = [], [], []

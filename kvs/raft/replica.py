@@ -1,134 +1,112 @@
 """Replica: PySyncObj's SyncObj driving one pure state machine, with low-latency commits.
 
-PySyncObj 0.3.17 (pinned) commits on timer ticks: a command waits in a queue
-for the tick thread to wake (`autoTickPeriod`), then for the next batch of
-AppendEntries (`appendEntriesPeriod`), so a write takes ~100 ms with the
-defaults. Its unbatched mode is fast but makes followers truncate and rewrite
-already-acknowledged entries. This subclass keeps batching on and removes the
-waiting instead, with six documented changes that touch PySyncObj internals
-(name-mangled attributes of SyncObj; re-check them when upgrading):
+PySyncObj 0.3.17 (pinned) commits on timer ticks: a command waits in a queue for the tick thread to
+wake (`autoTickPeriod`), then for the next batch of AppendEntries (`appendEntriesPeriod`), so a
+write takes ~100 ms with the defaults. Its unbatched mode is fast but makes followers truncate and
+rewrite already-acknowledged entries. This subclass keeps batching on and removes the waiting
+instead, with six documented changes that touch PySyncObj internals (name-mangled attributes of
+SyncObj; re-check them when upgrading):
 
-1. Wake-up: submitting a command writes to a pipe the tick thread polls, so the
-   command enters the log at once instead of at the next tick.
-2. Immediate replication (`kvs.raft.replication`): at the end of every tick,
-   if the leader's log or commit index moved since it last sent AppendEntries,
-   it sends them now, one message per follower for everything queued in that
-   tick; a commit index that the event loop's requests wait for rides on the
-   next AppendEntries instead of a message of its own.
-3. No nextIndex regression: on a successful AppendEntries reply PySyncObj sets
-   the follower's nextIndex back to the acknowledged position even when newer
-   entries are already in flight, so it re-sends them with an older
-   prevLogIndex (the follower then had to skip what it already holds, see 4).
-   We keep nextIndex at the furthest point already sent; a follower that
-   really lacks entries answers with `reset`, which still works. matchIndex
-   never moves back either: PySyncObj raises it only.
-4. Truncation only on a real conflict (`kvs.raft.append_entries`): PySyncObj
-   deletes every entry after an AppendEntries' prevLogIndex whenever the
-   follower's log is longer, so a late or duplicated message made a follower
-   drop entries it had acknowledged. Every `append_entries` of the current
-   term is screened before PySyncObj's handler sees it: the entries the
-   follower holds are skipped, so PySyncObj truncates at the first entry of
-   another term or not at all; when all match and the log goes on, PySyncObj
-   gets the message without prevLogIndex (it then does the term, leader,
-   timer and commit part only) and we answer success up to the last verified
-   entry ourselves. The commit index a message sets is capped at the last
-   entry it verified, and a snapshot chunk commits nothing. A message that does
-   not match is refused by the replica, with a hint that skips the conflicting
-   term (down to the commit index) and never rises until a message matches:
-   PySyncObj's hints, answering messages sent meanwhile, undid every step back
-   (soak seed 33).
-5. Learners: a replica opened with `learner=True` is PySyncObj's read-only
-   node (no address of its own: it connects to every member, which take it
-   for a read-only peer). The leader sends it the log and snapshots like a
-   follower's, but it never votes, campaigns or counts toward a commit. A node
-   added to a running group catches up this way first
-   (`kvs.reconfig.shard_membership` proposes its membership only once it has),
-   so the group's quorum never waits for a member that is still receiving the
-   snapshot. When its own address appears in the configuration it has
-   applied (`promoted`), its node closes it and opens a voting replica on the
-   same directory (`kvs.node`). Its `peers` are the members as far as its
-   node knows them (the configuration it replays the log's changes onto:
-   nobody else, or a node that is only planned would look like a member);
-   `also_connect` names the planned ones, which it connects to without
-   counting them (the leader may be one, after a hand-over or an election).
-   It stays connected to both, whatever the membership entries it replays
-   say: one that removed the replica leading now (a later entry adds it back)
-   made PySyncObj drop that connection, and the learner waited forever.
-   The voting replica a learner becomes (`hold_election`) does not campaign
-   until it has heard a leader: PySyncObj has no pre-vote, and a replica whose
-   load takes longer than the election timeout would otherwise depose the
-   leader that has just added it.
-6. A joiner counts once it has joined (`kvs.raft.joiner`): PySyncObj counts a
-   new member from the append of the entry that adds it; here the leader that
-   proposed it counts without it, in that term, until that entry has committed
-   and the new member has acknowledged it, so a learner's reopening as a voter
-   (which waits for that entry) never holds up the group's quorum. And one change
-   at a time: a leader refuses a membership change while its previous one is
-   unapplied (PySyncObj checks for that, but never records the index).
+1. Wake-up: submitting a command writes to a pipe the tick thread polls, so the command enters the
+   log at once instead of at the next tick.
+2. Immediate replication (`kvs.raft.replication`): at the end of every tick, if the leader's log or
+   commit index moved since it last sent AppendEntries, it sends them now, one message per follower
+   for everything queued in that tick; a commit index that the event loop's requests wait for rides
+   on the next AppendEntries instead of a message of its own.
+3. No nextIndex regression: on a successful AppendEntries reply PySyncObj sets the follower's
+   nextIndex back to the acknowledged position even when newer entries are already in flight, so it
+   re-sends them with an older prevLogIndex (the follower then had to skip what it already holds,
+   see 4). We keep nextIndex at the furthest point already sent; a follower that really lacks
+   entries answers with `reset`, which still works. matchIndex never moves back either: PySyncObj
+   raises it only.
+4. Truncation only on a real conflict (`kvs.raft.append_entries`): PySyncObj deletes every entry
+   after an AppendEntries' prevLogIndex whenever the follower's log is longer, so a late or
+   duplicated message made a follower drop entries it had acknowledged. Every `append_entries` of
+   the current term is screened before PySyncObj's handler sees it: the entries the follower holds
+   are skipped, so PySyncObj truncates at the first entry of another term or not at all; when all
+   match and the log goes on, PySyncObj gets the message without prevLogIndex (it then does the
+   term, leader, timer and commit part only) and we answer success up to the last verified entry
+   ourselves. The commit index a message sets is capped at the last entry it verified, and a
+   snapshot chunk commits nothing. A message that does not match is refused by the replica, with a
+   hint that skips the conflicting term (down to the commit index) and never rises until a message
+   matches: PySyncObj's hints, answering messages sent meanwhile, undid every step back (soak seed
+   33).
+5. Learners: a replica opened with `learner=True` is PySyncObj's read-only node (no address of its
+   own: it connects to every member, which take it for a read-only peer). The leader sends it the
+   log and snapshots like a follower's, but it never votes, campaigns or counts toward a commit. A
+   node added to a running group catches up this way first (`kvs.reconfig.shard_membership` proposes
+   its membership only once it has), so the group's quorum never waits for a member that is still
+   receiving the snapshot. When its own address appears in the configuration it has applied
+   (`promoted`), its node closes it and opens a voting replica on the same directory (`kvs.node`).
+   Its `peers` are the members as far as its node knows them (the configuration it replays the log's
+   changes onto: nobody else, or a node that is only planned would look like a member);
+   `also_connect` names the planned ones, which it connects to without counting them (the leader may
+   be one, after a hand-over or an election). It stays connected to both, whatever the membership
+   entries it replays say: one that removed the replica leading now (a later entry adds it back)
+   made PySyncObj drop that connection, and the learner waited forever. The voting replica a learner
+   becomes (`hold_election`) does not campaign until it has heard a leader: PySyncObj has no
+   pre-vote, and a replica whose load takes longer than the election timeout would otherwise depose
+   the leader that has just added it.
+6. A joiner counts once it has joined (`kvs.raft.joiner`): PySyncObj counts a new member from the
+   append of the entry that adds it; here the leader that proposed it counts without it, in that
+   term, until that entry has committed and the new member has acknowledged it, so a learner's
+   reopening as a voter (which waits for that entry) never holds up the group's quorum. And one
+   change at a time: a leader refuses a membership change while its previous one is unapplied
+   (PySyncObj checks for that, but never records the index).
 
-The replicated method `_apply` is the only entry to the state machine; it
-delegates to `state.apply`, which is pure and never raises.
+The replicated method `_apply` is the only entry to the state machine; it delegates to
+`state.apply`, which is pure and never raises.
 
-Reads use the ReadIndex protocol (`kvs.raft.read_index`), whose messages
-travel on PySyncObj's transport beside its own and are handled here before
-PySyncObj sees them; its rounds start on each tick (`read_index` wakes the
+Reads use the ReadIndex protocol (`kvs.raft.read_index`), and a follower's writes go to its leader
+by `kvs.raft.forwarding`: their messages travel on PySyncObj's transport beside its own and are
+handled here before PySyncObj sees them; both act on each tick (`read_index` and `forward` wake the
 tick thread).
 
-Outgoing Raft connections, and the order of a sync before an acknowledgement
-leaves: `kvs.raft.transport`.
+Outgoing Raft connections, and the order of a sync before an acknowledgement leaves:
+`kvs.raft.transport`.
 
-Durability (group commit; see `DurableJournal.sync`): a replica acknowledges
-only entries that are on disk, with one fsync per batch. PySyncObj appends
-without syncing; these hooks sync at the points where an entry starts to
-count toward a commit:
+Durability (group commit; see `DurableJournal.sync`): a replica acknowledges only entries that are
+on disk, with one fsync per batch. PySyncObj appends without syncing; these hooks sync at the points
+where an entry starts to count toward a commit:
 
-- Followers: their only acknowledgement is the `next_node_idx` answer, which
-  PySyncObj sends in one place (`__sendNextNodeIdx`, reached from the
-  `append_entries` handler for appended entries, a truncation or an installed
-  snapshot, and from change 4's own answer) through `self.__transport.send`,
-  i.e. `RaftTransport.send`, which syncs the journal before any message in
-  `_SYNC_BEFORE_SENDING` leaves. One
-  AppendEntries message (one batch) costs one fsync. Vote requests and votes
-  are synced too (term and vote are fsynced by the journal itself), following
-  the rule "persist, then send": cheap, as elections are rare.
-- Before an installed snapshot replaces the journal, the received snapshot
-  file and its directory are fsynced (`_SyncObj__loadDumpFile`): the journal is
-  cleared right after, and the acknowledgement follows.
-- Leader: it counts itself toward a commit in `_onTick`, at the top of the
-  tick. Its entries enter the log in two places only: `_checkCommandsToApply`
-  near the end of a tick (client commands, membership changes), and
-  `__onBecomeLeader` (the no-op), reached from the `response_vote` handler
-  during `poll` or, in a single-node group, from the election at the top of
-  `_onTick` itself, just before the commit count. Hence three syncs: right
-  after `_replicate_now` has sent AppendEntries (`_sync_after_replication`,
-  a tick callback: the leader's fsync runs while the followers do theirs,
-  instead of delaying the next tick); right after becoming leader; and at the
-  top of every tick (`_onTick`), which covers anything else written since the
-  last sync (a tick that raised half-way, a path added by a later PySyncObj),
-  so a commit computed there never counts an unsynced entry of the leader's.
-  A single-node group commits at the next tick's top, after that sync.
-- Every sync is a no-op when nothing was written since the last one, and all
-  of them run on the tick thread.
+- Followers: their only acknowledgement is the `next_node_idx` answer, which PySyncObj sends in one
+  place (`__sendNextNodeIdx`, reached from the `append_entries` handler for appended entries, a
+  truncation or an installed snapshot, and from change 4's own answer) through
+  `self.__transport.send`, i.e. `RaftTransport.send`, which syncs the journal before any message in
+  `_SYNC_BEFORE_SENDING` leaves. One AppendEntries message (one batch) costs one fsync. Vote
+  requests and votes are synced too (term and vote are fsynced by the journal itself), following the
+  rule "persist, then send": cheap, as elections are rare.
+- Before an installed snapshot replaces the journal, the received snapshot file and its directory
+  are fsynced (`_SyncObj__loadDumpFile`): the journal is cleared right after, and the
+  acknowledgement follows.
+- Leader: it counts itself toward a commit in `_onTick`, at the top of the tick. Its entries enter
+  the log in two places only: `_checkCommandsToApply` near the end of a tick (client commands,
+  membership changes), and `__onBecomeLeader` (the no-op), reached from the `response_vote` handler
+  during `poll` or, in a single-node group, from the election at the top of `_onTick` itself, just
+  before the commit count. Hence three syncs: right after `_replicate_now` has sent AppendEntries
+  (`_sync_after_replication`, a tick callback: the leader's fsync runs while the followers do
+  theirs, instead of delaying the next tick); right after becoming leader; and at the top of every
+  tick (`_onTick`), which covers anything else written since the last sync (a tick that raised
+  half-way, a path added by a later PySyncObj), so a commit computed there never counts an unsynced
+  entry of the leader's. A single-node group commits at the next tick's top, after that sync.
+- Every sync is a no-op when nothing was written since the last one, and all of them run on the tick
+  thread.
 
-One group per address: every Raft message carries the name of the group that
-sent it (`GROUP_FIELD`), and a replica ignores messages of another group. Two
-groups must never share an address (`kvs.node` closes a node's stale groups
-before starting new ones), but a replica that outlived its group elsewhere (a
-node that learns late that a plan was rolled back, a member replaying its
-metadata log) could otherwise make a new group's replicas take its log, with
-the same secret. Untagged messages (from a previous version) are accepted.
+One group per address: every Raft message carries the name of the group that sent it
+(`GROUP_FIELD`), and a replica ignores messages of another group. Two groups must never share an
+address (`kvs.node` closes a node's stale groups before starting new ones), but a replica that
+outlived its group elsewhere (a node that learns late that a plan was rolled back, a member
+replaying its metadata log) could otherwise make a new group's replicas take its log, with the same
+secret. Untagged messages (from a previous version) are accepted.
 
-Disk faults (a full disk, EIO; see `DurableJournal.failure`): once a write,
-truncation or fsync of the journal or its `.meta` has failed, the journal
-refuses every change and this replica halts: `_onTick` catches the error
-(the journal logged it once, CRITICAL; PySyncObj would log a traceback on
-every tick, onto the full disk) and from then on every tick only idles, so
-no heartbeat, AppendEntries answer, vote or ReadIndex round leaves, and
-`RaftTransport.send` drops any message still on its way. The others elect a
-leader among themselves (this replica can neither campaign nor vote: it
-cannot persist a term). `RaftGroup.failure` tells the node, whose supervisor
-closes the group and reopens it from disk once the disk takes writes again
-(`kvs.raft.recovery`).
+Disk faults (a full disk, EIO; see `DurableJournal.failure`): once a write, truncation or fsync of
+the journal or its `.meta` has failed, the journal refuses every change and this replica halts:
+`_onTick` catches the error (the journal logged it once, CRITICAL; PySyncObj would log a traceback
+on every tick, onto the full disk) and from then on every tick only idles, so no heartbeat,
+AppendEntries answer, vote or ReadIndex round leaves, and `RaftTransport.send` drops any message
+still on its way. The others elect a leader among themselves (this replica can neither campaign nor
+vote: it cannot persist a term). `RaftGroup.failure` tells the node, whose supervisor closes the
+group and reopens it from disk once the disk takes writes again (`kvs.raft.recovery`).
 """
 
 from __future__ import annotations
@@ -145,6 +123,8 @@ from pysyncobj.pipe_notifier import PipeNotifier
 
 from kvs.raft.append_entries import Screened, complete_transmission, refusal_hint, screen
 from kvs.raft.disk import JournalFailure, fsync_file_and_directory
+from kvs.raft.forwarding import MESSAGE_TYPES as FORWARDING_MESSAGES
+from kvs.raft.forwarding import Forwarding
 from kvs.raft.joiner import JoinerQuorum
 from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
 from kvs.raft.read_index import ReadIndex
@@ -171,6 +151,9 @@ class Replica(SyncObj):
         self._replication = Replication(self)       # change 2
         self._wakeup: PipeNotifier | None = None
         self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
+        self._forwarding = Forwarding(self)
+        self._side_messages = {**dict.fromkeys(READ_INDEX_MESSAGES, self._read_index.on_message),
+                               **dict.fromkeys(FORWARDING_MESSAGES, self._forwarding.on_message)}
         self._joining = JoinerQuorum(self)          # change 6
         super().__init__(None if learner else self_address, peers, conf, transportClass=RaftTransport)
         self._wakeup = PipeNotifier(self._poller)
@@ -178,6 +161,7 @@ class Replica(SyncObj):
         self.addOnTickCallback(self._replicate_now)
         self.addOnTickCallback(self._sync_after_replication)     # after _replicate_now: see "Durability"
         self.addOnTickCallback(self._read_index.on_tick)
+        self.addOnTickCallback(self._forwarding.on_tick)
         if self._also_connect:
             self.addOnTickCallback(self._connect_also)      # on the tick thread, which owns the transport
 
@@ -200,9 +184,15 @@ class Replica(SyncObj):
         self._read_index.request(callback)
         self._wake()
 
-    def fail_reads(self) -> None:
-        """After the tick thread has ended: every waiting read is told False."""
+    def forward(self, commands: list, callback: Callable[[list | None], None]) -> None:
+        """Have the leader propose `commands` (kvs.raft.forwarding); `callback` runs on the tick thread."""
+        self._forwarding.request(commands, callback)
+        self._wake()
+
+    def fail_waiting(self) -> None:
+        """After the tick thread has ended: every waiting read is told False, every forward None."""
         self._read_index.fail_all()
+        self._forwarding.fail_all()
 
     # -- change 1: wake the tick thread -----------------------------------------
 
@@ -238,8 +228,9 @@ class Replica(SyncObj):
                 log.warning("group %s at %s: ignoring Raft messages of group %s from %s (a replica of a group "
                             "this node's peers no longer run there)", self.group, self.selfNode, sender_group, node)
             return
-        if message.get("type") in READ_INDEX_MESSAGES:
-            self._read_index.on_message(node, message)      # ours alone: PySyncObj never sees them
+        side = self._side_messages.get(message.get("type"))
+        if side is not None:
+            side(node, message)         # ReadIndex, forwarded writes: ours alone, PySyncObj never sees them
             return
         if message.get("type") == "append_entries":
             self._on_append_entries(node, message)          # change 4
@@ -364,11 +355,8 @@ class Replica(SyncObj):
         return self.learner and any(node.id == self.address for node in self.otherNodes)
 
     def _connect_also(self) -> None:
-        """Every tick, a connection to each node of `_also_connect` (its peers and the planned ones). A
-        learner replays its group's log from the start, and a membership entry that removed a replica
-        which a later entry adds back makes PySyncObj drop its connection to that replica: if it is the
-        leader now, the learner, which only the leader sends entries to, waited at that index forever
-        (a spare added to a shard whose leader had left and rejoined it, tests/test_in_place_membership.py)."""
+        """Every tick, a connection to each node of `_also_connect` (change 5: a replayed entry that removed
+        the replica leading now dropped it; tests/test_in_place_membership.py)."""
         transport = self._SyncObj__transport
         for node in self._also_connect:
             transport.addNode(node)         # RaftTransport.addNode: nothing if it is connected already

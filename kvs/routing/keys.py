@@ -5,11 +5,11 @@
     leader confirms it still leads; a follower asks the leader for the index
     and reads its own state once it has applied it. Every replica serves reads.
   - a write is proposed here if this replica leads (batched with the writes
-    around it, `kvs.raft.loop`). A follower sends it to the leader with the
-    other writes of the same loop iteration, in one request over a pooled
-    keep-alive connection (`kvs.routing.write_batches`); if the leader cannot
-    take it, the follower proposes it itself (PySyncObj then hands it to
-    whoever leads). The client sees the same reply either way.
+    around it, `kvs.raft.loop`). A follower has its leader propose it, with
+    the other writes of the same loop iteration, in one message on the Raft
+    connection (`kvs.raft.forwarding`); if the leader does not take it, the
+    follower proposes it itself (PySyncObj then hands it to whoever leads).
+    The client sees the same reply either way.
 * Otherwise the request is forwarded to the shard's replicas, the last known
   leader first, until one answers or the deadline passes; the reply then
   names the replica that served it in "address". So is a request for a shard
@@ -32,7 +32,7 @@ from urllib.parse import quote
 from kvs.errors import BadRequest, NotMember, ReplicaHalted, Unavailable, WrongGroup
 from kvs.fsm.base import Invalid
 from kvs.fsm.shard import Mismatch, NotOwned
-from kvs.metrics import FORWARDED, REROUTED
+from kvs.metrics import FORWARDED, REROUTED, TO_LEADER
 from kvs.node import Node
 from kvs.raft.group import RaftGroup
 from kvs.raft.loop import LoopGroup
@@ -40,7 +40,6 @@ from kvs.routing import replies
 from kvs.routing.aio_peers import AsyncForwarder, until_one_answers
 from kvs.routing.peers import LEADER_HINT, PeerUnreachable, TryNext
 from kvs.routing.replies import Reply
-from kvs.routing.write_batches import LeaderChannel
 
 FORWARD_MARGIN = 0.25     # seconds kept back so a remote 503 can still be relayed in time
 ATTEMPT_SECONDS = 2.0     # one replica may take this long before the next is tried (a paused peer)
@@ -56,7 +55,6 @@ class KeyRouter:
         self._loop = loop
         self._groups: dict[int, LoopGroup] = {}      # id(RaftGroup) -> its LoopGroup
         self._leader_hints: dict[str, str] = {}      # shard id -> HTTP address that answered last
-        self._channel = LeaderChannel(forwarder, loop)
 
     async def key_request(self, method: str, key: str, value: str | None, request_id: str, deadline: float,
                           forwarded: bool, condition: tuple | None = None) -> Reply:
@@ -119,12 +117,10 @@ class KeyRouter:
             raise NotMember("this node does not know the cluster configuration")
         shard_id = epoch.shard_for_key(key)
         group = self._node.group(shard_id)
-        path = f"/kvs/keys/{quote(key, safe='')}"
         # A replica that the change in progress takes out of its group may be removed at any moment
         # (then it can neither read nor write): the group's other replicas serve instead.
         if group is not None and group.failure is None and not self._node.leaving(shard_id):
-            reply = await self._serve(group, shard_id, method, key, value, path, request_id, deadline, forwarded,
-                                      condition)
+            reply = await self._serve(group, method, key, value, request_id, deadline, condition)
             # the shard's leader as this replica knows it: forwarding nodes and cluster-aware clients
             # (kvs.client.Client) send the next request of this shard straight there
             leader = self._node.leader_address(shard_id)
@@ -139,13 +135,14 @@ class KeyRouter:
             raise Unavailable(f"this node's replica of shard {shard_id} is not running")
         if forwarded:
             raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number)
+        path = f"/kvs/keys/{quote(key, safe='')}"
         payload = None if value is None else {"value": value}
         if condition is not None:           # in the signed body: a hop carries it as the client's headers did
             payload = dict(payload or {}, condition=list(condition))
         return await self._forward(shard_id, others, method, path, payload, request_id, deadline)
 
-    async def _serve(self, group: RaftGroup, shard_id: str, method: str, key: str, value: str | None, path: str,
-                     request_id: str, deadline: float, forwarded: bool, condition: tuple | None) -> Reply:
+    async def _serve(self, group: RaftGroup, method: str, key: str, value: str | None, request_id: str,
+                     deadline: float, condition: tuple | None) -> Reply:
         replica = self._loop_group(group)
         if method == "GET":
             return replies.get_reply(_checked(await replica.read(lambda state: state.read_versioned(key), deadline)))
@@ -154,32 +151,18 @@ class KeyRouter:
         # The condition slot is always there (None: unconditional): it also says "give a version" (kvs.fsm.shard).
         command = ("put", request_id, key, value, condition) if method == "PUT" else \
             ("delete", request_id, key, condition)
+        # A follower has its leader propose the write (kvs.raft.forwarding); if the leader does not take it,
+        # or this replica leads, it proposes the write itself.
         result = None
-        if not forwarded and not group.is_leader():
-            leader = self._node.leader_address(shard_id)
-            if leader is not None and leader != self._node.settings.address:
-                result = await self._channel.write(leader, shard_id, command, deadline - FORWARD_MARGIN)
+        if not group.is_leader():
+            TO_LEADER.inc()
+            result = await replica.forward(command, deadline - FORWARD_MARGIN)
         if result is None:
             result = await replica.execute(command, deadline)
         result = _checked(result)
         if isinstance(result, Mismatch):
             return replies.mismatch_reply(result, method)
         return replies.put_reply(result) if method == "PUT" else replies.delete_reply(result)
-
-    async def write_batch(self, shard_id: str, commands: list[tuple], deadline: float) -> list:
-        """A follower's batch (kvs.routing.write_batches), proposed here: one result per command, or
-        the Unavailable it met. WrongGroup if this node runs no replica of the shard."""
-        group = self._node.group(shard_id)
-        if group is None:
-            epoch = self._node.epoch
-            raise WrongGroup(f"shard {shard_id} is not served by this node", epoch.number if epoch else 0)
-        replica = self._loop_group(group)
-        if len(commands) == 1:              # a lone write (a follower at one client): no task to gather
-            try:
-                return [await replica.execute(commands[0], deadline)]
-            except Exception as exc:        # as gather(return_exceptions=True) reports it
-                return [exc]
-        return await asyncio.gather(*(replica.execute(c, deadline) for c in commands), return_exceptions=True)
 
     async def _forward(self, shard_id: str, replicas: list[str], method: str, path: str, payload: dict | None,
                        request_id: str, deadline: float) -> Reply:

@@ -1,0 +1,129 @@
+"""Forwarded writes: a follower's proposals go to its leader on the Raft connection, and their results
+come back on it.
+
+A write that reaches a follower must be proposed by the leader. Over HTTP (the `/internal/writes`
+channel this replaced) that cost, at one client, about half a millisecond of a two-millisecond write:
+the follower built, signed and sent a request and parsed the answer; the leader parsed and verified
+it, handed the batch from its event loop to its tick thread, and the results back. PySyncObj's own
+hand-over (a follower's `_applyCommand`) sends each command alone and answers only with the entry's
+index; the follower then waits to apply that index itself, which needs the leader's next commit
+notice. Here:
+
+1. The follower's event loop hands the commands that arrived during one iteration to the tick thread
+   (`Forwarding.request`), which sends them to the leader it follows as one message,
+   `{"type": "kvs_forward", "id", "commands"}`, on the connection PySyncObj already keeps to it
+   (authenticated and encrypted with the cluster secret, `kvs.raft.wire`).
+2. The leader's tick thread proposes them as one `("batch", commands)` entry from the handler, so
+   its next tick appends and sends it: no event loop and no thread hand-off on the leader.
+3. When the entry is applied, the leader answers `{"type": "kvs_forward_result", "id", "results"}`,
+   one state-machine result per command, on the same connection. A leader that is not leading, or
+   whose proposal failed (leadership lost, entry discarded), answers `results` None.
+4. The follower gives the results to the caller. None (no leader known, this replica leads now, the
+   leader changed or did not answer within FORWARD_SECONDS, or it answered None) means "not known to
+   be applied": the caller proposes the same commands itself. Their request ids make a write that is
+   applied twice return its first outcome (`kvs.fsm.shard`), so no write is lost or doubled.
+
+Everything but `request` runs on the replica's tick thread (or on the loop that ticks it). Messages
+come only from peers that hold the cluster secret, and are still checked for shape: a malformed one
+is answered None and proposes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import Any, Callable
+
+from pysyncobj.config import FAIL_REASON
+
+Callback = Callable[["list | None"], None]      # the results, one per command, or None: not taken
+
+FORWARD = "kvs_forward"
+RESULT = "kvs_forward_result"
+MESSAGE_TYPES = frozenset((FORWARD, RESULT))
+
+FORWARD_SECONDS = 2.0       # a forward unanswered by then is handed back (its commands may be retried)
+MAX_COMMANDS = 512          # per message, as `kvs.raft.loop` batches them
+
+
+class _Asked:
+    __slots__ = ("leader", "callback", "sent")
+
+    def __init__(self, leader: Any, callback: Callback, sent: float):
+        self.leader, self.callback, self.sent = leader, callback, sent
+
+
+class Forwarding:
+    """Forwarded writes of one replica. `raft` is the Replica (a SyncObj subclass)."""
+
+    def __init__(self, raft: Any):
+        self._raft = raft
+        self._incoming: deque[tuple[list, Callback]] = deque()  # from any thread, taken by the tick thread
+        self._ids = itertools.count(1)
+        self._asked: dict[int, _Asked] = {}         # follower: message id -> who was asked, and the caller
+
+    # -- any thread -------------------------------------------------------------------------
+
+    def request(self, commands: list, callback: Callback) -> None:
+        """Have the leader propose `commands`; `callback` runs on the tick thread (module docstring)."""
+        self._incoming.append((commands, callback))
+
+    # -- tick thread ------------------------------------------------------------------------
+
+    def on_tick(self) -> None:
+        """Hand back what the leader will not answer; send what arrived to the leader."""
+        raft = self._raft
+        leader = None if raft._isLeader() else raft._getLeader()
+        if self._asked:
+            now = time.monotonic()
+            for rid, asked in list(self._asked.items()):
+                if asked.leader != leader or now - asked.sent > FORWARD_SECONDS:
+                    del self._asked[rid]
+                    asked.callback(None)
+        while self._incoming:
+            commands, callback = self._incoming.popleft()
+            if leader is None:
+                callback(None)          # leading now, or no leader known: the caller proposes them itself
+                continue
+            rid = next(self._ids)
+            self._asked[rid] = _Asked(leader, callback, time.monotonic())
+            self._send(leader, {"type": FORWARD, "id": rid, "commands": commands})
+
+    def on_message(self, node: Any, message: dict) -> None:
+        """A message of MESSAGE_TYPES from `node`."""
+        rid = message.get("id")
+        if message.get("type") == RESULT:
+            asked = self._asked.get(rid)
+            if asked is not None and asked.leader == node:
+                del self._asked[rid]
+                results = message.get("results")
+                asked.callback(results if isinstance(results, list) else None)
+            return
+        commands = message.get("commands")
+        if not (type(rid) is int and isinstance(commands, list) and 0 < len(commands) <= MAX_COMMANDS
+                and all(type(c) is tuple for c in commands) and self._raft._isLeader()):
+            self._send(node, {"type": RESULT, "id": rid, "results": None})
+            return
+        self._raft.submit(("batch", commands),
+                          lambda result, error: self._answer(node, rid, len(commands), result, error))
+
+    def fail_all(self) -> None:
+        """The replica is closing: every caller gets None now."""
+        asked, self._asked = self._asked, {}
+        for entry in asked.values():
+            entry.callback(None)
+        while self._incoming:
+            self._incoming.popleft()[1](None)
+
+    # -- leader -----------------------------------------------------------------------------
+
+    def _answer(self, node: Any, rid: int, count: int, result: Any, error: int) -> None:
+        ok = error == FAIL_REASON.SUCCESS and isinstance(result, list) and len(result) == count
+        if ok:
+            # Nobody here waits for this commit index: it rides on the next AppendEntries (kvs.raft.replication).
+            self._raft.hold_commit_send()
+        self._send(node, {"type": RESULT, "id": rid, "results": result if ok else None})
+
+    def _send(self, node: Any, message: dict) -> None:
+        self._raft._SyncObj__transport.send(node, message)

@@ -1,0 +1,238 @@
+"""A follower's writes reach its leader on the Raft connection (`kvs.raft.forwarding`).
+
+The protocol's rules against a scripted replica (no sockets): what is sent to whom, what comes back
+as None (no leader, leading now, the leader changed or stayed silent, a malformed or unled message),
+and an answer from another node is ignored. Then on real replicas on tick threads, with writes from a
+uvloop loop as a node's key path sends them: a follower's writes of one loop iteration become one
+entry of the leader's log and come back with their results, a write forwarded twice is applied once,
+and a forward to a leader that is gone comes back None and the write then commits through the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from pysyncobj.config import FAIL_REASON
+
+from kvs.fsm.shard import ShardState, Written
+from kvs.raft import forwarding
+from kvs.raft.forwarding import FORWARD, RESULT, Forwarding
+from kvs.raft.group import RaftGroup, RaftTiming
+from kvs.raft.loop import LoopGroup
+from kvs.testing.cluster import find_free_base_port, wait_until
+from tests.test_fsync import leader_of
+from tests.test_loop_poller import running_loop
+
+
+class ScriptedRaft:
+    """What Forwarding uses of the replica, set by the test."""
+
+    def __init__(self, leader: bool = False, leader_node: str | None = "L"):
+        self.leader, self.leader_node = leader, leader_node
+        self.sent: list[tuple[str, dict]] = []
+        self.proposed: list[tuple[object, object]] = []     # (command, callback)
+        self.held = 0
+        self._SyncObj__transport = self
+
+    def send(self, node, message) -> bool:
+        self.sent.append((node, message))
+        return True
+
+    def _isLeader(self) -> bool:
+        return self.leader
+
+    def _getLeader(self):
+        return "me" if self.leader else self.leader_node
+
+    def submit(self, command, callback) -> None:
+        self.proposed.append((command, callback))
+
+    def hold_commit_send(self) -> None:
+        self.held += 1
+
+
+def forward(fwd: Forwarding, commands: list) -> list:
+    outcome: list = []
+    fwd.request(commands, outcome.append)
+    return outcome
+
+
+PUT = ("put", "r1", "k", "v", None)
+
+
+def test_a_follower_sends_what_arrived_to_its_leader_and_hands_the_results_to_the_caller():
+    raft = ScriptedRaft()
+    fwd = Forwarding(raft)
+    first, second = forward(fwd, [PUT]), forward(fwd, [PUT, PUT])
+    fwd.on_tick()
+    assert [(node, m["type"], m["commands"]) for node, m in raft.sent] == [("L", FORWARD, [PUT]),
+                                                                           ("L", FORWARD, [PUT, PUT])]
+    ids = [m["id"] for _, m in raft.sent]
+    assert len(set(ids)) == 2
+    fwd.on_message("L", {"type": RESULT, "id": ids[1], "results": ["a", "b"]})
+    assert (first, second) == ([], [["a", "b"]])
+    fwd.on_message("L", {"type": RESULT, "id": ids[0], "results": None})
+    assert first == [None]
+
+
+def test_without_a_leader_or_when_leading_the_caller_gets_none_at_once():
+    for raft in (ScriptedRaft(leader_node=None), ScriptedRaft(leader=True)):
+        fwd = Forwarding(raft)
+        outcome = forward(fwd, [PUT])
+        fwd.on_tick()
+        assert outcome == [None] and raft.sent == []
+
+
+def test_a_forward_is_handed_back_when_the_leader_changes_or_stays_silent(monkeypatch):
+    raft = ScriptedRaft()
+    fwd = Forwarding(raft)
+    changed = forward(fwd, [PUT])
+    fwd.on_tick()
+    raft.leader_node = "L2"
+    fwd.on_tick()
+    assert changed == [None]
+    silent = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert silent == [] and raft.sent[-1][0] == "L2"
+    now = time.monotonic()
+    monkeypatch.setattr(forwarding.time, "monotonic", lambda: now + forwarding.FORWARD_SECONDS + 1)
+    fwd.on_tick()
+    assert silent == [None]
+
+
+def test_an_answer_from_a_node_that_was_not_asked_is_ignored():
+    raft = ScriptedRaft()
+    fwd = Forwarding(raft)
+    outcome = forward(fwd, [PUT])
+    fwd.on_tick()
+    rid = raft.sent[0][1]["id"]
+    fwd.on_message("X", {"type": RESULT, "id": rid, "results": ["forged"]})
+    fwd.on_message("L", {"type": RESULT, "id": rid + 1, "results": ["unknown id"]})
+    assert outcome == []
+    fwd.on_message("L", {"type": RESULT, "id": rid, "results": ["ok"]})
+    assert outcome == [["ok"]]
+
+
+def test_the_leader_proposes_a_forward_as_one_batch_and_answers_its_results_on_commit():
+    raft = ScriptedRaft(leader=True)
+    fwd = Forwarding(raft)
+    fwd.on_message("F", {"type": FORWARD, "id": 7, "commands": [PUT, PUT]})
+    [(command, callback)] = raft.proposed
+    assert command == ("batch", [PUT, PUT]) and raft.sent == []
+    callback([Written(False, 1), Written(True, 2)], FAIL_REASON.SUCCESS)
+    assert raft.sent == [("F", {"type": RESULT, "id": 7, "results": [Written(False, 1), Written(True, 2)]})]
+    assert raft.held == 1           # nobody waits for that commit index: it rides on the next AppendEntries
+    fwd.on_message("F", {"type": FORWARD, "id": 8, "commands": [PUT]})
+    raft.proposed[-1][1](None, FAIL_REASON.LEADER_CHANGED)
+    assert raft.sent[-1] == ("F", {"type": RESULT, "id": 8, "results": None})
+
+
+@pytest.mark.parametrize("message", [
+    {"type": FORWARD, "id": 1, "commands": []},
+    {"type": FORWARD, "id": 1, "commands": [PUT] * (forwarding.MAX_COMMANDS + 1)},
+    {"type": FORWARD, "id": 1, "commands": [list(PUT)]},
+    {"type": FORWARD, "id": 1, "commands": "put"},
+    {"type": FORWARD, "id": "1", "commands": [PUT]},
+    {"type": FORWARD, "id": 1},
+])
+def test_a_malformed_forward_proposes_nothing_and_is_answered_none(message):
+    raft = ScriptedRaft(leader=True)
+    Forwarding(raft).on_message("F", message)
+    assert raft.proposed == [] and raft.sent == [("F", {"type": RESULT, "id": message.get("id"),
+                                                        "results": None})]
+
+
+def test_a_replica_that_does_not_lead_answers_none_and_proposes_nothing():
+    raft = ScriptedRaft()
+    Forwarding(raft).on_message("F", {"type": FORWARD, "id": 3, "commands": [PUT]})
+    assert raft.proposed == [] and raft.sent == [("F", {"type": RESULT, "id": 3, "results": None})]
+
+
+def test_closing_hands_every_waiting_forward_back():
+    raft = ScriptedRaft()
+    fwd = Forwarding(raft)
+    sent, queued = forward(fwd, [PUT]), None
+    fwd.on_tick()
+    queued = forward(fwd, [PUT])
+    fwd.fail_all()
+    assert sent == [None] and queued == [None]
+
+
+# -- real replicas -----------------------------------------------------------------------------------
+
+QUICK = RaftTiming(compaction_entries=10**9, compaction_seconds=10**9)
+
+
+@pytest.fixture
+def groups(tmp_path):
+    base = find_free_base_port(3)
+    addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
+    groups = [RaftGroup("fwd", a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, QUICK)
+              for i, a in enumerate(addresses)]
+    try:
+        yield groups
+    finally:
+        for g in groups:
+            g.close()
+
+
+def settled(groups: list[RaftGroup]) -> tuple[RaftGroup, list[RaftGroup]]:
+    """The leader and its followers, once every follower knows it and the no-op committed."""
+    leader = wait_until(lambda: leader_of(groups), 30, message="one leader")
+    followers = [g for g in groups if g is not leader]
+    wait_until(lambda: all(f.leader() == leader.self_address for f in followers) and
+               all(g.commit_index >= leader._replica._SyncObj__raftLog[-1][1] for g in groups), 10,
+               message="the followers know the leader")
+    return leader, followers
+
+
+def put(i: int, value: str = "v") -> tuple:
+    return ("put", f"id-{i}", f"k{i}", f"{value}{i}", None)
+
+
+def on_loop(loop, coroutine, timeout: float = 20):
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+
+def test_a_follower_s_writes_of_one_loop_iteration_are_one_leader_entry_answered_with_their_results(groups):
+    leader, (follower, _) = settled(groups)
+    before = leader._replica._SyncObj__raftLog[-1][1]
+    with running_loop() as loop:
+        replica = LoopGroup(follower, loop)
+
+        async def together():
+            deadline = time.monotonic() + 10
+            return await asyncio.gather(*(replica.forward(put(i), deadline) for i in range(5)))
+        results = on_loop(loop, together())
+    assert all(isinstance(r, Written) and not r.replaced for r in results), results
+    assert leader._replica._SyncObj__raftLog[-1][1] == before + 1       # one batch entry, proposed by the leader
+    for i in range(5):
+        assert leader.state.read_versioned(f"k{i}") == (f"v{i}", results[i].version)
+
+
+def test_a_write_forwarded_twice_is_applied_once(groups):
+    leader, (follower, _) = settled(groups)
+    with running_loop() as loop:
+        replica = LoopGroup(follower, loop)
+        first = on_loop(loop, replica.forward(put(1), time.monotonic() + 10))
+        again = on_loop(loop, replica.forward(put(1), time.monotonic() + 10))
+    assert isinstance(first, Written) and again == first
+    assert leader.state.read_versioned("k1")[0] == "v1"
+
+
+def test_a_forward_to_a_leader_that_is_gone_comes_back_none_and_the_write_commits_through_the_new_one(groups):
+    leader, followers = settled(groups)
+    leader.close()
+    groups.remove(leader)           # closed once
+    with running_loop() as loop:
+        replica = LoopGroup(followers[0], loop)
+        started = time.monotonic()
+        outcome = on_loop(loop, replica.forward(put(9), time.monotonic() + 10))
+        assert outcome is None or isinstance(outcome, Written)   # None unless a new leader took it in time
+        assert time.monotonic() - started < forwarding.FORWARD_SECONDS + 2
+        result = on_loop(loop, replica.execute(put(9), time.monotonic() + 20), 30)
+    assert isinstance(result, Written) and (outcome is None or result == outcome)
+    new_leader = wait_until(lambda: leader_of(groups), 30, message="a new leader")
+    wait_until(lambda: new_leader.state.read_versioned("k9")[0] == "v9", 10, message="k9 applied")

@@ -13,13 +13,17 @@ hey sends writes from 1 client for `--seconds`; each write is the leader's span 
 parsed" to "response written": the leader's steps, then the chain of the follower whose
 acknowledgement came first, then the leader's steps after it. Reported: the median and p90 of each
 step over all writes, and hey's own p50 (which adds the client and the kernel's loopback).
+
+Then the same through a follower (`--via follower`; both by default): the span is the entry
+follower's, and its steps are the forward to the leader and the result back
+(`kvs.raft.forwarding`) around the leader's replication.
 Recording costs a few microseconds per event: the sum is a little above the untraced latency. The tracer wraps kvs and PySyncObj internals by name: a missing one is reported
 and its steps stay empty, it never stops the node.
 
 etcd's p50 at 1 client is measured in the same run (one after the other) for reference. A report,
 never a test: it fails on no speed.
 Usage: python benchmarks/suite.py latency (results/latency.json, README table), or on its own
-python benchmarks/latency_trace.py [--seconds 10] [--fsync on] [--skip-etcd] (printed only).
+python benchmarks/latency_trace.py [--seconds 10] [--fsync on] [--via leader,follower] [--skip-etcd] (printed only).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ if DIRECTORY:
     wrap(Connection, "on_message_complete", "http_in")
     wrap(Connection, "_finish", "http_out")
     wrap(LoopGroup, "_flush", "propose", lambda self: bool(self._writes))
+    wrap(LoopGroup, "_flush", "forward", lambda self: bool(self._forwards))
+    wrap(LoopGroup, "_forwarded", "forward_resumed")
     wrap(LoopGroup, "_from_tick", "callback")
     wrap(LoopGroup, "_wrote", "loop_resumed")
     wrap(DurableJournal, "add", "append")
@@ -82,18 +88,30 @@ if DIRECTORY:
                 f.write(f"{t} {thread} {label}\n")
 '''
 
-# (step, event kind, which process: "L" leader, "F" the follower whose acknowledgement came first)
+# (step, event kind, which process): "L" the leader, "E" the follower a client wrote to (`--via follower`),
+# "X" the follower whose acknowledgement came first (E or the other one)
+_REPLICATION = (("leader: -> AppendEntries to the socket", "send:append_entries", "L"),
+                ("follower: -> AppendEntries received", "recv:append_entries", "X"),
+                ("follower: -> entry appended", "append", "X"),
+                ("follower: -> fsynced", "fsynced", "X"),
+                ("follower: -> acknowledgement to the socket", "send:next_node_idx", "X"),
+                ("leader: -> acknowledgement received", "recv:next_node_idx", "L"))
 STEPS = (("leader: request parsed -> batch proposed", "propose", "L"),
          ("leader: -> entry appended (tick thread)", "append", "L"),
-         ("leader: -> AppendEntries to the socket", "send:append_entries", "L"),
-         ("follower: -> AppendEntries received", "recv:append_entries", "F"),
-         ("follower: -> entry appended", "append", "F"),
-         ("follower: -> fsynced", "fsynced", "F"),
-         ("follower: -> acknowledgement to the socket", "send:next_node_idx", "F"),
-         ("leader: -> acknowledgement received", "recv:next_node_idx", "L"),
+         *_REPLICATION,
          ("leader: -> callback (committed, applied)", "callback", "L"),
          ("leader: -> loop resumes the request", "loop_resumed", "L"),
          ("leader: -> response written", "http_out", "L"))
+FOLLOWER_STEPS = (("entry follower: request parsed -> batch forwarded", "forward", "E"),
+                  ("entry follower: -> forward to the socket (tick thread)", "send:kvs_forward", "E"),
+                  ("leader: -> forward received", "recv:kvs_forward", "L"),
+                  ("leader: -> entry appended", "append", "L"),
+                  *_REPLICATION,
+                  ("leader: -> result to the socket (committed, applied)", "send:kvs_forward_result", "L"),
+                  ("entry follower: -> result received", "recv:kvs_forward_result", "E"),
+                  ("entry follower: -> loop resumes the request", "forward_resumed", "E"),
+                  ("entry follower: -> response written", "http_out", "E"))
+TOTAL = "total (request parsed -> response written)"
 
 
 def load(path: str, who: str) -> list[tuple[int, str, str]]:
@@ -105,24 +123,25 @@ def load(path: str, who: str) -> list[tuple[int, str, str]]:
     return events
 
 
-def writes(events: list[tuple[int, str, str]]) -> list[dict[str, int]]:
-    """Each replicated write's steps: for every leader span from http_in to http_out, the follower chain
-    recv:append_entries -> append -> fsynced -> send:next_node_idx that finished first (a follower also
-    acknowledges the previous write's commit-only AppendEntries, which appends nothing), then the
-    leader's first events after it."""
+def writes(events: list[tuple[int, str, str]], via: str = "leader") -> list[dict[str, int]]:
+    """Each replicated write's steps: for every span of the entry node ("L" via the leader, "E" via a
+    follower) from http_in to http_out, the steps of `STEPS` or `FOLLOWER_STEPS`, each the first such
+    event after the step before, through the follower whose acknowledgement came first (a follower
+    also acknowledges the previous write's commit-only AppendEntries, which appends nothing)."""
+    entry, plan = ("L", STEPS) if via == "leader" else ("E", FOLLOWER_STEPS)
     events.sort()
     spans, current = [], None
     for t, who, label in events:
-        if who == "L" and label == "http_in":
+        if who == entry and label == "http_in":
             current = [(t, who, label)]
         elif current is not None:
             current.append((t, who, label))
-            if who == "L" and label == "http_out":
+            if who == entry and label == "http_out":
                 spans.append(current)
                 current = None
     timelines = []
     for span in spans:
-        line = _timeline(span)
+        line = _timeline(span, plan)
         if line is not None:
             timelines.append(line)
     return timelines
@@ -132,45 +151,34 @@ def _first(span: list, after: int, who: str, label: str) -> int | None:
     return next((t for t, w, lab in span if t >= after and w == who and lab == label), None)
 
 
-def _timeline(span: list) -> dict[str, int] | None:
+def _timeline(span: list, plan: tuple) -> dict[str, int] | None:
+    """None for a span that is not a replicated write (a read, the health probe)."""
     began, ended = span[0][0], span[-1][0]
-    leader = [("propose", "L"), ("append", "L"), ("send:append_entries", "L")]
-    times, at = [], began
-    for label, who in leader:
-        at = _first(span, at, who, label)
-        if at is None:
-            return None             # not a replicated write (a read, the health probe)
-        times.append(at)
-    chains = []
+    best = None                     # (when the acknowledging follower's last step was, the step times)
     for follower in {w for _, w, _ in span if w != "L"}:
-        chain, t = [], times[-1]
-        for label in ("recv:append_entries", "append", "fsynced", "send:next_node_idx"):
-            t = _first(span, t, follower, label)
-            if t is None:
+        times, at = [], began
+        for _, label, who in plan:
+            at = _first(span, at, follower if who == "X" else who, label)
+            if at is None:
                 break
-            chain.append(t)
+            times.append(at)
         else:
-            chains.append(chain)
-    if not chains:
+            acknowledged = max(t for t, (_, _, who) in zip(times, plan) if who == "X")
+            if best is None or acknowledged < best[0]:
+                best = (acknowledged, times)
+    if best is None:
         return None
-    times += min(chains, key=lambda chain: chain[-1])
-    at = times[-1]
-    for label in ("recv:next_node_idx", "callback", "loop_resumed"):
-        at = _first(span, at, "L", label)
-        if at is None:
-            return None
-        times.append(at)
-    times.append(ended)
     line, previous = {}, began
-    for (step, _, _), t in zip(STEPS, times):
+    for (step, _, _), t in zip(plan, best[1]):
         line[step] = t - previous
         previous = t
-    line["total (request parsed -> response written)"] = ended - began
+    line[TOTAL] = ended - began
     return line
 
 
-def trace_kvs(root: str, value: str, seconds: float, fsync: str) -> dict:
-    """One traced 3-replica group, hey at 1 client: the steps of each write and hey's own figures."""
+def trace_kvs(root: str, value: str, seconds: float, fsync: str, via: str = "leader") -> dict:
+    """One traced 3-replica group, hey at 1 client through its leader or a follower: the steps of each
+    write and hey's own figures."""
     tracer_dir, traces = os.path.join(root, "tracer"), os.path.join(root, "traces")
     os.makedirs(tracer_dir)
     os.makedirs(traces)
@@ -182,7 +190,8 @@ def trace_kvs(root: str, value: str, seconds: float, fsync: str) -> dict:
     body = json.dumps({"value": value})
     try:
         leader = harness.start_kvs(cluster)["1"]
-        url = f"http://{leader}/kvs/keys/traced"
+        entry = leader if via == "leader" else next(a for a in cluster.view if a != leader)
+        url = f"http://{entry}/kvs/keys/traced"
         harness.run_hey(url, "PUT", body, 1, harness.WARMUP_SECONDS, [], record=False)
         hey = harness.run_hey(url, "PUT", body, 1, seconds, list(harness.kvs_pids(cluster).values()))
     finally:
@@ -191,24 +200,26 @@ def trace_kvs(root: str, value: str, seconds: float, fsync: str) -> dict:
     for address in cluster.view:
         path = os.path.join(traces, address.replace(":", "_"))
         if os.path.exists(path):
-            events += load(path, "L" if address == leader else address)
+            events += load(path, "L" if address == leader else "E" if address == entry else address)
         else:
             harness.progress(f"latency: no trace from {address} (it did not exit cleanly)")
-    timelines = writes(events)
+    timelines = writes(events, via)
     steps = {}
     for step in (timelines[0] if timelines else {}):
         values = sorted(line[step] / 1000 for line in timelines)
         steps[step] = {"p50_us": round(statistics.median(values)), "p90_us": round(values[int(0.9 * (len(values) - 1))])}
-    return {"hey": hey, "writes_traced": len(timelines), "fsync": fsync, "steps": steps,
+    return {"hey": hey, "writes_traced": len(timelines), "fsync": fsync, "via": via, "steps": steps,
             "missing_hooks": sorted({label for _, _, label in events if label.startswith("missing:")})}
 
 
-def etcd_one_client(root: str, value: str, seconds: float) -> dict:
-    """etcd's writes at 1 client through its leader, as `throughput` measures them."""
+def etcd_one_client(root: str, value: str, seconds: float, via: str = "leader") -> dict:
+    """etcd's writes at 1 client through its leader or a follower, as `throughput` measures them."""
     etcd = harness.EtcdCluster(root)
     try:
         etcd.start()
-        url = f"{etcd.clients[etcd.leader_index()]}/v3/kv/put"
+        leader = etcd.leader_index()
+        entry = leader if via == "leader" else (leader + 1) % len(etcd.clients)
+        url = f"{etcd.clients[entry]}/v3/kv/put"
         body = json.dumps({"key": harness.b64("traced"), "value": harness.b64(value)})
         harness.run_hey(url, "POST", body, 1, harness.WARMUP_SECONDS, [], record=False)
         return harness.run_hey(url, "POST", body, 1, seconds, list(etcd.pids().values()))
@@ -216,10 +227,18 @@ def etcd_one_client(root: str, value: str, seconds: float) -> dict:
         harness.shielded(etcd.stop)
 
 
-def run(root: str, value: str, seconds: float, fsync: str = "on", with_etcd: bool = True) -> dict:
-    result = {"kvs": trace_kvs(os.path.join(root, "kvs"), value, seconds, fsync)}
-    if with_etcd:
-        result["etcd"] = etcd_one_client(os.path.join(root, "etcd"), value, seconds)
+VIAS = ("leader", "follower")
+
+
+def run(root: str, value: str, seconds: float, fsync: str = "on", with_etcd: bool = True,
+        vias: tuple[str, ...] = VIAS) -> dict:
+    """{"kvs": ..., "etcd": ...} through the leader, and {"kvs_follower": ..., "etcd_follower": ...}."""
+    result = {}
+    for via in vias:
+        suffix = "" if via == "leader" else "_" + via
+        result["kvs" + suffix] = trace_kvs(os.path.join(root, "kvs" + suffix), value, seconds, fsync, via)
+        if with_etcd:
+            result["etcd" + suffix] = etcd_one_client(os.path.join(root, "etcd" + suffix), value, seconds, via)
     return result
 
 
@@ -228,17 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--value-size", type=int, default=256)
     parser.add_argument("--fsync", choices=("on", "off"), default="on")
+    parser.add_argument("--via", default=",".join(VIAS), help="leader, follower or both (comma-separated)")
     parser.add_argument("--skip-etcd", action="store_true")
     args = parser.parse_args(argv)
+    vias = tuple(v for v in args.via.split(",") if v in VIAS)
     result = run(tempfile.mkdtemp(prefix="kvs-latency-trace-"), "v" * args.value_size, args.seconds, args.fsync,
-                 not args.skip_etcd)
-    kvs = result["kvs"]
-    print(f"kvs: {kvs['writes_traced']} writes traced, hey p50 {kvs['hey'].get('p50_ms')} ms"
-          + (f"; etcd hey p50 {result['etcd'].get('p50_ms')} ms" if "etcd" in result else "")
-          + f"; load average {os.getloadavg()[0]:.1f}" + (f"; hooks missing: {kvs['missing_hooks']}"
-                                                           if kvs["missing_hooks"] else ""))
-    for step, v in kvs["steps"].items():
-        print(f"  {step:48s} {v['p50_us']:8d} {v['p90_us']:8d}")
+                 not args.skip_etcd, vias)
+    for via in vias:
+        suffix = "" if via == "leader" else "_" + via
+        kvs, etcd = result["kvs" + suffix], result.get("etcd" + suffix)
+        print(f"via the {via}: kvs: {kvs['writes_traced']} writes traced, hey p50 {kvs['hey'].get('p50_ms')} ms"
+              + (f"; etcd hey p50 {etcd.get('p50_ms')} ms" if etcd else "")
+              + f"; load average {os.getloadavg()[0]:.1f}" + (f"; hooks missing: {kvs['missing_hooks']}"
+                                                               if kvs["missing_hooks"] else ""))
+        for step, v in kvs["steps"].items():
+            print(f"  {step:56s} {v['p50_us']:8d} {v['p90_us']:8d}")
     return 0
 
 

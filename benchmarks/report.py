@@ -69,11 +69,12 @@ def targets(results: dict) -> list[dict]:
                                             _ratio(k["ok_rps"], e["ok_rps"]), 1.0, ">=", "x etcd",
                                             f"kvs {fmt(k['ok_rps'], 0)}/s, etcd {fmt(e['ok_rps'], 0)}/s, "
                                             f"errors {k['non_2xx'] + k['transport_errors']}", _busy(k, e)))
-        k, e = _result(results, "kvs-leader", "write@1"), _result(results, "etcd-leader", "write@1")
-        if k and e:
-            out.append(_verdict("p50 write latency at 1 client <= 1.0x etcd's (both fsyncing)",
-                                _ratio(k["p50_ms"], e["p50_ms"]), 1.0, "<=", "x etcd",
-                                f"kvs {fmt(k['p50_ms'])} ms, etcd {fmt(e['p50_ms'])} ms", _busy(k, e)))
+        for entry in ("leader", "follower"):
+            k, e = _result(results, f"kvs-{entry}", "write@1"), _result(results, f"etcd-{entry}", "write@1")
+            if k and e:
+                out.append(_verdict(f"p50 write latency at 1 client via the {entry} <= 1.0x etcd's (both fsyncing)",
+                                    _ratio(k["p50_ms"], e["p50_ms"]), 1.0, "<=", "x etcd",
+                                    f"kvs {fmt(k['p50_ms'])} ms, etcd {fmt(e['p50_ms'])} ms", _busy(k, e)))
         leader = (results["throughput"].get("systems") or {}).get("kvs-leader") or {}
         k = _result(results, "kvs-leader", "write@16")
         pid = str((k or {}).get("leader_pid", leader.get("leader_pid")))     # a cell of --repeat: its round's
@@ -336,15 +337,22 @@ def profile_table(payload: dict) -> list[str]:
 
 
 def latency_table(payload: dict) -> list[str]:
-    lat = payload["latency"]
-    kvs, etcd = lat["kvs"], lat.get("etcd") or {}
-    rows = [[step, str(v["p50_us"]), str(v["p90_us"])] for step, v in kvs["steps"].items()]
-    t = _table(["step of one write (kvs, 1 client, fsync " + kvs["fsync"] + ")", "p50 µs", "p90 µs"], rows)
-    t += ["", f"{kvs['writes_traced']} writes traced. hey at 1 client, p50 (p99): kvs traced "
-          f"{fmt(kvs['hey'].get('p50_ms'))} ms ({fmt(kvs['hey'].get('p99_ms'))})"
-          + (f", etcd {fmt(etcd.get('p50_ms'))} ms ({fmt(etcd.get('p99_ms'))}), one after the other" if etcd else "")
-          + f"; {cpu_line(kvs['hey']['cpu'], 'kvs')}."
-          + (f" Hooks the tracer did not find: {', '.join(kvs['missing_hooks'])}." if kvs["missing_hooks"] else "")]
+    """One table per entry point traced: through the leader, then (runs since 2026-12-04) a follower."""
+    lat, t = payload["latency"], []
+    for suffix, via in (("", "the leader"), ("_follower", "a follower")):
+        kvs, etcd = lat.get("kvs" + suffix), lat.get("etcd" + suffix) or {}
+        if kvs is None:
+            continue
+        rows = [[step, str(v["p50_us"]), str(v["p90_us"])] for step, v in kvs["steps"].items()]
+        t += ([""] if t else []) + _table([f"step of one write via {via} (kvs, 1 client, fsync {kvs['fsync']})",
+                                           "p50 µs", "p90 µs"], rows)
+        t += ["", f"{kvs['writes_traced']} writes traced. hey at 1 client via {via}, p50 (p99): kvs traced "
+              f"{fmt(kvs['hey'].get('p50_ms'))} ms ({fmt(kvs['hey'].get('p99_ms'))})"
+              + (f", etcd {fmt(etcd.get('p50_ms'))} ms ({fmt(etcd.get('p99_ms'))}), one after the other"
+                 if etcd else "")
+              + f"; {cpu_line(kvs['hey']['cpu'], 'kvs')}."
+              + (f" Hooks the tracer did not find: {', '.join(kvs['missing_hooks'])}." if kvs["missing_hooks"]
+                 else "")]
     return t
 
 

@@ -54,6 +54,24 @@ def test_a_write_is_timed_through_the_follower_that_acknowledged_it_first():
     assert line["total (request parsed -> response written)"] == 80_000
 
 
+def test_a_write_through_a_follower_is_timed_from_its_forward_to_its_result():
+    events = [event(0, "E", "http_in"), event(5, "E", "forward"), event(9, "E", "send:kvs_forward"),
+              event(12, "L", "recv:kvs_forward"), event(14, "L", "append"), event(15, "L", "send:append_entries"),
+              # the entry follower E appends too; F acknowledges first, so the chain is F's
+              event(17, "E", "recv:append_entries"), event(18, "E", "append"), event(30, "E", "fsynced"),
+              event(31, "E", "send:next_node_idx"),
+              event(16, "F", "recv:append_entries"), event(17, "F", "append"), event(25, "F", "fsynced"),
+              event(26, "F", "send:next_node_idx"),
+              event(28, "L", "recv:next_node_idx"), event(32, "L", "send:kvs_forward_result"),
+              event(33, "L", "recv:next_node_idx"),
+              event(36, "E", "recv:kvs_forward_result"), event(37, "E", "forward_resumed"), event(40, "E", "http_out"),
+              event(50, "L", "http_in"), event(52, "L", "http_out")]        # the leader's own request: not a span
+    [line] = latency_trace.writes(events, via="follower")
+    steps = [step for step, _, _ in latency_trace.FOLLOWER_STEPS]
+    assert [line[s] // 1000 for s in steps] == [5, 4, 3, 2, 1, 1, 1, 8, 1, 2, 4, 4, 1, 3]
+    assert line[latency_trace.TOTAL] == 40_000
+
+
 def test_the_report_shows_each_step_and_etcds_p50():
     cpu = {"machine_busy_pct": 50.0, "server_cores": 0.5, "load_cores": 0.1, "irq_cores": 0.0,
            "steal_cores": 0.0, "other_cores": 0.0}
@@ -64,3 +82,4 @@ def test_the_report_shows_each_step_and_etcds_p50():
     text = "\n".join(report.latency_table(payload))
     assert "| leader: request parsed -> batch proposed | 80 | 120 |" in text
     assert "kvs traced 1.5 ms (3.0), etcd 1.1 ms (2.0)" in text
+    assert "via a follower" not in text                 # a run that traced the leader only

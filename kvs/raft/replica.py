@@ -8,7 +8,8 @@ instead, with six documented changes that touch PySyncObj internals (name-mangle
 SyncObj; re-check them when upgrading):
 
 1. Wake-up: submitting a command writes to a pipe the tick thread polls, so the command enters the
-   log at once instead of at the next tick.
+   log at once instead of at the next tick: the pipe's handler, inside `poll`, appends it, sends it
+   and fsyncs (`_on_wake`, on a leader), and sends a follower's waiting forwards and read requests.
 2. Immediate replication (`kvs.raft.replication`): at the end of every tick, if the leader's log or
    commit index moved since it last sent AppendEntries, it sends them now, one message per follower
    for everything queued in that tick; a commit index that the event loop's requests wait for rides
@@ -80,12 +81,13 @@ where an entry starts to count toward a commit:
   are fsynced (`_SyncObj__loadDumpFile`): the journal is cleared right after, and the
   acknowledgement follows.
 - Leader: it counts itself toward a commit in `_onTick`, at the top of the tick. Its entries enter
-  the log in two places only: `_checkCommandsToApply` near the end of a tick (client commands,
-  membership changes), and `__onBecomeLeader` (the no-op), reached from the `response_vote` handler
-  during `poll` or, in a single-node group, from the election at the top of `_onTick` itself, just
-  before the commit count. Hence three syncs: right after `_replicate_now` has sent AppendEntries
-  (`_sync_after_replication`, a tick callback: the leader's fsync runs while the followers do
-  theirs, instead of delaying the next tick); right after becoming leader; and at the top of every
+  the log in two places only: `_checkCommandsToApply` near the end of a tick or in the wake-up's
+  handler (client commands, membership changes), and `__onBecomeLeader` (the no-op), reached from
+  the `response_vote` handler during `poll` or, in a single-node group, from the election at the top
+  of `_onTick` itself, just before the commit count. Hence three syncs: right after `_replicate_now`
+  has sent AppendEntries (`_sync_after_replication`, a tick callback and the end of `_on_wake`: the
+  leader's fsync runs while the followers do theirs, instead of delaying the next tick); right after
+  becoming leader; and at the top of every
   tick (`_onTick`), which covers anything else written since the last sync (a tick that raised
   half-way, a path added by a later PySyncObj), so a commit computed there never counts an unsynced
   entry of the leader's. A single-node group commits at the next tick's top, after that sync.
@@ -156,7 +158,7 @@ class Replica(SyncObj):
                                **dict.fromkeys(FORWARDING_MESSAGES, self._forwarding.on_message)}
         self._joining = JoinerQuorum(self)          # change 6
         super().__init__(None if learner else self_address, peers, conf, transportClass=RaftTransport)
-        self._wakeup = PipeNotifier(self._poller)
+        self._wakeup = PipeNotifier(self._poller, self._on_wake)
         self.addOnTickCallback(self._joining.restore)            # first: later callbacks see the real indexes
         self.addOnTickCallback(self._replicate_now)
         self.addOnTickCallback(self._sync_after_replication)     # after _replicate_now: see "Durability"
@@ -206,6 +208,17 @@ class Replica(SyncObj):
                 self._wakeup.notify()
             except BlockingIOError:
                 pass        # the pipe is full: a wake-up is pending already (a tick thread that lags or halted)
+
+    def _on_wake(self) -> None:
+        # Inside `poll`, where message handlers append and send too: what the wake-up is for leaves now,
+        # not after the tick it wakes for. Forwards go to the leader; a leader appends proposals, sends
+        # them and fsyncs, the three steps that end a tick (see "Durability"). ReadIndex rounds start too.
+        self._forwarding.on_tick()
+        self._read_index.on_tick()
+        if self._isLeader():
+            self._checkCommandsToApply()
+            self._replicate_now()
+            self._sync_after_replication()
 
     # -- change 2: replicate at the end of the tick (kvs.raft.replication) ------
 

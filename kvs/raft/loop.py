@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pysyncobj.config import FAIL_REASON
 
@@ -138,24 +138,26 @@ class LoopGroup:
     def _flush(self) -> None:
         self._flush_scheduled = False
         writes, self._writes = self._writes, []
-        for start in range(0, len(writes), MAX_BATCH):
-            chunk = writes[start:start + MAX_BATCH]
-            waiting = [(future, deadline) for _, future, deadline in chunk]
-            self._waiting.update(waiting)
-            self.group.propose(("batch", [command for command, _, _ in chunk]),
+        for commands, waiting in self._batches(writes):
+            self.group.propose(("batch", commands),
                                lambda result, error, waiting=waiting: self._committed(waiting, result, error))
         forwards, self._forwards = self._forwards, []
-        for start in range(0, len(forwards), MAX_BATCH):
-            chunk = forwards[start:start + MAX_BATCH]
-            waiting = [(future, deadline) for _, future, deadline in chunk]
-            self._waiting.update(waiting)
-            self.group.forward([command for command, _, _ in chunk],
+        for commands, waiting in self._batches(forwards):
+            self.group.forward(commands,
                                lambda results, waiting=waiting: self._from_tick(self._forwarded, waiting, results, None))
         if self._reads:
             reads, self._reads = self._reads, []
             self._waiting.update(reads)
             self.group.read_index(lambda ok, reads=reads: self._from_tick(self._read_ready, reads, ok, None))
         self.group.tick_now()           # a group on the loop appends and sends them now (else a no-op)
+
+    def _batches(self, queued: list) -> Iterator[tuple[list, list]]:
+        """`queued` in batches of at most MAX_BATCH: (commands, what waits for them), the latter now waiting."""
+        for start in range(0, len(queued), MAX_BATCH):
+            chunk = queued[start:start + MAX_BATCH]
+            waiting = [(future, deadline) for _, future, deadline in chunk]
+            self._waiting.update(waiting)
+            yield [command for command, _, _ in chunk], waiting
 
     def _committed(self, waiting: list, result: Any, error: Any) -> None:
         if asyncio._get_running_loop() is not self._loop:

@@ -7,7 +7,9 @@ here (one a second), so what arrives sooner than a heartbeat was sent for a reas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from typing import Iterator
 
 import pytest
 
@@ -22,17 +24,25 @@ SLOW_HEARTBEAT = RaftTiming(heartbeat=1.0, election_min=3.5, election_max=5.0, l
                             connection_timeout=8.0, compaction_entries=10**9, compaction_seconds=10**9)
 
 
-@pytest.fixture
-def groups(tmp_path):
+@contextlib.contextmanager
+def three_replicas(tmp_path, name: str, timing: RaftTiming) -> Iterator[list[RaftGroup]]:
+    """A group of three real replicas on 127.0.0.1, closed on the way out (a test may close one itself and
+    take it out of the list)."""
     base = find_free_base_port(3)
     addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
-    groups = [RaftGroup("notice", a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, SLOW_HEARTBEAT)
+    groups = [RaftGroup(name, a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, timing)
               for i, a in enumerate(addresses)]
     try:
         yield groups
     finally:
         for g in groups:
             g.close()
+
+
+@pytest.fixture
+def groups(tmp_path):
+    with three_replicas(tmp_path, "notice", SLOW_HEARTBEAT) as replicas:
+        yield replicas
 
 
 def settled_leader(groups: list[RaftGroup]) -> RaftGroup:

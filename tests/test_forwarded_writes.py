@@ -16,35 +16,26 @@ import time
 import pytest
 from pysyncobj.config import FAIL_REASON
 
-from kvs.fsm.shard import ShardState, Written
+from kvs.fsm.shard import Written
 from kvs.raft import forwarding
 from kvs.raft.forwarding import FORWARD, RESULT, Forwarding
 from kvs.raft.group import RaftGroup, RaftTiming
 from kvs.raft.loop import LoopGroup
-from kvs.testing.cluster import find_free_base_port, wait_until
+from kvs.testing.cluster import wait_until
+from tests.test_commit_notice import three_replicas
 from tests.test_fsync import leader_of
 from tests.test_loop_poller import running_loop
+from tests.test_read_index import ScriptedRaft as ReadIndexRaft
 
 
-class ScriptedRaft:
-    """What Forwarding uses of the replica, set by the test."""
+class ScriptedRaft(ReadIndexRaft):
+    """What Forwarding uses of the replica, set by the test: ReadIndex's scripted replica, plus proposals."""
 
     def __init__(self, leader: bool = False, leader_node: str | None = "L"):
-        self.leader, self.leader_node = leader, leader_node
-        self.sent: list[tuple[str, dict]] = []
+        super().__init__(others=2, leader=leader)
+        self.leader_node = leader_node
         self.proposed: list[tuple[object, object]] = []     # (command, callback)
         self.held = 0
-        self._SyncObj__transport = self
-
-    def send(self, node, message) -> bool:
-        self.sent.append((node, message))
-        return True
-
-    def _isLeader(self) -> bool:
-        return self.leader
-
-    def _getLeader(self):
-        return "me" if self.leader else self.leader_node
 
     def submit(self, command, callback) -> None:
         self.proposed.append((command, callback))
@@ -167,15 +158,8 @@ QUICK = RaftTiming(compaction_entries=10**9, compaction_seconds=10**9)
 
 @pytest.fixture
 def groups(tmp_path):
-    base = find_free_base_port(3)
-    addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
-    groups = [RaftGroup("fwd", a, addresses, ShardState(), str(tmp_path / f"r{i}"), None, QUICK)
-              for i, a in enumerate(addresses)]
-    try:
-        yield groups
-    finally:
-        for g in groups:
-            g.close()
+    with three_replicas(tmp_path, "fwd", QUICK) as replicas:
+        yield replicas
 
 
 def settled(groups: list[RaftGroup]) -> tuple[RaftGroup, list[RaftGroup]]:

@@ -93,6 +93,17 @@ def test_a_forward_is_handed_back_when_the_leader_changes_or_stays_silent(monkey
     assert silent == [None]
 
 
+def test_a_forward_that_cannot_be_sent_to_the_leader_is_handed_back_at_once():
+    raft = ScriptedRaft()
+    raft.send = lambda node, message: (raft.sent.append((node, message)), False)[1]    # not connected
+    fwd = Forwarding(raft)
+    outcome = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert outcome == [None] and len(raft.sent) == 1
+    fwd.on_message("L", {"type": RESULT, "id": raft.sent[0][1]["id"], "results": ["late"]})
+    assert outcome == [None]                # nothing waits for it any more
+
+
 def test_an_answer_from_a_node_that_was_not_asked_is_ignored():
     raft = ScriptedRaft()
     fwd = Forwarding(raft)

@@ -18,8 +18,9 @@ notice. Here:
 3. When the entry is applied, the leader answers `{"type": "kvs_forward_result", "id", "results"}`,
    one state-machine result per command, on the same connection. A leader that is not leading, or
    whose proposal failed (leadership lost, entry discarded), answers `results` None.
-4. The follower gives the results to the caller. None (no leader known, this replica leads now, the
-   leader changed or did not answer within FORWARD_SECONDS, or it answered None) means "not known to
+4. The follower gives the results to the caller. None (no leader known, this replica leads now, no
+   connection to the leader, the leader changed or did not answer within FORWARD_SECONDS, or it
+   answered None) means "not known to
    be applied": the caller proposes the same commands itself. Their request ids make a write that is
    applied twice return its first outcome (`kvs.fsm.shard`), so no write is lost or doubled.
 
@@ -88,7 +89,9 @@ class Forwarding:
                 continue
             rid = next(self._ids)
             self._asked[rid] = _Asked(leader, callback, time.monotonic())
-            self._send(leader, {"type": FORWARD, "id": rid, "commands": commands})
+            if not self._send(leader, {"type": FORWARD, "id": rid, "commands": commands}):
+                del self._asked[rid]
+                callback(None)          # not connected to the leader (it is down, or not reached yet)
 
     def on_message(self, node: Any, message: dict) -> None:
         """A message of MESSAGE_TYPES from `node`."""
@@ -125,5 +128,6 @@ class Forwarding:
             self._raft.hold_commit_send()
         self._send(node, {"type": RESULT, "id": rid, "results": result if ok else None})
 
-    def _send(self, node: Any, message: dict) -> None:
-        self._raft._SyncObj__transport.send(node, message)
+    def _send(self, node: Any, message: dict) -> bool:
+        """False if the message could not be queued on a connection to `node`."""
+        return self._raft._SyncObj__transport.send(node, message) is not False

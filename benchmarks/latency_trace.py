@@ -23,7 +23,9 @@ and its steps stay empty, it never stops the node.
 etcd's p50 at 1 client is measured in the same run (one after the other) for reference. A report,
 never a test: it fails on no speed.
 Usage: python benchmarks/suite.py latency (results/latency.json, README table), or on its own
-python benchmarks/latency_trace.py [--seconds 10] [--fsync on] [--via leader,follower] [--skip-etcd] (printed only).
+python benchmarks/latency_trace.py [--seconds 10] [--fsync on] [--via leader,follower] [--skip-etcd] [--hops]
+(printed only; --hops splits each Raft message's hop into the sender's send returning, the receiver's
+poll returning and its frame starting to decode, at a few more microseconds of tracing per event).
 """
 
 from __future__ import annotations
@@ -81,6 +83,38 @@ if DIRECTORY:
         return synced
     DurableJournal.sync = sync
 
+    if os.environ.get("KVS_TRACE_HOPS"):
+        # --hops: when a tick thread's poll returned with events (the select.poll object is wrapped:
+        # PySyncObj runs the handlers inside PollPoller.poll), when a frame starts decoding, and when a
+        # send returned from the kernel.
+        from pysyncobj.poller import PollPoller
+        from pysyncobj.tcp_connection import TcpConnection
+
+        class TimedPoll:
+            def __init__(self, poll):
+                self.poll_object = poll
+                self.register, self.unregister = poll.register, poll.unregister
+                self.modify = poll.modify
+
+            def poll(self, *args):
+                events = self.poll_object.poll(*args)
+                if events:
+                    EVENTS.append((now(), threading.get_ident(), "polled"))
+                return events
+
+        poller_init = PollPoller.__init__
+        def init(self, *args, **kwargs):
+            poller_init(self, *args, **kwargs)
+            self._PollPoller__poll = TimedPoll(self._PollPoller__poll)
+        PollPoller.__init__ = init
+        wrap(_RaftConnection, "_decode", "decode")
+        try_send = TcpConnection._TcpConnection__trySendBuffer
+        def sent(self, *args, **kwargs):
+            result = try_send(self, *args, **kwargs)
+            EVENTS.append((now(), threading.get_ident(), "sent"))
+            return result
+        TcpConnection._TcpConnection__trySendBuffer = sent
+
     @atexit.register
     def dump():
         with open(PATH, "w") as f:
@@ -112,6 +146,23 @@ FOLLOWER_STEPS = (("entry follower: request parsed -> batch forwarded", "forward
                   ("entry follower: -> loop resumes the request", "forward_resumed", "E"),
                   ("entry follower: -> response written", "http_out", "E"))
 TOTAL = "total (request parsed -> response written)"
+_ROLES = {"L": "leader", "X": "follower", "E": "entry follower"}
+
+
+def with_hops(plan: tuple) -> tuple:
+    """`plan` with each Raft message's hop split (--hops): the sender's send returning from the kernel,
+    the receiver's poll returning, and its frame starting to decode (decryption and unpickling follow)."""
+    out = []
+    for step in plan:
+        _, label, who = step
+        kind = label.split(":", 1)[1] if ":" in label else ""
+        if label.startswith("recv:"):
+            out += [(f"{_ROLES[who]}: -> woke for {kind} (poll returned)", "polled", who),
+                    (f"{_ROLES[who]}: -> {kind} frame read, decoding", "decode", who)]
+        out.append(step)
+        if label.startswith("send:"):
+            out.append((f"{_ROLES[who]}: -> {kind} handed to the kernel", "sent", who))
+    return tuple(out)
 
 
 def load(path: str, who: str) -> list[tuple[int, str, str]]:
@@ -123,12 +174,13 @@ def load(path: str, who: str) -> list[tuple[int, str, str]]:
     return events
 
 
-def writes(events: list[tuple[int, str, str]], via: str = "leader") -> list[dict[str, int]]:
+def writes(events: list[tuple[int, str, str]], via: str = "leader", hops: bool = False) -> list[dict[str, int]]:
     """Each replicated write's steps: for every span of the entry node ("L" via the leader, "E" via a
     follower) from http_in to http_out, the steps of `STEPS` or `FOLLOWER_STEPS`, each the first such
     event after the step before, through the follower whose acknowledgement came first (a follower
     also acknowledges the previous write's commit-only AppendEntries, which appends nothing)."""
     entry, plan = ("L", STEPS) if via == "leader" else ("E", FOLLOWER_STEPS)
+    plan = with_hops(plan) if hops else plan
     events.sort()
     spans, current = [], None
     for t, who, label in events:
@@ -176,7 +228,7 @@ def _timeline(span: list, plan: tuple) -> dict[str, int] | None:
     return line
 
 
-def trace_kvs(root: str, value: str, seconds: float, fsync: str, via: str = "leader") -> dict:
+def trace_kvs(root: str, value: str, seconds: float, fsync: str, via: str = "leader", hops: bool = False) -> dict:
     """One traced 3-replica group, hey at 1 client through its leader or a follower: the steps of each
     write and hey's own figures."""
     tracer_dir, traces = os.path.join(root, "tracer"), os.path.join(root, "traces")
@@ -185,7 +237,7 @@ def trace_kvs(root: str, value: str, seconds: float, fsync: str, via: str = "lea
     with open(os.path.join(tracer_dir, "sitecustomize.py"), "w") as f:
         f.write(TRACER)
     env = {"PYTHONPATH": os.pathsep.join([tracer_dir, harness.REPO_ROOT]), "KVS_TRACE_DIR": traces,
-           "KVS_FSYNC": fsync}
+           "KVS_FSYNC": fsync, **({"KVS_TRACE_HOPS": "1"} if hops else {})}
     cluster = harness.kvs_cluster(os.path.join(root, "data"), 1, 3, env=env)
     body = json.dumps({"value": value})
     try:
@@ -203,7 +255,7 @@ def trace_kvs(root: str, value: str, seconds: float, fsync: str, via: str = "lea
             events += load(path, "L" if address == leader else "E" if address == entry else address)
         else:
             harness.progress(f"latency: no trace from {address} (it did not exit cleanly)")
-    timelines = writes(events, via)
+    timelines = writes(events, via, hops)
     steps = {}
     for step in (timelines[0] if timelines else {}):
         values = sorted(line[step] / 1000 for line in timelines)
@@ -231,12 +283,12 @@ VIAS = ("leader", "follower")
 
 
 def run(root: str, value: str, seconds: float, fsync: str = "on", with_etcd: bool = True,
-        vias: tuple[str, ...] = VIAS) -> dict:
+        vias: tuple[str, ...] = VIAS, hops: bool = False) -> dict:
     """{"kvs": ..., "etcd": ...} through the leader, and {"kvs_follower": ..., "etcd_follower": ...}."""
     result = {}
     for via in vias:
         suffix = "" if via == "leader" else "_" + via
-        result["kvs" + suffix] = trace_kvs(os.path.join(root, "kvs" + suffix), value, seconds, fsync, via)
+        result["kvs" + suffix] = trace_kvs(os.path.join(root, "kvs" + suffix), value, seconds, fsync, via, hops)
         if with_etcd:
             result["etcd" + suffix] = etcd_one_client(os.path.join(root, "etcd" + suffix), value, seconds, via)
     return result
@@ -249,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsync", choices=("on", "off"), default="on")
     parser.add_argument("--via", default=",".join(VIAS), help="leader, follower or both (comma-separated)")
     parser.add_argument("--skip-etcd", action="store_true")
+    parser.add_argument("--hops", action="store_true",
+                        help="split each Raft message's hop: send returned, receiver woke, frame decoding")
     args = parser.parse_args(argv)
     vias = tuple(v for v in args.via.split(",") if v in VIAS)
     result = run(tempfile.mkdtemp(prefix="kvs-latency-trace-"), "v" * args.value_size, args.seconds, args.fsync,
-                 not args.skip_etcd, vias)
+                 not args.skip_etcd, vias, args.hops)
     for via in vias:
         suffix = "" if via == "leader" else "_" + via
         kvs, etcd = result["kvs" + suffix], result.get("etcd" + suffix)

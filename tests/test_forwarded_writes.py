@@ -2,7 +2,8 @@
 
 The protocol's rules against a scripted replica (no sockets): what is sent to whom, what comes back
 as None (no leader, leading now, the leader changed or stayed silent, a malformed or unled message),
-and an answer from another node is ignored. Then on real replicas on tick threads, with writes from a
+an answer from another node is ignored, and a leader that never answers (an older version) is asked
+again only by a probe after a pause. Then on real replicas on tick threads, with writes from a
 uvloop loop as a node's key path sends them: a follower's writes of one loop iteration become one
 entry of the leader's log and come back with their results, a write forwarded twice is applied once,
 and a forward to a leader that is gone comes back None and the write then commits through the new one.
@@ -91,6 +92,78 @@ def test_a_forward_is_handed_back_when_the_leader_changes_or_stays_silent(monkey
     monkeypatch.setattr(forwarding.time, "monotonic", lambda: now + forwarding.FORWARD_SECONDS + 1)
     fwd.on_tick()
     assert silent == [None]
+
+
+class Clock:
+    """forwarding's time.monotonic, moved by the test."""
+
+    def __init__(self, monkeypatch):
+        self.now = time.monotonic()
+        monkeypatch.setattr(forwarding.time, "monotonic", lambda: self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_leader_that_never_answers_is_not_asked_again_until_a_probe_after_a_pause(monkeypatch):
+    # An older leader ignores kvs_forward: one write waits FORWARD_SECONDS, then the others are handed
+    # back at once (the caller proposes them through PySyncObj) until a probe finds it answering.
+    clock, raft = Clock(monkeypatch), ScriptedRaft()
+    fwd = Forwarding(raft)
+    first = forward(fwd, [PUT])
+    fwd.on_tick()
+    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
+    fwd.on_tick()
+    assert first == [None]
+    during = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert during == [None] and len(raft.sent) == 1
+    clock.advance(forwarding.PROBE_SECONDS)
+    probe, behind_it = forward(fwd, [PUT]), forward(fwd, [PUT])
+    fwd.on_tick()
+    assert len(raft.sent) == 2 and probe == [] and behind_it == [None]
+    fwd.on_message("L", {"type": RESULT, "id": raft.sent[1][1]["id"], "results": ["ok"]})
+    assert probe == [["ok"]]
+    after = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert len(raft.sent) == 3 and after == []
+
+
+def test_a_probe_left_unanswered_keeps_the_leader_silent_for_another_pause(monkeypatch):
+    clock, raft = Clock(monkeypatch), ScriptedRaft()
+    fwd = Forwarding(raft)
+    forward(fwd, [PUT])
+    fwd.on_tick()
+    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
+    fwd.on_tick()
+    clock.advance(forwarding.PROBE_SECONDS)
+    probe = forward(fwd, [PUT])
+    fwd.on_tick()
+    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
+    fwd.on_tick()
+    assert probe == [None]
+    clock.advance(forwarding.PROBE_SECONDS - forwarding.FORWARD_SECONDS - 1)
+    still = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert still == [None] and len(raft.sent) == 2
+
+
+def test_a_leader_that_answered_before_is_forgiven_one_silence_not_two(monkeypatch):
+    clock, raft = Clock(monkeypatch), ScriptedRaft()
+    fwd = Forwarding(raft)
+    answered = forward(fwd, [PUT])
+    fwd.on_tick()
+    fwd.on_message("L", {"type": RESULT, "id": raft.sent[0][1]["id"], "results": ["ok"]})
+    for sent in (2, 3):                     # a pause of the leader: each forward waits and comes back None
+        waited = forward(fwd, [PUT])
+        fwd.on_tick()
+        assert len(raft.sent) == sent
+        clock.advance(forwarding.FORWARD_SECONDS + 0.1)
+        fwd.on_tick()
+        assert waited == [None]
+    handed_back = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert answered == [["ok"]] and handed_back == [None] and len(raft.sent) == 3
 
 
 def test_a_forward_that_cannot_be_sent_to_the_leader_is_handed_back_at_once():
@@ -231,3 +304,21 @@ def test_a_forward_to_a_leader_that_is_gone_comes_back_none_and_the_write_commit
     assert isinstance(result, Written) and (outcome is None or result == outcome)
     new_leader = wait_until(lambda: leader_of(groups), 30, message="a new leader")
     wait_until(lambda: new_leader.state.read_versioned("k9")[0] == "v9", 10, message="k9 applied")
+
+
+def test_a_follower_of_a_leader_that_ignores_forwards_waits_once_then_proposes_the_next_writes_at_once(groups):
+    # A rolling upgrade: the leader still runs a version without forwarded writes, which ignores them.
+    leader, (follower, _) = settled(groups)
+    leader._replica._side_messages.pop(forwarding.FORWARD)
+    with running_loop() as loop:
+        replica = LoopGroup(follower, loop)
+        started = time.monotonic()
+        assert on_loop(loop, replica.forward(put(1), started + 10)) is None
+        assert time.monotonic() - started >= forwarding.FORWARD_SECONDS
+        started = time.monotonic()
+        assert on_loop(loop, replica.forward(put(2), started + 10)) is None
+        assert time.monotonic() - started < forwarding.FORWARD_SECONDS / 2
+        results = [on_loop(loop, replica.execute(put(i), time.monotonic() + 20), 30) for i in (1, 2)]
+    assert all(isinstance(r, Written) for r in results), results
+    for i in (1, 2):
+        wait_until(lambda i=i: leader.state.read_versioned(f"k{i}")[0] == f"v{i}", 10, message=f"k{i} applied")

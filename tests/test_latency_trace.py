@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import latency_trace  # noqa: E402
 import report  # noqa: E402
@@ -16,14 +18,17 @@ import report  # noqa: E402
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_every_hook_of_the_tracer_is_found_in_kvs(tmp_path):
+@pytest.mark.parametrize("hops", ["", "1"])
+def test_every_hook_of_the_tracer_is_found_in_kvs(tmp_path, hops):
     # A renamed kvs or PySyncObj method would leave the tool's steps empty, reported only at the end of a
     # benchmark run; this finds it in the suite instead.
     (tmp_path / "tracer").mkdir()
     (tmp_path / "tracer" / "sitecustomize.py").write_text(latency_trace.TRACER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "tracer"), REPO_ROOT]),
-               KVS_TRACE_DIR=str(tmp_path), ADDRESS="127.0.0.1:1")
-    done = subprocess.run([sys.executable, "-c", "import kvs.raft.replica"], env=env, capture_output=True,
+               KVS_TRACE_DIR=str(tmp_path), ADDRESS="127.0.0.1:1", KVS_TRACE_HOPS=hops)
+    # --hops wraps a poller's poll object: make one, as a replica's tick thread does
+    code = "import kvs.raft.replica; from pysyncobj.poller import PollPoller; PollPoller().poll(0)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Error in sitecustomize" not in done.stderr, done.stderr
@@ -70,6 +75,26 @@ def test_a_write_through_a_follower_is_timed_from_its_forward_to_its_result():
     steps = [step for step, _, _ in latency_trace.FOLLOWER_STEPS]
     assert [line[s] // 1000 for s in steps] == [5, 4, 3, 2, 1, 1, 1, 8, 1, 2, 4, 4, 1, 3]
     assert line[latency_trace.TOTAL] == 40_000
+
+
+def test_hops_split_each_raft_message_into_send_wake_and_decode():
+    events = [event(0, "L", "http_in"), event(10, "L", "propose"), event(20, "L", "append"),
+              event(25, "L", "send:append_entries"), event(27, "L", "sent"),
+              event(31, "A", "polled"), event(33, "A", "decode"), event(35, "A", "recv:append_entries"),
+              event(36, "A", "append"), event(40, "A", "fsynced"), event(41, "A", "send:next_node_idx"),
+              event(42, "A", "sent"),
+              event(38, "L", "polled"),                   # the leader woke for something else before the ack
+              event(46, "L", "polled"), event(47, "L", "decode"), event(48, "L", "recv:next_node_idx"),
+              event(50, "L", "callback"), event(55, "L", "loop_resumed"), event(60, "L", "http_out")]
+    [line] = latency_trace.writes(events, hops=True)
+    assert line["leader: -> append_entries handed to the kernel"] == 2_000
+    assert line["follower: -> woke for append_entries (poll returned)"] == 4_000
+    assert line["follower: -> append_entries frame read, decoding"] == 2_000
+    assert line["follower: -> AppendEntries received"] == 2_000
+    assert line["follower: -> next_node_idx handed to the kernel"] == 1_000
+    assert line["leader: -> woke for next_node_idx (poll returned)"] == 4_000
+    assert line["leader: -> acknowledgement received"] == 1_000
+    assert sum(v for k, v in line.items() if k != latency_trace.TOTAL) == line[latency_trace.TOTAL] == 60_000
 
 
 def test_the_report_shows_each_step_and_etcds_p50():

@@ -24,6 +24,12 @@ notice. Here:
    be applied": the caller proposes the same commands itself. Their request ids make a write that is
    applied twice return its first outcome (`kvs.fsm.shard`), so no write is lost or doubled.
 
+A leader that lets a forward go unanswered for FORWARD_SECONDS without ever having answered one
+(a node of an older version ignores message types it does not know, so a rolling upgrade meets one)
+is marked silent: for PROBE_SECONDS its forwards are handed back at once, then one is sent again as a
+probe (and the others handed back until it is answered or times out). A leader that has answered before and then stays silent once (paused, overloaded) loses that
+standing, so a second silence marks it too. Without this, each batch waited FORWARD_SECONDS.
+
 Everything but `request` runs on the replica's tick thread (or on the loop that ticks it). Messages
 come only from peers that hold the cluster secret, and are still checked for shape: a malformed one
 is answered None and proposes nothing.
@@ -32,11 +38,14 @@ is answered None and proposes nothing.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from typing import Any, Callable
 
 from pysyncobj.config import FAIL_REASON
+
+log = logging.getLogger(__name__)
 
 Callback = Callable[["list | None"], None]      # the results, one per command, or None: not taken
 
@@ -45,6 +54,7 @@ RESULT = "kvs_forward_result"
 MESSAGE_TYPES = frozenset((FORWARD, RESULT))
 
 FORWARD_SECONDS = 2.0       # a forward unanswered by then is handed back (its commands may be retried)
+PROBE_SECONDS = 10.0        # how long a silent leader's forwards are handed back before it is asked again
 MAX_COMMANDS = 512          # per message, as `kvs.raft.loop` batches them
 
 
@@ -63,6 +73,8 @@ class Forwarding:
         self._incoming: deque[tuple[list, Callback]] = deque()  # from any thread, taken by the tick thread
         self._ids = itertools.count(1)
         self._asked: dict[int, _Asked] = {}         # follower: message id -> who was asked, and the caller
+        self._answered: set = set()                 # leaders that answered a forward since their last silence
+        self._silent: dict[Any, float] = {}         # leader -> until when its forwards are handed back at once
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -76,19 +88,27 @@ class Forwarding:
         """Hand back what the leader will not answer; send what arrived to the leader."""
         raft = self._raft
         leader = None if raft._isLeader() else raft._getLeader()
+        now = time.monotonic()
         if self._asked:
-            now = time.monotonic()
+            unanswered = set()
             for rid, asked in list(self._asked.items()):
                 if asked.leader != leader or now - asked.sent > FORWARD_SECONDS:
                     del self._asked[rid]
+                    if asked.leader == leader:
+                        unanswered.add(leader)
                     asked.callback(None)
+            for node in unanswered:
+                self._stayed_silent(node, now)
         while self._incoming:
             commands, callback = self._incoming.popleft()
-            if leader is None:
-                callback(None)          # leading now, or no leader known: the caller proposes them itself
+            if leader is None or self._silent.get(leader, now) > now:
+                callback(None)          # leading now, no leader known, or it does not answer: the caller proposes
                 continue
+            if leader in self._silent:
+                # a probe: the forwards after it are handed back until it is answered or times out
+                self._silent[leader] = now + FORWARD_SECONDS + 1
             rid = next(self._ids)
-            self._asked[rid] = _Asked(leader, callback, time.monotonic())
+            self._asked[rid] = _Asked(leader, callback, now)
             if not self._send(leader, {"type": FORWARD, "id": rid, "commands": commands}):
                 del self._asked[rid]
                 callback(None)          # not connected to the leader (it is down, or not reached yet)
@@ -100,6 +120,8 @@ class Forwarding:
             asked = self._asked.get(rid)
             if asked is not None and asked.leader == node:
                 del self._asked[rid]
+                self._answered.add(node)
+                self._silent.pop(node, None)
                 results = message.get("results")
                 asked.callback(results if isinstance(results, list) else None)
             return
@@ -118,6 +140,16 @@ class Forwarding:
             entry.callback(None)
         while self._incoming:
             self._incoming.popleft()[1](None)
+
+    def _stayed_silent(self, node: Any, now: float) -> None:
+        """`node`, still the leader, let a forward go unanswered for FORWARD_SECONDS (module docstring)."""
+        if node in self._answered:
+            self._answered.discard(node)        # it answered before: one silence is forgiven
+            return
+        if node not in self._silent:
+            log.warning("leader %s does not answer forwarded writes (an older version?); for %.0f s this "
+                        "replica proposes them itself", node, PROBE_SECONDS)
+        self._silent[node] = now + PROBE_SECONDS
 
     # -- leader -----------------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ def _peer(port: int) -> None:
 
 def _percentiles(values: list[int]) -> dict:
     values = sorted(values)
-    return {"p50_us": round(values[len(values) // 2] / 1000, 1), "p90_us": round(values[len(values) * 9 // 10] / 1000, 1)}
+    return {"p50_us": round(values[len(values) // 2] / 1000, 1),
+            "p90_us": round(values[len(values) * 9 // 10] / 1000, 1)}
 
 
 def measure(count: int, gap_s: float) -> dict:

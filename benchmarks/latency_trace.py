@@ -17,8 +17,9 @@ step over all writes, and hey's own p50 (which adds the client and the kernel's 
 Then the same through a follower (`--via follower`; both by default): the span is the entry
 follower's, and its steps are the forward to the leader and the result back
 (`kvs.raft.forwarding`) around the leader's replication.
-Recording costs a few microseconds per event: the sum is a little above the untraced latency. The tracer wraps kvs and PySyncObj internals by name: a missing one is reported
-and its steps stay empty, it never stops the node.
+Recording costs a few microseconds per event: the sum is a little above the untraced latency. The
+tracer wraps kvs and PySyncObj internals by name: a missing one is reported and its steps stay
+empty, it never stops the node.
 
 etcd's p50 at 1 client is measured in the same run (one after the other) for reference. A report,
 never a test: it fails on no speed.

@@ -26,9 +26,10 @@ notice. Here:
 
 A leader that lets a forward go unanswered for FORWARD_SECONDS without ever having answered one
 (a node of an older version ignores message types it does not know, so a rolling upgrade meets one)
-is marked silent: for PROBE_SECONDS its forwards are handed back at once, then one is sent again as a
-probe (and the others handed back until it is answered or times out). A leader that has answered before and then stays silent once (paused, overloaded) loses that
-standing, so a second silence marks it too. Without this, each batch waited FORWARD_SECONDS.
+is marked silent: for PROBE_SECONDS its forwards are handed back at once, then one is sent again as
+a probe (and the others handed back until it is answered or times out). A leader that has answered
+before and then stays silent once (paused, overloaded) loses that standing, so a second silence
+marks it too. Without this, each batch waited FORWARD_SECONDS.
 
 Everything but `request` runs on the replica's tick thread (or on the loop that ticks it). Messages
 come only from peers that hold the cluster secret, and are still checked for shape: a malformed one

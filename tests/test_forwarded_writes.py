@@ -105,15 +105,21 @@ class Clock:
         self.now += seconds
 
 
+def unanswered(clock: Clock, fwd: Forwarding) -> list:
+    """One forward sent and left unanswered past FORWARD_SECONDS: its outcome."""
+    outcome = forward(fwd, [PUT])
+    fwd.on_tick()
+    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
+    fwd.on_tick()
+    return outcome
+
+
 def test_a_leader_that_never_answers_is_not_asked_again_until_a_probe_after_a_pause(monkeypatch):
     # An older leader ignores kvs_forward: one write waits FORWARD_SECONDS, then the others are handed
     # back at once (the caller proposes them through PySyncObj) until a probe finds it answering.
     clock, raft = Clock(monkeypatch), ScriptedRaft()
     fwd = Forwarding(raft)
-    first = forward(fwd, [PUT])
-    fwd.on_tick()
-    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
-    fwd.on_tick()
+    first = unanswered(clock, fwd)
     assert first == [None]
     during = forward(fwd, [PUT])
     fwd.on_tick()
@@ -132,15 +138,9 @@ def test_a_leader_that_never_answers_is_not_asked_again_until_a_probe_after_a_pa
 def test_a_probe_left_unanswered_keeps_the_leader_silent_for_another_pause(monkeypatch):
     clock, raft = Clock(monkeypatch), ScriptedRaft()
     fwd = Forwarding(raft)
-    forward(fwd, [PUT])
-    fwd.on_tick()
-    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
-    fwd.on_tick()
+    unanswered(clock, fwd)
     clock.advance(forwarding.PROBE_SECONDS)
-    probe = forward(fwd, [PUT])
-    fwd.on_tick()
-    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
-    fwd.on_tick()
+    probe = unanswered(clock, fwd)
     assert probe == [None]
     clock.advance(forwarding.PROBE_SECONDS - forwarding.FORWARD_SECONDS - 1)
     still = forward(fwd, [PUT])
@@ -155,11 +155,8 @@ def test_a_leader_that_answered_before_is_forgiven_one_silence_not_two(monkeypat
     fwd.on_tick()
     fwd.on_message("L", {"type": RESULT, "id": raft.sent[0][1]["id"], "results": ["ok"]})
     for sent in (2, 3):                     # a pause of the leader: each forward waits and comes back None
-        waited = forward(fwd, [PUT])
-        fwd.on_tick()
+        waited = unanswered(clock, fwd)
         assert len(raft.sent) == sent
-        clock.advance(forwarding.FORWARD_SECONDS + 0.1)
-        fwd.on_tick()
         assert waited == [None]
     handed_back = forward(fwd, [PUT])
     fwd.on_tick()

@@ -20,9 +20,9 @@ notice. Here:
    whose proposal failed (leadership lost, entry discarded), answers `results` None.
 4. The follower gives the results to the caller. None (no leader known, this replica leads now, no
    connection to the leader, the leader changed or did not answer within FORWARD_SECONDS, or it
-   answered None) means "not known to
-   be applied": the caller proposes the same commands itself. Their request ids make a write that is
-   applied twice return its first outcome (`kvs.fsm.shard`), so no write is lost or doubled.
+   answered None) means "not known to be applied": the caller proposes the same commands itself.
+   Their request ids make a write that is applied twice return its first outcome
+   (`kvs.fsm.shard`), so no write is lost or doubled.
 
 A leader that lets a forward go unanswered for FORWARD_SECONDS without ever having answered one
 (a node of an older version ignores message types it does not know, so a rolling upgrade meets one)

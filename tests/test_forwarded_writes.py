@@ -3,26 +3,31 @@
 The protocol's rules against a scripted replica (no sockets): what is sent to whom, what comes back
 as None (no leader, leading now, the leader changed or stayed silent, a malformed or unled message),
 an answer from another node is ignored, and a leader that never answers (an older version) is asked
-again only by a probe after a pause. Then on real replicas on tick threads, with writes from a
-uvloop loop as a node's key path sends them: a follower's writes of one loop iteration become one
-entry of the leader's log and come back with their results, a write forwarded twice is applied once,
-and a forward to a leader that is gone comes back None and the write then commits through the new one.
+again only by a probe after a pause, unless it announced in its handshake that it answers forwards.
+Then on real replicas on tick threads, with writes from a uvloop loop as a node's key path sends
+them: a follower's writes of one loop iteration become one entry of the leader's log and come back
+with their results, a write forwarded twice is applied once, a forward to a leader that is gone
+comes back None and the write then commits through the new one, and on a cluster with a secret a
+silent leader that announced forwards is asked again while one of an earlier version is not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import pytest
 from pysyncobj.config import FAIL_REASON
 
-from kvs.fsm.shard import Written
-from kvs.raft import forwarding
+import kvs.raft.replica
+from kvs.fsm.shard import ShardState, Written
+from kvs.raft import forwarding, storage, wire
 from kvs.raft.forwarding import FORWARD, RESULT, Forwarding
 from kvs.raft.group import RaftGroup, RaftTiming
 from kvs.raft.loop import LoopGroup
-from kvs.testing.cluster import wait_until
+from kvs.raft.transport import RaftTransport, _RaftConnection
+from kvs.testing.cluster import find_free_base_port, wait_until
 from tests.test_commit_notice import three_replicas
 from tests.test_fsync import leader_of
 from tests.test_loop_poller import running_loop
@@ -37,6 +42,10 @@ class ScriptedRaft(ReadIndexRaft):
         self.leader_node = leader_node
         self.proposed: list[tuple[object, object]] = []     # (command, callback)
         self.held = 0
+        self.announced: set[str] = set()      # nodes whose handshake said they answer forwards
+
+    def answers_forwards(self, node) -> bool:   # the transport's (ReadIndex's scripted replica is its own)
+        return node in self.announced
 
     def submit(self, command, callback) -> None:
         self.proposed.append((command, callback))
@@ -161,6 +170,17 @@ def test_a_leader_that_answered_before_is_forgiven_one_silence_not_two(monkeypat
     handed_back = forward(fwd, [PUT])
     fwd.on_tick()
     assert answered == [["ok"]] and handed_back == [None] and len(raft.sent) == 3
+
+
+def test_a_leader_that_announced_forwards_is_asked_again_after_every_silence(monkeypatch):
+    # Its silence is a pause or an overload (a new leader catching up), not a version that ignores them.
+    clock, raft = Clock(monkeypatch), ScriptedRaft()
+    raft.announced.add("L")
+    fwd = Forwarding(raft)
+    assert unanswered(clock, fwd) == [None] and unanswered(clock, fwd) == [None]
+    third = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert len(raft.sent) == 3 and third == []
 
 
 def test_a_forward_that_cannot_be_sent_to_the_leader_is_handed_back_at_once():
@@ -319,3 +339,61 @@ def test_a_follower_of_a_leader_that_ignores_forwards_waits_once_then_proposes_t
     assert all(isinstance(r, Written) for r in results), results
     for i in (1, 2):
         wait_until(lambda i=i: leader.state.read_versioned(f"k{i}")[0] == f"v{i}", 10, message=f"k{i} applied")
+
+
+class _EarlierConnection(_RaftConnection):
+    """A connection of a kvs version that reads wire version 2 but does not announce forwards."""
+
+    @property
+    def recvRandKey(self):
+        return self._recv_rand_key
+
+    @recvRandKey.setter
+    def recvRandKey(self, value) -> None:
+        self._recv_rand_key = wire.CAPABLE + value if isinstance(value, bytes) and value else value
+
+
+class _EarlierTransport(RaftTransport):
+    connection_class = _EarlierConnection
+
+
+@contextmanager
+def secured_replicas(tmp_path, monkeypatch, transport: type[RaftTransport]):
+    """Three real replicas on a cluster with a secret (so with handshake keys), of `transport`'s kind."""
+    storage.install()
+    monkeypatch.setattr(kvs.raft.replica, "RaftTransport", transport)
+    base = find_free_base_port(3)
+    addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
+    replicas = [RaftGroup("fwd", a, addresses, ShardState(), str(tmp_path / f"r{i}"), "forward-test-secret", QUICK)
+                for i, a in enumerate(addresses)]
+    monkeypatch.undo()
+    try:
+        yield replicas
+    finally:
+        for g in replicas:
+            g.close()
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["announced", "an-earlier-version"])
+def test_on_a_secured_cluster_a_silent_leader_that_announced_forwards_is_asked_again_and_an_earlier_one_is_not(
+        tmp_path, monkeypatch, announced):
+    with secured_replicas(tmp_path, monkeypatch, RaftTransport if announced else _EarlierTransport) as groups:
+        leader, (follower, _) = settled(groups)
+        transport = follower._replica._SyncObj__transport
+        leader_node = follower._replica._getLeader()
+        assert transport.answers_forwards(leader_node) is announced
+        leader._replica._side_messages.pop(forwarding.FORWARD)      # it stays silent (paused, or ignores them)
+        with running_loop() as loop:
+            replica = LoopGroup(follower, loop)
+            started = time.monotonic()
+            assert on_loop(loop, replica.forward(put(1), started + 10)) is None
+            assert time.monotonic() - started >= forwarding.FORWARD_SECONDS
+            started = time.monotonic()
+            assert on_loop(loop, replica.forward(put(2), started + 10)) is None
+            waited = time.monotonic() - started
+            if announced:
+                assert waited >= forwarding.FORWARD_SECONDS, "asked again, not taken for an older version"
+            else:
+                assert waited < forwarding.FORWARD_SECONDS / 2, "marked silent after its first silence"
+            results = [on_loop(loop, replica.execute(put(i), time.monotonic() + 20), 30) for i in (1, 2)]
+        assert all(isinstance(r, Written) for r in results), results

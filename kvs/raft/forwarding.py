@@ -29,7 +29,12 @@ A leader that lets a forward go unanswered for FORWARD_SECONDS without ever havi
 is marked silent: for PROBE_SECONDS its forwards are handed back at once, then one is sent again as
 a probe (and the others handed back until it is answered or times out). A leader that has answered
 before and then stays silent once (paused, overloaded) loses that standing, so a second silence
-marks it too. Without this, each batch waited FORWARD_SECONDS.
+marks it too. Without this, each batch waited FORWARD_SECONDS. On a cluster with a secret a node
+also says in its connection's handshake that it answers forwards (`kvs.raft.wire.FORWARDS`): a
+leader that said so is never marked silent, as its silence is a pause or an overload, not a version
+that ignores forwards (a new leader busy catching up was otherwise taken for an older one for
+PROBE_SECONDS, and its followers' writes took PySyncObj's slower hand-over meanwhile). Without a
+secret there is no handshake, and the timing rule above decides alone.
 
 Everything but `request` runs on the replica's tick thread (or on the loop that ticks it). Messages
 come only from peers that hold the cluster secret, and are still checked for shape: a malformed one
@@ -144,6 +149,8 @@ class Forwarding:
 
     def _stayed_silent(self, node: Any, now: float) -> None:
         """`node`, still the leader, let a forward go unanswered for FORWARD_SECONDS (module docstring)."""
+        if self._raft._SyncObj__transport.answers_forwards(node):
+            return          # it said it answers forwards: paused or overloaded, asked again by the next one
         if node in self._answered:
             self._answered.discard(node)        # it answered before: one silence is forgiven
             return

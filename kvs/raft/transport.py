@@ -64,15 +64,17 @@ class _RaftConnection(TcpConnection):
     _receiving: tuple[tuple[bytes, bytes], wire.SessionCipher] | None = None
 
     # PySyncObj sets its handshake's random key here (os.urandom(32)) right before sending it; ours
-    # starts with wire.CAPABLE, which tells a peer that we read version 2. A data descriptor: it takes
-    # precedence over the attribute TcpConnection.__init__ put in the instance before the class swap.
+    # starts with wire.FORWARDS, which tells a peer that we read version 2 and answer forwarded
+    # writes (it begins with wire.CAPABLE, all that a peer of an earlier version checks). A data
+    # descriptor: it takes precedence over the attribute TcpConnection.__init__ put in the instance
+    # before the class swap.
     @property
     def recvRandKey(self) -> Any:
         return self._recv_rand_key
 
     @recvRandKey.setter
     def recvRandKey(self, value: Any) -> None:
-        self._recv_rand_key = wire.CAPABLE + value if isinstance(value, bytes) and value else value
+        self._recv_rand_key = wire.FORWARDS + value if isinstance(value, bytes) and value else value
 
     def _session_keys(self) -> tuple[bytes, bytes] | None:
         """(the peer's random key, ours) once both are known and the peer reads version 2."""
@@ -177,6 +179,8 @@ class _RaftConnection(TcpConnection):
 class RaftTransport(TCPTransport):
     """TCPTransport whose outgoing connections give up quickly and bind to the node's own IP."""
 
+    connection_class = _RaftConnection      # what PySyncObj's connections become (a test's may differ)
+
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any):
         if syncObj.conf.password:
             wire.prepare(syncObj.conf.password)     # here, not on the tick thread at a first connection
@@ -189,6 +193,14 @@ class RaftTransport(TCPTransport):
     def ready(self) -> bool:
         return self._ready or self.constructing
 
+    def answers_forwards(self, node: Any) -> bool:
+        """True if `node` announced in this connection's handshake that it answers forwarded writes
+        (`wire.FORWARDS`); False if it did not or is not known yet (no secret, hence no handshake keys;
+        not connected; a node of an earlier version, which may answer them all the same)."""
+        conn = self._connections.get(node)
+        key = getattr(conn, "sendRandKey", None)
+        return isinstance(key, bytes) and key.startswith(wire.FORWARDS)
+
     def addNode(self, node: Any) -> None:
         if node in self._connections:
             return          # connected already (a learner's planned peer, then its membership entry)
@@ -196,7 +208,7 @@ class RaftTransport(TCPTransport):
         conn = self._connections.get(node)
         if conn is None:
             return
-        conn.__class__ = _RaftConnection
+        conn.__class__ = self.connection_class
         conn.secret = self._syncObj.conf.password
         bind = self._syncObj.conf.bindAddress
         host = bind.rsplit(":", 1)[0] if bind else None
@@ -204,7 +216,7 @@ class RaftTransport(TCPTransport):
             conn.source_ip = host
 
     def _onNewIncomingConnection(self, conn: Any) -> None:
-        conn.__class__ = _RaftConnection           # before its first message is parsed
+        conn.__class__ = self.connection_class           # before its first message is parsed
         conn.secret = self._syncObj.conf.password
         super()._onNewIncomingConnection(conn)
 

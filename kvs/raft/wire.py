@@ -21,7 +21,9 @@ write costs the leader four such messages per follower, and each is on the write
   random keys are known: the responder's message announcing its key is in PySyncObj's format.
 * **Negotiation**: a node that speaks version 2 starts its random key with `CAPABLE`. A peer's key
   with that prefix means the peer reads version 2, so messages to it use it; any other key (an older
-  kvs, plain PySyncObj) keeps PySyncObj's format, which every version reads. The first handshake
+  kvs, plain PySyncObj) keeps PySyncObj's format, which every version reads. A node that also
+  answers forwarded writes (`kvs.raft.forwarding`) starts it with `FORWARDS`, which begins with
+  `CAPABLE`, so a node that knows only `CAPABLE` reads it as before. The first handshake
   message of a connection (sent before any key is known) is always PySyncObj's format. A rolling
   upgrade therefore mixes versions freely.
 
@@ -50,6 +52,7 @@ from kvs.raft import codec
 HANDSHAKE_FRAME_LIMIT = 4096
 STORED_LIMIT = 0xFFFF          # the largest stored block zlib has; larger messages are compressed
 CAPABLE = b"kvs-wire-2:"       # the prefix of a random key whose owner reads version 2
+FORWARDS = CAPABLE + b"fwd:"   # ... and also answers kvs_forward (kvs.raft.forwarding)
 VERSION_2 = b"\x02"            # a version-2 frame's first byte (a Fernet token's is b"g", base64 of 0x80)
 _HEADER = struct.Struct(">cQ")             # version byte, message counter
 _PICKLED, _COMPRESSED = b"\x00", b"\x01"     # a version-2 plaintext's first byte

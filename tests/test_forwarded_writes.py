@@ -44,7 +44,8 @@ class ScriptedRaft(ReadIndexRaft):
         self.held = 0
         self.announced: set[str] = set()      # nodes whose handshake said they answer forwards
 
-    def answers_forwards(self, node) -> bool:   # the transport's (ReadIndex's scripted replica is its own)
+    def answers_forwards(self, node) -> bool:
+        # Stands in for RaftTransport.answers_forwards: ReadIndex's ScriptedRaft is its own _SyncObj__transport.
         return node in self.announced
 
     def submit(self, command, callback) -> None:
@@ -172,15 +173,27 @@ def test_a_leader_that_answered_before_is_forgiven_one_silence_not_two(monkeypat
     assert answered == [["ok"]] and handed_back == [None] and len(raft.sent) == 3
 
 
-def test_a_leader_that_announced_forwards_is_asked_again_after_every_silence(monkeypatch):
-    # Its silence is a pause or an overload (a new leader catching up), not a version that ignores them.
+def test_a_leader_that_announced_forwards_is_forgiven_its_first_silence_though_it_never_answered(monkeypatch):
+    # Its silence is a pause or a busy spell (a new leader catching up), not a version that ignores
+    # forwards; a second silence in a row still marks it, so a leader that stays slow is not asked again
+    # and again. An answer restores its standing.
     clock, raft = Clock(monkeypatch), ScriptedRaft()
     raft.announced.add("L")
     fwd = Forwarding(raft)
-    assert unanswered(clock, fwd) == [None] and unanswered(clock, fwd) == [None]
-    third = forward(fwd, [PUT])
+    assert unanswered(clock, fwd) == [None]
+    assert unanswered(clock, fwd) == [None] and len(raft.sent) == 2, "asked again after its first silence"
+    during = forward(fwd, [PUT])
     fwd.on_tick()
-    assert len(raft.sent) == 3 and third == []
+    assert during == [None] and len(raft.sent) == 2, "marked silent after its second"
+    clock.advance(forwarding.PROBE_SECONDS)
+    probe = forward(fwd, [PUT])
+    fwd.on_tick()
+    fwd.on_message("L", {"type": RESULT, "id": raft.sent[2][1]["id"], "results": ["ok"]})
+    assert probe == [["ok"]]
+    assert unanswered(clock, fwd) == [None]
+    after = forward(fwd, [PUT])
+    fwd.on_tick()
+    assert len(raft.sent) == 5 and after == [], "forgiven one silence again once it answered"
 
 
 def test_a_forward_that_cannot_be_sent_to_the_leader_is_handed_back_at_once():
@@ -361,12 +374,12 @@ class _EarlierTransport(RaftTransport):
 def secured_replicas(tmp_path, monkeypatch, transport: type[RaftTransport]):
     """Three real replicas on a cluster with a secret (so with handshake keys), of `transport`'s kind."""
     storage.install()
-    monkeypatch.setattr(kvs.raft.replica, "RaftTransport", transport)
     base = find_free_base_port(3)
     addresses = [f"127.0.0.1:{base + i}" for i in range(3)]
-    replicas = [RaftGroup("fwd", a, addresses, ShardState(), str(tmp_path / f"r{i}"), "forward-test-secret", QUICK)
-                for i, a in enumerate(addresses)]
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(kvs.raft.replica, "RaftTransport", transport)
+        replicas = [RaftGroup("fwd", a, addresses, ShardState(), str(tmp_path / f"r{i}"), "forward-test-secret",
+                              QUICK) for i, a in enumerate(addresses)]
     try:
         yield replicas
     finally:
@@ -375,7 +388,7 @@ def secured_replicas(tmp_path, monkeypatch, transport: type[RaftTransport]):
 
 
 @pytest.mark.parametrize("announced", [True, False], ids=["announced", "an-earlier-version"])
-def test_on_a_secured_cluster_a_silent_leader_that_announced_forwards_is_asked_again_and_an_earlier_one_is_not(
+def test_on_a_secured_cluster_a_silent_leader_that_announced_forwards_is_asked_again_once_and_an_earlier_one_is_not(
         tmp_path, monkeypatch, announced):
     with secured_replicas(tmp_path, monkeypatch, RaftTransport if announced else _EarlierTransport) as groups:
         leader, (follower, _) = settled(groups)
@@ -383,11 +396,13 @@ def test_on_a_secured_cluster_a_silent_leader_that_announced_forwards_is_asked_a
         leader_node = follower._replica._getLeader()
         assert transport.answers_forwards(leader_node) is announced
         leader._replica._side_messages.pop(forwarding.FORWARD)      # it stays silent (paused, or ignores them)
+        silent = follower._replica._forwarding._silent
         with running_loop() as loop:
             replica = LoopGroup(follower, loop)
             started = time.monotonic()
             assert on_loop(loop, replica.forward(put(1), started + 10)) is None
             assert time.monotonic() - started >= forwarding.FORWARD_SECONDS
+            assert (leader_node in silent) is not announced
             started = time.monotonic()
             assert on_loop(loop, replica.forward(put(2), started + 10)) is None
             waited = time.monotonic() - started
@@ -395,5 +410,6 @@ def test_on_a_secured_cluster_a_silent_leader_that_announced_forwards_is_asked_a
                 assert waited >= forwarding.FORWARD_SECONDS, "asked again, not taken for an older version"
             else:
                 assert waited < forwarding.FORWARD_SECONDS / 2, "marked silent after its first silence"
+            assert leader_node in silent        # either way now: silent twice, or never answered
             results = [on_loop(loop, replica.execute(put(i), time.monotonic() + 20), 30) for i in (1, 2)]
         assert all(isinstance(r, Written) for r in results), results

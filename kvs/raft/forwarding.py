@@ -29,12 +29,15 @@ A leader that lets a forward go unanswered for FORWARD_SECONDS without ever havi
 is marked silent: for PROBE_SECONDS its forwards are handed back at once, then one is sent again as
 a probe (and the others handed back until it is answered or times out). A leader that has answered
 before and then stays silent once (paused, overloaded) loses that standing, so a second silence
-marks it too. Without this, each batch waited FORWARD_SECONDS. On a cluster with a secret a node
-also says in its connection's handshake that it answers forwards (`kvs.raft.wire.FORWARDS`): a
-leader that said so is never marked silent, as its silence is a pause or an overload, not a version
-that ignores forwards (a new leader busy catching up was otherwise taken for an older one for
-PROBE_SECONDS, and its followers' writes took PySyncObj's slower hand-over meanwhile). Without a
-secret there is no handshake, and the timing rule above decides alone.
+marks it too. Without this, each batch waited FORWARD_SECONDS.
+
+On a cluster with a secret a node also says in its connection's handshake that it answers forwards
+(`kvs.raft.wire.FORWARDS`). A leader that said so is forgiven its first silence even if it never
+answered: it is paused or busy (a new leader catching up), not of a version that ignores forwards,
+which the timing rule alone took it for. A second silence in a row still marks it, so a leader that
+stays slow costs its followers two 2 s waits and then PySyncObj's hand-over, not 2 s and a
+duplicate proposal per batch. What the leader said is read when the forward is sent: a connection
+that drops meanwhile forgets it. Without a secret there is no handshake, and the timing rule decides.
 
 Everything but `request` runs on the replica's tick thread (or on the loop that ticks it). Messages
 come only from peers that hold the cluster secret, and are still checked for shape: a malformed one
@@ -65,10 +68,11 @@ MAX_COMMANDS = 512          # per message, as `kvs.raft.loop` batches them
 
 
 class _Asked:
-    __slots__ = ("leader", "callback", "sent")
+    __slots__ = ("leader", "callback", "sent", "announced")
 
-    def __init__(self, leader: Any, callback: Callback, sent: float):
+    def __init__(self, leader: Any, callback: Callback, sent: float, announced: bool):
         self.leader, self.callback, self.sent = leader, callback, sent
+        self.announced = announced          # the leader said it answers forwards (module docstring)
 
 
 class Forwarding:
@@ -80,6 +84,7 @@ class Forwarding:
         self._ids = itertools.count(1)
         self._asked: dict[int, _Asked] = {}         # follower: message id -> who was asked, and the caller
         self._answered: set = set()                 # leaders that answered a forward since their last silence
+        self._forgiven: set = set()                 # leaders forgiven a silence since they last answered
         self._silent: dict[Any, float] = {}         # leader -> until when its forwards are handed back at once
 
     # -- any thread -------------------------------------------------------------------------
@@ -96,15 +101,15 @@ class Forwarding:
         leader = None if raft._isLeader() else raft._getLeader()
         now = time.monotonic()
         if self._asked:
-            unanswered = set()
+            unanswered: dict[Any, bool] = {}        # leader -> whether it announced forwards
             for rid, asked in list(self._asked.items()):
                 if asked.leader != leader or now - asked.sent > FORWARD_SECONDS:
                     del self._asked[rid]
                     if asked.leader == leader:
-                        unanswered.add(leader)
+                        unanswered[leader] = unanswered.get(leader, False) or asked.announced
                     asked.callback(None)
-            for node in unanswered:
-                self._stayed_silent(node, now)
+            for node, announced in unanswered.items():
+                self._stayed_silent(node, now, announced)
         while self._incoming:
             commands, callback = self._incoming.popleft()
             if leader is None or self._silent.get(leader, now) > now:
@@ -114,7 +119,8 @@ class Forwarding:
                 # a probe: the forwards after it are handed back until it is answered or times out
                 self._silent[leader] = now + FORWARD_SECONDS + 1
             rid = next(self._ids)
-            self._asked[rid] = _Asked(leader, callback, now)
+            announced = raft._SyncObj__transport.answers_forwards(leader)
+            self._asked[rid] = _Asked(leader, callback, now, announced)
             if not self._send(leader, {"type": FORWARD, "id": rid, "commands": commands}):
                 del self._asked[rid]
                 callback(None)          # not connected to the leader (it is down, or not reached yet)
@@ -127,6 +133,7 @@ class Forwarding:
             if asked is not None and asked.leader == node:
                 del self._asked[rid]
                 self._answered.add(node)
+                self._forgiven.discard(node)
                 self._silent.pop(node, None)
                 results = message.get("results")
                 asked.callback(results if isinstance(results, list) else None)
@@ -147,14 +154,17 @@ class Forwarding:
         while self._incoming:
             self._incoming.popleft()[1](None)
 
-    def _stayed_silent(self, node: Any, now: float) -> None:
+    def _stayed_silent(self, node: Any, now: float, announced: bool) -> None:
         """`node`, still the leader, let a forward go unanswered for FORWARD_SECONDS (module docstring)."""
-        if self._raft._SyncObj__transport.answers_forwards(node):
-            return          # it said it answers forwards: paused or overloaded, asked again by the next one
-        if node in self._answered:
-            self._answered.discard(node)        # it answered before: one silence is forgiven
+        if node in self._answered or (announced and node not in self._forgiven):
+            # It answered before, or said it answers: paused or busy. One silence is forgiven.
+            self._answered.discard(node)
+            self._forgiven.add(node)
             return
-        if node not in self._silent:
+        if node not in self._silent and announced:
+            log.warning("leader %s left forwarded writes unanswered twice in a row; for %.0f s this replica "
+                        "proposes them itself", node, PROBE_SECONDS)
+        elif node not in self._silent:
             log.warning("leader %s does not answer forwarded writes (an older version?); for %.0f s this "
                         "replica proposes them itself", node, PROBE_SECONDS)
         self._silent[node] = now + PROBE_SECONDS

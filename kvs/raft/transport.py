@@ -194,9 +194,9 @@ class RaftTransport(TCPTransport):
         return self._ready or self.constructing
 
     def answers_forwards(self, node: Any) -> bool:
-        """True if `node` announced in this connection's handshake that it answers forwarded writes
-        (`wire.FORWARDS`); False if it did not or is not known yet (no secret, hence no handshake keys;
-        not connected; a node of an earlier version, which may answer them all the same)."""
+        """True if `node` announced in the handshake of its current connection that it answers forwarded
+        writes (`wire.FORWARDS`); False if it did not or is not known yet (no secret, hence no handshake
+        keys; not connected; a node of an earlier version, which may answer them all the same)."""
         conn = self._connections.get(node)
         key = getattr(conn, "sendRandKey", None)
         return isinstance(key, bytes) and key.startswith(wire.FORWARDS)
@@ -216,7 +216,7 @@ class RaftTransport(TCPTransport):
             conn.source_ip = host
 
     def _onNewIncomingConnection(self, conn: Any) -> None:
-        conn.__class__ = self.connection_class           # before its first message is parsed
+        conn.__class__ = self.connection_class     # before its first message is parsed
         conn.secret = self._syncObj.conf.password
         super()._onNewIncomingConnection(conn)
 

@@ -1,0 +1,61 @@
+"""What the second follower costs a write at 1 client: hey against the leader of one 3-replica group,
+alternating both followers running and one of them stopped (SIGSTOP; the leader and the other
+follower are still a majority, so writes commit as before).
+
+    python benchmarks/second_follower.py [--pairs 3] [--seconds 5]
+
+With one follower stopped, the leader gets one acknowledgement per write instead of two, and the two
+vCPUs carry one process fewer; the difference in p50 bounds what the second follower's work (its
+AppendEntries, fsync and acknowledgement, and the leader's handling of that acknowledgement while it
+answers the request) adds to a write. The stopped follower is always continued, also on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import kvs_cluster, kvs_pids, parse_hey, shielded, start_kvs  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    args = parser.parse_args()
+    cluster = kvs_cluster(tempfile.mkdtemp(prefix="kvs-second-follower-"), shards=1, replicas=3)
+    try:
+        leader = start_kvs(cluster)["1"]
+        pids = kvs_pids(cluster)
+        stopped = [pid for address, pid in pids.items() if address != leader][1]
+        body = json.dumps({"value": "x" * 256})
+        hey = ["hey", "-z", f"{args.seconds}s", "-c", "1", "-m", "PUT", "-T", "application/json", "-d", body,
+               f"http://{leader}/kvs/keys/k"]
+        subprocess.run(hey, capture_output=True, check=True, timeout=args.seconds + 60)      # warm-up
+        print("writes at 1 client via the leader: req/s, p50 ms, p99 ms")
+        for _ in range(args.pairs):
+            for one_stopped in (False, True):
+                if one_stopped:
+                    os.kill(stopped, signal.SIGSTOP)
+                try:
+                    out = subprocess.run(hey, capture_output=True, text=True, check=True,
+                                         timeout=args.seconds + 60).stdout
+                finally:
+                    if one_stopped:
+                        os.kill(stopped, signal.SIGCONT)
+                r = parse_hey(out)
+                label = "one follower stopped" if one_stopped else "both followers      "
+                print(f"  {label}  {r['ok_rps']:6.0f}  {r['p50_ms']:.1f}  {r['p99_ms']:.1f}", flush=True)
+    finally:
+        shielded(cluster.stop)
+
+
+if __name__ == "__main__":
+    main()

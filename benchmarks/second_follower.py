@@ -22,7 +22,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import kvs_cluster, kvs_pids, parse_hey, shielded, start_kvs  # noqa: E402
+from harness import hey_command, kvs_cluster, kvs_pids, parse_hey, shielded, start_kvs  # noqa: E402
 
 
 def main() -> None:
@@ -36,8 +36,7 @@ def main() -> None:
         pids = kvs_pids(cluster)
         stopped = [pid for address, pid in pids.items() if address != leader][1]
         body = json.dumps({"value": "x" * 256})
-        hey = ["hey", "-z", f"{args.seconds}s", "-c", "1", "-m", "PUT", "-T", "application/json", "-d", body,
-               f"http://{leader}/kvs/keys/k"]
+        hey = hey_command(f"http://{leader}/kvs/keys/k", "PUT", body, 1, args.seconds)
         subprocess.run(hey, capture_output=True, check=True, timeout=args.seconds + 60)      # warm-up
         print("writes at 1 client via the leader: req/s, p50 ms, p99 ms")
         for _ in range(args.pairs):

@@ -357,13 +357,7 @@ def test_a_follower_of_a_leader_that_ignores_forwards_waits_once_then_proposes_t
 class _EarlierConnection(_RaftConnection):
     """A connection of a kvs version that reads wire version 2 but does not announce forwards."""
 
-    @property
-    def recvRandKey(self):
-        return self._recv_rand_key
-
-    @recvRandKey.setter
-    def recvRandKey(self, value) -> None:
-        self._recv_rand_key = wire.CAPABLE + value if isinstance(value, bytes) and value else value
+    key_prefix = wire.CAPABLE
 
 
 class _EarlierTransport(RaftTransport):

@@ -83,7 +83,7 @@ class Forwarding:
         self._incoming: deque[tuple[list, Callback]] = deque()  # from any thread, taken by the tick thread
         self._ids = itertools.count(1)
         self._asked: dict[int, _Asked] = {}         # follower: message id -> who was asked, and the caller
-        self._answered: set = set()                 # leaders that answered a forward since their last silence
+        self._answered: set = set()                 # leaders that have answered a forward
         self._forgiven: set = set()                 # leaders forgiven a silence since they last answered
         self._silent: dict[Any, float] = {}         # leader -> until when its forwards are handed back at once
 
@@ -101,15 +101,15 @@ class Forwarding:
         leader = None if raft._isLeader() else raft._getLeader()
         now = time.monotonic()
         if self._asked:
-            unanswered: dict[Any, bool] = {}        # leader -> whether it announced forwards
+            silent_announced = None     # the leader left a forward unanswered: had it announced forwards?
             for rid, asked in list(self._asked.items()):
                 if asked.leader != leader or now - asked.sent > FORWARD_SECONDS:
                     del self._asked[rid]
                     if asked.leader == leader:
-                        unanswered[leader] = unanswered.get(leader, False) or asked.announced
+                        silent_announced = bool(silent_announced) or asked.announced
                     asked.callback(None)
-            for node, announced in unanswered.items():
-                self._stayed_silent(node, now, announced)
+            if silent_announced is not None:
+                self._stayed_silent(leader, now, silent_announced)
         while self._incoming:
             commands, callback = self._incoming.popleft()
             if leader is None or self._silent.get(leader, now) > now:
@@ -156,17 +156,13 @@ class Forwarding:
 
     def _stayed_silent(self, node: Any, now: float, announced: bool) -> None:
         """`node`, still the leader, let a forward go unanswered for FORWARD_SECONDS (module docstring)."""
-        if node in self._answered or (announced and node not in self._forgiven):
-            # It answered before, or said it answers: paused or busy. One silence is forgiven.
-            self._answered.discard(node)
-            self._forgiven.add(node)
+        if (node in self._answered or announced) and node not in self._forgiven:
+            self._forgiven.add(node)    # it answered before, or said it answers: paused or busy, this once
             return
-        if node not in self._silent and announced:
-            log.warning("leader %s left forwarded writes unanswered twice in a row; for %.0f s this replica "
-                        "proposes them itself", node, PROBE_SECONDS)
-        elif node not in self._silent:
-            log.warning("leader %s does not answer forwarded writes (an older version?); for %.0f s this "
-                        "replica proposes them itself", node, PROBE_SECONDS)
+        if node not in self._silent:
+            why = ("left forwarded writes unanswered twice in a row" if announced
+                   else "does not answer forwarded writes (an older version?)")
+            log.warning("leader %s %s; for %.0f s this replica proposes them itself", node, why, PROBE_SECONDS)
         self._silent[node] = now + PROBE_SECONDS
 
     # -- leader -----------------------------------------------------------------------------

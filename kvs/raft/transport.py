@@ -59,22 +59,23 @@ class _RaftConnection(TcpConnection):
 
     source_ip: str | None = None
     secret: str | None = None       # the cluster secret: version-2 session keys derive from it
+    key_prefix = wire.FORWARDS      # what our handshake key announces (see recvRandKey)
     _recv_rand_key: Any = None
     _sending: tuple[tuple[bytes, bytes], wire.SessionCipher] | None = None
     _receiving: tuple[tuple[bytes, bytes], wire.SessionCipher] | None = None
 
     # PySyncObj sets its handshake's random key here (os.urandom(32)) right before sending it; ours
-    # starts with wire.FORWARDS, which tells a peer that we read version 2 and answer forwarded
-    # writes (it begins with wire.CAPABLE, all that a peer of an earlier version checks). A data
-    # descriptor: it takes precedence over the attribute TcpConnection.__init__ put in the instance
-    # before the class swap.
+    # starts with `key_prefix`, wire.FORWARDS, which tells a peer that we read version 2 and answer
+    # forwarded writes (it begins with wire.CAPABLE, all that a peer of an earlier version checks). A
+    # data descriptor: it takes precedence over the attribute TcpConnection.__init__ put in the
+    # instance before the class swap.
     @property
     def recvRandKey(self) -> Any:
         return self._recv_rand_key
 
     @recvRandKey.setter
     def recvRandKey(self, value: Any) -> None:
-        self._recv_rand_key = wire.FORWARDS + value if isinstance(value, bytes) and value else value
+        self._recv_rand_key = self.key_prefix + value if isinstance(value, bytes) and value else value
 
     def _session_keys(self) -> tuple[bytes, bytes] | None:
         """(the peer's random key, ours) once both are known and the peer reads version 2."""

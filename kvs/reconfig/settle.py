@@ -29,7 +29,7 @@ REACH_SECONDS = 3.0
 
 def check_reachable(remote: Remote, new: ConfigEpoch, current: ConfigEpoch) -> None:
     for address in new.view:
-        if address not in current.view and not remote.reachable(address, REACH_SECONDS):
+        if address not in current.view and not remote.reachable(address, REACH_SECONDS, ask_again=True):
             raise BadRequest(f"new node {address} is unreachable")
 
 
@@ -37,7 +37,7 @@ def check_idle(remote: Remote, address: str) -> None:
     """A node joins only if it is reachable and serves no shard (idle, or removed by an earlier change
     and done retiring its replicas): its Raft slots and data directories are then free."""
     try:
-        status = remote.status(address, time.monotonic() + REACH_SECONDS)
+        status = remote.status_within(address, REACH_SECONDS)
     except PeerUnreachable:
         raise BadRequest(f"new node {address} is unreachable") from None
     hosted = status.hosted_shards()

@@ -58,3 +58,19 @@ def test_metrics_count_requests_forwards_fsyncs_and_report_every_group(cluster):
     assert all(value(after, "kvs_view_change_phase", phase=p) == 0.0 for p in ("prepared", "copying", "committed"))
     # a scrape is counted like any request, under its own endpoint
     assert value(scrape(node), "kvs_http_requests_total", endpoint="metrics", method="GET", code="200") >= 2
+
+
+def test_a_followers_writes_are_counted_as_proposed_by_the_leader_and_none_proposed_here(cluster):
+    """On a healthy group every write that reaches a follower is forwarded and answered
+    (kvs.raft.forwarding); 'proposed-here' counts those the leader did not take."""
+    def role(node: str) -> str:
+        return next(r for r in ("leader", "follower") if value(scrape(node), "kvs_group_role", group="shard-1", role=r))
+    follower = next(node for node in cluster.replicas_of("1") if role(node) == "follower")
+    before = scrape(follower)
+    client = KvsClient(follower)
+    for key in keys_of_shard(cluster, "1", 5, "metric-forwarded"):
+        assert client.put(key, "v")[0] == 201
+    after = scrape(follower)
+    assert value(after, "kvs_forwards_total", kind="leader") - value(before, "kvs_forwards_total", kind="leader") == 5
+    assert value(after, "kvs_forwards_total", kind="proposed-here") \
+        == value(before, "kvs_forwards_total", kind="proposed-here")

@@ -29,8 +29,11 @@ REQUEST_SECONDS = Histogram("kvs_http_request_duration_seconds",
 FORWARDS = Counter("kvs_forwards_total",
                    "Requests this node sent on to another node: 'forward' (a key of a shard served elsewhere), "
                    "'reroute' (a key that moved: routed again by a newer epoch), 'leader' (a write a follower "
-                   "had its leader propose), 'proposed-here' (one of those the leader did not take, or not in time: "
-                   "the follower proposed it through PySyncObj's slower hand-over)", ["kind"], registry=REGISTRY)
+                   "had its leader propose)", ["kind"], registry=REGISTRY)
+FORWARD_FALLBACKS = Counter("kvs_forward_fallbacks_total",
+                            "A follower's writes that its leader did not take, or not in time (kvs.raft.forwarding), "
+                            "and that this node proposed itself through PySyncObj's slower hand-over",
+                            registry=REGISTRY)
 PROPOSALS_FAILED = Counter("kvs_proposals_failed_total",
                            "Raft proposals that did not commit before their deadline, by group",
                            ["group"], registry=REGISTRY)
@@ -86,7 +89,6 @@ _METHODS = frozenset(("GET", "PUT", "POST", "DELETE", "HEAD"))
 FORWARDED = FORWARDS.labels("forward")       # bound once: these are counted on the key path
 REROUTED = FORWARDS.labels("reroute")
 TO_LEADER = FORWARDS.labels("leader")
-PROPOSED_HERE = FORWARDS.labels("proposed-here")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

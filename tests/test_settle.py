@@ -1,4 +1,9 @@
-"""The coordinator's bounded waits after a commit (kvs.reconfig.settle) end when their target is superseded.
+"""The coordinator's checks and bounded waits on other nodes (kvs.reconfig.settle).
+
+A node a change adds is asked again for REACH_SECONDS: one lost request does not refuse a valid
+change, and a node that never answers, or stays busy, is refused once that time is up.
+
+The bounded waits after a commit end when their target is superseded.
 
 A change's reply waits until the metadata group's members are the new view's.
 If a later change has already committed (it removed one of those members, say),
@@ -10,12 +15,19 @@ lock for the whole bound: the node refused the next valid change with 409
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+
+import pytest
 
 from kvs.config.epoch import ConfigEpoch
+from kvs.errors import BadRequest
 from kvs.reconfig import settle
 from kvs.reconfig.protocol import GroupStatus, NodeStatus
 from kvs.reconfig.remote import Remote
+from kvs.routing.peers import PeerResponse, PeerUnreachable
 from kvs.settings import METADATA_SLOT, NodeSettings
+
+from .test_coordinator import FakeNode, ScriptedForwarder
 
 VIEW = ("10.0.0.1:13800", "10.0.0.2:13800", "10.0.0.3:13800")
 
@@ -46,3 +58,67 @@ def test_the_wait_for_the_metadata_members_ends_at_once_when_a_later_epoch_is_ac
     started = time.monotonic()
     settle.wait_for_metadata_members(StatusesOf(meta_status(epoch.number, others)), settings, epoch)
     assert time.monotonic() - started >= 5.0, "the members were not those of the epoch, yet it stopped waiting"
+
+
+IDLE = {"shard-id": None, "groups": {"meta": {}}}
+BUSY = {"shard-id": None, "groups": {"meta": {}, "shard-4": {}}}
+
+
+class ScriptedPeer(ScriptedForwarder):
+    """A peer whose first `misses` requests are lost (a dropped SYN, a restarting bridge), then answers
+    each status with the next of `answers` (the last one again once they run out)."""
+
+    def __init__(self, misses: int, answers: list[dict]):
+        super().__init__(body=answers[0])
+        self.misses, self.answers = misses, answers
+
+    def send(self, address, method, path, payload, request_id, deadline) -> PeerResponse:
+        if len(self.sent) < self.misses:
+            self.sent.append((address, method, path, payload))
+            raise PeerUnreachable(f"{address}: ConnectTimeout")
+        answered = len(self.sent) - self.misses
+        self.answer = (200, self.answers[min(answered, len(self.answers) - 1)])
+        return super().send(address, method, path, payload, request_id, deadline)
+
+
+def grown() -> tuple:
+    epoch = FakeNode().epoch
+    return replace(epoch, view=epoch.view + ("127.0.0.1:3",)), epoch
+
+
+def test_a_new_node_that_misses_a_probe_or_two_is_still_reachable_and_idle():
+    peer = ScriptedPeer(misses=2, answers=[IDLE])
+    settle.check_reachable(Remote(peer), *grown())
+    assert [sent[0] for sent in peer.sent] == ["127.0.0.1:3"] * 3
+    peer = ScriptedPeer(misses=2, answers=[IDLE])
+    settle.check_idle(Remote(peer), "127.0.0.1:3")
+    assert len(peer.sent) == 3
+
+
+def test_a_node_still_retiring_its_replica_is_asked_again_until_it_is_idle():
+    peer = ScriptedPeer(misses=0, answers=[BUSY, BUSY, IDLE])
+    settle.check_idle(Remote(peer), "127.0.0.1:3")
+    assert len(peer.sent) == 3
+
+
+@pytest.mark.parametrize("check", ["reachable", "idle"])
+def test_a_new_node_that_never_answers_is_refused_once_the_probes_time_is_up(monkeypatch, check):
+    monkeypatch.setattr(settle, "REACH_SECONDS", 0.5)
+    peer = ScriptedForwarder(reachable=False)
+    started = time.monotonic()
+    with pytest.raises(BadRequest, match=r"new node 127\.0\.0\.1:3 is unreachable \(127\.0\.0\.1:3: down\)"):
+        if check == "reachable":
+            settle.check_reachable(Remote(peer), *grown())
+        else:
+            settle.check_idle(Remote(peer), "127.0.0.1:3")
+    elapsed = time.monotonic() - started
+    assert len(peer.sent) >= 2 and 0.35 <= elapsed < 2.0
+
+
+def test_a_node_that_stays_busy_is_refused_as_not_idle_once_the_time_is_up(monkeypatch):
+    monkeypatch.setattr(settle, "REACH_SECONDS", 0.5)
+    peer = ScriptedPeer(misses=0, answers=[BUSY])
+    started = time.monotonic()
+    with pytest.raises(BadRequest, match="not idle: it runs a replica of shard 4"):
+        settle.check_idle(Remote(peer), "127.0.0.1:3")
+    assert len(peer.sent) >= 2 and 0.25 <= time.monotonic() - started < 2.0

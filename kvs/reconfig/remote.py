@@ -123,14 +123,11 @@ class Remote:
                     raise
                 time.sleep(PROBE_PAUSE)
 
-    def reachable(self, address: str, seconds: float = PROBE_SECONDS, *, ask_again: bool = False) -> bool:
-        """Whether the node answers its status within `seconds`: to one request, or (`ask_again`) to
-        any of the requests `status_within` sends."""
+    def reachable(self, address: str, seconds: float = PROBE_SECONDS) -> bool:
+        """Whether the node answers one status request within `seconds` (the take-over watcher asks
+        again on its next round; a check that refuses a change uses `status_within`)."""
         try:
-            if ask_again:
-                self.status_within(address, seconds)
-            else:
-                self.status(address, time.monotonic() + seconds)
+            self.status(address, time.monotonic() + seconds)
             return True
         except PeerUnreachable:
             return False

@@ -24,25 +24,38 @@ log = logging.getLogger(__name__)
 SETTLE_SECONDS = 30.0     # new groups must elect leaders, nodes must learn epochs, within this
 MEMBERS_SECONDS = 300.0   # a group's members follow the plan, new ones caught up (a snapshot), within this
 MEMBERSHIP_SECONDS = 60.0 # the metadata group should follow the new view within this
-REACH_SECONDS = 3.0
+REACH_SECONDS = 3.0       # a new node must answer (and a joining one be idle) within this
+IDLE_PAUSE = 0.2
 
 
 def check_reachable(remote: Remote, new: ConfigEpoch, current: ConfigEpoch) -> None:
+    """Every node the change adds answers its status, asked again for REACH_SECONDS (`status_within`)."""
     for address in new.view:
-        if address not in current.view and not remote.reachable(address, REACH_SECONDS, ask_again=True):
-            raise BadRequest(f"new node {address} is unreachable")
+        if address not in current.view:
+            try:
+                remote.status_within(address, REACH_SECONDS)
+            except PeerUnreachable as exc:
+                raise BadRequest(f"new node {address} is unreachable ({exc})") from None
 
 
 def check_idle(remote: Remote, address: str) -> None:
     """A node joins only if it is reachable and serves no shard (idle, or removed by an earlier change
-    and done retiring its replicas): its Raft slots and data directories are then free."""
-    try:
-        status = remote.status_within(address, REACH_SECONDS)
-    except PeerUnreachable:
-        raise BadRequest(f"new node {address} is unreachable") from None
-    hosted = status.hosted_shards()
-    if hosted:
-        raise BadRequest(f"new node {address} is not idle: it runs a replica of shard {', '.join(sorted(hosted))}")
+    and done retiring its replicas): its Raft slots and data directories are then free. Both are asked
+    again for REACH_SECONDS: a node just removed keeps its replica until it learns the new epoch (a
+    push, or its own pull within a second) and its supervisor closes the group."""
+    deadline = time.monotonic() + REACH_SECONDS
+    while True:
+        try:
+            status = remote.status_within(address, max(0.0, deadline - time.monotonic()))
+        except PeerUnreachable as exc:
+            raise BadRequest(f"new node {address} is unreachable ({exc})") from None
+        hosted = status.hosted_shards()
+        if not hosted:
+            return
+        if time.monotonic() + IDLE_PAUSE >= deadline:
+            raise BadRequest(f"new node {address} is not idle: it runs a replica of shard "
+                             f"{', '.join(sorted(hosted))}")
+        time.sleep(IDLE_PAUSE)
 
 
 def wait_for_leader(remote: Remote, epoch: ConfigEpoch, shard_id: str) -> None:

@@ -32,7 +32,7 @@ from urllib.parse import quote
 from kvs.errors import BadRequest, NotMember, ReplicaHalted, Unavailable, WrongGroup
 from kvs.fsm.base import Invalid
 from kvs.fsm.shard import Mismatch, NotOwned
-from kvs.metrics import FORWARDED, PROPOSED_HERE, REROUTED, TO_LEADER
+from kvs.metrics import FORWARD_FALLBACKS, FORWARDED, REROUTED, TO_LEADER
 from kvs.node import Node
 from kvs.raft.group import RaftGroup
 from kvs.raft.loop import LoopGroup
@@ -158,7 +158,7 @@ class KeyRouter:
             TO_LEADER.inc()
             result = await replica.forward(command, deadline - FORWARD_MARGIN)
             if result is None:
-                PROPOSED_HERE.inc()
+                FORWARD_FALLBACKS.inc()
         if result is None:
             result = await replica.execute(command, deadline)
         result = _checked(result)

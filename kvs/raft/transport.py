@@ -27,6 +27,7 @@ messages and, between kvs nodes on a cluster with a secret, wire version 2; see 
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -34,7 +35,8 @@ from typing import Any
 
 import pysyncobj.pickle
 from pysyncobj.monotonic import monotonic
-from pysyncobj.tcp_connection import TcpConnection
+from pysyncobj.poller import POLL_EVENT_TYPE
+from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.transport import TCPTransport
 
 from kvs.raft import codec, wire
@@ -119,6 +121,79 @@ class _RaftConnection(TcpConnection):
             return None
         self._TcpConnection__readBuffer = buffer[4 + size:]
         return message
+
+    def _TcpConnection__processConnection(self, descr: int, eventType: int) -> None:
+        # PySyncObj's, but for one system call: it asks SO_ERROR on every event, where only a connect
+        # that completes (or a socket that turns writable) needs it; a connected socket in error
+        # reports POLLERR, or fails its recv. Subscribed from the second event of a connection on
+        # (PySyncObj subscribes before the class swap), as every event re-subscribes this method.
+        poller = self._TcpConnection__poller
+        if descr != self._TcpConnection__fileno:
+            poller.unsubscribe(descr)
+            return
+        if eventType & POLL_EVENT_TYPE.ERROR:
+            self.disconnect()
+            return
+        self._TcpConnection__processConnectionTimeout()
+        if self.state == CONNECTION_STATE.DISCONNECTED:
+            return
+        connecting = self._TcpConnection__state == CONNECTION_STATE.CONNECTING
+        if (connecting or eventType & POLL_EVENT_TYPE.WRITE) \
+                and self._TcpConnection__socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.disconnect()
+            return
+        if connecting and eventType & (POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE):
+            on_connected = self._TcpConnection__onConnected
+            if on_connected is not None:
+                on_connected()
+            if self._TcpConnection__state == CONNECTION_STATE.DISCONNECTED:
+                return
+            self._TcpConnection__state = CONNECTION_STATE.CONNECTED
+            self._TcpConnection__lastReadTime = monotonic()
+            return
+        if eventType & POLL_EVENT_TYPE.WRITE:
+            self._TcpConnection__trySendBuffer()
+            if self._TcpConnection__state == CONNECTION_STATE.DISCONNECTED:
+                return
+            event = POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR
+            if self._TcpConnection__writeBuffer:
+                event |= POLL_EVENT_TYPE.WRITE
+            poller.subscribe(descr, self._TcpConnection__processConnection, event)
+        if eventType & POLL_EVENT_TYPE.READ:
+            self._TcpConnection__tryReadBuffer()
+            if self._TcpConnection__state == CONNECTION_STATE.DISCONNECTED:
+                return
+            while True:
+                message = self._TcpConnection__processParseMessage()
+                if message is None:
+                    break
+                on_message = self._TcpConnection__onMessageReceived
+                if on_message is not None:
+                    on_message(message)
+                if self._TcpConnection__state == CONNECTION_STATE.DISCONNECTED:
+                    return
+
+    def _TcpConnection__tryReadBuffer(self) -> None:
+        # PySyncObj reads until EAGAIN and asks SO_ERROR after every recv: four system calls for one
+        # message, each of which hands the GIL over when another thread wants it (at one client the
+        # event loop does, answering the request while the leader reads the second acknowledgement).
+        # A recv that does not fill the buffer has drained the socket (poll is level-triggered: what
+        # arrives after it is reported again), and a socket in error fails the recv itself.
+        sock, size = self._TcpConnection__socket, self._TcpConnection__recvBufferSize
+        while True:
+            try:
+                incoming = sock.recv(size)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    self.disconnect()
+                break
+            if not incoming:
+                self.disconnect()
+                break
+            self._TcpConnection__readBuffer += incoming
+            if len(incoming) < size:
+                break
+        self._TcpConnection__lastReadTime = monotonic()
 
     def _frame_limit(self) -> int:
         # Before a secured connection's handshake only a random key may come: a stranger does not

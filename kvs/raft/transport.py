@@ -63,6 +63,7 @@ class _RaftConnection(TcpConnection):
     secret: str | None = None       # the cluster secret: version-2 session keys derive from it
     key_prefix = wire.FORWARDS      # what our handshake key announces (see recvRandKey)
     _recv_rand_key: Any = None
+    _peer_closed = False            # the peer closed its side; set by a read, cleared by disconnect
     _sending: tuple[tuple[bytes, bytes], wire.SessionCipher] | None = None
     _receiving: tuple[tuple[bytes, bytes], wire.SessionCipher] | None = None
 
@@ -125,8 +126,12 @@ class _RaftConnection(TcpConnection):
     def _TcpConnection__processConnection(self, descr: int, eventType: int) -> None:
         # PySyncObj's, but for one system call: it asks SO_ERROR on every event, where only a connect
         # that completes (or a socket that turns writable) needs it; a connected socket in error
-        # reports POLLERR, or fails its recv. Subscribed from the second event of a connection on
-        # (PySyncObj subscribes before the class swap), as every event re-subscribes this method.
+        # reports POLLERR, or fails its recv. An outgoing connection subscribes this method from its
+        # first event (it connects after the class swap); an incoming one was subscribed with
+        # PySyncObj's before the swap, and its first event, writable as a new socket is, subscribes
+        # this one (PySyncObj's method reads through `_TcpConnection__tryReadBuffer` below meanwhile).
+        # Every poller kvs runs is level-triggered (poll, select, the loop's epoll without EPOLLET),
+        # which the short-read rule below relies on.
         poller = self._TcpConnection__poller
         if descr != self._TcpConnection__fileno:
             poller.unsubscribe(descr)
@@ -172,6 +177,8 @@ class _RaftConnection(TcpConnection):
                     on_message(message)
                 if self._TcpConnection__state == CONNECTION_STATE.DISCONNECTED:
                     return
+            if self._peer_closed:
+                self.disconnect()       # after the complete frames it sent before closing
 
     def _TcpConnection__tryReadBuffer(self) -> None:
         # PySyncObj reads until EAGAIN and asks SO_ERROR after every recv: four system calls for one
@@ -188,7 +195,7 @@ class _RaftConnection(TcpConnection):
                     self.disconnect()
                 break
             if not incoming:
-                self.disconnect()
+                self._peer_closed = True    # the caller parses what came before, then disconnects
                 break
             self._TcpConnection__readBuffer += incoming
             if len(incoming) < size:
@@ -250,6 +257,7 @@ class _RaftConnection(TcpConnection):
     def disconnect(self) -> None:
         super().disconnect()
         self._sending = self._receiving = None      # the next handshake chooses new keys anyway
+        self._peer_closed = False
 
 
 class RaftTransport(TCPTransport):

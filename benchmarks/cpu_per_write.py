@@ -16,12 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import hey_command, kvs_cluster, kvs_pids, parse_hey, shielded, start_kvs  # noqa: E402
+from harness import hey_command, one_group, parse_hey  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -44,10 +43,7 @@ def main() -> None:
     parser.add_argument("--via", choices=("leader", "follower"), default="leader")
     parser.add_argument("--seconds", type=int, default=6)
     args = parser.parse_args()
-    cluster = kvs_cluster(tempfile.mkdtemp(prefix="kvs-cpu-per-write-"), shards=1, replicas=3)
-    try:
-        leader = start_kvs(cluster)["1"]
-        pids = kvs_pids(cluster)
+    with one_group("kvs-cpu-per-write-") as (cluster, leader, pids):
         entry = leader if args.via == "leader" else next(a for a in pids if a != leader)
         body = json.dumps({"value": "x" * 256})
         hey = subprocess.Popen(hey_command(f"http://{entry}/kvs/keys/k", "PUT", body, 1, args.seconds + 4),
@@ -73,8 +69,6 @@ def main() -> None:
                     name = "event loop" if tid == pid else f"thread {tid}"
                     rows.append(f"{name} {per[0]:.0f} / {per[1]:.0f}")
             print(f"  {role:14} {total[0]:4.0f} / {total[1]:3.0f}   ({'; '.join(rows)})")
-    finally:
-        shielded(cluster.stop)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
@@ -149,6 +150,18 @@ def kvs_leaders(cluster: LocalCluster, timeout: float = 30) -> dict[str, str]:
 
 def kvs_pids(cluster: LocalCluster) -> dict[str, int]:
     return {a: n.process.pid for a, n in cluster.nodes.items() if n.process is not None}
+
+
+@contextlib.contextmanager
+def one_group(prefix: str):
+    """A fresh, started 1 x 3 kvs group in a new directory, stopped on exit: (cluster, its leader's
+    address, {address: pid}). The one-client scripts measure on it."""
+    cluster = kvs_cluster(tempfile.mkdtemp(prefix=prefix), shards=1, replicas=3)
+    try:
+        leader = start_kvs(cluster)["1"]
+        yield cluster, leader, kvs_pids(cluster)
+    finally:
+        shielded(cluster.stop)
 
 
 def log_tails(cluster: LocalCluster, lines: int = 15) -> None:

@@ -18,11 +18,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import hey_command, kvs_cluster, kvs_pids, parse_hey, shielded, start_kvs  # noqa: E402
+from harness import hey_command, one_group, parse_hey  # noqa: E402
 
 
 def main() -> None:
@@ -30,10 +29,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args()
-    cluster = kvs_cluster(tempfile.mkdtemp(prefix="kvs-second-follower-"), shards=1, replicas=3)
-    try:
-        leader = start_kvs(cluster)["1"]
-        pids = kvs_pids(cluster)
+    with one_group("kvs-second-follower-") as (_, leader, pids):
         stopped = [pid for address, pid in pids.items() if address != leader][1]
         body = json.dumps({"value": "x" * 256})
         hey = hey_command(f"http://{leader}/kvs/keys/k", "PUT", body, 1, args.seconds)
@@ -52,8 +48,6 @@ def main() -> None:
                 r = parse_hey(out)
                 label = "one follower stopped" if one_stopped else "both followers      "
                 print(f"  {label}  {r['ok_rps']:6.0f}  {r['p50_ms']:.1f}  {r['p99_ms']:.1f}", flush=True)
-    finally:
-        shielded(cluster.stop)
 
 
 if __name__ == "__main__":

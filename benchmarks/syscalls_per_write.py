@@ -16,12 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import kvs_cluster, kvs_pids, shielded, start_kvs  # noqa: E402
+from harness import one_group  # noqa: E402
 
 
 def traced(pids: dict[str, int], out_dir: str, tag: str) -> dict[str, tuple[subprocess.Popen, str]]:
@@ -72,13 +71,10 @@ def main() -> None:
     parser.add_argument("--via", choices=("leader", "follower"), default="leader")
     parser.add_argument("--writes", type=int, default=2000)
     args = parser.parse_args()
-    root = tempfile.mkdtemp(prefix="kvs-syscalls-")
-    cluster = kvs_cluster(root, shards=1, replicas=3)
-    try:
-        leader = start_kvs(cluster)["1"]
+    with one_group("kvs-syscalls-") as (cluster, leader, pids):
+        root = cluster.data_root
         follower = next(a for a in cluster.view if a != leader)
         entry = leader if args.via == "leader" else follower
-        pids = kvs_pids(cluster)
         body = json.dumps({"value": "x" * 256})
         hey = ["hey", "-c", "1", "-m", "PUT", "-T", "application/json", "-d", body, f"http://{entry}/kvs/keys/k"]
         subprocess.run(hey[:1] + ["-n", "500"] + hey[1:], capture_output=True, check=True, timeout=120)
@@ -90,8 +86,6 @@ def main() -> None:
         running = traced(pids, root, "idle")
         time.sleep(seconds)         # the same length of time with no requests: the idle baseline
         idle = stopped(running)
-    finally:
-        shielded(cluster.stop)
     roles = {leader: "leader", follower: "entry follower" if args.via == "follower" else "follower"}
     print(f"system calls per write, {args.writes} writes via the {args.via} at 1 client "
           f"({seconds:.1f} s traced), idle counts of the same length subtracted")

@@ -14,6 +14,7 @@ silent leader that announced forwards is asked again while one of an earlier ver
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from contextlib import contextmanager
 
@@ -48,7 +49,8 @@ class ScriptedRaft(ReadIndexRaft):
         # Stands in for RaftTransport.answers_forwards: ReadIndex's ScriptedRaft is its own _SyncObj__transport.
         return node in self.announced
 
-    def submit(self, command, callback) -> None:
+    def submit(self, command, callback, from_handler=False) -> None:
+        assert from_handler             # the leader proposes from its message handler: no wake-up needed
         self.proposed.append((command, callback))
 
     def hold_commit_send(self) -> None:
@@ -308,6 +310,39 @@ def test_a_follower_s_writes_of_one_loop_iteration_are_one_leader_entry_answered
     assert leader._replica._SyncObj__raftLog[-1][1] == before + 1       # one batch entry, proposed by the leader
     for i in range(5):
         assert leader.state.read_versioned(f"k{i}") == (f"v{i}", results[i].version)
+
+
+def test_the_leader_appends_a_forward_in_the_tick_after_its_handler_without_writing_itself_a_wake_up(groups):
+    leader, (follower, _) = settled(groups)
+    tick_thread = leader._replica._SyncObj__thread.ident
+    wakes: list[int] = []
+    wake = leader._replica._wake
+    leader._replica._wake = lambda: (wakes.append(threading.get_ident()), wake())
+    before = leader._replica._SyncObj__raftLog[-1][1]
+    with running_loop() as loop:
+        replica = LoopGroup(follower, loop)
+        result = on_loop(loop, replica.forward(put(1), time.monotonic() + 10))
+    assert isinstance(result, Written) and leader._replica._SyncObj__raftLog[-1][1] == before + 1
+    assert tick_thread not in wakes
+
+
+def test_a_command_proposed_by_a_handler_still_wakes_the_tick_thread_for_another_thread_s_command(monkeypatch):
+    replica = kvs.raft.replica.Replica.__new__(kvs.raft.replica.Replica)
+    replica._quiet_thread = None
+    wakes: list[int] = []
+    replica._wake = lambda: wakes.append(threading.get_ident())
+
+    def queued(self, command, callback, command_type=None):
+        if command == "handler's":      # meanwhile another thread (the event loop) proposes
+            other = threading.Thread(target=replica._applyCommand, args=("loop's", None))
+            other.start()
+            other.join()
+    monkeypatch.setattr(kvs.raft.replica.SyncObj, "_applyCommand", queued)
+    replica._apply = lambda command, callback: replica._applyCommand(command, callback)
+    replica.submit("handler's", None, from_handler=True)
+    assert len(wakes) == 1 and wakes[0] != threading.get_ident()       # the loop's command woke it
+    replica.submit("another", None)
+    assert wakes[-1] == threading.get_ident() and replica._quiet_thread is None
 
 
 def test_a_write_forwarded_twice_is_applied_once(groups):

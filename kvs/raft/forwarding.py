@@ -14,7 +14,8 @@ notice. Here:
    `{"type": "kvs_forward", "id", "commands"}`, on the connection PySyncObj already keeps to it
    (authenticated and encrypted with the cluster secret, `kvs.raft.wire`).
 2. The leader's tick thread proposes them as one `("batch", commands)` entry from the handler, so
-   its next tick appends and sends it: no event loop and no thread hand-off on the leader.
+   the tick that follows the handlers appends and sends it: no event loop, no thread hand-off and
+   no wake-up on the leader (`Replica.submit(from_handler=True)`).
 3. When the entry is applied, the leader answers `{"type": "kvs_forward_result", "id", "results"}`,
    one state-machine result per command, on the same connection. A leader that is not leading, or
    whose proposal failed (leadership lost, entry discarded), answers `results` None.
@@ -144,7 +145,8 @@ class Forwarding:
             self._send(node, {"type": RESULT, "id": rid, "results": None})
             return
         self._raft.submit(("batch", commands),
-                          lambda result, error: self._answer(node, rid, len(commands), result, error))
+                          lambda result, error: self._answer(node, rid, len(commands), result, error),
+                          from_handler=True)
 
     def fail_all(self) -> None:
         """The replica is closing: every caller gets None now."""

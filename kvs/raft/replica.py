@@ -33,21 +33,17 @@ SyncObj; re-check them when upgrading):
    matches: PySyncObj's hints, answering messages sent meanwhile, undid every step back (soak seed
    33).
 5. Learners: a replica opened with `learner=True` is PySyncObj's read-only node (no address of its
-   own: it connects to every member, which take it for a read-only peer). The leader sends it the
-   log and snapshots like a follower's, but it never votes, campaigns or counts toward a commit. A
-   node added to a running group catches up this way first (`kvs.reconfig.shard_membership` proposes
-   its membership only once it has), so the group's quorum never waits for a member that is still
-   receiving the snapshot. When its own address appears in the configuration it has applied
-   (`promoted`), its node closes it and opens a voting replica on the same directory (`kvs.node`).
-   Its `peers` are the members as far as its node knows them (the configuration it replays the log's
-   changes onto: nobody else, or a node that is only planned would look like a member);
-   `also_connect` names the planned ones, which it connects to without counting them (the leader may
-   be one, after a hand-over or an election). It stays connected to both, whatever the membership
-   entries it replays say: one that removed the replica leading now (a later entry adds it back)
-   made PySyncObj drop that connection, and the learner waited forever. The voting replica a learner
-   becomes (`hold_election`) does not campaign until it has heard a leader: PySyncObj has no
-   pre-vote, and a replica whose load takes longer than the election timeout would otherwise depose
-   the leader that has just added it.
+   own; the members it connects to take it for a read-only peer): it gets the log and snapshots but
+   never votes, campaigns or counts toward a commit. A node added to a running group catches up this
+   way first (`kvs.reconfig.shard_membership` proposes its membership only once it has), so the
+   quorum never waits for a member still receiving the snapshot. Once its applied configuration
+   names its own address (`promoted`), its node reopens the directory as a voting replica
+   (`kvs.node`). `peers` are the members as its node knows them, `also_connect` the planned nodes (the
+   leader may be one, after a hand-over or an election); it stays connected to both whatever the
+   entries it replays say (one removing the replica leading now made PySyncObj drop that
+   connection, and the learner waited forever). The voter it becomes (`hold_election`) does not
+   campaign until it has heard a leader: PySyncObj has no pre-vote, and a replica whose load
+   outlasts the election timeout would depose the leader that has just added it.
 6. A joiner counts once it has joined (`kvs.raft.joiner`): PySyncObj counts a new member from the
    append of the entry that adds it; here the leader that proposed it counts without it, in that
    term, until that entry has committed and the new member has acknowledged it, so a learner's
@@ -94,12 +90,7 @@ where an entry starts to count toward a commit:
 - Every sync is a no-op when nothing was written since the last one, and all of them run on the tick
   thread.
 
-One group per address: every Raft message carries the name of the group that sent it
-(`GROUP_FIELD`), and a replica ignores messages of another group. Two groups must never share an
-address (`kvs.node` closes a node's stale groups before starting new ones), but a replica that
-outlived its group elsewhere (a node that learns late that a plan was rolled back, a member
-replaying its metadata log) could otherwise make a new group's replicas take its log, with the same
-secret. Untagged messages (from a previous version) are accepted.
+One group per address: see `kvs.raft.transport`.
 
 Disk faults (a full disk, EIO; see `DurableJournal.failure`): once a write, truncation or fsync of
 the journal or its `.meta` has failed, the journal refuses every change and this replica halts:
@@ -115,6 +106,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -152,6 +144,7 @@ class Replica(SyncObj):
         self._on_applied = on_applied
         self._replication = Replication(self)       # change 2
         self._wakeup: PipeNotifier | None = None
+        self._quiet_thread: int | None = None       # see submit(from_handler=True)
         self._read_index = ReadIndex(self)          # before the tick thread starts: messages may come at once
         self._forwarding = Forwarding(self)
         self._side_messages = {**dict.fromkeys(READ_INDEX_MESSAGES, self._read_index.on_message),
@@ -176,9 +169,17 @@ class Replica(SyncObj):
             self._on_applied()
         return result
 
-    def submit(self, command: Any, callback: Callable[[Any, int], None]) -> None:
-        """Propose `command`; `callback(result, fail_reason)` runs on the tick thread."""
-        self._apply(command, callback=callback)
+    def submit(self, command: Any, callback: Callable[[Any, int], None], from_handler: bool = False) -> None:
+        """Propose `command`; `callback(result, fail_reason)` runs on the tick thread. `from_handler`: by a message
+        handler, in `poll`: the tick that follows appends it, so no wake-up is written (or read by a poll)."""
+        if not from_handler:
+            self._apply(command, callback=callback)
+            return
+        self._quiet_thread = threading.get_ident()      # written by the thread that ticks only
+        try:
+            self._apply(command, callback=callback)
+        finally:
+            self._quiet_thread = None
 
     def read_index(self, callback: Callable[[bool], None]) -> None:
         """Ask for a linearizable read (kvs.raft.read_index); `callback(ok)` runs on the tick thread once
@@ -200,7 +201,8 @@ class Replica(SyncObj):
 
     def _applyCommand(self, command: Any, callback: Any, commandType: Any = None) -> None:
         super()._applyCommand(command, callback, commandType)
-        self._wake()
+        if self._quiet_thread != threading.get_ident():     # another thread's command may come meanwhile
+            self._wake()
 
     def _wake(self) -> None:
         if self._wakeup is not None:

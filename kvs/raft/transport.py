@@ -18,7 +18,12 @@ votes leave only once its journal is synced (see "Durability" in
 `kvs.raft.replica`); `send` is the one place every Raft message passes.
 A replica that halted on a disk fault sends nothing.
 
-Group tags: see "One group per address" in `kvs.raft.replica`.
+One group per address: every Raft message carries the name of the group that sent it
+(`GROUP_FIELD`), and a replica ignores messages of another group. Two groups must never share an
+address (`kvs.node` closes a node's stale groups before starting new ones), but a replica that
+outlived its group elsewhere (a node that learns late that a plan was rolled back, a member
+replaying its metadata log) could otherwise make a new group's replicas take its log, with the same
+secret. Untagged messages (from a previous version) are accepted.
 
 Framing and encryption (`_RaftConnection.send` / `_TcpConnection__processParseMessage`, the same
 two places as in PySyncObj's TcpConnection, incoming connections included): stored zlib for small
@@ -49,7 +54,7 @@ _USER_TIMEOUT_MS = 5000
 # Raft messages that reflect (acknowledge) this replica's log: sent only once the journal is synced.
 _SYNC_BEFORE_SENDING = frozenset({"next_node_idx", "request_vote", "response_vote"})
 
-# Every Raft message names its group; a replica drops another group's (see "One group per address").
+# Every Raft message names its group; a replica drops another group's (see "One group per address" above).
 GROUP_FIELD = "g"
 
 

@@ -3,7 +3,8 @@
 A node a change adds is asked again for REACH_SECONDS: one lost request does not refuse a valid
 change, and a node that never answers, or stays busy, is refused once that time is up.
 
-The bounded waits after a commit end when their target is superseded.
+The bounded waits after a commit end when their target is superseded, and ask a node that misses a
+request again, as the checks do.
 
 A change's reply waits until the metadata group's members are the new view's.
 If a later change has already committed (it removed one of those members, say),
@@ -27,7 +28,7 @@ from kvs.reconfig.remote import Remote
 from kvs.routing.peers import PeerResponse, PeerUnreachable
 from kvs.settings import METADATA_SLOT, NodeSettings
 
-from .test_coordinator import FakeNode, ScriptedForwarder
+from .test_coordinator import FakeNode, ScriptedForwarder, coordinator
 
 VIEW = ("10.0.0.1:13800", "10.0.0.2:13800", "10.0.0.3:13800")
 
@@ -122,3 +123,39 @@ def test_a_node_that_stays_busy_is_refused_as_not_idle_once_the_time_is_up(monke
     with pytest.raises(BadRequest, match="not idle: it runs a replica of shard 4"):
         settle.check_idle(Remote(peer), "127.0.0.1:3")
     assert len(peer.sent) >= 2 and 0.25 <= time.monotonic() - started < 2.0
+
+
+def epoch_status(number: int) -> dict:
+    return {"epoch": number, "shard-id": None, "groups": {"meta": {}}}
+
+
+def test_the_wait_for_an_epoch_asks_a_node_again_after_a_lost_request_until_it_routes_by_it():
+    epoch = FakeNode().epoch
+    one_node = replace(epoch, view=epoch.view[:1])
+    peer = ScriptedPeer(misses=2, answers=[epoch_status(epoch.number - 1), epoch_status(epoch.number)])
+    settle.wait_for_epoch(Remote(peer), one_node)
+    assert len(peer.sent) == 4      # two lost, one answer of the old epoch, then the new one
+
+
+def test_the_wait_for_an_epoch_leaves_out_a_node_that_never_answers_once_the_probes_time_is_up(monkeypatch, caplog):
+    monkeypatch.setattr(settle, "REACH_SECONDS", 0.5)
+    epoch = FakeNode().epoch
+    peer = ScriptedForwarder(reachable=False)
+    started = time.monotonic()
+    settle.wait_for_epoch(Remote(peer), epoch)
+    elapsed = time.monotonic() - started
+    asked = {address for address, *_ in peer.sent}
+    assert asked == set(epoch.view) and len(peer.sent) >= 2 * len(epoch.view)
+    assert 0.35 * len(epoch.view) <= elapsed < settle.SETTLE_SECONDS / 2
+    assert "did not answer" in caplog.text
+
+
+def test_a_node_to_add_is_asked_its_status_once_when_it_answers_idle(monkeypatch):
+    class Started(Exception):
+        pass
+
+    change = coordinator(peer_status=IDLE)
+    monkeypatch.setattr(change, "_acquire", lambda current: (_ for _ in ()).throw(Started()))
+    with pytest.raises(Started):
+        change.add_member("127.0.0.1:3", "1")
+    assert [sent[:3] for sent in change._remote._forwarder.sent] == [("127.0.0.1:3", "GET", "/internal/status")]

@@ -116,8 +116,8 @@ class ViewChange:
             raise BadRequest('shard-id must be the id of a shard, such as "1"')
         current = self._settled_epoch()
         plan = plan_add_member(current, address, shard_id)
-        settle.check_idle(self._remote, address)
-        return self._carry_out(plan, current)
+        settle.check_idle(self._remote, address)        # reachable too: asked again below only if not
+        return self._carry_out(plan, current, checked=frozenset((address,)))
 
     def remove_member(self, address: object) -> list[dict]:
         """A node leaves the view; its shard's group shrinks by one in place, or the shard is retired if
@@ -141,13 +141,14 @@ class ViewChange:
 
     # -- the change ----------------------------------------------------------------------------
 
-    def _carry_out(self, plan: Plan, current: ConfigEpoch) -> list[dict]:
+    def _carry_out(self, plan: Plan, current: ConfigEpoch, checked: frozenset[str] = frozenset()) -> list[dict]:
         """Prepare, copy, commit and clean up `plan` (or roll it back); the new shards with key counts.
-        A plan that changes nothing (the current layout, sent again) is no change: no new epoch."""
+        A plan that changes nothing (the current layout, sent again) is no change: no new epoch. `checked`:
+        new nodes whose reachability the caller has just checked."""
         if not plan.moves and not plan.new_groups and not plan.retired_groups and not plan.members \
                 and plan.epoch.shards == current.shards and plan.epoch.view == current.view:
             return settle.shard_report(self._remote, current)
-        settle.check_reachable(self._remote, plan.epoch, current)
+        settle.check_reachable(self._remote, plan.epoch, current, checked)
         self._acquire(current)
         try:
             self._change(plan, current)

@@ -28,10 +28,11 @@ REACH_SECONDS = 3.0       # a new node must answer (and a joining one be idle) w
 IDLE_PAUSE = 0.1          # between two status requests of a check
 
 
-def check_reachable(remote: Remote, new: ConfigEpoch, current: ConfigEpoch) -> None:
-    """Every node the change adds answers its status, asked again for REACH_SECONDS (`status_within`)."""
+def check_reachable(remote: Remote, new: ConfigEpoch, current: ConfigEpoch, checked=frozenset()) -> None:
+    """Every node the change adds answers its status, asked again for REACH_SECONDS (`status_within`);
+    but those in `checked`, which just answered another check (`check_idle`)."""
     for address in new.view:
-        if address not in current.view:
+        if address not in current.view and address not in checked:
             try:
                 remote.status_within(address, REACH_SECONDS)
             except PeerUnreachable as exc:
@@ -118,14 +119,18 @@ def wait_for_departure(remote: Remote, settings: NodeSettings, plan: ConfigEpoch
 
 
 def wait_for_epoch(remote: Remote, epoch: ConfigEpoch) -> None:
-    """Until every node of the new view routes by the new epoch (bounded; stragglers are logged)."""
+    """Until every node of the new view routes by the new epoch (bounded; stragglers are logged). A node
+    that answers no status for REACH_SECONDS is down and learns the epoch when it is back: one lost
+    request is not enough to say so, or the reply could come before a live node routes by the epoch."""
     deadline = time.monotonic() + SETTLE_SECONDS
     for address in epoch.view:
         while time.monotonic() < deadline:
             try:
-                status = remote.status(address, deadline)
-            except PeerUnreachable:
-                break                       # down: it learns the epoch when it comes back
+                status = remote.status_within(address, min(REACH_SECONDS, deadline - time.monotonic()))
+            except PeerUnreachable as exc:
+                log.warning("%s is not waited for to adopt epoch %d: it did not answer (%s)",
+                            address, epoch.number, exc)
+                break
             if (status.epoch or 0) >= epoch.number:
                 break
             time.sleep(0.05)                # a pause between polls, bounded by the deadline

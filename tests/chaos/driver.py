@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import replace
@@ -132,6 +133,15 @@ class ClusterDriver(ABC):
         """The newest active epoch any metadata member reports (None if none answers)."""
         epochs = [e for e in (self.epoch_of(node, timeout=1.5) for node in self.nodes()) if e is not None]
         return max(epochs, key=lambda e: e.number) if epochs else None
+
+    def settled_epoch(self, limit: float = 10.0) -> ConfigEpoch | None:
+        """`current_epoch`, asked again while no member answers (`asked_again`): a verdict on it (the
+        epoch a change settled on, the final one) must not rest on one round of lost requests."""
+        return asked_again(self.current_epoch, limit)
+
+    def settled_planning_base(self, limit: float = 5.0) -> ConfigEpoch | None:
+        """`planning_base`, asked again while no member answers: the plan a check expects follows it."""
+        return asked_again(self.planning_base, limit)
 
     def planning_base(self) -> ConfigEpoch | None:
         """The current epoch as a coordinator plans from it: new shard ids follow every id any plan used
@@ -294,3 +304,13 @@ def iptables_usable() -> bool:
         return subprocess.run(["iptables", "-w", "-L", "-n"], capture_output=True).returncode == 0
     except FileNotFoundError:
         return False
+
+
+def asked_again(ask, limit: float):
+    """`ask()`, again 0.2 s apart while it returns None, for up to `limit` seconds (then None)."""
+    deadline = time.monotonic() + limit
+    while True:
+        answer = ask()
+        if answer is not None or time.monotonic() + 0.2 >= deadline:
+            return answer
+        time.sleep(0.2)

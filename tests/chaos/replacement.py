@@ -166,7 +166,7 @@ class Replacement:
         return status == 200 and not any(name.startswith("shard-") for name in body.get("groups", {}))
 
     def _base(self, epoch: ConfigEpoch) -> ConfigEpoch:
-        return self.driver.planning_base() or epoch
+        return self.driver.settled_planning_base() or epoch
 
     def _note(self, text: str) -> None:
         """What did not go as scheduled, on the lane's latest event (the report shows it there)."""

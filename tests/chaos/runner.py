@@ -29,6 +29,7 @@ A violation saves the history and the schedules as JSON for replay.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -269,7 +270,7 @@ class ChaosRun:
     def _final_epoch(self) -> ConfigEpoch:
         """The epoch the cluster settled on, once every metadata member and every node of its view
         routes by it and no change is in progress; GET /kvs/shards must agree with it."""
-        final = self.driver.current_epoch() or self.timeline.last()
+        final = self.driver.settled_epoch() or self.timeline.last()
         self.report.final_epoch = final.number
         if final.number != self.timeline.last().number:
             self.report.violations.append(f"the cluster runs epoch {final.number} after the view changes "
@@ -292,14 +293,28 @@ class ChaosRun:
             wait_until(lambda: not lagging(), AGREE_LIMIT, interval=0.5, message="every node on the final epoch")
         except TimeoutError:
             self.report.violations.append(f"not every node routes by epoch {final.number}: {lagging()}")
-        try:
-            shards = self.driver.http(self.driver.nodes()[0], "/kvs/shards", timeout=5)[1].get("shards")
-        except (requests.RequestException, ValueError) as exc:
-            shards = repr(exc)
+        shards = self._settled_shards()
         if shards != final.shard_ids():
             self.report.violations.append(f"GET /kvs/shards says {shards}, epoch {final.number} has "
                                           f"{final.shard_ids()}")
         return final
+
+    def _settled_shards(self) -> object:
+        """GET /kvs/shards's list from the first node that answers 200, asking each in turn, 0.2 s apart,
+        for up to SETTLED_READ_LIMIT (then the last failure): one lost request is not a verdict, and the
+        first list answered is (every node routes by the final epoch by now)."""
+        deadline, nodes = time.monotonic() + SETTLED_READ_LIMIT, self.driver.nodes()
+        for attempt in itertools.count():
+            try:
+                status, body = self.driver.http(nodes[attempt % len(nodes)], "/kvs/shards", timeout=5)
+                if status == 200:
+                    return body.get("shards")
+                failure: object = f"HTTP {status}: {body}"
+            except (requests.RequestException, ValueError) as exc:
+                failure = repr(exc)
+            if time.monotonic() + 0.2 >= deadline:
+                return failure
+            time.sleep(0.2)
 
     def _check_replicas_agree(self, epoch: ConfigEpoch) -> None:
         for shard_id in epoch.shard_ids():

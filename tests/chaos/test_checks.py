@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 from kvs.testing.linearizability import FAIL, OK, Operation
 from kvs.config.epoch import ConfigEpoch
 from kvs.reconfig.planner import plan_view_change
 
 from .availability import AvailabilityCheck
+from .driver import asked_again
 from .epochs import SETTLE_GRACE, EpochTimeline, Transition
 from .faults import FaultEvent, FaultLog
 from .replacement import victims
@@ -164,3 +166,12 @@ def test_soak_parts_of_one_commit_merge_into_one_summary_and_other_commits_are_r
     assert [r["seed"] for r in merged["per-run"]] == [1, 2, 3, 4, 5] and len(merged["parts"]) == 2
     assert merge([part([1], "abc", "c"), part([2], "def", "d")], out) == 2          # another commit
     assert merge([part([1, 2], "abc", "e"), part([2, 3], "abc", "f")], out) == 2    # a seed twice
+
+
+def test_a_verdict_on_the_cluster_s_epoch_asks_again_after_a_round_nobody_answered():
+    answers = iter([None, None, "epoch 3"])
+    assert asked_again(lambda: next(answers), limit=5.0) == "epoch 3"
+    asked = []
+    started = time.monotonic()
+    assert asked_again(lambda: asked.append(1), limit=0.5) is None       # nobody answers: None, once time is up
+    assert len(asked) >= 2 and 0.3 <= time.monotonic() - started < 2.0

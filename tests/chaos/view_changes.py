@@ -201,7 +201,7 @@ class ViewChangeLane:
                 self.faults.release(coordinator)
             return None                                 # nobody to ask: skip this step
         view = self.grown() if set(before.view) == set(self.members) else self.members
-        base = self.driver.planning_base() or before
+        base = self.driver.settled_planning_base() or before
         planned = plan_view_change(base, view, self.driver.replicas).epoch
         running = self.start_change(ViewChangeEvent(step.mode, coordinator, before.number, list(view),
                                                     self.driver.replicas),
@@ -254,7 +254,7 @@ class ViewChangeLane:
         event and the timeline; the epoch it settled on."""
         event, before = running.event, running.before
         running.answered.wait(ANSWER_LIMIT)
-        after = self.driver.current_epoch() or before
+        after = self.driver.settled_epoch() or before
         event.after = after.number
         if running.settled is not None:
             event.settled = round(running.settled - self.start, 2)

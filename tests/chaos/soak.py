@@ -23,6 +23,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,8 +128,20 @@ def merge(paths: list[str], out: str) -> int:
     return 0
 
 
+def interruptible() -> None:
+    """SIGINT and SIGTERM stop the soak through KeyboardInterrupt, so a run's clean-up (its containers,
+    processes and firewall rules) still runs. A shell starts a background job with SIGINT ignored, and
+    Python then installs no handler of its own: without this, `kill -INT` did nothing and SIGTERM left
+    the run's cluster behind."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    interruptible()
     if argv[:1] == ["--merge"]:
         parser = argparse.ArgumentParser(description="join soak summaries of one commit")
         parser.add_argument("--merge", nargs="+", required=True)

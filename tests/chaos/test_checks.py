@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+
+import pytest
 
 from kvs.testing.linearizability import FAIL, OK, Operation
 from kvs.config.epoch import ConfigEpoch
@@ -175,3 +181,20 @@ def test_a_verdict_on_the_cluster_s_epoch_asks_again_after_a_round_nobody_answer
     started = time.monotonic()
     assert asked_again(lambda: asked.append(1), limit=0.5) is None       # nobody answers: None, once time is up
     assert len(asked) >= 2 and 0.3 <= time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_soak_started_in_the_background_stops_through_its_clean_up_on_sigint_or_sigterm(signum):
+    # As a shell starts a background job: SIGINT ignored, which Python then leaves ignored.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom tests.chaos.soak import interruptible\ninterruptible()\n"
+         "try:\n    print('ready', flush=True)\n    time.sleep(60)\nfinally:\n    print('cleaned up', flush=True)\n"],
+        stdout=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signum)
+        out, _ = child.communicate(timeout=20)
+    finally:
+        child.kill()
+    assert out == "cleaned up\n" and child.returncode != 0

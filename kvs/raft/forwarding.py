@@ -103,14 +103,17 @@ class Forwarding:
         now = time.monotonic()
         if self._asked:
             silent_announced = None     # the leader left a forward unanswered: had it announced forwards?
+            handed_back = []
             for rid, asked in list(self._asked.items()):
                 if asked.leader != leader or now - asked.sent > FORWARD_SECONDS:
                     del self._asked[rid]
                     if asked.leader == leader:
                         silent_announced = bool(silent_announced) or asked.announced
-                    asked.callback(None)
+                    handed_back.append(asked.callback)
             if silent_announced is not None:
                 self._stayed_silent(leader, now, silent_announced)
+            for callback in handed_back:        # after the leader's standing is updated: a caller may go on at once
+                callback(None)
         while self._incoming:
             commands, callback = self._incoming.popleft()
             if leader is None or self._silent.get(leader, now) > now:

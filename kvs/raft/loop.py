@@ -8,8 +8,7 @@ and a Raft log entry per request; instead:
   as one `("batch", [command, ...])` log entry (`kvs.fsm.base` applies each in
   order and returns their results), and the entry's one callback, on the
   tick thread, resolves every waiting request with one
-  `call_soon_threadsafe` (and, for a request or two that are all the
-  loop waits for, lets the loop answer them first: HANDBACK_WAIT). Each request keeps its own retry loop and deadline,
+  `call_soon_threadsafe`. Each request keeps its own retry loop and deadline,
   with the same rules as `RaftGroup.execute`: codes that mean "not applied"
   and those that mean "maybe applied" are both retried with the same command
   (its request id makes a retry of an applied write return the first
@@ -30,7 +29,6 @@ the group's other replicas instead (`kvs.routing.keys`).
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import time
 from typing import Any, Callable, Iterator
@@ -43,12 +41,6 @@ from kvs.raft.group import RaftGroup
 
 MAX_BATCH = 512            # commands per log entry
 SWEEP_SECONDS = 0.05
-# The tick thread hands a batch's outcome to the loop, which wakes and then waited for the GIL until the tick
-# thread had finished its tick (~30 µs at one client, traced). For a small batch that is all the loop waits
-# for, the tick thread instead blocks until the loop has answered it, for at most HANDBACK_WAIT. A larger
-# one, or one with other requests waiting, would keep the tick thread idle behind the loop's queue.
-HANDBACK_WAIT = 0.001
-HANDBACK_BATCH = 2
 _RETRY_BACKOFF = (0.005, 0.2)
 _TIMED_OUT = -1            # an outcome code of ours: the deadline passed while waiting
 _HALTED = -2               # another: the replica halted while the request waited
@@ -180,25 +172,10 @@ class LoopGroup:
         if asyncio._get_running_loop() is self._loop:
             handler(waiting, result, error)     # a group that ticks on the loop: no hand-off
             return
-        # A request or two that are all the loop waits for (one client): let it answer first (HANDBACK_WAIT).
-        alone = len(waiting) <= HANDBACK_BATCH and len(self._waiting) <= len(waiting) \
-            and not (self._writes or self._forwards or self._reads)
-        gate = _thread.allocate_lock() if alone else None
-        if gate is not None:
-            gate.acquire()
         try:
-            self._loop.call_soon_threadsafe(self._handed_back, handler, waiting, result, error, gate)
+            self._loop.call_soon_threadsafe(handler, waiting, result, error)
         except RuntimeError:
-            return                      # the loop is closed: the node is stopping, nobody waits
-        if gate is not None:
-            gate.acquire(timeout=HANDBACK_WAIT)
-
-    def _handed_back(self, handler: Callable, waiting: list, result: Any, error: Any, gate: Any) -> None:
-        try:
-            handler(waiting, result, error)
-        finally:
-            if gate is not None:
-                self._loop.call_soon(gate.release)     # after the requests it resumed have answered
+            pass                        # the loop is closed: the node is stopping, nobody waits
 
     def _wrote(self, waiting: list, result: Any, error: int) -> None:
         ok = error == FAIL_REASON.SUCCESS and isinstance(result, list) and len(result) == len(waiting)

@@ -147,6 +147,19 @@ def test_a_leader_that_never_answers_is_not_asked_again_until_a_probe_after_a_pa
     assert len(raft.sent) == 3 and after == []
 
 
+def test_a_forward_handed_back_after_a_silence_finds_the_leader_marked_silent_already(monkeypatch):
+    # The caller (the event loop, on another thread) may go on at once: its next write must not be sent to
+    # the leader that has just left one unanswered, which it would be if the mark came after the hand-back.
+    clock, raft = Clock(monkeypatch), ScriptedRaft()
+    fwd = Forwarding(raft)
+    seen: list[bool] = []
+    fwd.request([PUT], lambda results: seen.append("L" in fwd._silent))
+    fwd.on_tick()
+    clock.advance(forwarding.FORWARD_SECONDS + 0.1)
+    fwd.on_tick()
+    assert seen == [True]
+
+
 def test_a_probe_left_unanswered_keeps_the_leader_silent_for_another_pause(monkeypatch):
     clock, raft = Clock(monkeypatch), ScriptedRaft()
     fwd = Forwarding(raft)

@@ -7,9 +7,10 @@ rewrite already-acknowledged entries. This subclass keeps batching on and remove
 instead, with six documented changes that touch PySyncObj internals (name-mangled attributes of
 SyncObj; re-check them when upgrading):
 
-1. Wake-up: submitting a command writes to a pipe the tick thread polls, so the command enters the
-   log at once instead of at the next tick: the pipe's handler, inside `poll`, appends it, sends it
-   and fsyncs (`_on_wake`, on a leader), and sends a follower's waiting forwards and read requests.
+1. Wake-up: submitting a command writes to a pipe the tick thread polls, so it enters the log at once,
+   not at the next tick: the pipe's handler, inside `poll`, appends, sends and fsyncs (`_on_wake`, on a
+   leader), and sends a follower's waiting forwards and read requests. A message handler's proposal
+   needs none (`submit(from_handler=True)`): the tick right after the handlers appends it.
 2. Immediate replication (`kvs.raft.replication`): at the end of every tick, if the leader's log or
    commit index moved since it last sent AppendEntries, it sends them now, one message per follower
    for everything queued in that tick; a commit index that the event loop's requests wait for rides
@@ -87,8 +88,7 @@ where an entry starts to count toward a commit:
   tick (`_onTick`), which covers anything else written since the last sync (a tick that raised
   half-way, a path added by a later PySyncObj), so a commit computed there never counts an unsynced
   entry of the leader's. A single-node group commits at the next tick's top, after that sync.
-- Every sync is a no-op when nothing was written since the last one, and all of them run on the tick
-  thread.
+- Every sync is a no-op when nothing was written since the last one; all run on the tick thread.
 
 One group per address: see `kvs.raft.transport`.
 

@@ -119,23 +119,33 @@ def wait_for_departure(remote: Remote, settings: NodeSettings, plan: ConfigEpoch
 
 
 def wait_for_epoch(remote: Remote, epoch: ConfigEpoch) -> None:
-    """Until every node of the new view routes by the new epoch (bounded; stragglers are logged). A node
-    that answers no status for REACH_SECONDS is down and learns the epoch when it is back: one lost
-    request is not enough to say so, or the reply could come before a live node routes by the epoch."""
+    """Until every node of the new view routes by the new epoch (bounded by SETTLE_SECONDS; stragglers
+    are logged). The nodes are asked in turn, so that those that do not answer are waited for together,
+    not one after another. A node that answers no status request for REACH_SECONDS in a row is down:
+    it is left out, logged, and learns the epoch when it is back. One lost request is not enough to say
+    so, or the reply could come before a live node routes by the epoch."""
     deadline = time.monotonic() + SETTLE_SECONDS
-    for address in epoch.view:
-        while time.monotonic() < deadline:
+    pending = list(epoch.view)
+    silent_since: dict[str, float] = {}
+    while pending:
+        for address in list(pending):
             try:
-                status = remote.status_within(address, min(REACH_SECONDS, deadline - time.monotonic()))
+                status = remote.status(address, deadline)
             except PeerUnreachable as exc:
-                log.warning("%s is not waited for to adopt epoch %d: it did not answer (%s)",
-                            address, epoch.number, exc)
-                break
+                silent = time.monotonic() - silent_since.setdefault(address, time.monotonic())
+                if silent >= REACH_SECONDS:
+                    log.warning("%s is not waited for to adopt epoch %d: it answered nothing for %.1f s (%s)",
+                                address, epoch.number, silent, exc)
+                    pending.remove(address)
+                continue
+            silent_since.pop(address, None)
             if (status.epoch or 0) >= epoch.number:
-                break
-            time.sleep(0.05)                # a pause between polls, bounded by the deadline
-        else:
-            log.warning("%s did not adopt epoch %d within %ss", address, epoch.number, SETTLE_SECONDS)
+                pending.remove(address)
+        if pending and time.monotonic() + IDLE_PAUSE >= deadline:
+            log.warning("%s did not adopt epoch %d within %ss", ", ".join(pending), epoch.number, SETTLE_SECONDS)
+            return
+        if pending:
+            time.sleep(IDLE_PAUSE)          # a pause between rounds of polls, bounded by the deadline
 
 
 def wait_for_metadata_members(remote: Remote, settings: NodeSettings, epoch: ConfigEpoch) -> None:

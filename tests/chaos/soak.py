@@ -49,8 +49,8 @@ def one_run(backend: str, seed: int, seconds: float, image: str, workdir: str) -
     else:
         driver = ProcessDriver(SHARDS, REPLICAS, os.path.join(workdir, f"cluster-{seed}"), spares=SPARES)
     started = time.time()
-    driver.start()
     try:
+        driver.start()          # inside: a signal while it starts still removes what it started
         driver.wait_healthy(timeout=90)
         report = ChaosRun(driver, backend, seed, duration=seconds, view_changes=MODES,
                           artifacts_dir=os.path.join(workdir, f"artifacts-{seed}")).run()

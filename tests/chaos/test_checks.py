@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -192,6 +193,7 @@ def test_a_soak_started_in_the_background_stops_through_its_clean_up_on_sigint_o
         stdout=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     try:
+        assert select.select([child.stdout], [], [], 20)[0], "the child did not start"
         assert child.stdout.readline() == "ready\n"
         child.send_signal(signum)
         out, _ = child.communicate(timeout=20)

@@ -127,7 +127,7 @@ def wait_for_epoch(remote: Remote, epoch: ConfigEpoch) -> None:
     deadline = time.monotonic() + SETTLE_SECONDS
     pending = list(epoch.view)
     silent_since: dict[str, float] = {}
-    while pending:
+    while True:
         for address in list(pending):
             try:
                 status = remote.status(address, deadline)
@@ -141,11 +141,12 @@ def wait_for_epoch(remote: Remote, epoch: ConfigEpoch) -> None:
             silent_since.pop(address, None)
             if (status.epoch or 0) >= epoch.number:
                 pending.remove(address)
-        if pending and time.monotonic() + IDLE_PAUSE >= deadline:
+        if not pending:
+            return
+        if time.monotonic() + IDLE_PAUSE >= deadline:
             log.warning("%s did not adopt epoch %d within %ss", ", ".join(pending), epoch.number, SETTLE_SECONDS)
             return
-        if pending:
-            time.sleep(IDLE_PAUSE)          # a pause between rounds of polls, bounded by the deadline
+        time.sleep(IDLE_PAUSE)              # a pause between rounds of polls, bounded by the deadline
 
 
 def wait_for_metadata_members(remote: Remote, settings: NodeSettings, epoch: ConfigEpoch) -> None:

@@ -21,6 +21,7 @@ metadata members, i.e. the initial VIEW) for the configuration it runs now.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import tempfile
@@ -135,9 +136,11 @@ class ClusterDriver(ABC):
         return max(epochs, key=lambda e: e.number) if epochs else None
 
     def settled_epoch(self, limit: float = 10.0) -> ConfigEpoch | None:
-        """`current_epoch`, asked again while no member answers (`asked_again`): a verdict on it (the
-        epoch a change settled on, the final one) must not rest on one round of lost requests."""
-        return asked_again(self.current_epoch, limit)
+        """The newest active epoch the metadata members report, a member that did not answer asked again
+        (`newest_answer`): a verdict on it (the epoch a change settled on, the final one) must rest
+        neither on one round of lost requests nor on a lagging member that alone happened to answer."""
+        return newest_answer(lambda node: self.epoch_of(node, timeout=1.5), self.nodes(),
+                             lambda e: e.number, limit)
 
     def settled_planning_base(self, limit: float = 5.0) -> ConfigEpoch | None:
         """`planning_base`, asked again while no member answers: the plan a check expects follows it."""
@@ -304,6 +307,24 @@ def iptables_usable() -> bool:
         return subprocess.run(["iptables", "-w", "-L", "-n"], capture_output=True).returncode == 0
     except FileNotFoundError:
         return False
+
+
+def newest_answer(ask, nodes: list[str], newness, limit: float, rounds: int = 3):
+    """The newest (by `newness`) of the answers `ask(node)` gives, every node asked in turn and those that
+    gave None asked again 0.2 s apart, until all have answered, `rounds` rounds are done (a dead node costs
+    that many asks) or `limit` seconds passed; None if nobody answered. Rounds go on past `rounds` while
+    nobody has answered, as `asked_again` does."""
+    deadline = time.monotonic() + limit
+    silent, answers = list(nodes), []
+    for round_ in itertools.count(1):
+        for node in list(silent):
+            answer = ask(node)
+            if answer is not None:
+                answers.append(answer)
+                silent.remove(node)
+        if not silent or (answers and round_ >= rounds) or time.monotonic() + 0.2 >= deadline:
+            return max(answers, key=newness) if answers else None
+        time.sleep(0.2)
 
 
 def asked_again(ask, limit: float):

@@ -17,7 +17,7 @@ from kvs.config.epoch import ConfigEpoch
 from kvs.reconfig.planner import plan_view_change
 
 from .availability import AvailabilityCheck
-from .driver import asked_again
+from .driver import asked_again, newest_answer
 from .epochs import SETTLE_GRACE, EpochTimeline, Transition
 from .faults import FaultEvent, FaultLog
 from .replacement import victims
@@ -182,6 +182,40 @@ def test_a_verdict_on_the_cluster_s_epoch_asks_again_after_a_round_nobody_answer
     started = time.monotonic()
     assert asked_again(lambda: asked.append(1), limit=0.5) is None       # nobody answers: None, once time is up
     assert len(asked) >= 2 and 0.3 <= time.monotonic() - started < 2.0
+
+
+def test_the_settled_epoch_is_the_newest_answer_after_the_silent_members_are_asked_again():
+    # a: lagging; b: its first request lost, then the newest; c: dead (never answers)
+    replies = {"a": iter([2, 2, 2]), "b": iter([None, 3, 3]), "c": iter([None] * 10)}
+    asked: list[str] = []
+
+    def ask(node):
+        asked.append(node)
+        return next(replies[node])
+    assert newest_answer(ask, ["a", "b", "c"], lambda e: e, limit=10.0, rounds=3) == 3
+    assert asked == ["a", "b", "c", "b", "c", "c"]       # an answer is not asked for again; the dead node 3 times
+    assert newest_answer(lambda node: None, ["a"], lambda e: e, limit=0.5) is None
+
+
+def test_a_driver_s_settled_epoch_is_not_the_lagging_member_s_that_alone_answered_first():
+    from dataclasses import replace
+
+    from kvs.config.epoch import ConfigEpoch
+    from .driver import ClusterDriver
+
+    first = ConfigEpoch.initial(("a:1", "b:1"), 1)
+    newer = replace(first, number=first.number + 1)
+    replies = {"a:1": iter([first] * 5), "b:1": iter([None, newer, newer])}    # b's first request is lost
+    Scripted = type("Scripted", (ClusterDriver,), {"nodes": lambda self: ["a:1", "b:1"]})
+    Scripted.__abstractmethods__ = frozenset()          # only the epoch queries are used here
+    scripted = Scripted()
+    scripted.known_epochs = lambda node, timeout=2.0: _epochs(replies, node)
+    assert scripted.settled_epoch(limit=10.0).number == newer.number
+
+
+def _epochs(replies, node):
+    epoch = next(replies[node])
+    return {"active": epoch.to_dict()} if epoch is not None else None
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

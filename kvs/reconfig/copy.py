@@ -27,7 +27,13 @@ from kvs.reconfig.protocol import ExportRequest
 from kvs.reconfig.remote import Remote
 
 CHUNK_BYTES = 64 * 1024   # one install command carries about this much (requests are capped at 1 MiB)
-PAGE_BYTES = 1 << 20      # an export page carries about this much at most (the source may cap it lower)
+# An export page carries about this much at most (the source may cap it lower, KVS_EXPORT_PAGE_BYTES).
+# A page is encoded, sent and decoded in one piece, each step holding the GIL of a node that also
+# serves keys (json alone: ~6 ms to encode 1 MiB, 2 to decode): the smaller the page, the shorter the
+# wait it puts on the requests around it. With 1 MiB pages, the p99 of writes to keys that did not move
+# was 2.1-2.4x its baseline during a 2 -> 3 node change; with 128 KiB 1.4-1.6x, with 64 KiB no better
+# than that and the change took half as long again (benchmarks/results/view-change-pages-2026-12-05).
+PAGE_BYTES = 128 << 10
 COPY_PAUSE_RATIO = 3.0    # the bulk copy pauses this long, relative to each install, between installs
 
 

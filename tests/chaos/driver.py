@@ -136,25 +136,23 @@ class ClusterDriver(ABC):
         return max(epochs, key=lambda e: e.number) if epochs else None
 
     def settled_epoch(self, limit: float = 10.0) -> ConfigEpoch | None:
-        """The newest active epoch the metadata members report, a member that did not answer asked again
-        (`newest_answer`): a verdict on it (the epoch a change settled on, the final one) must rest
+        """The newest active epoch the metadata members report, the silent ones asked again
+        (`gathered_answers`): a verdict on it (the epoch a change settled on, the final one) must rest
         neither on one round of lost requests nor on a lagging member that alone happened to answer."""
-        return newest_answer(lambda node: self.epoch_of(node, timeout=1.5), self.nodes(),
-                             lambda e: e.number, limit)
+        epochs = gathered_answers(lambda node, timeout: self.epoch_of(node, timeout), self.nodes(), limit)
+        return max(epochs, key=lambda e: e.number, default=None)
 
     def settled_planning_base(self, limit: float = 5.0) -> ConfigEpoch | None:
-        """`planning_base`, asked again while no member answers: the plan a check expects follows it."""
-        return asked_again(self.planning_base, limit)
+        """`planning_base` from the members' answers gathered as `settled_epoch` gathers them: the plan a
+        check expects follows it."""
+        return _planning_base(gathered_answers(lambda node, timeout: _with_active(self.known_epochs(node, timeout)),
+                                               self.nodes(), limit))
 
     def planning_base(self) -> ConfigEpoch | None:
         """The current epoch as a coordinator plans from it: new shard ids follow every id any plan used
         (a rolled-back plan's too), as the metadata members report."""
-        known = [k for k in (self.known_epochs(node, timeout=1.5) for node in self.nodes()) if k and k.get("active")]
-        if not known:
-            return None
-        epoch = ConfigEpoch.from_dict(max((k["active"] for k in known), key=lambda e: e["number"]))
-        floor = max(int(k.get("max-shard-id") or 0) for k in known)
-        return replace(epoch, max_shard_id=floor) if floor > epoch.max_shard_id else epoch
+        return _planning_base([k for k in (_with_active(self.known_epochs(node, timeout=1.5))
+                                           for node in self.nodes()) if k])
 
     def replicas_of(self, shard_id: str) -> list[str]:
         """The shard's replicas in the current epoch ([] if it has no such shard or nobody answers)."""
@@ -309,29 +307,38 @@ def iptables_usable() -> bool:
         return False
 
 
-def newest_answer(ask, nodes: list[str], newness, limit: float, rounds: int = 3):
-    """The newest (by `newness`) of the answers `ask(node)` gives, every node asked in turn and those that
-    gave None asked again 0.2 s apart, until all have answered, `rounds` rounds are done (a dead node costs
-    that many asks) or `limit` seconds passed; None if nobody answered. Rounds go on past `rounds` while
-    nobody has answered, as `asked_again` does."""
+ASK_SECONDS = 1.5          # one member's answer to a status question, at most
+
+
+def gathered_answers(ask, nodes: list[str], limit: float, rounds: int = 3) -> list:
+    """The answers `ask(node, timeout)` gives (None: no answer), every node asked in turn and the silent
+    ones again 0.2 s apart, until all have answered, `rounds` rounds have been asked since the first
+    answer came (so a silent member costs that many asks, and one lone early answer does not decide
+    alone), or `limit` seconds passed; no ask waits past the limit. [] if nobody answered."""
     deadline = time.monotonic() + limit
-    silent, answers = list(nodes), []
+    silent, answers, first_answered = list(nodes), [], None
     for round_ in itertools.count(1):
         for node in list(silent):
-            answer = ask(node)
+            answer = ask(node, max(0.1, min(ASK_SECONDS, deadline - time.monotonic())))
             if answer is not None:
                 answers.append(answer)
                 silent.remove(node)
-        if not silent or (answers and round_ >= rounds) or time.monotonic() + 0.2 >= deadline:
-            return max(answers, key=newness) if answers else None
+        if answers and first_answered is None:
+            first_answered = round_
+        if (not silent or (first_answered is not None and round_ - first_answered + 1 >= rounds)
+                or time.monotonic() + 0.2 >= deadline):
+            return answers
         time.sleep(0.2)
 
 
-def asked_again(ask, limit: float):
-    """`ask()`, again 0.2 s apart while it returns None, for up to `limit` seconds (then None)."""
-    deadline = time.monotonic() + limit
-    while True:
-        answer = ask()
-        if answer is not None or time.monotonic() + 0.2 >= deadline:
-            return answer
-        time.sleep(0.2)
+def _with_active(known: dict | None) -> dict | None:
+    return known if known and known.get("active") else None
+
+
+def _planning_base(known: list[dict]) -> ConfigEpoch | None:
+    """The newest active epoch of the members' `known_epochs`, with the highest shard id any reported."""
+    if not known:
+        return None
+    epoch = ConfigEpoch.from_dict(max((k["active"] for k in known), key=lambda e: e["number"]))
+    floor = max(int(k.get("max-shard-id") or 0) for k in known)
+    return replace(epoch, max_shard_id=floor) if floor > epoch.max_shard_id else epoch

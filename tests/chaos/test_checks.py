@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -17,7 +18,7 @@ from kvs.config.epoch import ConfigEpoch
 from kvs.reconfig.planner import plan_view_change
 
 from .availability import AvailabilityCheck
-from .driver import asked_again, newest_answer
+from .driver import ClusterDriver, gathered_answers
 from .epochs import SETTLE_GRACE, EpochTimeline, Transition
 from .faults import FaultEvent, FaultLog
 from .replacement import victims
@@ -175,42 +176,39 @@ def test_soak_parts_of_one_commit_merge_into_one_summary_and_other_commits_are_r
     assert merge([part([1, 2], "abc", "e"), part([2, 3], "abc", "f")], out) == 2    # a seed twice
 
 
-def test_a_verdict_on_the_cluster_s_epoch_asks_again_after_a_round_nobody_answered():
-    answers = iter([None, None, "epoch 3"])
-    assert asked_again(lambda: next(answers), limit=5.0) == "epoch 3"
-    asked = []
-    started = time.monotonic()
-    assert asked_again(lambda: asked.append(1), limit=0.5) is None       # nobody answers: None, once time is up
-    assert len(asked) >= 2 and 0.3 <= time.monotonic() - started < 2.0
-
-
-def test_the_settled_epoch_is_the_newest_answer_after_the_silent_members_are_asked_again():
+def test_members_that_gave_no_answer_are_asked_again_until_three_rounds_after_the_first_answer():
     # a: lagging; b: its first request lost, then the newest; c: dead (never answers)
     replies = {"a": iter([2, 2, 2]), "b": iter([None, 3, 3]), "c": iter([None] * 10)}
     asked: list[str] = []
 
-    def ask(node):
+    def ask(node, timeout):
         asked.append(node)
         return next(replies[node])
-    assert newest_answer(ask, ["a", "b", "c"], lambda e: e, limit=10.0, rounds=3) == 3
+    assert sorted(gathered_answers(ask, ["a", "b", "c"], limit=10.0)) == [2, 3]
     assert asked == ["a", "b", "c", "b", "c", "c"]       # an answer is not asked for again; the dead node 3 times
-    assert newest_answer(lambda node: None, ["a"], lambda e: e, limit=0.5) is None
 
 
-def test_a_driver_s_settled_epoch_is_not_the_lagging_member_s_that_alone_answered_first():
-    from dataclasses import replace
+def test_rounds_count_from_the_first_answer_and_nobody_answering_ends_at_the_limit():
+    # Nobody answers for 3 rounds (a cluster restarting), then a lags and b's first answer is lost.
+    replies = {"a": iter([None] * 3 + [2] * 5), "b": iter([None] * 4 + [3] * 5)}
+    assert sorted(gathered_answers(lambda node, timeout: next(replies[node]), ["a", "b"], limit=10.0)) == [2, 3]
+    asked: list[float] = []
+    started = time.monotonic()
+    assert gathered_answers(lambda node, timeout: asked.append(timeout), ["a"], limit=0.5) == []
+    assert len(asked) >= 2 and 0.3 <= time.monotonic() - started < 2.0
+    assert all(t <= 0.5 for t in asked)                   # no ask waits past the limit
 
-    from kvs.config.epoch import ConfigEpoch
-    from .driver import ClusterDriver
 
+def test_a_driver_s_settled_epoch_and_planning_base_are_not_a_lagging_member_s_that_alone_answered_first():
     first = ConfigEpoch.initial(("a:1", "b:1"), 1)
     newer = replace(first, number=first.number + 1)
-    replies = {"a:1": iter([first] * 5), "b:1": iter([None, newer, newer])}    # b's first request is lost
     Scripted = type("Scripted", (ClusterDriver,), {"nodes": lambda self: ["a:1", "b:1"]})
     Scripted.__abstractmethods__ = frozenset()          # only the epoch queries are used here
     scripted = Scripted()
-    scripted.known_epochs = lambda node, timeout=2.0: _epochs(replies, node)
-    assert scripted.settled_epoch(limit=10.0).number == newer.number
+    for settled in (scripted.settled_epoch, scripted.settled_planning_base):
+        replies = {"a:1": iter([first] * 5), "b:1": iter([None, newer, newer])}    # b's first request is lost
+        scripted.known_epochs = lambda node, timeout=2.0, replies=replies: _epochs(replies, node)
+        assert settled(limit=10.0).number == newer.number
 
 
 def _epochs(replies, node):

@@ -26,7 +26,7 @@ from kvs.reconfig.planner import Move, Plan
 from kvs.reconfig.protocol import ExportRequest
 from kvs.reconfig.remote import Remote
 
-CHUNK_BYTES = 64 * 1024   # one install command carries about this much (requests are capped at 1 MiB)
+CHUNK_BYTES = 64 * 1024   # one install command carries about this much (one log entry, applied in one go)
 # An export page carries about this much at most (the source may cap it lower, KVS_EXPORT_PAGE_BYTES).
 # A page is encoded, sent and decoded in one piece, each step holding the GIL of a node that also
 # serves keys (json alone: ~6 ms to encode 1 MiB, 2 to decode): the smaller the page, the shorter the

@@ -8,7 +8,7 @@ Each step is recorded in the metadata group (`kvs.fsm.meta`) before or after it 
    replicas (`kvs.reconfig.shard_membership`) and the coordinator waits until
    they have, new members caught up.
 2. copy: every moving range is exported from its source group page by page
-   (each page after a read index, at most 1 MiB) and each page installed into
+   (each page after a read index, 128 KiB) and each page installed into
    its destination through the destination's own log before the next is read,
    with its slice of the deduplication table, while the source serves
    (`kvs.reconfig.copy`).

@@ -17,6 +17,7 @@ import asyncio
 import threading
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 from pysyncobj.config import FAIL_REASON
@@ -356,6 +357,22 @@ def test_a_command_proposed_by_a_handler_still_wakes_the_tick_thread_for_another
     assert len(wakes) == 1 and wakes[0] != threading.get_ident()       # the loop's command woke it
     replica.submit("another", None)
     assert wakes[-1] == threading.get_ident() and replica._quiet_thread is None
+
+
+def test_a_tick_that_stopped_appending_at_its_period_wakes_itself_for_the_commands_left(monkeypatch):
+    # PySyncObj's _checkCommandsToApply appends for at most appendEntriesPeriod; a handler's proposal left
+    # in the queue wrote no wake-up of its own, and would wait for a timer tick.
+    replica = kvs.raft.replica.Replica.__new__(kvs.raft.replica.Replica)
+    replica._SyncObj__conf = SimpleNamespace(appendEntriesPeriod=0.005)
+    wakes: list[int] = []
+    replica._wake = lambda: wakes.append(1)
+    took = [0.0]
+    monkeypatch.setattr(kvs.raft.replica.SyncObj, "_checkCommandsToApply", lambda self: time.sleep(took[0]))
+    replica._checkCommandsToApply()
+    assert wakes == []                  # it emptied the queue in time: nothing left
+    took[0] = 0.006                     # as long as appending for a whole period takes
+    replica._checkCommandsToApply()
+    assert wakes == [1]
 
 
 def test_a_write_forwarded_twice_is_applied_once(groups):

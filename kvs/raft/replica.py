@@ -60,8 +60,7 @@ by `kvs.raft.forwarding`: their messages travel on PySyncObj's transport beside 
 handled here before PySyncObj sees them; both act on each tick (`read_index` and `forward` wake the
 tick thread).
 
-Outgoing Raft connections, and the order of a sync before an acknowledgement leaves:
-`kvs.raft.transport`.
+Outgoing Raft connections, and the sync before an acknowledgement leaves: `kvs.raft.transport`.
 
 Durability (group commit; see `DurableJournal.sync`): a replica acknowledges only entries that are
 on disk, with one fsync per batch. PySyncObj appends without syncing; these hooks sync at the points
@@ -69,11 +68,10 @@ where an entry starts to count toward a commit:
 
 - Followers: their only acknowledgement is the `next_node_idx` answer, which PySyncObj sends in one
   place (`__sendNextNodeIdx`, reached from the `append_entries` handler for appended entries, a
-  truncation or an installed snapshot, and from change 4's own answer) through
-  `self.__transport.send`, i.e. `RaftTransport.send`, which syncs the journal before any message in
-  `_SYNC_BEFORE_SENDING` leaves. One AppendEntries message (one batch) costs one fsync. Vote
-  requests and votes are synced too (term and vote are fsynced by the journal itself), following the
-  rule "persist, then send": cheap, as elections are rare.
+  truncation or an installed snapshot, and from change 4's own answer) through `RaftTransport.send`,
+  which syncs the journal before any message in `_SYNC_BEFORE_SENDING` leaves: one fsync per
+  AppendEntries message (one batch). Votes and vote requests are synced too ("persist, then send";
+  term and vote are fsynced by the journal itself): cheap, as elections are rare.
 - Before an installed snapshot replaces the journal, the received snapshot file and its directory
   are fsynced (`_SyncObj__loadDumpFile`): the journal is cleared right after, and the
   acknowledgement follows.
@@ -84,13 +82,11 @@ where an entry starts to count toward a commit:
   of `_onTick` itself, just before the commit count. Hence three syncs: right after `_replicate_now`
   has sent AppendEntries (`_sync_after_replication`, a tick callback and the end of `_on_wake`: the
   leader's fsync runs while the followers do theirs, instead of delaying the next tick); right after
-  becoming leader; and at the top of every
-  tick (`_onTick`), which covers anything else written since the last sync (a tick that raised
+  becoming leader; and at the top of every tick (`_onTick`), which covers anything else written
+  since the last sync (a tick that raised
   half-way, a path added by a later PySyncObj), so a commit computed there never counts an unsynced
   entry of the leader's. A single-node group commits at the next tick's top, after that sync.
 - Every sync is a no-op when nothing was written since the last one; all run on the tick thread.
-
-One group per address: see `kvs.raft.transport`.
 
 Disk faults (a full disk, EIO; see `DurableJournal.failure`): once a write, truncation or fsync of
 the journal or its `.meta` has failed, the journal refuses every change and this replica halts:
@@ -117,11 +113,9 @@ from pysyncobj.pipe_notifier import PipeNotifier
 
 from kvs.raft.append_entries import Screened, complete_transmission, refusal_hint, screen
 from kvs.raft.disk import JournalFailure, fsync_file_and_directory
-from kvs.raft.forwarding import MESSAGE_TYPES as FORWARDING_MESSAGES
-from kvs.raft.forwarding import Forwarding
+from kvs.raft.forwarding import MESSAGE_TYPES as FORWARDING_MESSAGES, Forwarding
 from kvs.raft.joiner import JoinerQuorum
-from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES
-from kvs.raft.read_index import ReadIndex
+from kvs.raft.read_index import MESSAGE_TYPES as READ_INDEX_MESSAGES, ReadIndex
 from kvs.raft.replication import Replication
 from kvs.raft.transport import GROUP_FIELD, RaftTransport
 
@@ -203,6 +197,12 @@ class Replica(SyncObj):
         super()._applyCommand(command, callback, commandType)
         if self._quiet_thread != threading.get_ident():     # another thread's command may come meanwhile
             self._wake()
+
+    def _checkCommandsToApply(self) -> None:
+        started = time.monotonic()
+        SyncObj._checkCommandsToApply(self)
+        if time.monotonic() - started >= self.conf.appendEntriesPeriod:
+            self._wake()        # it stopped there with commands left; a handler's proposal wrote no wake-up
 
     def _wake(self) -> None:
         if self._wakeup is not None:

@@ -366,11 +366,16 @@ def test_a_tick_that_stopped_appending_at_its_period_wakes_itself_for_the_comman
     replica._SyncObj__conf = SimpleNamespace(appendEntriesPeriod=0.005)
     wakes: list[int] = []
     replica._wake = lambda: wakes.append(1)
-    took = [0.0]
-    monkeypatch.setattr(kvs.raft.replica.SyncObj, "_checkCommandsToApply", lambda self: time.sleep(took[0]))
+    now, took = [100.0], [0.0]          # PySyncObj's clock, and how long the appends take on it
+    monkeypatch.setattr(kvs.raft.replica, "pysyncobj_clock", lambda: now[0])
+
+    def appends(self):
+        now[0] += took[0]
+    monkeypatch.setattr(kvs.raft.replica.SyncObj, "_checkCommandsToApply", appends)
+    took[0] = 0.004
     replica._checkCommandsToApply()
-    assert wakes == []                  # it emptied the queue in time: nothing left
-    took[0] = 0.006                     # as long as appending for a whole period takes
+    assert wakes == []                  # it emptied the queue within the period: nothing left
+    took[0] = 0.006                     # it appended for the whole period: it stopped there
     replica._checkCommandsToApply()
     assert wakes == [1]
 

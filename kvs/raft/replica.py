@@ -60,7 +60,7 @@ by `kvs.raft.forwarding`: their messages travel on PySyncObj's transport beside 
 handled here before PySyncObj sees them; both act on each tick (`read_index` and `forward` wake the
 tick thread).
 
-Outgoing Raft connections, and the sync before an acknowledgement leaves: `kvs.raft.transport`.
+Outgoing Raft connections, one group per address, a sync before acknowledging: `kvs.raft.transport`.
 
 Durability (group commit; see `DurableJournal.sync`): a replica acknowledges only entries that are
 on disk, with one fsync per batch. PySyncObj appends without syncing; these hooks sync at the points
@@ -83,9 +83,9 @@ where an entry starts to count toward a commit:
   has sent AppendEntries (`_sync_after_replication`, a tick callback and the end of `_on_wake`: the
   leader's fsync runs while the followers do theirs, instead of delaying the next tick); right after
   becoming leader; and at the top of every tick (`_onTick`), which covers anything else written
-  since the last sync (a tick that raised
-  half-way, a path added by a later PySyncObj), so a commit computed there never counts an unsynced
-  entry of the leader's. A single-node group commits at the next tick's top, after that sync.
+  since the last sync (a tick that raised half-way, a path added by a later PySyncObj), so a commit
+  computed there never counts an unsynced entry of the leader's. A single-node group commits at the
+  next tick's top, after that sync.
 - Every sync is a no-op when nothing was written since the last one; all run on the tick thread.
 
 Disk faults (a full disk, EIO; see `DurableJournal.failure`): once a write, truncation or fsync of
@@ -108,6 +108,7 @@ from typing import Any, Callable
 
 import pysyncobj.pickle
 from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.monotonic import monotonic as pysyncobj_clock
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 
@@ -199,9 +200,9 @@ class Replica(SyncObj):
             self._wake()
 
     def _checkCommandsToApply(self) -> None:
-        started = time.monotonic()
+        started = pysyncobj_clock()           # the clock its own limit is read on
         SyncObj._checkCommandsToApply(self)
-        if time.monotonic() - started >= self.conf.appendEntriesPeriod:
+        if pysyncobj_clock() - started >= self.conf.appendEntriesPeriod:
             self._wake()        # it stopped there with commands left; a handler's proposal wrote no wake-up
 
     def _wake(self) -> None:
@@ -272,8 +273,7 @@ class Replica(SyncObj):
         if screened.message is not message and "commit_index" in message:
             # Only the commit decision is capped: PySyncObj's readiness check and status keep the leader's.
             self._SyncObj__leaderCommitIndex = message["commit_index"]
-        # Answers PySyncObj did not give (it saw no prevLogIdx) go through __sendNextNodeIdx and
-        # RaftTransport.send, like its own: synced first.
+        # Answers PySyncObj did not give (it saw no prevLogIdx) go through RaftTransport.send: synced first.
         if screened.refused:
             self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=self._refusal_hint(node, message), reset=True)
         elif screened.answer is not None or ("prevLogIdx" in screened.message

@@ -314,12 +314,17 @@ def gathered_answers(ask, nodes: list[str], limit: float, rounds: int = 3) -> li
     """The answers `ask(node, timeout)` gives (None: no answer), every node asked in turn and the silent
     ones again 0.2 s apart, until all have answered, `rounds` rounds have been asked since the first
     answer came (so a silent member costs that many asks, and one lone early answer does not decide
-    alone), or `limit` seconds passed; no ask waits past the limit. [] if nobody answered."""
+    alone), or `limit` seconds passed: no ask starts with less than 0.1 s left, and each is given at most
+    what is left (a timeout of `requests` bounds each of its steps, so one ask may still run a little
+    past it). [] if nobody answered."""
     deadline = time.monotonic() + limit
     silent, answers, first_answered = list(nodes), [], None
     for round_ in itertools.count(1):
         for node in list(silent):
-            answer = ask(node, max(0.1, min(ASK_SECONDS, deadline - time.monotonic())))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.1:
+                return answers
+            answer = ask(node, min(ASK_SECONDS, remaining))
             if answer is not None:
                 answers.append(answer)
                 silent.remove(node)

@@ -196,7 +196,7 @@ def test_rounds_count_from_the_first_answer_and_nobody_answering_ends_at_the_lim
     started = time.monotonic()
     assert gathered_answers(lambda node, timeout: asked.append(timeout), ["a"], limit=0.5) == []
     assert len(asked) >= 2 and 0.3 <= time.monotonic() - started < 2.0
-    assert all(t <= 0.5 for t in asked)                   # no ask waits past the limit
+    assert all(0.1 < t <= 0.5 for t in asked)             # none is given more than is left, none starts at the end
 
 
 def test_a_driver_s_settled_epoch_and_planning_base_are_not_a_lagging_member_s_that_alone_answered_first():

@@ -143,16 +143,11 @@ class ClusterDriver(ABC):
         return max(epochs, key=lambda e: e.number, default=None)
 
     def settled_planning_base(self, limit: float = 5.0) -> ConfigEpoch | None:
-        """`planning_base` from the members' answers gathered as `settled_epoch` gathers them: the plan a
-        check expects follows it."""
+        """The current epoch as a coordinator plans from it (new shard ids follow every id any plan used,
+        a rolled-back plan's too), from the members' answers gathered as `settled_epoch` gathers them:
+        the plan a check expects follows it."""
         return _planning_base(gathered_answers(lambda node, timeout: _with_active(self.known_epochs(node, timeout)),
                                                self.nodes(), limit))
-
-    def planning_base(self) -> ConfigEpoch | None:
-        """The current epoch as a coordinator plans from it: new shard ids follow every id any plan used
-        (a rolled-back plan's too), as the metadata members report."""
-        return _planning_base([k for k in (_with_active(self.known_epochs(node, timeout=1.5))
-                                           for node in self.nodes()) if k])
 
     def replicas_of(self, shard_id: str) -> list[str]:
         """The shard's replicas in the current epoch ([] if it has no such shard or nobody answers)."""

@@ -38,9 +38,10 @@ a majority of them; with an even number one old member fewer suffices (2 of 4, 1
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+from pysyncobj.monotonic import monotonic as pysyncobj_clock
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class JoinerQuorum:
         # PySyncObj's leader steps down when it has not heard from a majority of its members lately,
         # and gives a new member a grace period from its add on: extend the grace until the joiner
         # counts (see "Leader step-down" above).
-        raft._SyncObj__lastResponseTime[node] = time.monotonic()
+        raft._SyncObj__lastResponseTime[node] = pysyncobj_clock()   # PySyncObj's clock (CLOCK_MONOTONIC_RAW)
 
     def restore(self) -> None:
         """Give the joiner's acknowledged index back (before the tick's poll, where new answers come)."""

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import collections
 import os
-import time
 from typing import Any, Callable
 
 from pysyncobj import SyncObj
+from pysyncobj.monotonic import monotonic as pysyncobj_clock
 
 from kvs.raft.replica import Replica
 
@@ -85,7 +85,7 @@ class LoopReplica(Replica):
     def _SyncObj__sendAppendEntries(self) -> None:
         conf = self.conf
         period = conf.appendEntriesPeriod
-        started = time.monotonic()
+        started = pysyncobj_clock()     # the clock PySyncObj reads newAppendEntriesTime on
         cut_short = False
         conf.appendEntriesPeriod = SEND_BUDGET
         try:
@@ -93,7 +93,7 @@ class LoopReplica(Replica):
             # PySyncObj stops sending once a call took longer than the budget. Only then is there a
             # rest to send at once; a follower behind for another reason (a snapshot file that cannot
             # be read, a connection that dropped) waits for the heartbeat, as before.
-            cut_short = time.monotonic() - started > SEND_BUDGET and self._behind()
+            cut_short = pysyncobj_clock() - started > SEND_BUDGET and self._behind()
         finally:
             conf.appendEntriesPeriod = period
             # The next send: at the loop's next iteration for the rest, else after the heartbeat period.

@@ -2,7 +2,7 @@
 alternating both followers running and one of them stopped (SIGSTOP; the leader and the other
 follower are still a majority, so writes commit as before).
 
-    python benchmarks/second_follower.py [--pairs 3] [--seconds 5]
+    python benchmarks/second_follower.py [--pairs 3] [--seconds 5] [--via leader|follower]
 
 With one follower stopped, the leader gets one acknowledgement per write instead of two, and the two
 vCPUs carry one process fewer; the difference in p50 bounds what the second follower's work (its
@@ -28,13 +28,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--via", choices=("leader", "follower"), default="leader",
+                        help="the entry node; via a follower, the other follower is the one stopped")
     args = parser.parse_args()
     with one_group("kvs-second-follower-") as (_, leader, pids):
-        stopped = [pid for address, pid in pids.items() if address != leader][1]
+        followers = [address for address in pids if address != leader]
+        entry = leader if args.via == "leader" else followers[0]
+        stopped = pids[followers[1]]
         body = json.dumps({"value": "x" * 256})
-        hey = hey_command(f"http://{leader}/kvs/keys/k", "PUT", body, 1, args.seconds)
+        hey = hey_command(f"http://{entry}/kvs/keys/k", "PUT", body, 1, args.seconds)
         subprocess.run(hey, capture_output=True, check=True, timeout=args.seconds + 60)      # warm-up
-        print("writes at 1 client via the leader: req/s, p50 ms, p99 ms")
+        print(f"writes at 1 client via the {args.via}: req/s, p50 ms, p99 ms")
         for _ in range(args.pairs):
             for one_stopped in (False, True):
                 if one_stopped:

@@ -1,13 +1,16 @@
-"""What the second follower costs a write at 1 client: hey against the leader of one 3-replica group,
-alternating both followers running and one of them stopped (SIGSTOP; the leader and the other
-follower are still a majority, so writes commit as before).
+"""What the second follower costs a write at 1 client: hey against the leader of one 3-replica group
+(or, with `--via follower`, against one of its followers), alternating both followers running and
+the other one stopped (SIGSTOP; the leader and the remaining follower are still a majority, so writes
+commit as before).
 
     python benchmarks/second_follower.py [--pairs 3] [--seconds 5] [--via leader|follower]
 
 With one follower stopped, the leader gets one acknowledgement per write instead of two, and the two
 vCPUs carry one process fewer; the difference in p50 bounds what the second follower's work (its
 AppendEntries, fsync and acknowledgement, and the leader's handling of that acknowledgement while it
-answers the request) adds to a write. The stopped follower is always continued, also on errors.
+answers the request) adds to a write. The stopped follower is always continued, also on errors; a
+row is marked when the leader changed meanwhile (a follower stopped longer than an election timeout
+may campaign when it is continued), since it then measured another path.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def main() -> None:
     parser.add_argument("--via", choices=("leader", "follower"), default="leader",
                         help="the entry node; via a follower, the other follower is the one stopped")
     args = parser.parse_args()
-    with one_group("kvs-second-follower-") as (_, leader, pids):
+    with one_group("kvs-second-follower-") as (cluster, leader, pids):
         followers = [address for address in pids if address != leader]
         entry = leader if args.via == "leader" else followers[0]
         stopped = pids[followers[1]]
@@ -51,7 +54,9 @@ def main() -> None:
                         os.kill(stopped, signal.SIGCONT)
                 r = parse_hey(out)
                 label = "one follower stopped" if one_stopped else "both followers      "
-                print(f"  {label}  {r['ok_rps']:6.0f}  {r['p50_ms']:.1f}  {r['p99_ms']:.1f}", flush=True)
+                now = cluster.leader_of("1")
+                moved = "" if now == leader else f"  (the leader is now {now}: not comparable)"
+                print(f"  {label}  {r['ok_rps']:6.0f}  {r['p50_ms']:.1f}  {r['p99_ms']:.1f}{moved}", flush=True)
 
 
 if __name__ == "__main__":

@@ -380,20 +380,6 @@ def test_a_tick_that_stopped_appending_at_its_period_wakes_itself_for_the_comman
     assert wakes == [1]
 
 
-def test_a_held_election_s_deadline_is_set_on_pysyncobj_s_own_clock(monkeypatch):
-    # PySyncObj reads its election deadline on CLOCK_MONOTONIC_RAW, not on time.monotonic().
-    replica = kvs.raft.replica.Replica.__new__(kvs.raft.replica.Replica)
-    replica._SyncObj__conf = SimpleNamespace(raftMaxTimeout=1.5)
-    replica._SyncObj__raftLeader, replica._hold = None, True
-    replica._getLeader = lambda: None
-    monkeypatch.setattr(kvs.raft.replica, "pysyncobj_clock", lambda: 100.0)
-    replica._hold_election()
-    assert replica._SyncObj__raftElectionDeadline == 101.5 and replica._hold
-    replica._getLeader = lambda: "a leader"
-    replica._hold_election()
-    assert not replica._hold
-
-
 def test_a_write_forwarded_twice_is_applied_once(groups):
     leader, (follower, _) = settled(groups)
     with running_loop() as loop:

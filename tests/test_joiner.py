@@ -70,21 +70,6 @@ def test_a_joiner_that_acknowledged_its_committed_add_counts_from_then_on():
     assert quorum.excluded() is None and quorum.joiner is None
 
 
-def test_a_joiner_s_grace_from_the_leader_s_step_down_is_timed_on_pysyncobj_s_own_clock(monkeypatch):
-    # PySyncObj compares lastResponseTime with CLOCK_MONOTONIC_RAW; time.monotonic() is a different clock
-    # (NTP slews it), a quarter of a second apart a few minutes after a boot here.
-    import kvs.raft.joiner
-    monkeypatch.setattr(kvs.raft.joiner, "pysyncobj_clock", lambda: 1000.0)
-    raft = _Leader()
-    raft._SyncObj__lastResponseTime = {}
-    raft._SyncObj__getEntries = lambda index, count: [(b"", index, 3)]
-    raft._SyncObj__getCurrentLogIndex = lambda: 10
-    quorum = JoinerQuorum(raft)
-    quorum.on_proposed(("add", "d"), 10)
-    quorum.commit_before_tick()
-    assert raft._SyncObj__lastResponseTime == {raft.nodes[2]: 1000.0}
-
-
 def test_three_old_members_commit_with_two_of_them_while_the_fourth_joins():
     terms = {i: 2 for i in range(1, 21)}
     # Leader + one of the two other old members at 20: a majority of the three old members.

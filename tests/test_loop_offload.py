@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import types
 
 import pytest
 
@@ -144,19 +143,6 @@ def test_a_follower_far_behind_is_caught_up_in_slices_between_the_loops_other_wo
     finally:
         for g in groups:
             g.close()
-
-
-def test_the_next_heartbeat_is_timed_on_pysyncobj_s_own_clock(monkeypatch):
-    # PySyncObj compares newAppendEntriesTime with CLOCK_MONOTONIC_RAW. Set from time.monotonic(), a
-    # different clock, it put the next heartbeat off by their offset (a quarter of a second after a
-    # few minutes here, and growing with the uptime).
-    replica = loop_replica.LoopReplica.__new__(loop_replica.LoopReplica)
-    replica._SyncObj__conf = types.SimpleNamespace(appendEntriesPeriod=0.05)
-    monkeypatch.setattr(loop_replica, "pysyncobj_clock", lambda: 100.0)
-    monkeypatch.setattr(loop_replica.SyncObj, "_SyncObj__sendAppendEntries", lambda self: None)
-    replica._SyncObj__sendAppendEntries()
-    assert replica._SyncObj__newAppendEntriesTime == pytest.approx(100.05)
-    assert replica.conf.appendEntriesPeriod == 0.05
 
 
 def test_a_closing_replica_waits_for_its_install_to_finish(tmp_path, loop):

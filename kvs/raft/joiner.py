@@ -146,7 +146,7 @@ class JoinerQuorum:
         # PySyncObj's leader steps down when it has not heard from a majority of its members lately,
         # and gives a new member a grace period from its add on: extend the grace until the joiner
         # counts (see "Leader step-down" above).
-        raft._SyncObj__lastResponseTime[node] = pysyncobj_clock()   # PySyncObj's clock (CLOCK_MONOTONIC_RAW)
+        raft._SyncObj__lastResponseTime[node] = pysyncobj_clock()   # the clock its step-down check reads
 
     def restore(self) -> None:
         """Give the joiner's acknowledged index back (before the tick's poll, where new answers come)."""

@@ -380,7 +380,7 @@ class Replica(SyncObj):
         if self._getLeader() is not None:
             self._hold = False                  # heard a leader: a member like any other from now on
         else:
-            self._SyncObj__raftElectionDeadline = pysyncobj_clock() + self.conf.raftMaxTimeout  # read on it
+            self._SyncObj__raftElectionDeadline = pysyncobj_clock() + self.conf.raftMaxTimeout
 
     def _sync_after_replication(self) -> None:
         # A tick callback registered after _replicate_now: the AppendEntries are already on their way,

@@ -127,20 +127,18 @@ class ClusterDriver(ABC):
 
     def epoch_of(self, node: str, timeout: float = 2.0) -> ConfigEpoch | None:
         """The active epoch `node` routes by."""
-        known = self.known_epochs(node, timeout)
-        return ConfigEpoch.from_dict(known["active"]) if known and known.get("active") else None
+        known = _with_active(self.known_epochs(node, timeout))
+        return ConfigEpoch.from_dict(known["active"]) if known else None
 
     def current_epoch(self) -> ConfigEpoch | None:
         """The newest active epoch any metadata member reports (None if none answers)."""
-        epochs = [e for e in (self.epoch_of(node, timeout=1.5) for node in self.nodes()) if e is not None]
-        return max(epochs, key=lambda e: e.number) if epochs else None
+        return _newest(e for e in (self.epoch_of(node, timeout=1.5) for node in self.nodes()) if e is not None)
 
     def settled_epoch(self, limit: float = 10.0) -> ConfigEpoch | None:
         """The newest active epoch the metadata members report, the silent ones asked again
         (`gathered_answers`): a verdict on it (the epoch a change settled on, the final one) must rest
         neither on one round of lost requests nor on a lagging member that alone happened to answer."""
-        epochs = gathered_answers(lambda node, timeout: self.epoch_of(node, timeout), self.nodes(), limit)
-        return max(epochs, key=lambda e: e.number, default=None)
+        return _newest(gathered_answers(self.epoch_of, self.nodes(), limit))
 
     def settled_planning_base(self, limit: float = 5.0) -> ConfigEpoch | None:
         """The current epoch as a coordinator plans from it (new shard ids follow every id any plan used,
@@ -329,6 +327,10 @@ def gathered_answers(ask, nodes: list[str], limit: float, rounds: int = 3) -> li
                 or time.monotonic() + 0.2 >= deadline):
             return answers
         time.sleep(0.2)
+
+
+def _newest(epochs) -> ConfigEpoch | None:
+    return max(epochs, key=lambda e: e.number, default=None)
 
 
 def _with_active(known: dict | None) -> dict | None:

@@ -106,15 +106,23 @@ def cmd_size(args: argparse.Namespace) -> None:
 
 
 def cmd_view_change(args: argparse.Namespace) -> None:
+    """benchmarks/view_change.py twice: with its closed-loop writers (`view_change.json`), then at a fixed
+    rate of `--vc-rate` writes/s per key set (`view_change_rate.json`; skipped with --vc-rate 0)."""
+    out = args.out or os.path.join(RESULTS_DIR, "view_change.json")
+    _view_change(args, out, [])
+    if args.vc_rate > 0:
+        _view_change(args, os.path.splitext(out)[0] + "_rate.json", ["--rate", f"{args.vc_rate:g}"])
+
+
+def _view_change(args: argparse.Namespace, out: str, load: list[str]) -> None:
     """Run benchmarks/view_change.py as it is (the lead owns it) and add the machine and the CPU accounting.
 
     Its nodes are its children, and it waits for them when it stops them, so the CPU of the whole
     benchmark shows up in our RUSAGE_CHILDREN once it has exited: the machine's busy time minus that
     is what other processes used meanwhile."""
     import json
-    out = args.out or os.path.join(RESULTS_DIR, "view_change.json")
     cmd = [sys.executable, os.path.join(BENCH_DIR, "view_change.py"), "--keys", str(args.vc_keys),
-           "--baseline", str(args.vc_baseline), "--out", out]
+           "--baseline", str(args.vc_baseline), *load, "--out", out]
     harness.record_command(cmd)
     host = machine()
     meter = CpuMeter([]).start()
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--keys", default="100000,300000", help="size: key counts, loaded in stages")
         p.add_argument("--vc-keys", type=int, default=100_000, help="view-change: keys loaded before the change")
         p.add_argument("--vc-baseline", type=float, default=8.0, help="view-change: seconds of load before it")
+        p.add_argument("--vc-rate", type=float, default=200.0,
+                       help="view-change: writes/s per key set of the second, fixed-rate run (0: closed loop only)")
         p.add_argument("--profile-ops", default="write,read", help="profile: operations to profile")
         p.add_argument("--profile-clients", type=int, default=16, help="profile: hey clients")
         p.add_argument("--profile-via", default="leader", help="profile: leader, follower or both (comma-separated)")

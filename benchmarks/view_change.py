@@ -3,9 +3,17 @@
 Setup: 2 nodes with repl-factor 1 (two shards) and one idle node; `--keys` keys are loaded, then
 the view grows to 3 nodes, which moves about a third of the keys to the new shard.
 
-Load: `--writers` client threads write keys that move and as many write keys that stay, each
-with its own pooled HTTP session, for the whole change. First the same load runs for
-`--baseline` seconds without a change (the baseline), then again while the change runs.
+Load, one of two kinds, on keys that move and as many keys that stay, for the whole change. First
+the same load runs for `--baseline` seconds without a change (the baseline), then again while the
+change runs.
+  * closed loop (the default): `--writers` client threads per key set, each with its own pooled HTTP
+    session, each writing as soon as its last write was answered. On two vCPUs this saturates the
+    machine (the Python clients take much of it): latencies are mostly queueing, in both phases.
+  * fixed rate (`--rate N`): N writes/s per key set, sent on schedule whether or not earlier ones
+    were answered (an open loop, from one asyncio thread with kvs's own HTTP client; at most
+    `--max-outstanding` in flight per key set), each write's latency counted from the moment it was
+    due, not from when it could be sent: a stall counts for every write it delayed (no coordinated
+    omission). Below saturation, this is what a client at a steady rate feels.
 
 Reported:
   * the change's duration;
@@ -13,13 +21,13 @@ Reported:
     the change, and the p99 of moving-key write latencies during the change (target p99 <= 100 ms);
   * non-moving keys: errors and p99 latency during the change, against the baseline (target 0
     errors, p99 <= 1.2x baseline).
-A Python client is enough here: the load is steady, not saturating; what is measured is latency.
-This is a measurement, not a test. Usage: python benchmarks/view_change.py [--keys 100000]
+This is a measurement, not a test. Usage: python benchmarks/view_change.py [--keys 100000] [--rate 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
@@ -35,6 +43,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 from kvs.testing.cluster import LocalCluster, find_free_base_port  # noqa: E402
 from kvs.config.ring import HashRing  # noqa: E402
+from kvs.http.aio.client import HttpClient  # noqa: E402
 
 
 def progress(message: str) -> None:
@@ -76,18 +85,74 @@ def writer(address: str, keys: list[str], stop: threading.Event, out: list) -> N
         out.append((start, time.monotonic() - start, status))
 
 
-def run_load(address: str, moving: list[str], staying: list[str], writers: int,
+async def fixed_rate(address: str, keys: list[str], rate: float, max_outstanding: int, stop: threading.Event,
+                     out: list) -> None:
+    """Write `keys` in turn at `rate` writes/s until `stop` is set, whatever the answers' pace: each
+    write gets (when it was due, its latency from then, its status) in `out`; a write that could not
+    leave on time (all `max_outstanding` in flight) still counts from when it was due."""
+    client = HttpClient(max_idle_per_address=max_outstanding)
+    room = asyncio.Semaphore(max_outstanding)
+    in_flight: set = set()
+
+    async def write(key: str, n: int, due: float) -> None:
+        try:
+            status, _, _ = await client.request(address, "PUT", f"/kvs/keys/{key}",
+                                                {"Content-Type": "application/json"},
+                                                json.dumps({"value": str(n)}).encode(), time.monotonic() + 30)
+        except Exception:       # refused, reset, timed out: an error of the run, not of the tool
+            status = 0
+        finally:
+            room.release()
+        out.append((due, time.monotonic() - due, status))
+
+    interval, due, n = 1.0 / rate, time.monotonic(), 0
+    while not stop.is_set():
+        wait = due - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await room.acquire()
+        task = asyncio.ensure_future(write(keys[n % len(keys)], n, due))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        n, due = n + 1, due + interval
+    if in_flight:
+        await asyncio.wait(in_flight)
+    client.close()
+
+
+def run_fixed_rate(address: str, key_sets: list[list[str]], rate: float, max_outstanding: int,
+                   stop: threading.Event, outs: list[list]) -> threading.Thread:
+    """The fixed-rate load of every key set on one event loop in a thread of its own (started)."""
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(asyncio.gather(*(fixed_rate(address, keys, rate, max_outstanding, stop, out)
+                                                     for keys, out in zip(key_sets, outs))))
+        finally:
+            loop.close()
+    thread = threading.Thread(target=run, name="fixed-rate load")
+    thread.start()
+    return thread
+
+
+def run_load(address: str, moving: list[str], staying: list[str], args: argparse.Namespace,
              action) -> tuple[list, list, float]:
-    """Run writers on both key sets while `action()` runs; returns (moving ops, staying ops, action time)."""
+    """Load both key sets (closed loop, or at `args.rate`) while `action()` runs; returns (moving ops,
+    staying ops, action time), the ops of those that started, or were due, once the action had begun."""
     stop = threading.Event()
     moving_ops: list = []
     staying_ops: list = []
-    threads = [threading.Thread(target=writer, args=(address, moving[i::writers], stop, moving_ops))
-               for i in range(writers)]
-    threads += [threading.Thread(target=writer, args=(address, staying[i::writers], stop, staying_ops))
-                for i in range(writers)]
-    for t in threads:
-        t.start()
+    if args.rate:
+        threads = [run_fixed_rate(address, [moving, staying], args.rate, args.max_outstanding, stop,
+                                  [moving_ops, staying_ops])]
+    else:
+        threads = [threading.Thread(target=writer, args=(address, moving[i::args.writers], stop, moving_ops))
+                   for i in range(args.writers)]
+        threads += [threading.Thread(target=writer, args=(address, staying[i::args.writers], stop, staying_ops))
+                    for i in range(args.writers)]
+        for t in threads:
+            t.start()
     time.sleep(1.0)                       # steady state before the measured action
     started = time.monotonic()
     action()
@@ -109,7 +174,10 @@ def summarize(ops: list) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=100_000)
-    parser.add_argument("--writers", type=int, default=4, help="threads per key set")
+    parser.add_argument("--writers", type=int, default=4, help="closed loop: threads per key set")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="writes/s per key set at a fixed rate (an open loop) instead of the closed loop")
+    parser.add_argument("--max-outstanding", type=int, default=256, help="fixed rate: writes in flight per key set")
     parser.add_argument("--baseline", type=float, default=8.0, help="seconds of load without a change")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "view_change.json"))
     args = parser.parse_args()
@@ -129,8 +197,9 @@ def main() -> int:
         moving = [k for k in (f"hot-{i}" for i in range(2000)) if old.group_for(k) != new.group_for(k)][:64]
         staying = [k for k in (f"hot-{i}" for i in range(2000)) if old.group_for(k) == new.group_for(k)][:64]
 
-        progress(f"baseline: {args.baseline}s of load without a change")
-        base_moving, base_staying, _ = run_load(entry, moving, staying, args.writers,
+        kind = f"{args.rate:g} writes/s per key set" if args.rate else f"{args.writers} writers per key set"
+        progress(f"baseline: {args.baseline}s of load ({kind}) without a change")
+        base_moving, base_staying, _ = run_load(entry, moving, staying, args,
                                                 lambda: time.sleep(args.baseline))
         progress("the same load while the view grows from 2 to 3 nodes")
         answer: dict = {}
@@ -140,11 +209,14 @@ def main() -> int:
                                 json={"view": ",".join(cluster.view + [idle])}, timeout=600)
             answer.update(status=resp.status_code, body=resp.json())
 
-        during_moving, during_staying, took = run_load(entry, moving, staying, args.writers, change)
+        during_moving, during_staying, took = run_load(entry, moving, staying, args, change)
         report = {
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "keys": args.keys, "writers_per_key_set": args.writers,
+            "keys": args.keys,
+            "load": ({"kind": "fixed rate", "writes_per_s_per_key_set": args.rate,
+                      "max_outstanding_per_key_set": args.max_outstanding} if args.rate
+                     else {"kind": "closed loop", "writers_per_key_set": args.writers}),
             "view_change": {"status": answer.get("status"), "seconds": round(took, 2),
                             "keys_moved": sum(s["key-count"] for s in answer.get("body", {}).get("shards", [])
                                               if s["shard-id"] == "3")},

@@ -144,3 +144,35 @@ def test_repeated_rounds_keep_the_median_round_with_its_own_leader():
     cell = combined["kvs-leader"]["results"]["write@16"]
     assert cell["ok_rps"] == 200.0 and cell["rounds_ok_rps"] == [300.0, 100.0, 200.0]
     assert cell["leader_pid"] == 30 and str(cell["leader_pid"]) in cell["cpu"]["cpu_s_by_server_pid"]
+
+
+def view_change_payload(load: dict, base_p99: float, during_p99: float) -> dict:
+    def phase(p99: float) -> dict:
+        return {"ops": 1000, "errors": 0, "p50_ms": 2.0, "p99_ms": p99, "max_ms": p99 * 2}
+    return {"timestamp": "t", "command": "c", "keys": 100000, "load": load,
+            "view_change": {"status": 200, "seconds": 15.0, "keys_moved": 33000},
+            "moving_keys": {"baseline": phase(base_p99), "during_change": phase(during_p99)},
+            "staying_keys": {"baseline": phase(base_p99), "during_change": phase(during_p99)},
+            "suite": {"cpu": {"other_cores": 0.0}}}
+
+
+def test_a_view_change_at_a_fixed_rate_is_judged_and_tabled_beside_the_closed_loop_one(results_dir, tmp_path):
+    with open(results_dir / "view_change.json", "w") as f:
+        json.dump(view_change_payload({"kind": "closed loop", "writers_per_key_set": 4}, 20.0, 22.0), f)
+    with open(results_dir / "view_change_rate.json", "w") as f:
+        json.dump(view_change_payload({"kind": "fixed rate", "writes_per_s_per_key_set": 200.0,
+                                       "max_outstanding_per_key_set": 256}, 3.0, 45.0), f)
+    v = by_target(report.targets(report.load_results(str(results_dir))))
+    assert v["view change: non-moving keys p99 <= 1.2x baseline"]["met"] is True                 # 22 vs 20 ms
+    fixed = v["view change at a fixed rate: non-moving keys p99 <= 1.2x baseline"]                # 45 vs 3 ms
+    assert fixed["measured"] == pytest.approx(15.0) and fixed["met"] is False
+    assert v["view change at a fixed rate: moving-key write pause p99 <= 100 ms"]["met"] is True
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n")
+    report.generate(str(readme), str(results_dir), with_plots=False)
+    text = readme.read_text()
+    assert "### View change under load (2 -> 3 nodes, repl-factor 1)" in text
+    assert "Load: a closed loop of 4 Python writer threads per key set" in text
+    assert "### View change at a fixed rate (2 -> 3 nodes, repl-factor 1)" in text
+    assert "Load: a fixed rate of 200 writes/s on each key set" in text
+    assert "| writes of non-moving keys | 2.0 / 3.0 / 6.0 | 2.0 / 45.0 / 90.0 | 0 |" in text

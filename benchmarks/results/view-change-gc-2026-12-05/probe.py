@@ -2,7 +2,8 @@
 (100/s each) straight to each source node, no forwarding: GET and PUT of a key it owns that stays; per
 stream the p99 before and during the change and when the slow ones (> 20 ms) were due. Every node
 logs each garbage collection over 5 ms (gc_log_sitecustomize.py, installed as its sitecustomize) in
-its log under the cluster's directory.  Usage: python probe.py"""
+its log under the cluster's directory; with DUMP=1, py-spy dumps of both sources every ~25 ms for 16 s
+(dumper.sh; stall-dumps.txt is one such run, cut to the stalls).  Usage: [DUMP=1] python probe.py"""
 import asyncio, collections, json, os, secrets, shutil, sys, tempfile, threading, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..", "..", "..")
@@ -54,10 +55,19 @@ try:
         loop.run_until_complete(asyncio.gather(*(stream(a, m, k, 100, stop, outs[s]) for s, (a, m, k) in streams.items())))
     th = threading.Thread(target=run); th.start()
     time.sleep(3)
+    dumpers = []
+    if os.environ.get("DUMP"):          # DUMP=1: py-spy dump of both sources every ~25 ms (dumper.sh)
+        import subprocess
+        for ad, nd in cluster.nodes.items():
+            if ad in (n1, n2):
+                dumpers.append(subprocess.Popen([os.path.join(HERE, "dumper.sh"), str(nd.process.pid),
+                                                 os.path.join(root, f"dump-{ad.split(':')[1]}.txt"), "16"]))
     t0 = time.monotonic()
     r = requests.put(f"http://{n1}/kvs/view-change", json={"view": ",".join(cluster.view + [idle])}, timeout=600)
     took = time.monotonic() - t0
     time.sleep(1); stop.set(); th.join(60)
+    for d in dumpers:
+        d.wait(60)
     print("logs in", os.path.join(root, "logs"))
     print("change", r.status_code, round(took, 1), "s", "started", time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - t0))))
     for s, ops in outs.items():

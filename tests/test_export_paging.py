@@ -59,7 +59,7 @@ def expected(s: ShardState) -> tuple[list, list]:
     snap = s.snapshot()
     items = sorted(((k, v, snap["versions"].get(k, 0)) for k, v in snap["data"].items() if moving(k)),
                    key=lambda row: (isinstance(row[0], bytes), row[0]))
-    dedup = [(rid, entry) for rid, entry in snap["dedup"] if moving(entry[1])]
+    dedup = [(rid, entry) for rid, entry in s.dedup_rows() if moving(entry[1])]
     return items, dedup
 
 
@@ -200,7 +200,7 @@ def test_random_shards_page_like_the_whole_range(seed):
     pages = all_pages(s, since=since, budget=budget)
     assert [r[0] for p in pages for r in p.items] == [k for k in keys if k in snap["data"]]
     assert [k for p in pages for k in p.deleted] == [k for k in keys if k not in snap["data"]]
-    table = dict(snap["dedup"])
+    table = dict(s.dedup_rows())
     rids = sorted(r for r, n in changed_requests.items() if n > since and r in table and moving(table[r][1]))
     assert sorted(r for p in pages for r, _ in p.dedup) == rids
 
@@ -278,7 +278,7 @@ def test_writes_and_deletes_between_pages_are_caught_up_by_the_next_pass():
     assert moving_data(destination) == moving_data(source)
     assert destination.read(late["rewritten"]) == "rewritten" and destination.read(late["deleted"]) is None
     # every request id came along: a retry of a late write is recognised at the destination
-    for rid, entry in source.snapshot()["dedup"]:
+    for rid, entry in source.dedup_rows():
         if moving(entry[1]):
             assert rid in destination._dedup
     assert copier.copied_keys[(2, "1")] >= set(moving_data(source))

@@ -103,7 +103,7 @@ def test_versions_and_mismatches_travel_with_the_deduplication_table():
     s.apply(("put", "w", "k", "v", ("absent",)))
     s.apply(("put", "m", "k", "v2", ("match", 9)))
     s.apply(("delete", "d", "k", None))
-    rows = s.snapshot()["dedup"]
+    rows = s.dedup_rows()
     assert dedup_from_json(dedup_to_json(rows)) == rows
     assert [entry[2] for _, entry in rows] == [Written(False, 1), Mismatch(1, True), Deleted(True)]
     assert codec.loads(pickle.dumps(s.snapshot(), protocol=2)) == s.snapshot()      # a 412 in a snapshot

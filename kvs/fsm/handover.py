@@ -36,7 +36,8 @@ first page's, see `kvs.reconfig.copy`. Stateless, a page costs a scan of the
 shard's keys (and of the dedup table): sorted in short runs, merged only as far
 as the page reads.
 
-It works on ShardState's attributes (`_data`, `_versions`, `_revision`, `_dedup`, `_ownership`,
+It works on ShardState's attributes (`_data`, `_versions`, `_revision`, `_dedup` with its entries'
+`_packed_entry` and `_public_entry` forms, `_ownership`,
 `_frozen`, `_tracking`, ...), changes keys only through its `_set` and `_unset` (the readers'
 seqlock), and uses its fencing (`_ring`, `_refuse`, `epoch`); like the rest of the
 state machine it is deterministic and never raises into the log.
@@ -147,7 +148,7 @@ class KeyHandover:
                 for rid in sorted(rids):
                     entry = dedup.get(rid)          # None: forgotten meanwhile (the table is a FIFO)
                     if entry is not None and entry[1] == key and (key != start or start_rid is None or rid > start_rid):
-                        yield "dedup", (rid, entry), (key, rid)
+                        yield "dedup", (rid, self._public_entry(entry)), (key, rid)
 
     def _current(self, key) -> tuple | None:
         """(key, value, version) as of one moment (the readers' seqlock), moving or frozen alike; None if
@@ -224,7 +225,7 @@ class KeyHandover:
         self._revision = max(self._revision, source_revision)
         self._installing = True
         for request_id, entry in dedup:
-            self._dedup.setdefault(request_id, tuple(entry))
+            self._dedup.setdefault(request_id, self._packed_entry(*entry))
         while len(self._dedup) > self._dedup_capacity:
             self._dedup.popitem(last=False)
         return len(items)

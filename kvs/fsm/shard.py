@@ -16,7 +16,16 @@ bounded FIFO table, and a retry of the same id returns the first outcome
 without being applied again. The table is part of the replicated state (and of
 snapshots), so a retry that reaches a new leader after a failover is still
 recognised. Each entry remembers its key, so a range of keys can later be
-handed over with its slice of the table.
+handed over with its slice of the table. An entry is kept as a plain tuple of
+scalars, (fingerprint, key, kind, values), which CPython's garbage collector
+stops tracking, not as (fingerprint, key, result) with a NamedTuple result,
+which it tracks for ever: a full table made every full collection walk 200,000
+more objects, 40-75 ms on a 2-vCPU machine, every request of the node waiting
+(benchmarks/README.md, "The view change on `b963ed4`"). The result is rebuilt
+when a retry is answered; exports carry the (fingerprint, key, result) form.
+Snapshots keep the table as two lists, ids and entries: C-level copies, with no
+new tuple per entry for a log compaction's capture to make (restore also takes
+the older form, a list of (id, (fingerprint, key, result)) pairs).
 
 Fencing: a group knows which keys it owns, as (epoch, its shard id, the ring
 of that epoch). A data command or read for a key it does not own, or for a key
@@ -86,10 +95,35 @@ class Mismatch(NamedTuple):
 CONDITIONS = ("match", "exists", "absent")
 
 
+_KINDS = {Written: "w", Deleted: "d", Mismatch: "m"}       # the results a write may leave in the table
+_RESULTS = {kind: result_type for result_type, kind in _KINDS.items()}
+
+
+def packed_entry(fingerprint: tuple, key: str | bytes, result: Any) -> tuple:
+    """A table entry as kept: (fingerprint, key, kind, the result's values), all scalars; a result of
+    another type is kept as it is, under kind None."""
+    kind = _KINDS.get(type(result))
+    return (fingerprint, key, kind, tuple(result)) if kind is not None else (fingerprint, key, None, result)
+
+
+def entry_result(entry: tuple) -> Any:
+    """The result a kept entry stands for."""
+    kind = entry[2]
+    return _RESULTS[kind](*entry[3]) if kind is not None else entry[3]
+
+
+def public_entry(entry: tuple) -> tuple:
+    """(fingerprint, key, result): a kept entry as exports and tools see it."""
+    return entry[0], entry[1], entry_result(entry)
+
+
 class ShardState(BatchWrites, KeyHandover, StateMachine):
     """Keys and values of one shard, plus the outcomes of recent writes."""
 
     detached_snapshot = True        # snapshot() takes C-level copies; values and rings are never edited
+    # for KeyHandover (which shard.py imports): the table's entries as kept and as exported
+    _packed_entry = staticmethod(packed_entry)
+    _public_entry = staticmethod(public_entry)
 
     def __init__(self, ownership: tuple[int, str, dict] | None = None, dedup_capacity: int = DEDUP_CAPACITY):
         """`ownership` = (epoch, shard id, ring dict) the group was created for; None owns every key."""
@@ -97,8 +131,8 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
         self._versions: dict[str, int] = {}                 # key -> its version (see "Versions")
         self._revision = 0                                  # the last version given; never goes back
         self._writes = 0                                    # odd while a key's value and version change
-        # request id -> (operation fingerprint, key, result)
-        self._dedup: OrderedDict[str, tuple[tuple, str, Any]] = OrderedDict()
+        # request id -> (operation fingerprint, key, result kind, result values): see the module
+        self._dedup: OrderedDict[str, tuple] = OrderedDict()
         self._dedup_capacity = dedup_capacity
         self._ownership = ownership
         self._frozen: tuple[int, dict] | None = None       # (epoch, ring the moving keys go by)
@@ -129,7 +163,7 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
     def snapshot(self) -> dict:
         """Capture the state (shallow copies; the caller serialises them)."""
         return {"data": dict(self._data), "versions": dict(self._versions), "revision": self._revision,
-                "dedup": list(self._dedup.items()),
+                "dedup-ids": list(self._dedup), "dedup-entries": list(self._dedup.values()),
                 "ownership": self._ownership, "frozen": self._frozen,
                 "tracking": (self._tracking, self._change_number, dict(self._changed_keys),
                              dict(self._changed_requests)),
@@ -140,7 +174,10 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
         self._data = dict(snapshot["data"])
         self._versions = dict(snapshot.get("versions") or {})      # older snapshots: version 0
         self._revision = snapshot.get("revision", 0)
-        self._dedup = OrderedDict(snapshot["dedup"])
+        if "dedup-ids" in snapshot:
+            self._dedup = OrderedDict(zip(snapshot["dedup-ids"], snapshot["dedup-entries"]))
+        else:                               # written before the packed entries
+            self._dedup = OrderedDict((rid, packed_entry(*entry)) for rid, entry in snapshot["dedup"])
         if "ownership" in snapshot:         # snapshots older than fencing keep the constructor's
             self._ownership = snapshot["ownership"]
         self._frozen = snapshot.get("frozen")
@@ -185,6 +222,10 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
     def dedup_size(self) -> int:
         """Request ids remembered (the exactly-once window; a metric)."""
         return len(self._dedup)
+
+    def dedup_rows(self) -> list:
+        """The table as (request id, (fingerprint, key, result)) rows, oldest first (tests, tools)."""
+        return [(rid, public_entry(entry)) for rid, entry in list(self._dedup.items())]
 
     def digest(self) -> str:
         """A fingerprint of the data, equal on replicas that hold the same keys and values."""
@@ -313,10 +354,10 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
             return None
         if entry[0] != fingerprint:
             return Invalid("request id reused for a different operation")
-        return entry[2]
+        return entry_result(entry)
 
     def _remember(self, request_id: str, fingerprint: tuple, key: str, result: Any) -> None:
-        self._dedup[request_id] = (fingerprint, key, result)
+        self._dedup[request_id] = packed_entry(fingerprint, key, result)
         while len(self._dedup) > self._dedup_capacity:
             forgotten, _ = self._dedup.popitem(last=False)
             self._changed_requests.pop(forgotten, None)

@@ -44,6 +44,7 @@ sys.path.insert(0, REPO_ROOT)
 from kvs.testing.cluster import LocalCluster, find_free_base_port  # noqa: E402
 from kvs.config.ring import HashRing  # noqa: E402
 from kvs.http.aio.client import HttpClient  # noqa: E402
+from kvs.routing.peers import PeerUnreachable  # noqa: E402
 
 
 def progress(message: str) -> None:
@@ -85,11 +86,21 @@ def writer(address: str, keys: list[str], stop: threading.Event, out: list) -> N
         out.append((start, time.monotonic() - start, status))
 
 
-async def fixed_rate(address: str, keys: list[str], rate: float, max_outstanding: int, stop: threading.Event,
+class Stop(threading.Event):
+    """The end of a load: an event that remembers when it was set (time.monotonic())."""
+    at = float("inf")
+
+    def set(self) -> None:
+        self.at = time.monotonic()
+        super().set()
+
+
+async def fixed_rate(address: str, keys: list[str], rate: float, max_outstanding: int, stop: Stop,
                      out: list) -> None:
-    """Write `keys` in turn at `rate` writes/s until `stop` is set, whatever the answers' pace: each
-    write gets (when it was due, its latency from then, its status) in `out`; a write that could not
-    leave on time (all `max_outstanding` in flight) still counts from when it was due."""
+    """Write `keys` in turn at `rate` writes/s until `stop`, whatever the answers' pace: each write gets
+    (when it was due, its latency from then, its status; 0: no answer) in `out`. A write that could not
+    leave on time (all `max_outstanding` in flight) still counts from when it was due, and every write
+    due before the stop is sent, also those the stop found waiting for room."""
     client = HttpClient(max_idle_per_address=max_outstanding)
     room = asyncio.Semaphore(max_outstanding)
     in_flight: set = set()
@@ -99,14 +110,14 @@ async def fixed_rate(address: str, keys: list[str], rate: float, max_outstanding
             status, _, _ = await client.request(address, "PUT", f"/kvs/keys/{key}",
                                                 {"Content-Type": "application/json"},
                                                 json.dumps({"value": str(n)}).encode(), time.monotonic() + 30)
-        except Exception:       # refused, reset, timed out: an error of the run, not of the tool
+        except PeerUnreachable:     # refused, reset, timed out: an error of the run (others are the tool's)
             status = 0
         finally:
             room.release()
         out.append((due, time.monotonic() - due, status))
 
     interval, due, n = 1.0 / rate, time.monotonic(), 0
-    while not stop.is_set():
+    while due < stop.at:
         wait = due - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -121,17 +132,20 @@ async def fixed_rate(address: str, keys: list[str], rate: float, max_outstanding
 
 
 def run_fixed_rate(address: str, key_sets: list[list[str]], rate: float, max_outstanding: int,
-                   stop: threading.Event, outs: list[list]) -> threading.Thread:
-    """The fixed-rate load of every key set on one event loop in a thread of its own (started)."""
+                   stop: Stop, outs: list[list], failures: list) -> threading.Thread:
+    """The fixed-rate load of every key set on one event loop in a thread of its own (started); an
+    exception that ends it goes to `failures`."""
     def run() -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(asyncio.gather(*(fixed_rate(address, keys, rate, max_outstanding, stop, out)
                                                      for keys, out in zip(key_sets, outs))))
+        except BaseException as exc:        # reported by run_load: the run's figures would be partial
+            failures.append(exc)
         finally:
             loop.close()
-    thread = threading.Thread(target=run, name="fixed-rate load")
+    thread = threading.Thread(target=run, name="fixed-rate load", daemon=True)
     thread.start()
     return thread
 
@@ -140,26 +154,32 @@ def run_load(address: str, moving: list[str], staying: list[str], args: argparse
              action) -> tuple[list, list, float]:
     """Load both key sets (closed loop, or at `args.rate`) while `action()` runs; returns (moving ops,
     staying ops, action time), the ops of those that started, or were due, once the action had begun."""
-    stop = threading.Event()
+    stop = Stop()
     moving_ops: list = []
     staying_ops: list = []
+    failures: list = []
     if args.rate:
         threads = [run_fixed_rate(address, [moving, staying], args.rate, args.max_outstanding, stop,
-                                  [moving_ops, staying_ops])]
+                                  [moving_ops, staying_ops], failures)]
     else:
-        threads = [threading.Thread(target=writer, args=(address, moving[i::args.writers], stop, moving_ops))
-                   for i in range(args.writers)]
-        threads += [threading.Thread(target=writer, args=(address, staying[i::args.writers], stop, staying_ops))
-                    for i in range(args.writers)]
+        threads = [threading.Thread(target=writer, args=(address, moving[i::args.writers], stop, moving_ops),
+                                    daemon=True) for i in range(args.writers)]
+        threads += [threading.Thread(target=writer, args=(address, staying[i::args.writers], stop, staying_ops),
+                                     daemon=True) for i in range(args.writers)]
         for t in threads:
             t.start()
-    time.sleep(1.0)                       # steady state before the measured action
-    started = time.monotonic()
-    action()
-    took = time.monotonic() - started
-    stop.set()
-    for t in threads:
-        t.join(60)
+    try:
+        time.sleep(1.0)                       # steady state before the measured action
+        started = time.monotonic()
+        action()
+        took = time.monotonic() - started
+    finally:
+        stop.set()                            # also when the action failed: no load left on a stopped cluster
+        for t in threads:
+            t.join(60)
+    if failures or any(t.is_alive() for t in threads):
+        raise RuntimeError(f"the load did not end cleanly ({failures or 'still running 60 s after the stop'}): "
+                           "its figures would be partial")
     window = [op for op in moving_ops if op[0] >= started], [op for op in staying_ops if op[0] >= started]
     return window[0], window[1], took
 

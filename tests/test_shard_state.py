@@ -134,7 +134,8 @@ def test_a_move_from_freeze_to_drop():
     assert destination.read(moving[0]) == "late-value"
     assert destination.read(moving[1]) is None                                 # the delete carried over
     # the dedup slice moved too: a retry of the first write is recognised at the destination
-    assert destination.apply(("put", "id-0", moving[0], f"v-{moving[0]}")) == Written(False)
+    retried = destination.apply(("put", "id-0", moving[0], f"v-{moving[0]}"))
+    assert retried == Written(False) and type(retried) is Written
     assert destination.read(moving[0]) == "late-value"
     assert source.apply(("own", 2, "1", NEW)) is True
     assert source.read(moving[0]) == NotOwned(2)

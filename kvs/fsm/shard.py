@@ -163,6 +163,7 @@ class ShardState(BatchWrites, KeyHandover, StateMachine):
     def snapshot(self) -> dict:
         """Capture the state (shallow copies; the caller serialises them)."""
         return {"data": dict(self._data), "versions": dict(self._versions), "revision": self._revision,
+                # two copies that match: the capture runs on the thread that applies (kvs.raft.snapshots)
                 "dedup-ids": list(self._dedup), "dedup-entries": list(self._dedup.values()),
                 "ownership": self._ownership, "frozen": self._frozen,
                 "tracking": (self._tracking, self._change_number, dict(self._changed_keys),

@@ -33,7 +33,7 @@ def serve(args: argparse.Namespace) -> int:
     server = NodeServer(settings)
     # What exists now (modules, classes, the apps, the node before any group) lives as long as the
     # process: kept out of every later collection, so that a full one does not walk its ~45,000 objects
-    # while every request of the node waits (benchmarks/README.md, "The view change on `b963ed4`").
+    # while every request of the node waits (benchmarks/README.md, "The view change, 2026-12-05").
     # Groups come later (the supervisor builds them) and stay collectable: a retired one is freed.
     gc.collect()
     gc.freeze()

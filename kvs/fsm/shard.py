@@ -21,7 +21,7 @@ scalars, (fingerprint, key, kind, values), which CPython's garbage collector
 stops tracking, not as (fingerprint, key, result) with a NamedTuple result,
 which it tracks for ever: a full table made every full collection walk 200,000
 more objects, 40-75 ms on a 2-vCPU machine, every request of the node waiting
-(benchmarks/README.md, "The view change on `b963ed4`"). The result is rebuilt
+(benchmarks/README.md, "The view change, 2026-12-05"). The result is rebuilt
 when a retry is answered; exports carry the (fingerprint, key, result) form.
 Snapshots keep the table as two lists, ids and entries: C-level copies, with no
 new tuple per entry for a log compaction's capture to make (restore also takes
